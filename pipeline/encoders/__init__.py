@@ -1,0 +1,1 @@
+"""LQ encoders (VAE latents, RGB) and the caption encoder."""

@@ -1,0 +1,153 @@
+"""The Flux1 AutoEncoder's encoder (BFL `ae.safetensors` key names), also used for SD3 with its own scaling.
+
+latent = scale_factor · (posterior_mean − shift_factor); no sampling. Decoder keys in a full
+`ae.safetensors` are ignored on load (named reason: PiD replaces the decoder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.encoders.base import LatentEncoder
+
+
+@dataclass(frozen=True)
+class FluxEncoderParams:
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    in_channels: int = 3
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FluxEncoderParams:
+        keys = {"ch", "ch_mult", "num_res_blocks", "z_channels", "in_channels", "scale_factor", "shift_factor"}
+        kw = {k: v for k, v in d.items() if k in keys}
+        if "ch_mult" in kw:
+            kw["ch_mult"] = tuple(kw["ch_mult"])
+        return cls(**kw)
+
+    @property
+    def down_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+FLUX1 = FluxEncoderParams()
+SD3 = FluxEncoderParams(scale_factor=1.5305, shift_factor=0.0609)
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, ch, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = _norm(ch)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).reshape(B, 1, C, H * W).transpose(2, 3) for m in (self.q, self.k, self.v))  # -> [B,1,HW,C]
+        h = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad, as the checkpoint was trained
+
+
+class Encoder(nn.Module):
+    def __init__(self, p: FluxEncoderParams):
+        super().__init__()
+        self.conv_in = nn.Conv2d(p.in_channels, p.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        cin = p.ch
+        for level, mult in enumerate(p.ch_mult):
+            stage = nn.Module()
+            stage.block = nn.ModuleList()
+            for _ in range(p.num_res_blocks):
+                stage.block.append(ResnetBlock(cin, p.ch * mult))
+                cin = p.ch * mult
+            if level != len(p.ch_mult) - 1:
+                stage.downsample = Downsample(cin)
+            self.down.append(stage)
+        self.mid = nn.Module()
+        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = ResnetBlock(cin, cin), AttnBlock(cin), ResnetBlock(cin, cin)
+        self.norm_out = _norm(cin)
+        self.conv_out = nn.Conv2d(cin, 2 * p.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for stage in self.down:
+            for block in stage.block:
+                h = block(h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class FluxEncoder(nn.Module, LatentEncoder):
+    def __init__(self, params: FluxEncoderParams = FLUX1):
+        super().__init__()
+        self.params = params
+        self.encoder = Encoder(params)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.params.z_channels
+
+    @property
+    def down_factor(self) -> int:
+        return self.params.down_factor
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """image [B, 3, H, W] in [-1, 1], H and W multiples of the down factor -> normalised latent."""
+        self.check_image(image)
+        moments = self.encoder(image.to(self.encoder.conv_in.weight.dtype))
+        mean = moments[:, : self.params.z_channels]
+        return self.params.scale_factor * (mean - self.params.shift_factor)
+
+
+def load_flux_encoder(
+    params: FluxEncoderParams, tensors: dict[str, torch.Tensor], device="cpu", dtype=torch.float32
+) -> FluxEncoder:
+    """Strict load of the `encoder.*` tensors; `decoder.*` (and BFL's absent quant convs) are not needed."""
+    enc_tensors = {k: v for k, v in tensors.items() if k.startswith("encoder.")}
+    with torch.device("meta"):
+        model = FluxEncoder(params)
+    want = model.state_dict()
+    missing, unexpected = sorted(set(want) - set(enc_tensors)), sorted(set(enc_tensors) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"VAE encoder weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in enc_tensors.items():
+        if v.shape != want[k].shape:
+            raise ValueError(f"VAE tensor {k}: shape {tuple(v.shape)} != {tuple(want[k].shape)}")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in enc_tensors.items()}, assign=True)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,170 @@
+"""The PiD network: PixelDiT (patch-level MMDiT + pixel-level PiT) with LQ-conditioned injection.
+
+Flow of one forward pass for an output of H × W pixels, patch size p, grid gh × gw = H/p × W/p:
+  patches  x -> unfold -> s_embedder -> [B, L, D]          text  y -> y_embedder + learned pos
+  for each patch block i: (gate LQ feature in when i % lq_interval == 0) -> joint text/image block
+  cond = silu(t_emb + s)  (+ PiT LQ gate)                   -> one condition per patch
+  pixels   x -> pixel_embedder -> [B·L, p², d] -> PiT blocks(cond) -> final layer -> fold -> [B, 3, H, W]
+The LQ features depend only on the LQ input, so `encode_lq` runs once per image and the sampler
+reuses the result at every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.kernels import Ops, get_ops
+from pipeline.model.blocks import PatchBlock, PixelBlock
+from pipeline.model.config import PidConfig
+from pipeline.model.layers import FinalLayer, PixelEmbedder, TimestepEmbedder, TokenEmbedder
+from pipeline.model.lq import LQProjection
+from pipeline.model.math import rope_1d, rope_2d
+
+
+@dataclass
+class LQFeatures:
+    """Everything the network derives from the LQ input, computed once per image."""
+
+    heads: list[torch.Tensor]  # one [B, L, D] feature per injection point
+    pit: torch.Tensor | None  # [B, L, D] PiT-level feature (v1.5)
+    upsampled: torch.Tensor | None  # [B, 3, H, W] bicubic LQ image, for input_concat_lq / residual_lq
+
+
+class PidNet(nn.Module):
+    def __init__(self, cfg: PidConfig, ops: Ops | None = None, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        self.ops = ops = ops or get_ops()
+        kw = dict(device=device, dtype=dtype)
+        D, p = cfg.hidden_size, cfg.patch_size
+        self.s_embedder = TokenEmbedder(cfg.pixel_in_channels * p * p, D, **kw)
+        self.t_embedder = TimestepEmbedder(D, **kw)
+        self.y_embedder = TokenEmbedder(cfg.txt_embed_dim, D, ops, **kw)
+        self.y_pos_embedding = nn.Parameter(torch.zeros(1, cfg.txt_max_length, D, **kw))
+        self.pixel_embedder = PixelEmbedder(cfg.pixel_in_channels, cfg.pixel_hidden_size, **kw)
+        self.patch_blocks = nn.ModuleList(PatchBlock(D, cfg.num_groups, ops, **kw) for _ in range(cfg.patch_depth))
+        self.pixel_blocks = nn.ModuleList(
+            PixelBlock(cfg.pixel_hidden_size, D, p, cfg.pixel_attn_dim, cfg.pixel_heads, ops, **kw)
+            for _ in range(cfg.pixel_depth)
+        )
+        self.final_layer = FinalLayer(cfg.pixel_hidden_size, cfg.in_channels, ops, **kw)
+        self.lq_proj = LQProjection(cfg, **kw) if cfg.has_lq else None
+        self.pit_lq_gate = None
+        if cfg.pit_lq_inject:
+            from pipeline.model.lq import SigmaGate
+
+            self.pit_lq_gate = SigmaGate(D, cfg.lq_gate_type == "sigma_aware_per_token_per_dim", **kw)
+        self._rope_cache: dict[tuple, tuple] = {}
+
+    # ----------------------------------------------------------------- helpers
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        p = self.cfg.patch_size
+        if height <= 0 or width <= 0 or height % p or width % p:
+            raise ValueError(f"output size {height}x{width} must be positive multiples of the patch size {p}")
+        return height // p, width // p
+
+    def _ropes(self, gh: int, gw: int, n_txt: int, device):
+        key = (gh, gw, n_txt, device)
+        if key not in self._rope_cache:
+            c = self.cfg
+            ref = (c.rope_ref_h // c.patch_size, c.rope_ref_w // c.patch_size) if c.rope_mode == "ntk_aware" else None
+            img = rope_2d(c.head_dim, gh, gw, ntk_ref=ref, device=device)
+            pix = rope_2d(c.pixel_attn_dim // c.pixel_heads, gh, gw, ntk_ref=ref, device=device)
+            txt = rope_1d(c.head_dim, n_txt, theta=c.text_rope_theta, device=device) if c.use_text_rope else None
+            self._rope_cache = {key: (img, pix, txt)}  # one size at a time: tiles share a shape
+        return self._rope_cache[key]
+
+    # ----------------------------------------------------------------- LQ
+    def encode_lq(
+        self,
+        out_hw: tuple[int, int],
+        latent: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+    ) -> LQFeatures:
+        """Project the LQ input for an output of `out_hw` pixels. latent [B, C, h, w]; image [B, 3, h, w] in [-1, 1]."""
+        c = self.cfg
+        if self.lq_proj is None:
+            raise ValueError("this PiD model has no LQ branch (text-to-image configuration)")
+        gh, gw = self.grid(*out_hw)
+        if latent is not None:
+            if latent.ndim != 4 or latent.shape[1] != c.lq_latent_channels:
+                raise ValueError(
+                    f"latent must be [B, {c.lq_latent_channels}, h, w] for this preset, got {tuple(latent.shape)}"
+                )
+            if not torch.isfinite(latent).all():
+                raise ValueError("latent contains NaN or Inf")
+            want = (latent.shape[2] * c.latent_factor, latent.shape[3] * c.latent_factor)
+            if want != tuple(out_hw):
+                raise ValueError(
+                    f"latent {latent.shape[2]}x{latent.shape[3]} × {c.latent_factor} = {want[0]}x{want[1]} "
+                    f"does not match the output size {out_hw[0]}x{out_hw[1]}"
+                )
+        if image is not None:
+            if image.ndim != 4 or image.shape[1] != c.lq_in_channels:
+                raise ValueError(f"LQ image must be [B, {c.lq_in_channels}, h, w], got {tuple(image.shape)}")
+            want = (image.shape[2] * c.sr_scale, image.shape[3] * c.sr_scale)
+            if want != tuple(out_hw):
+                raise ValueError(f"LQ image × {c.sr_scale} = {want} does not match the output size {tuple(out_hw)}")
+        heads, pit = self.lq_proj(latent, image if c.lq_in_channels else None, gh, gw)
+        up = None
+        if c.input_concat_lq or c.residual_lq:
+            if image is None:
+                raise ValueError("this preset needs the LQ RGB image")
+            up = F.interpolate(image, size=tuple(out_hw), mode="bicubic", align_corners=False)
+        return LQFeatures(heads, pit, up)
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        lq: LQFeatures | None = None,
+        degrade_sigma: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, 3, H, W] noisy image, t [B] timestep ×1000, y [B, Ly, txt_dim] caption embedding.
+
+        Returns the network prediction ([B, 3, H, W]; velocity for released checkpoints).
+        """
+        c = self.cfg
+        B, _, H, W = x.shape
+        gh, gw = self.grid(H, W)
+        p, D = c.patch_size, c.hidden_size
+        if y.ndim != 3 or y.shape[-1] != c.txt_embed_dim:
+            raise ValueError(f"caption embedding must be [B, L, {c.txt_embed_dim}], got {tuple(y.shape)}")
+        if lq is None and c.has_lq:
+            raise ValueError("this PiD model needs LQ features: call encode_lq first")
+        if lq is not None and lq.heads and degrade_sigma is None:
+            degrade_sigma = torch.zeros(B, device=x.device)
+        x_in = torch.cat([x, lq.upsampled.to(x.dtype)], 1) if c.input_concat_lq else x
+
+        rope_img, rope_pix, rope_txt = self._ropes(gh, gw, min(y.shape[1], c.txt_max_length), x.device)
+        y = y[:, : c.txt_max_length]
+        y = self.y_embedder(y) + self.y_pos_embedding[:, : y.shape[1]].to(x.dtype)
+        t_emb = self.t_embedder(t.reshape(-1)).view(B, 1, D)
+        cond = F.silu(t_emb)
+
+        s = self.s_embedder(F.unfold(x_in, kernel_size=p, stride=p).transpose(1, 2))  # -> [B, L, D]
+        for i, block in enumerate(self.patch_blocks):
+            if lq is not None and i % c.lq_interval == 0 and i // c.lq_interval < len(lq.heads):
+                s = self.lq_proj.gate_modules[i // c.lq_interval](s, lq.heads[i // c.lq_interval], degrade_sigma)
+            s, y = block(s, y, cond, rope_img, rope_txt)
+        s = F.silu(t_emb + s)
+        if self.pit_lq_gate is not None and lq is not None and lq.pit is not None:
+            s = self.pit_lq_gate(s, lq.pit, degrade_sigma)
+
+        L = gh * gw
+        px = self.pixel_embedder(x_in, p)  # -> [B·L, p², d]
+        s = s.reshape(B * L, D)
+        for block in self.pixel_blocks:
+            px = block(px, s, B, rope_pix)
+        px = self.final_layer(px)  # -> [B·L, p², 3]
+        px = px.view(B, L, p * p, -1).permute(0, 3, 2, 1).reshape(B, -1, L)  # -> [B, 3·p², L]
+        out = F.fold(px, (H, W), kernel_size=p, stride=p)
+        if c.residual_lq:
+            out = out + lq.upsampled.to(out.dtype)
+        return out

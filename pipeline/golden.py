@@ -81,7 +81,9 @@ def _check_pid(t: dict, meta: dict, rep: FixtureReport) -> None:
     sigma, latent = t["input.degrade_sigma"], t["input.lq_latent"]
     with torch.inference_mode():
         lq = net.encode_lq(tuple(x.shape[-2:]), latent=latent)
-        rep.checks.append(Check("expected.forward", _max_err(net(x, t["input.t"], y, lq, sigma), t["expected.forward"])))
+        rep.checks.append(
+            Check("expected.forward", _max_err(net(x, t["input.t"], y, lq, sigma), t["expected.forward"]))
+        )
         sample_keys = [k for k in t if re.fullmatch(r"expected\.sample_seed\d+", k)]
         if not sample_keys:
             return

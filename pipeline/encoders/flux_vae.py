@@ -98,7 +98,11 @@ class Encoder(nn.Module):
                 stage.downsample = Downsample(cin)
             self.down.append(stage)
         self.mid = nn.Module()
-        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = ResnetBlock(cin, cin), AttnBlock(cin), ResnetBlock(cin, cin)
+        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = (
+            ResnetBlock(cin, cin),
+            AttnBlock(cin),
+            ResnetBlock(cin, cin),
+        )
         self.norm_out = _norm(cin)
         self.conv_out = nn.Conv2d(cin, 2 * p.z_channels, 3, padding=1)
 

@@ -116,7 +116,9 @@ def load_network(
             f"{len(missing)} missing (first: {[to_official(k) for k in missing[:5]]}), "
             f"{len(unexpected)} unexpected (first: {[to_official(k) for k in unexpected[:5]]})"
         )
-    bad_shape = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape]
+    bad_shape = [
+        (k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape
+    ]
     if bad_shape:
         k, got, want = bad_shape[0]
         raise CheckpointError(f"{len(bad_shape)} tensors have the wrong shape, e.g. {to_official(k)}: {got} != {want}")

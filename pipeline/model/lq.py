@@ -27,7 +27,7 @@ class SigmaGate(nn.Module):
     def forward(self, x: torch.Tensor, lq: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         logit = self.content_proj(torch.cat([x, lq], dim=-1))  # -> [B, L, D or 1]
         offset = -self.log_alpha.exp() * sigma.float().view(-1, 1, 1)
-        return x + torch.sigmoid(logit + offset) * lq
+        return x + torch.sigmoid(logit.float() + offset).to(x.dtype) * lq  # gate in fp32, as under autocast
 
 
 class ResBlock(nn.Module):

@@ -1,0 +1,131 @@
+"""`pidray` command line: upscaling jobs, the endpoint, checkpoint tools and benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_golden(args) -> int:
+    from pipeline.golden import verify
+
+    worst = 0
+    for path in args.files:
+        rep = verify(path)
+        print("\n".join(rep.lines()))
+        worst = max(worst, 0 if rep.ok else 1)
+    return worst
+
+
+def _cmd_presets(args) -> int:
+    from pipeline.model.presets import ALIASES, PRESETS
+
+    for name, p in PRESETS.items():
+        print(
+            f"{name:24s} {p.variant:13s} x{p.scale}  vae={p.vae:10s} latent_ch={p.latent_channels:<5d} {p.checkpoint}"
+        )
+    print("aliases:", ", ".join(f"{a}->{b}" for a, b in ALIASES.items()))
+    return 0
+
+
+def _cmd_info(args) -> int:
+    import torch
+
+    from pipeline.model.loading import to_official
+    from pipeline.model.network import PidNet
+    from pipeline.model.presets import get_preset
+
+    preset = get_preset(args.preset)
+    with torch.device("meta"):
+        net = PidNet(preset.config)
+    n = sum(p.numel() for p in net.parameters())
+    print(f"preset {preset.name}: {n:,} parameters ({n / 1e9:.3f} B), checkpoint {preset.checkpoint}")
+    if args.keys:
+        for k, v in net.state_dict().items():
+            print(f"  {to_official(k)} {list(v.shape)}")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    import torch
+
+    from pipeline.model.loading import convert
+    from pipeline.model.presets import get_preset
+
+    preset = get_preset(args.preset)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]
+    n = convert(args.src, args.dst, preset.config, dtype=dtype)
+    print(f"wrote {args.dst}: {n} tensors, preset {preset.name}")
+    return 0
+
+
+def _cmd_download(args) -> int:
+    from pipeline.model.presets import get_preset
+    from pipeline.weights import LICENCE_NOTE, resolve
+
+    preset = get_preset(args.preset)
+    print(LICENCE_NOTE, file=sys.stderr)
+    paths = resolve(preset, args.weights, allow_download=True)
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
+    return 0
+
+
+def _cmd_eval_small(args) -> int:
+    from jobs.eval_small import main as eval_main
+
+    return eval_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pidray", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("golden", help="verify golden fixtures against our implementation (exit 1 on any failure)")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(fn=_cmd_golden)
+
+    p = sub.add_parser("presets", help="list the model presets")
+    p.set_defaults(fn=_cmd_presets)
+
+    p = sub.add_parser("info", help="build a preset's network on the meta device; parameter count, keys")
+    p.add_argument("preset")
+    p.add_argument("--keys", action="store_true", help="print every state-dict key (official names) and shape")
+    p.set_defaults(fn=_cmd_info)
+
+    p = sub.add_parser("convert", help="official model_ema_bf16.pth -> pidray safetensors (strictly validated)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: keep the source's")
+    p.set_defaults(fn=_cmd_convert)
+
+    p = sub.add_parser("download", help="download a preset's released weights (NVIDIA non-commercial licence)")
+    p.add_argument("preset")
+    p.add_argument("--weights", default=None, help="directory to place them in (hub layout)")
+    p.set_defaults(fn=_cmd_download)
+
+    p = sub.add_parser("eval-small", help="evaluate the bundled small model against bicubic on held-out photos")
+    p.add_argument("--weights", default=None, help="a small-model safetensors (default: the bundled one)")
+    p.add_argument("--size", type=int, default=256, help="HQ centre-crop size")
+    p.add_argument("--runs", type=int, default=5, help="timed runs of the 256->1024 upscale")
+    p.add_argument("--report", default="out/eval_small", help="folder for the side-by-side PNGs and JSON")
+    p.set_defaults(fn=_cmd_eval_small)
+
+    from jobs.upscale import add_upscale_parser
+
+    add_upscale_parser(sub)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+        print(f"pidray {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Named model variants as data: network config + where its weights live + what conditions it.
+
+Released presets point into the `nvidia/PiD` hub repository (NVIDIA non-commercial licence; pidray
+ships none of those weights). The `small` preset is our own model, bundled in the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.model.config import PidConfig
+
+HUB_REPO = "nvidia/PiD"
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    config: PidConfig
+    checkpoint: str  # path inside the hub repo, or a bundled file name for local presets
+    vae: str  # "flux1" | "sd3" | "flux2" | "sdxl" | "qwenimage" | "dinov2" | "siglip" | "rgb"
+    variant: str  # "2k" | "2kto4k" | "2kto4k_v1pt5" | "pidray"
+    vae_checkpoint: str | None = None  # path inside the hub repo (as the official code lays it out)
+    latent_noise: str = "flow"  # how degrade_sigma noises the latent: "flow" or "vp" (SDXL)
+    text_encoder: str = "gemma-2-2b-it"  # or "none": a zero caption embedding
+    envelope: tuple[int, int] = (2048, 2048)  # output sizes (min, max long side) the checkpoint was trained on
+    bundled: bool = False
+    notes: str = ""
+    default_steps: int = field(default=4)
+
+    @property
+    def scale(self) -> int:
+        return self.config.sr_scale
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.lq_latent_channels or self.config.lq_in_channels
+
+    def describe(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["config"] = self.config.to_dict()
+        d["scale"] = self.scale
+        return d
+
+
+# The released network (PID_SR4X in the official configs); v1.5 changes listed below it.
+_V1 = PidConfig(
+    hidden_size=1536, num_groups=24, pixel_hidden_size=16, pixel_attn_hidden_size=1152, pixel_num_groups=16,
+    patch_depth=14, pixel_depth=2, patch_size=16, txt_embed_dim=2304, txt_max_length=300,
+    rope_mode="ntk_aware", rope_ref_h=1024, rope_ref_w=1024,
+    lq_in_channels=0, lq_latent_channels=16, lq_hidden_dim=512, lq_num_res_blocks=4,
+    lq_gate_type="sigma_aware_per_token_per_dim", lq_interval=2, sr_scale=4, latent_spatial_down_factor=8,
+)  # fmt: skip
+_V1PT5 = dataclasses.replace(
+    _V1, lq_conv_padding_mode="replicate", rope_ref_h=2048, rope_ref_w=2048, lq_aux_rgb_head=True,
+    pit_lq_inject=True, lq_gate_type="sigma_aware_per_token", lq_hidden_dim=1024,
+)  # fmt: skip
+
+
+def _ckpt(exp: str) -> str:
+    return f"checkpoints/{exp}/model_ema_bf16.pth"
+
+
+def _released(name, cfg, exp, vae, variant, vae_ckpt, envelope, **kw) -> Preset:
+    return Preset(name, cfg, _ckpt(exp), vae, variant, vae_ckpt, envelope=envelope, **kw)
+
+
+_R = dataclasses.replace
+_2K, _4K = (1536, 2688), (2048, 3840)
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        _released("flux-2k", _V1, "PiD_res2k_sr4x_official_flux_distill_4step", "flux1", "2k",
+                  "checkpoints/ae.safetensors", _2K),
+        _released("flux2-2k", _R(_V1, lq_latent_channels=128, latent_spatial_down_factor=16),
+                  "PiD_res2k_sr4x_official_flux2_distill_4step", "flux2", "2k",
+                  "checkpoints/flux2_ae.safetensors", _2K),
+        _released("sd3-2k", _V1, "PiD_res2k_sr4x_official_sd3_distill_4step", "sd3", "2k",
+                  "checkpoints/sd3_vae/vae/diffusion_pytorch_model.safetensors", _2K),
+        _released("dinov2-2k", _R(_V1, lq_latent_channels=768, latent_spatial_down_factor=16),
+                  "PiD_res2k_sr4x_official_dinov2_distill_4step", "dinov2", "2k", "checkpoints/rae", _2K),
+        _released("siglip-sr8x-2k", _R(_V1, lq_latent_channels=1152, latent_spatial_down_factor=16, sr_scale=8),
+                  "PiD_res2k_sr8x_official_siglip_distill_4step", "siglip", "2k", "checkpoints/scale_rae", _2K),
+        _released("sd3-2kto4k", _V1, "PiD_res2kto4k_sr4x_official_sd3_distill_4step", "sd3", "2kto4k",
+                  "checkpoints/sd3_vae/vae/diffusion_pytorch_model.safetensors", _4K),
+        _released("sdxl-2kto4k", _R(_V1, lq_latent_channels=4), "PiD_res2kto4k_sr4x_official_sdxl_distill_4step",
+                  "sdxl", "2kto4k", "checkpoints/sdxl_vae.safetensors", _4K, latent_noise="vp"),
+        _released("flux-2kto4k-v1.5", _V1PT5, "PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step", "flux1",
+                  "2kto4k_v1pt5", "checkpoints/ae.safetensors", _4K),
+        _released("flux2-2kto4k-v1.5",
+                  _R(_V1PT5, lq_latent_channels=128, latent_spatial_down_factor=16, lq_latent_unpatchify_factor=2),
+                  "PiD_v1pt5_res2kto4k_sr4x_official_flux2_distill_4step", "flux2", "2kto4k_v1pt5",
+                  "checkpoints/flux2_ae.safetensors", _4K),
+        _released("qwenimage-2kto4k-v1.5", _V1PT5, "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_distill_4step",
+                  "qwenimage", "2kto4k_v1pt5", "checkpoints/QwenImage_VAE_2d.pth", _4K),
+        # Our own model: conditioned on the LQ RGB image, no VAE, no caption encoder. Trained by jobs/train_small.py.
+        Preset(
+            "small",
+            PidConfig(
+                hidden_size=128, num_groups=4, pixel_hidden_size=16, pixel_attn_hidden_size=128, pixel_num_groups=4,
+                patch_depth=4, pixel_depth=2, patch_size=8, txt_embed_dim=8, txt_max_length=1,
+                rope_mode="original", lq_in_channels=3, lq_latent_channels=0, lq_hidden_dim=64,
+                lq_num_res_blocks=2, lq_interval=1, sr_scale=4, prediction_type="x0",
+                input_concat_lq=True, residual_lq=True,
+            ),
+            "pidray_small_sr4x.safetensors", "rgb", "pidray", None, text_encoder="none",
+            envelope=(64, 512), bundled=True,
+            notes="pidray's own 4x model trained on scikit-image's bundled photos; runs on a CPU",
+        ),
+    ]
+}  # fmt: skip
+ALIASES = {"default": "small", "flux": "flux-2k", "sd3": "sd3-2k", "sdxl": "sdxl-2kto4k", "flux2": "flux2-2k"}
+
+
+def get_preset(name: str) -> Preset:
+    key = ALIASES.get(name, name)
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))} (aliases: {sorted(ALIASES)})")
+    return PRESETS[key]

@@ -1,0 +1,42 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT.parent / "shared" / "golden"
+
+# Two cores: keep torch from oversubscribing when Ray workers run beside the test process.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not GOLDEN.is_dir():
+        pytest.skip(f"golden fixtures not found at {GOLDEN}")
+    return GOLDEN
+
+
+def tiny_config(**kw):
+    """A small PiD config (v1 layout) for fast tests."""
+    from pipeline.model.config import PidConfig
+
+    base = dict(
+        hidden_size=32, num_groups=2, pixel_hidden_size=4, pixel_attn_hidden_size=16, pixel_num_groups=2,
+        patch_depth=2, pixel_depth=1, patch_size=8, txt_embed_dim=8, txt_max_length=4, lq_latent_channels=4,
+        lq_hidden_dim=8, lq_num_res_blocks=1, lq_interval=1, sr_scale=2, latent_spatial_down_factor=4,
+    )  # fmt: skip
+    base.update(kw)
+    return PidConfig(**base)
+
+
+def random_net(cfg, seed=0):
+    from pipeline.model.network import PidNet
+
+    torch.manual_seed(seed)
+    net = PidNet(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    return net.eval()

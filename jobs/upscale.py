@@ -1,11 +1,112 @@
-"""`pidray upscale`: placeholder until the stage graph lands."""
+"""`pidray upscale SRC DST`: a file, folder or s3:// prefix in, the same tree out (Ray Data, or --local)."""
 
 from __future__ import annotations
 
+import csv
+import json
+import sys
+from pathlib import Path
+
+from jobs.pipeline import JobConfig, run_job
+from jobs.storage import S3Settings
+from pipeline.runtime import ModelOptions
+from pipeline.stages import UpscaleOptions
+
+
+def read_captions(path: str) -> dict[str, str]:
+    """key -> caption from a CSV (columns key,caption) or JSONL ({"key": ..., "caption": ...}) file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"caption manifest not found: {path}")
+    out = {}
+    if p.suffix.lower() in (".jsonl", ".json"):
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    item = json.loads(line)
+                    out[str(item["key"])] = str(item["caption"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{n}: expected a JSON object with key and caption ({e})") from None
+    else:
+        with p.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"key", "caption"} <= set(reader.fieldnames):
+                raise ValueError(f"{path}: CSV needs the columns key,caption; got {reader.fieldnames}")
+            out = {r["key"]: r["caption"] for r in reader}
+    return out
+
 
 def add_upscale_parser(sub) -> None:
-    p = sub.add_parser("upscale", help="upscale a file, folder or s3:// prefix (not yet)")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--local", action="store_true")
-    p.set_defaults(fn=lambda args: print("pidray upscale: not yet") or 0)
+    p = sub.add_parser("upscale", help="upscale a file, a folder or an s3:// prefix into DST (same relative keys)")
+    p.add_argument("src", help="file, folder or s3://bucket/prefix")
+    p.add_argument("dst", help="folder or s3://bucket/prefix")
+    m = p.add_argument_group("model")
+    m.add_argument("-m", "--model", "--preset", dest="preset", default="small", help="preset (pidray presets)")
+    m.add_argument("--weights", default=None, help="hub-layout weights folder, or a checkpoint file")
+    m.add_argument("--text-encoder", default=None, help="local Gemma-2-2B-it folder (released presets)")
+    m.add_argument("--allow-download", action="store_true", help="download released weights (NVIDIA licence)")
+    m.add_argument("--device", default="auto")
+    m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    o = p.add_argument_group("upscaling")
+    o.add_argument("-s", "--scale", type=float, default=None, help="output scale (default: the model's native 4x)")
+    o.add_argument("--steps", type=int, default=4)
+    o.add_argument("--seed", type=int, default=0, help="run seed; each file's seed derives from it and its key")
+    o.add_argument("--caption", default="", help="caption for every image")
+    o.add_argument("--captions", default=None, help="per-file captions: CSV (key,caption) or JSONL")
+    o.add_argument("--degrade-sigma", type=float, default=0.0)
+    o.add_argument("--sampler", choices=["sde", "ode"], default="sde")
+    o.add_argument("-t", "--tile", type=int, default=None, help="tile side in output pixels (default: envelope)")
+    o.add_argument("--overlap", type=int, default=8, help="tile overlap in latent pixels")
+    o.add_argument("--no-fusion", action="store_true", help="blend tiles only at the end")
+    o.add_argument("-f", "--format", default=None, help="png, jpeg, webp, tiff (default: keep the input's)")
+    o.add_argument("-q", "--quality", type=int, default=95)
+    o.add_argument("--suffix", default="", help="added to each output file name's stem")
+    o.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger inputs")
+    j = p.add_argument_group("job")
+    j.add_argument("--local", action="store_true", help="plain in-process loop instead of Ray Data")
+    j.add_argument("--resume", action="store_true", help="skip inputs whose output is already complete")
+    j.add_argument("--dry-run", action="store_true", help="list what would be done")
+    j.add_argument("--encode-actors", type=int, default=None)
+    j.add_argument("--diffuse-actors", type=int, default=None)
+    j.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
+    j.add_argument("--s3-region", default=None)
+    j.add_argument("--s3-profile", default=None)
+    j.add_argument("--s3-retry-mode", default="standard", choices=["legacy", "standard", "adaptive"])
+    j.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_upscale)
+
+
+def config_from_args(args) -> JobConfig:
+    options = UpscaleOptions(
+        scale=args.scale, steps=args.steps, seed=args.seed, caption=args.caption, degrade_sigma=args.degrade_sigma,
+        sampler=args.sampler, tile=args.tile, overlap=args.overlap, fusion=not args.no_fusion, format=args.format,
+        quality=args.quality, max_pixels=args.max_pixels,
+    )  # fmt: skip
+    if args.format:
+        from pipeline.imageio import output_format
+
+        output_format(None, args.format)  # validates the name up front
+    model = ModelOptions(args.preset, args.weights, args.text_encoder, args.allow_download, args.device, args.dtype)
+    return JobConfig(
+        src=args.src, dst=args.dst, model=model, options=options,
+        s3=S3Settings(args.s3_endpoint, args.s3_region, args.s3_profile, args.s3_retry_mode),
+        suffix=args.suffix, captions=read_captions(args.captions) if args.captions else {},
+        resume=args.resume, dry_run=args.dry_run, local=args.local,
+        concurrency={k: v for k, v in (("encode", args.encode_actors), ("diffuse", args.diffuse_actors)) if v},
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )  # fmt: skip
+
+
+def cmd_upscale(args) -> int:
+    cfg = config_from_args(args)
+    summary = run_job(cfg)
+    if cfg.dry_run:
+        for r in summary.rows:
+            print(f"{r['status']:8s} {r['key']}")
+        print(f"dry run: {sum(r['status'] == 'planned' for r in summary.rows)} to do, {summary.skipped} skipped")
+        return 0
+    for r in summary.rows:
+        if r["status"] == "failed":
+            print(f"failed  {r['key']}: {r['error']}", file=sys.stderr)
+    print(summary.line())
+    return 0 if summary.failed == 0 else 3  # 3: finished, some inputs failed (listed above and in the manifest)

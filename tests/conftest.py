@@ -40,3 +40,32 @@ def random_net(cfg, seed=0):
         for p in net.parameters():
             p.normal_(0, 0.2)
     return net.eval()
+
+
+@pytest.fixture(scope="session")
+def bicubic_weights(tmp_path_factory):
+    """The `small` preset at its training initialisation: zero output layer, so it returns bicubic exactly.
+
+    Deterministic and content-preserving, which is what I/O and tiling-geometry tests need; tests of
+    upscaling quality use the bundled trained model instead.
+    """
+    from jobs.train_small import init_weights
+    from pipeline.model.loading import save_safetensors
+    from pipeline.model.network import PidNet
+    from pipeline.model.presets import get_preset
+
+    cfg = get_preset("small").config
+    torch.manual_seed(0)
+    net = PidNet(cfg)
+    init_weights(net)
+    path = tmp_path_factory.mktemp("w") / "small_init.safetensors"
+    save_safetensors(net, path, cfg)
+    return str(path)
+
+
+def png_bytes(img, fmt="PNG", **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from conftest import random_net, tiny_config
 
 from pipeline.model.loading import (
     CheckpointError,
@@ -16,6 +15,8 @@ from pipeline.model.loading import (
     save_safetensors,
     to_official,
 )
+
+from conftest import random_net, tiny_config
 
 
 def _official_pth(net, path, dtype=torch.bfloat16, extra=None):

@@ -4,9 +4,10 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import random_net, tiny_config
 
 from pipeline.model.network import PidNet
+
+from conftest import random_net, tiny_config
 
 
 def _inputs(cfg, B=1, hw=(32, 48)):

@@ -107,7 +107,7 @@ PRESETS: dict[str, Preset] = {
                 input_concat_lq=True, residual_lq=True,
             ),
             "pidray_small_sr4x.safetensors", "rgb", "pidray", None, text_encoder="none",
-            envelope=(64, 512), bundled=True,
+            envelope=(128, 128), bundled=True,
             notes="pidray's own 4x model trained on scikit-image's bundled photos; runs on a CPU",
         ),
     ]

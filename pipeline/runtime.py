@@ -1,0 +1,87 @@
+"""Load a preset into ready-to-run parts: network, LQ encoder, caption encoder. Used by the stages."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.encoders.base import LatentEncoder, RGBEncoder
+from pipeline.encoders.text import CaptionEncoder, NullCaptionEncoder
+from pipeline.model.loading import load_checkpoint, read_state_dict
+from pipeline.model.network import PidNet
+from pipeline.model.presets import Preset, get_preset
+from pipeline.weights import resolve
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class ModelOptions:
+    """Plain, picklable description of which model to run (reaches Ray actors through constructor kwargs)."""
+
+    preset: str = "small"
+    weights: str | None = None  # directory laid out like the hub repo, or a checkpoint file
+    text_encoder: str | None = None  # local Gemma-2 folder (released presets)
+    allow_download: bool = False
+    device: str | None = "auto"
+    dtype: str | None = "auto"
+
+
+def load_net(opts: ModelOptions) -> tuple[Preset, PidNet]:
+    preset = get_preset(opts.preset)
+    device = pick_device(opts.device)
+    dtype = pick_dtype(opts.dtype, device)
+    if opts.weights and str(opts.weights).endswith((".safetensors", ".pth")):
+        path = opts.weights
+    else:
+        path = resolve(preset, opts.weights, allow_download=opts.allow_download)["net"]
+    return preset, load_checkpoint(preset.config, path, device=device, dtype=dtype)
+
+
+def load_lq_encoder(opts: ModelOptions) -> LatentEncoder:
+    preset = get_preset(opts.preset)
+    if preset.vae == "rgb":
+        return RGBEncoder()
+    if preset.vae in ("flux1", "sd3"):
+        from pipeline.encoders.flux_vae import FLUX1, SD3, load_flux_encoder
+
+        path = resolve(preset, opts.weights, allow_download=opts.allow_download)["vae"]
+        tensors, _ = read_state_dict(path)
+        device = pick_device(opts.device)
+        if preset.vae == "sd3":
+            raise ValueError(
+                "the SD3 VAE ships in diffusers key layout, which pidray does not map yet; use a flux preset"
+            )
+        return load_flux_encoder(FLUX1 if preset.vae == "flux1" else SD3, tensors, device=device)
+    raise ValueError(f"the {preset.vae!r} VAE encoder is not implemented yet (preset {preset.name}); see README")
+
+
+@functools.lru_cache(maxsize=4)
+def _gemma(path: str, allow_download: bool, device: str):
+    return CaptionEncoder.from_pretrained(path, local_only=not allow_download, device=device)
+
+
+def load_caption_encoder(opts: ModelOptions):
+    preset = get_preset(opts.preset)
+    cfg = preset.config
+    if preset.text_encoder == "none":
+        return NullCaptionEncoder(cfg.txt_max_length, cfg.txt_embed_dim)
+    from pipeline.encoders.text import HUB_ID
+
+    return _gemma(opts.text_encoder or HUB_ID, opts.allow_download, str(pick_device(opts.device)))

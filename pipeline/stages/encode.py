@@ -1,0 +1,60 @@
+"""EncodeStage: pixels -> tile plan, LQ latent (VAE) or RGB, caption embedding (cached)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.runtime import ModelOptions, load_caption_encoder, load_lq_encoder, pick_device
+from pipeline.stages.common import USER_ERRORS, UpscaleOptions, failed, is_failed, timed
+from pipeline.tiling import TilePlan, pad_image, plan_tiles
+
+
+def plan_for(preset, options: UpscaleOptions, in_hw) -> TilePlan:
+    """The tile plan of an input of in_hw pixels; needs no model (drivers use it for memory estimates)."""
+    cfg = preset.config
+    return plan_tiles(
+        tuple(in_hw),
+        unit=1 if preset.vae == "rgb" else cfg.latent_spatial_down_factor,
+        sr_scale=cfg.sr_scale,
+        patch=cfg.patch_size,
+        tile_out=options.tile or preset.envelope[1],
+        overlap=options.overlap,
+        max_output_side=options.max_output_side,
+    )
+
+
+class EncodeStage:
+    def __init__(self, model: ModelOptions | dict | None = None, options: UpscaleOptions | dict | None = None):
+        from pipeline.model.presets import get_preset
+
+        self.model = model if isinstance(model, ModelOptions) else ModelOptions(**(model or {}))
+        self.options = options if isinstance(options, UpscaleOptions) else UpscaleOptions(**(options or {}))
+        self.preset = get_preset(self.model.preset)
+        self.encoder = load_lq_encoder(self.model)
+        self.captioner = load_caption_encoder(self.model)
+        self.device = pick_device(self.model.device)
+
+    def plan(self, in_hw):
+        return plan_for(self.preset, self.options, in_hw)
+
+    @torch.inference_mode()
+    def __call__(self, row: dict) -> dict:
+        if is_failed(row):
+            return row
+        row = dict(row)
+        try:
+            with timed(row, "encode"):
+                img = row.pop("image")
+                plan = self.plan(img.size)
+                pixels = torch.from_numpy(pad_image(img.to_float(), plan.pad_hw))[None].to(self.device)
+                latent = self.encoder.encode(pixels)[0].float().cpu().numpy()
+                caption = row.get("caption") or self.options.caption
+                row["caption_emb"] = self.captioner.encode([caption])[0].float().numpy()
+        except USER_ERRORS as e:
+            return failed(row, "encode", e)
+        row["plan"] = plan.to_dict()
+        row["latent"] = np.ascontiguousarray(latent)
+        row["src"] = img  # metadata (mode, ICC, EXIF) and alpha for the merge; pixels are no longer needed
+        img.rgb = img.rgb[:0, :0]
+        return row

@@ -1,0 +1,175 @@
+"""Tile planning in latent space, and the feathered (raised-cosine, partition-of-unity) merge of pixel tiles.
+
+An input of h × w pixels is encoded at `unit` input pixels per latent pixel (the VAE factor; 1
+for RGB-conditioned presets) and decoded at `out_per_lat` output pixels per latent pixel. Tiles
+are one fixed shape per image, sized to the preset's envelope; the input is padded by reflection
+so that the tiles cover it exactly (edge tiles are padded, never cropped), and the output is
+cropped back to exactly sr_scale × the input. An image that fits the envelope is one tile.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from pipeline.imageio import TooLarge
+
+DEFAULT_OVERLAP = 8  # latent pixels (256 output pixels at 32 output pixels per latent pixel)
+DEFAULT_MAX_OUTPUT_SIDE = 16384
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    in_hw: tuple[int, int]  # input pixels
+    unit: int  # input pixels per latent pixel
+    out_per_lat: int  # output pixels per latent pixel
+    sr_scale: int
+    tile: tuple[int, int]  # latent pixels
+    stride: tuple[int, int]
+    grid: tuple[int, int]  # tiles down, across
+
+    @property
+    def lat_hw(self) -> tuple[int, int]:
+        """Latent canvas covered by the tiles."""
+        return tuple((n - 1) * s + t for n, s, t in zip(self.grid, self.stride, self.tile))
+
+    @property
+    def pad_hw(self) -> tuple[int, int]:
+        """Input size after reflection padding (what gets encoded)."""
+        return tuple(v * self.unit for v in self.lat_hw)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        """Exact output size: sr_scale × input."""
+        return self.in_hw[0] * self.sr_scale, self.in_hw[1] * self.sr_scale
+
+    @property
+    def canvas_hw(self) -> tuple[int, int]:
+        return tuple(v * self.out_per_lat for v in self.lat_hw)
+
+    @property
+    def tile_out(self) -> tuple[int, int]:
+        return self.tile[0] * self.out_per_lat, self.tile[1] * self.out_per_lat
+
+    @property
+    def overlap(self) -> tuple[int, int]:
+        return tuple(t - s if n > 1 else 0 for t, s, n in zip(self.tile, self.stride, self.grid))
+
+    @property
+    def n_tiles(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def origins(self) -> list[tuple[int, int]]:
+        """Top-left latent coordinates of every tile, row-major."""
+        return [(i * self.stride[0], j * self.stride[1]) for i in range(self.grid[0]) for j in range(self.grid[1])]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TilePlan:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+def plan_tiles(
+    in_hw: tuple[int, int],
+    *,
+    unit: int,
+    sr_scale: int,
+    patch: int,
+    tile_out: int,
+    overlap: int = DEFAULT_OVERLAP,
+    max_output_side: int = DEFAULT_MAX_OUTPUT_SIDE,
+) -> TilePlan:
+    """Plan tiles for an input of in_hw pixels. tile_out: the tile side in output pixels (the envelope)."""
+    h, w = in_hw
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image size must be positive, got {h}x{w}")
+    if max(h, w) * sr_scale > max_output_side:
+        raise TooLarge(
+            f"output would be {h * sr_scale}x{w * sr_scale}, over the limit of {max_output_side} pixels on the "
+            f"long side (configurable)"
+        )
+    out_per_lat = unit * sr_scale
+    m = patch // math.gcd(patch, out_per_lat)  # latent pixels per tile step so that tiles are whole patches
+    t_full = max(m, tile_out // out_per_lat // m * m)
+    if overlap < 0 or _round_up(overlap, m) >= t_full:
+        raise ValueError(f"overlap {overlap} must be >= 0 and below the tile size {t_full} (latent pixels)")
+    ov = _round_up(overlap, m)
+    lat = (-(-h // unit), -(-w // unit))
+    tile, stride, grid = [], [], []
+    for size in lat:
+        if _round_up(size, m) <= t_full:  # fits: one tile along this axis, at the image's own size
+            tile.append(_round_up(size, m))
+            stride.append(tile[-1])
+            grid.append(1)
+        else:
+            tile.append(t_full)
+            stride.append(t_full - ov)
+            grid.append(1 + -(-(size - t_full) // (t_full - ov)))
+    return TilePlan((h, w), unit, out_per_lat, sr_scale, tuple(tile), tuple(stride), tuple(grid))
+
+
+def pad_image(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Reflect-pad [C, H, W] at the bottom/right to hw (symmetric reflection works for 1-pixel images too)."""
+    ph, pw = hw[0] - x.shape[1], hw[1] - x.shape[2]
+    if ph < 0 or pw < 0:
+        raise ValueError(f"cannot pad {x.shape[1:]} to smaller {hw}")
+    return np.pad(x, ((0, 0), (0, ph), (0, pw)), mode="symmetric") if ph or pw else x
+
+
+def feather(length: int, overlap_before: int, overlap_after: int) -> np.ndarray:
+    """1-D raised-cosine ramp: rises over the leading overlap, falls over the trailing one, 1 elsewhere."""
+    w = np.ones(length, np.float64)
+    if overlap_before:
+        d = np.arange(overlap_before)
+        w[:overlap_before] = 0.5 - 0.5 * np.cos(np.pi * (d + 0.5) / overlap_before)
+    if overlap_after:
+        d = np.arange(overlap_after)
+        w[length - overlap_after :] = np.minimum(
+            w[length - overlap_after :], 0.5 + 0.5 * np.cos(np.pi * (d + 0.5) / overlap_after)
+        )
+    return w
+
+
+def tile_weights(plan: TilePlan) -> list[torch.Tensor]:
+    """Per-tile [th, tw] output-pixel weights; they sum to 1 over the canvas (partition of unity after division)."""
+    th, tw = plan.tile_out
+    ovy, ovx = (o * plan.out_per_lat for o in plan.overlap)
+    out = []
+    for i in range(plan.grid[0]):
+        wy = feather(th, ovy if i > 0 else 0, ovy if i < plan.grid[0] - 1 else 0)
+        for j in range(plan.grid[1]):
+            wx = feather(tw, ovx if j > 0 else 0, ovx if j < plan.grid[1] - 1 else 0)
+            out.append(torch.from_numpy(np.outer(wy, wx)).float())
+    return out
+
+
+def blend(tiles: torch.Tensor, plan: TilePlan, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Weighted accumulation of tiles [N, C, th, tw] into the canvas [C, CH, CW]."""
+    weights = weights if weights is not None else tile_weights(plan)
+    C = tiles.shape[1]
+    acc = torch.zeros(C, *plan.canvas_hw, dtype=torch.float32)
+    norm = torch.zeros(1, *plan.canvas_hw, dtype=torch.float32)
+    th, tw = plan.tile_out
+    for tile, wgt, (y, x) in zip(tiles, weights, plan.origins()):
+        oy, ox = y * plan.out_per_lat, x * plan.out_per_lat
+        acc[:, oy : oy + th, ox : ox + tw] += tile.float() * wgt
+        norm[:, oy : oy + th, ox : ox + tw] += wgt
+    return acc / norm
+
+
+def crop_tiles(canvas: torch.Tensor, plan: TilePlan) -> torch.Tensor:
+    """The inverse of blend for consistent canvases: [C, CH, CW] -> [N, C, th, tw]."""
+    th, tw = plan.tile_out
+    return torch.stack(
+        [canvas[:, y * plan.out_per_lat : y * plan.out_per_lat + th, x * plan.out_per_lat : x * plan.out_per_lat + tw]
+         for y, x in plan.origins()]
+    )  # fmt: skip

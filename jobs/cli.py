@@ -112,9 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default="out/eval_small", help="folder for the side-by-side PNGs and JSON")
     p.set_defaults(fn=_cmd_eval_small)
 
+    from jobs.bench import add_bench_parser
     from jobs.upscale import add_upscale_parser
+    from serve.run import add_serve_parser
 
     add_upscale_parser(sub)
+    add_bench_parser(sub)
+    add_serve_parser(sub)
     return ap
 
 

@@ -46,8 +46,9 @@ class DiffuseStage:
             plan = TilePlan.from_dict(row["plan"])
             seed = int(row.get("seed", self.options.seed))
             sigma = float(row.get("degrade_sigma", self.options.degrade_sigma))
+            steps = int(row.get("steps", self.options.steps))
             tiles = self.diffuse(
-                torch.from_numpy(row.pop("latent")), torch.from_numpy(row["caption_emb"]), plan, seed, sigma
+                torch.from_numpy(row.pop("latent")), torch.from_numpy(row["caption_emb"]), plan, seed, sigma, steps
             )
         except USER_ERRORS as e:
             return failed(row, "diffuse", e)
@@ -70,49 +71,73 @@ class DiffuseStage:
             crops = degrade_latent(crops, sigma, eps, variance_preserving=vp)
         return crops
 
-    @torch.inference_mode()
-    def diffuse(self, latent: torch.Tensor, y: torch.Tensor, plan: TilePlan, seed: int, sigma: float) -> torch.Tensor:
+    def _noise(self, plan: TilePlan, seed: int):
+        if plan.n_tiles == 1:  # the official order: initial noise, then one draw per re-noising
+            return GeneratorNoise((1, 3, *plan.tile_out), torch.Generator().manual_seed(seed))
+        origins = [(y * plan.out_per_lat, x * plan.out_per_lat) for y, x in plan.origins()]
+        return TileNoise(seed, origins, plan.tile_out)
+
+    def diffuse(
+        self, latent: torch.Tensor, y: torch.Tensor, plan: TilePlan, seed: int, sigma: float, steps: int | None = None
+    ) -> torch.Tensor:
         """latent [C, h, w] covering plan.lat_hw; y [L, D] -> x0 tiles [N, 3, th, tw] in [-1, 1] (float32, CPU)."""
+        return self.diffuse_many([(latent, y, plan, seed, sigma)], steps=steps)[0]
+
+    @torch.inference_mode()
+    def diffuse_many(self, items: list[tuple], steps: int | None = None) -> list[torch.Tensor]:
+        """Several images whose tiles share one shape, sampled together; each keeps its own noise and fusion.
+
+        items: (latent, caption embedding, plan, seed, degrade_sigma) per image. Results are identical to
+        running the images one by one: the batch only changes how many tiles go through the network at once.
+        """
         net, cfg = self.net, self.net.cfg
-        if tuple(latent.shape[1:]) != plan.lat_hw:
-            raise ValueError(f"latent {tuple(latent.shape[1:])} does not match the tile plan {plan.lat_hw}")
-        lq = self._lq_tiles(latent.float(), plan, seed, sigma)
-        N, out_hw = plan.n_tiles, plan.tile_out
+        shapes = {it[2].tile_out for it in items}
+        if len(shapes) != 1:
+            raise ValueError(f"diffuse_many needs one tile shape, got {sorted(shapes)}")
+        out_hw = shapes.pop()
+        lq, ys, sigmas, noises, spans = [], [], [], [], []
+        start = 0
+        for latent, y, plan, seed, sigma in items:
+            if tuple(latent.shape[1:]) != plan.lat_hw:
+                raise ValueError(f"latent {tuple(latent.shape[1:])} does not match the tile plan {plan.lat_hw}")
+            lq.append(self._lq_tiles(latent.float(), plan, seed, sigma))
+            n = plan.n_tiles
+            ys.append(y[None].expand(n, -1, -1))
+            sigmas.append(torch.full((n,), float(sigma)))
+            noises.append(self._noise(plan, seed))
+            spans.append((slice(start, start + n), plan))
+            start += n
+        lq, ys, sig = torch.cat(lq), torch.cat(ys), torch.cat(sigmas).to(self.device)
+        N = start
         b = batch_size_for(cfg, out_hw, self.dtype, self.budget, n_tiles=N)
         self.last_batch_size = b
         dev = dict(device=self.device, dtype=self.dtype)
         rgb = self.preset.vae == "rgb"
 
-        def features(chunk):
-            part = lq[chunk].to(**dev)
+        def features(c):
+            part = lq[c].to(**dev)
             return net.encode_lq(out_hw, image=part) if rgb else net.encode_lq(out_hw, latent=part)
 
         chunks = [slice(i, min(i + b, N)) for i in range(0, N, b)]
         cached = [features(c) for c in chunks] if len(chunks) == 1 else None  # else recomputed per step
-        y_dev = y[None].to(**dev)
-        sig = torch.full((N,), sigma, device=self.device)
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             outs = []
             for k, c in enumerate(chunks):
-                n = c.stop - c.start
                 feats = cached[k] if cached is not None else features(c)
-                out = net(x[c].to(**dev), t[c].to(self.device), y_dev.expand(n, -1, -1), feats, sig[c])
-                outs.append(out.float().cpu())
+                outs.append(net(x[c].to(**dev), t[c].to(self.device), ys[c].to(**dev), feats, sig[c]).float().cpu())
             return torch.cat(outs)
 
-        if N == 1:
-            noise = GeneratorNoise((1, 3, *out_hw), torch.Generator().manual_seed(seed))
-        else:
-            noise = TileNoise(
-                seed, [(yy * plan.out_per_lat, xx * plan.out_per_lat) for yy, xx in plan.origins()], out_hw
-            )
-        on_x0 = None
-        if N > 1 and self.options.fusion:
-            weights = tile_weights(plan)
+        def noise(draw: int) -> torch.Tensor:
+            return torch.cat([src(draw).reshape(-1, 3, *out_hw) for src in noises])
 
-            def on_x0(step, x0):
-                return crop_tiles(blend(x0, plan, weights), plan)
+        fused = [(sl, plan, tile_weights(plan)) for sl, plan in spans if plan.n_tiles > 1 and self.options.fusion]
 
-        return sample(predict, noise, steps=self.options.steps, mode=self.options.sampler,
-                      prediction=cfg.prediction_type, on_x0=on_x0)  # fmt: skip
+        def on_x0(step, x0):
+            for sl, plan, weights in fused:
+                x0[sl] = crop_tiles(blend(x0[sl], plan, weights), plan)
+            return x0
+
+        out = sample(predict, noise, steps=steps or self.options.steps, mode=self.options.sampler,
+                     prediction=cfg.prediction_type, on_x0=on_x0 if fused else None)  # fmt: skip
+        return [out[sl] for sl, _ in spans]

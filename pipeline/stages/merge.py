@@ -37,7 +37,7 @@ class MergeStage:
                     rgb = np.stack([resize_plane(rgb[..., c], size) for c in range(3)], axis=-1)
                 alpha = resize_plane(src.alpha, size) if src.alpha is not None else None
                 fmt = output_format(src, row.get("format") or self.options.format)
-                data = encode(rgb, src, fmt, quality=self.options.quality, alpha=alpha)
+                data = encode(rgb, src, fmt, quality=int(row.get("quality", self.options.quality)), alpha=alpha)
         except USER_ERRORS as e:
             return failed(row, "merge", e)
         row.update(

@@ -18,13 +18,24 @@ install() {
   touch "$stamp"
 }
 
+browser() {
+  # The endpoint's page is tested in headless Chromium from Debian's packages.
+  command -v chromium >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "warning: chromium not found and cannot be installed here; the page test will fail" >&2
+  fi
+}
+
 case "${1:-}" in
   run)
     install
-    "$VENV/bin/pidray" upscale pipeline/assets/samples out --local
+    "$VENV/bin/pidray" upscale pipeline/assets/samples out  # Ray Data, local cluster started in-process
     ;;
   test)
     install
+    browser
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
     "$VENV/bin/python" -m pytest -q tests "${@:2}"

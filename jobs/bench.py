@@ -52,14 +52,77 @@ def bench_pipeline(n: int, size: int, model: ModelOptions, options: UpscaleOptio
 
 
 def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: `pipeline` (Ray Data vs plain loop)")
-    p.add_argument("what", choices=["pipeline"])
-    p.add_argument("-n", type=int, default=24, help="images")
-    p.add_argument("--size", type=int, default=64, help="input side in pixels")
-    p.add_argument("--preset", default="small")
-    p.add_argument("--weights", default=None)
-    p.add_argument("--diffuse-actors", type=int, default=None)
-    p.set_defaults(fn=cmd_bench)
+    from jobs import bench_gpu
+
+    p = sub.add_parser("bench", help="benchmarks: pipeline (Ray Data vs loop), serve (latency), kernels (GPU)")
+    bsub = p.add_subparsers(dest="what", required=True)
+    q = bsub.add_parser("pipeline", help="Ray Data job vs a plain in-process loop over the same stages")
+    q.add_argument("-n", type=int, default=24, help="images")
+    q.add_argument("--size", type=int, default=64, help="input side in pixels")
+    q.add_argument("--preset", default="small")
+    q.add_argument("--weights", default=None)
+    q.add_argument("--diffuse-actors", type=int, default=None)
+    q.set_defaults(fn=cmd_bench)
+    q = bsub.add_parser("serve", help="Serve p50/p99 latency vs a direct in-process call of the same graph")
+    q.add_argument("-n", type=int, default=30, help="sequential requests")
+    q.add_argument("--size", type=int, default=32, help="input side in pixels")
+    q.add_argument("--weights", default=None)
+    q.set_defaults(fn=cmd_bench_serve)
+    q = bsub.add_parser("kernels", help="Triton kernels and the whole forward at 2048²/3840² (needs a GPU)")
+    bench_gpu.add_args(q)
+    q.set_defaults(fn=bench_gpu.cmd)
+
+
+def bench_serve(n: int, size: int, weights: str | None) -> dict:
+    import io
+    import socket
+
+    import numpy as np
+    import requests
+    from PIL import Image
+
+    from pipeline.graph import StageGraph
+    from serve.run import start
+
+    arr = (np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    data = buf.getvalue()
+    graph = StageGraph(ModelOptions(weights=weights), UpscaleOptions())
+    stages = graph.build_all()
+    direct = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        next(graph.run_local([{"key": "b", "bytes": data}], stages))
+        direct.append(time.perf_counter() - t0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = start({"preset": "small", "weights": weights}, port=port)
+    deadline = time.time() + 300
+    while time.time() < deadline and requests.get(url + "/healthz", timeout=10).status_code != 200:
+        time.sleep(1)
+    for _ in range(3):  # warm the replicas
+        requests.post(url + "/v1/upscale", data=data, timeout=120)
+    served = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        r = requests.post(url + "/v1/upscale", data=data, timeout=120)
+        served.append(time.perf_counter() - t0)
+        assert r.status_code == 200, r.text
+    from ray import serve
+
+    serve.shutdown()
+    pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {k: {"p50": pct(v, 0.5), "p99": pct(v, 0.99)} for k, v in (("direct", direct), ("serve", served))}
+
+
+def cmd_bench_serve(args) -> int:
+    res = bench_serve(args.n, args.size, args.weights)
+    for k, v in res.items():
+        print(f"{k:6s} p50 {v['p50'] * 1e3:8.1f} ms  p99 {v['p99'] * 1e3:8.1f} ms")
+    print(f"Serve adds {(res['serve']['p50'] - res['direct']['p50']) * 1e3:+.1f} ms at p50")
+    return 0
 
 
 def cmd_bench(args) -> int:

@@ -41,6 +41,7 @@ class ModelOptions:
     allow_download: bool = False
     device: str | None = "auto"
     dtype: str | None = "auto"
+    kernels: str | None = None  # "auto" (Triton on CUDA) | "torch" | "triton"; None: $PIDRAY_KERNELS or auto
 
 
 def load_net(opts: ModelOptions) -> tuple[Preset, PidNet]:
@@ -51,7 +52,10 @@ def load_net(opts: ModelOptions) -> tuple[Preset, PidNet]:
         path = opts.weights
     else:
         path = resolve(preset, opts.weights, allow_download=opts.allow_download)["net"]
-    return preset, load_checkpoint(preset.config, path, device=device, dtype=dtype)
+    from pipeline.kernels import get_ops
+
+    ops = get_ops(opts.kernels, device)
+    return preset, load_checkpoint(preset.config, path, device=device, dtype=dtype, ops=ops)
 
 
 def load_lq_encoder(opts: ModelOptions) -> LatentEncoder:

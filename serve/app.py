@@ -48,8 +48,11 @@ class EncodeDeployment:
         return self.stage(row)
 
 
-def tiles_in(row: dict) -> int:
-    return TilePlan.from_dict(row["plan"]).n_tiles if "plan" in row else 1
+TILE_COST_CAP = 8  # a request counts as at most this many tiles, so one big image still forms a batch of its own
+
+
+def batch_cost(rows: list[dict]) -> int:
+    return sum(min(TilePlan.from_dict(r["plan"]).n_tiles if "plan" in r else 1, TILE_COST_CAP) for r in rows)
 
 
 @serve.deployment(name="diffuse")
@@ -59,6 +62,8 @@ class DiffuseDeployment:
     def __init__(self, model: dict, options: dict, max_batch_tiles: int = 16, batch_wait_s: float = 0.02):
         from ray.serve import metrics
 
+        if max_batch_tiles < TILE_COST_CAP:
+            raise ValueError(f"max_batch_tiles must be >= {TILE_COST_CAP}, got {max_batch_tiles}")
         self.stage = DiffuseStage(model, options)
         self.batch_sizes: Counter = Counter()
         self.batch_metric = metrics.Histogram(
@@ -73,7 +78,7 @@ class DiffuseDeployment:
     def stats(self) -> dict:
         return {"batch_sizes": dict(self.batch_sizes), "device": str(self.stage.device)}
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=lambda rows: sum(map(tiles_in, rows)))
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=batch_cost)
     async def run(self, rows: list[dict]) -> list[dict]:
         self.batch_sizes[len(rows)] += 1
         self.batch_metric.observe(len(rows))

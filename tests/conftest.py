@@ -1,6 +1,9 @@
 import os
 from pathlib import Path
 
+# Triton kernels run in the CPU interpreter in tests; it must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -14,13 +14,13 @@ from torch import nn
 
 from pipeline.kernels import Ops
 from pipeline.model.layers import GeluMLP, RMSNorm, SwiGLU
-from pipeline.model.math import Rope, apply_rope, attention
+from pipeline.model.math import Rope, attention
 
 
 class JointAttention(nn.Module):
     def __init__(self, dim: int, heads: int, ops: Ops, device=None, dtype=None):
         super().__init__()
-        self.heads = heads
+        self.heads, self.ops = heads, ops
         hd = dim // heads
         kw = dict(device=device, dtype=dtype)
         self.qkv_x = nn.Linear(dim, 3 * dim, bias=False, **kw)
@@ -33,9 +33,7 @@ class JointAttention(nn.Module):
     def _qkv(self, linear, q_norm, k_norm, h, rope):
         B, N, C = h.shape
         q, k, v = linear(h).view(B, N, 3, self.heads, C // self.heads).unbind(2)  # -> 3 × [B, N, heads, hd]
-        q, k = q_norm(q), k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = self.ops.qk_norm_rope(q, k, q_norm.weight, k_norm.weight, rope, q_norm.eps)
         return q, k, v
 
     def forward(self, x, y, rope_img: Rope, rope_txt: Rope | None):
@@ -78,7 +76,7 @@ class PatchAttention(nn.Module):
     def __init__(self, dim: int, heads: int, ops: Ops, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
-        self.heads = heads
+        self.heads, self.ops = heads, ops
         self.qkv = nn.Linear(dim, 3 * dim, bias=False, **kw)
         self.q_norm, self.k_norm = RMSNorm(dim // heads, ops, **kw), RMSNorm(dim // heads, ops, **kw)
         self.proj = nn.Linear(dim, dim, **kw)
@@ -86,7 +84,7 @@ class PatchAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).unbind(2)  # -> 3 × [B, N, heads, hd]
-        q, k = apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope)
+        q, k = self.ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, rope, self.q_norm.eps)
         return self.proj(attention(q, k, v))
 
 
@@ -115,4 +113,7 @@ class PixelBlock(nn.Module):
         h = self.norm1.modulate(x, s1, c1).reshape(batch, BL // batch, P2 * C)  # -> [B, L, P²·C]
         h = self.expand_from_attn(self.attn(self.compress_to_attn(h), rope))  # -> [B, L, P²·C]
         x = self.ops.gated_residual(x, g1, h.view(BL, P2, C))
-        return self.ops.gated_residual(x, g2, self.mlp(self.norm2.modulate(x, s2, c2)))
+        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
+        return self.ops.pit_mlp(
+            x, self.norm2.weight, s2, c2, g2, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.norm2.eps
+        )

@@ -105,6 +105,10 @@ def load_network(
     ops=None,
 ) -> PidNet:
     """Build on the meta device and assign the checkpoint's tensors (strict, finite, shape-checked)."""
+    if ops is None:
+        from pipeline.kernels import get_ops
+
+        ops = get_ops(device=device)
     with torch.device("meta"):
         net = PidNet(cfg, ops=ops)
     expected = net.state_dict()

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pipeline.kernels.reference import apply_rope  # noqa: F401  (re-exported: one implementation)
+
 Rope = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -54,15 +56,6 @@ def rope_1d(head_dim: int, length: int, *, theta: float = 10000.0, device=None) 
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
     angles = torch.arange(length, device=device).float()[:, None] * freqs[None, :]  # -> [L, head_dim/2]
     return torch.cos(angles), torch.sin(angles)
-
-
-def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate x [B, N, heads, head_dim] by rope ([N, head_dim/2] each); computed in fp32."""
-    cos, sin = (r[None, :, None, :].to(x.device) for r in rope)
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    re, im = pairs[..., 0], pairs[..., 1]
-    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(3)
-    return out.type_as(x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

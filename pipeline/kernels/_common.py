@@ -1,0 +1,50 @@
+"""Shared host-side helpers for the Triton kernels: launch configs, broadcast-row mapping."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def configs(block_rows: list[int], warps: list[int]) -> list[triton.Config]:
+    """Autotune space; one config under the CPU interpreter (tests), where tuning only costs time."""
+    if INTERPRET:
+        return [
+            triton.Config({"BLOCK_R": max(block_rows)}, num_warps=warps[0])
+        ]  # fewest programs: fastest to interpret
+    return [triton.Config({"BLOCK_R": r}, num_warps=w) for r in block_rows for w in warps]
+
+
+def rows_of(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """View t [..., D] as rows of D with one row stride (copying only when the strides do not allow it)."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    for k in range(t.ndim - 2):
+        if t.stride(k) != t.stride(k + 1) * t.shape[k + 1]:
+            t = t.contiguous()
+            break
+    return t, (t.stride(-2) if t.ndim >= 2 else t.shape[-1])
+
+
+def mod_rows(mod: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(base, row stride, group) so that x row r is modulated by mod row r // group.
+
+    Handles the two layouts PiD uses: per-pixel (mod shaped like x, e.g. a strided chunk of the
+    modulation output) and per-token ([B, 1, D] broadcast over the L tokens of x [B, L, D]).
+    """
+    if mod.shape == x.shape:
+        base, stride = rows_of(mod)
+        return base, stride, 1
+    if x.ndim == 3 and mod.ndim == 3 and mod.shape[0] == x.shape[0] and mod.shape[1] == 1 and mod.stride(-1) == 1:
+        return mod, mod.stride(0), x.shape[1]
+    base, stride = rows_of(mod.expand_as(x))
+    return base, stride, 1
+
+
+def check_last_dim(name: str, d: int, limit: int = 65536) -> None:
+    if d > limit:
+        raise ValueError(f"{name}: last dimension {d} exceeds the kernel's block limit {limit}")

@@ -1,0 +1,73 @@
+"""The whole PiT MLP sub-block per pixel in one kernel: x + gate · fc2(gelu(fc1(norm(x)·w·(1+scale)+shift))).
+
+Each pixel is a row of `pixel_dim` (16 in the released model); the 4×-wide hidden activation
+lives only in registers, never in memory. The two tiny matmuls run as tl.dot on blocks of
+BLOCK_R pixels (padded to 16 so tensor cores apply).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pipeline.kernels._common import INTERPRET, configs, mod_rows, rows_of
+
+
+@triton.autotune(configs=configs([16, 64, 128, 256], [2, 4, 8]), key=["C", "H"])
+@triton.jit
+def _pit_mlp_kernel(
+    X, NW, SHIFT, SCALE, GATE, W1, B1, W2, B2, OUT, n_rows, C, H, x_stride, sh_stride, sc_stride, g_stride, eps,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    cc = tl.arange(0, BLOCK_C)
+    hh = tl.arange(0, BLOCK_H)
+    cm, hm = cc < C, hh < H
+    m = (rows < n_rows)[:, None] & cm[None, :]
+    x = tl.load(X + rows[:, None] * x_stride + cc[None, :], mask=m, other=0.0).to(tl.float32)
+    inv = tl.rsqrt(tl.sum(x * x, axis=1) / C + eps)
+    nw = tl.load(NW + cc, mask=cm, other=0.0).to(tl.float32)
+    sc = tl.load(SCALE + rows[:, None] * sc_stride + cc[None, :], mask=m, other=0.0).to(tl.float32)
+    sh = tl.load(SHIFT + rows[:, None] * sh_stride + cc[None, :], mask=m, other=0.0).to(tl.float32)
+    xm = x * inv[:, None] * nw[None, :] * (1.0 + sc) + sh  # padded columns stay 0
+    w1t = tl.load(W1 + hh[None, :] * C + cc[:, None], mask=cm[:, None] & hm[None, :], other=0.0)  # [C, H] = fc1ᵀ
+    b1 = tl.load(B1 + hh, mask=hm, other=0.0).to(tl.float32)
+    if IEEE:
+        h = tl.dot(xm, w1t.to(tl.float32), input_precision="ieee")
+    else:
+        h = tl.dot(xm.to(w1t.dtype), w1t).to(tl.float32)
+    h = h + b1[None, :]
+    h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))  # exact GELU, as nn.GELU()
+    w2t = tl.load(W2 + cc[None, :] * H + hh[:, None], mask=hm[:, None] & cm[None, :], other=0.0)  # [H, C] = fc2ᵀ
+    b2 = tl.load(B2 + cc, mask=cm, other=0.0).to(tl.float32)
+    if IEEE:
+        o = tl.dot(h, w2t.to(tl.float32), input_precision="ieee")
+    else:
+        o = tl.dot(h.to(w2t.dtype), w2t).to(tl.float32)
+    o = o + b2[None, :]
+    g = tl.load(GATE + rows[:, None] * g_stride + cc[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(OUT + rows[:, None] * C + cc[None, :], (x + g * o).to(OUT.dtype.element_ty), mask=m)
+
+
+def pit_mlp(x, norm_weight, shift, scale, gate, fc1_w, fc1_b, fc2_w, fc2_b, eps: float = 1e-6) -> torch.Tensor:
+    """x [..., C] pixel tokens; shift/scale/gate shaped like x (strided chunks are fine); fc1 [H, C], fc2 [C, H]."""
+    C, H = x.shape[-1], fc1_w.shape[0]
+    if fc1_w.shape != (H, C) or fc2_w.shape != (C, H):
+        raise ValueError(f"pit_mlp: fc1 {tuple(fc1_w.shape)} / fc2 {tuple(fc2_w.shape)} do not fit pixel_dim {C}")
+    if C > 128 or H > 512:
+        raise ValueError(f"pit_mlp: pixel_dim {C} / hidden {H} exceed the kernel's block limits (128 / 512)")
+    xr, xs = rows_of(x)
+    sh, shs, _ = mod_rows(shift, x)
+    sc, scs, _ = mod_rows(scale, x)
+    g, gs, _ = mod_rows(gate, x)
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    n = x.numel() // C
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_R"]),)  # noqa: E731
+    _pit_mlp_kernel[grid](
+        xr, norm_weight, sh, sc, g, fc1_w.contiguous(), fc1_b, fc2_w.contiguous(), fc2_b, out, n, C, H,
+        xs, shs, scs, gs, eps, BLOCK_C=max(16, triton.next_power_of_2(C)), BLOCK_H=max(16, triton.next_power_of_2(H)),
+        IEEE=x.dtype == torch.float32 or INTERPRET,  # the CPU interpreter's bf16 dot is not faithful
+    )  # fmt: skip
+    return out

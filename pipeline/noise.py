@@ -55,7 +55,6 @@ class TileNoise:
     def __init__(self, seed: int, origins_px: list[tuple[int, int]], tile_hw: tuple[int, int], channels: int = 3):
         self.cells = CellNoise(seed, channels)
         self.origins, self.tile_hw = origins_px, tile_hw
-        self._cache: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, draw: int) -> torch.Tensor:
         th, tw = self.tile_hw

@@ -139,31 +139,25 @@ def feather(length: int, overlap_before: int, overlap_after: int) -> np.ndarray:
     return w
 
 
-def tile_weights(plan: TilePlan) -> list[torch.Tensor]:
-    """Per-tile [th, tw] output-pixel weights; they sum to 1 over the canvas (partition of unity after division)."""
+def tile_weights(plan: TilePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Separable per-tile weights (wy [N, th], wx [N, tw]) in output pixels: raised-cosine ramps over the overlaps,
+    1 elsewhere and at the canvas edges. Dividing by their sum makes them a partition of unity."""
     th, tw = plan.tile_out
     ovy, ovx = (o * plan.out_per_lat for o in plan.overlap)
-    out = []
-    for i in range(plan.grid[0]):
-        wy = feather(th, ovy if i > 0 else 0, ovy if i < plan.grid[0] - 1 else 0)
-        for j in range(plan.grid[1]):
-            wx = feather(tw, ovx if j > 0 else 0, ovx if j < plan.grid[1] - 1 else 0)
-            out.append(torch.from_numpy(np.outer(wy, wx)).float())
-    return out
+    ny, nx = plan.grid
+    wy = [feather(th, ovy if i > 0 else 0, ovy if i < ny - 1 else 0) for i in range(ny) for _ in range(nx)]
+    wx = [feather(tw, ovx if j > 0 else 0, ovx if j < nx - 1 else 0) for _ in range(ny) for j in range(nx)]
+    return torch.from_numpy(np.stack(wy)).float(), torch.from_numpy(np.stack(wx)).float()
 
 
-def blend(tiles: torch.Tensor, plan: TilePlan, weights: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Weighted accumulation of tiles [N, C, th, tw] into the canvas [C, CH, CW]."""
-    weights = weights if weights is not None else tile_weights(plan)
-    C = tiles.shape[1]
-    acc = torch.zeros(C, *plan.canvas_hw, dtype=torch.float32)
-    norm = torch.zeros(1, *plan.canvas_hw, dtype=torch.float32)
-    th, tw = plan.tile_out
-    for tile, wgt, (y, x) in zip(tiles, weights, plan.origins()):
-        oy, ox = y * plan.out_per_lat, x * plan.out_per_lat
-        acc[:, oy : oy + th, ox : ox + tw] += tile.float() * wgt
-        norm[:, oy : oy + th, ox : ox + tw] += wgt
-    return acc / norm
+def blend(tiles: torch.Tensor, plan: TilePlan, weights=None) -> torch.Tensor:
+    """Feathered accumulation of tiles [N, C, th, tw] into the canvas [C, CH, CW] (Triton on CUDA)."""
+    from pipeline.kernels import get_ops
+
+    wy, wx = weights if weights is not None else tile_weights(plan)
+    origins = torch.tensor([(y * plan.out_per_lat, x * plan.out_per_lat) for y, x in plan.origins()])
+    ops = get_ops(device=tiles.device)
+    return ops.tile_blend(tiles, wy.to(tiles.device), wx.to(tiles.device), origins, plan.canvas_hw)
 
 
 def crop_tiles(canvas: torch.Tensor, plan: TilePlan) -> torch.Tensor:

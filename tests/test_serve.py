@@ -1,6 +1,6 @@
 """The endpoint: real Ray Serve over HTTP on 127.0.0.1, the same stage classes as the batch job.
 
-Marked slow. One app for the module: the `small` preset at its bicubic initialisation, a bearer token,
+Marked slow. One app for the module: the bundled `small` model, a bearer token,
 a small ingress queue (capacity 4 running + 4 queued) so that back-pressure is reachable.
 """
 
@@ -11,6 +11,7 @@ import shutil
 import socket
 import time
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -31,14 +32,33 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def endpoint(bicubic_weights):
+def s3_out():
+    import os
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"})  # fmt: skip
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="results")
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def endpoint(s3_out):
     import ray
     from ray import serve
 
     from serve.run import start
 
     args = {
-        "preset": "small", "weights": bicubic_weights, "token": TOKEN, "max_batch_tiles": 8, "batch_wait_s": 0.05,
+        "output_s3": {"uri": "s3://results/upscaled", "s3": {"endpoint_url": s3_out, "region": "us-east-1"}},
+        "preset": "small", "token": TOKEN, "max_batch_tiles": 8, "batch_wait_s": 0.05,
         "deployments": {"ingress": {"max_ongoing_requests": 4, "max_queued_requests": 4,
                                     "backpressure_config": {"status_code": 503, "retry_after_s": 1},
                                     "ray_actor_options": {"num_cpus": 0.1}}},
@@ -66,17 +86,28 @@ def test_round_trip_and_determinism(endpoint):
     r1 = requests.post(endpoint + "/v1/upscale?seed=7", data=data, headers=AUTH, timeout=120)
     assert r1.status_code == 200, r1.text
     assert r1.headers["content-type"] == "image/png" and r1.headers["x-pidray-seed"] == "7"
-    out = Image.open(io.BytesIO(r1.content))
-    assert out.size == (164, 120)
-    ref = Image.open(io.BytesIO(data)).resize((164, 120), Image.BICUBIC)  # the bicubic-init model's output
-    diff = sum(abs(a - b) for a, b in zip(out.convert("RGB").tobytes(), ref.tobytes())) / len(ref.tobytes())
-    assert diff < 6
+    out = np.asarray(Image.open(io.BytesIO(r1.content)).convert("RGB"), dtype=np.float64)
+    assert out.shape == (120, 164, 3)
+    ref = np.asarray(Image.open(io.BytesIO(data)).resize((164, 120), Image.BICUBIC), dtype=np.float64)
+    psnr = 10 * np.log10(255**2 / np.mean((out - ref) ** 2))
+    assert psnr > 25, psnr  # an upscale of this picture, not noise
     r2 = requests.post(endpoint + "/v1/upscale?seed=7", data=data, headers=AUTH, timeout=120)
     assert r2.content == r1.content
     form = {"seed": "7", "format": "jpeg", "quality": "80"}
     files = {"image": ("x.png", data, "image/png")}
     multipart = requests.post(endpoint + "/v1/upscale", files=files, data=form, headers=AUTH, timeout=120)
     assert multipart.status_code == 200 and multipart.headers["content-type"] == "image/jpeg"
+
+
+def test_large_outputs_can_go_to_s3(endpoint, s3_out):
+    import boto3
+
+    r = requests.post(endpoint + "/v1/upscale?store=s3&seed=1", data=_img(20, 30), headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["uri"].startswith("s3://results/upscaled/") and body["size"] == "120x80"
+    obj = boto3.client("s3", endpoint_url=s3_out).get_object(Bucket="results", Key=f"upscaled/{body['key']}")
+    assert Image.open(io.BytesIO(obj["Body"].read())).size == (120, 80)
 
 
 def test_models_and_health(endpoint):

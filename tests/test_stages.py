@@ -65,34 +65,46 @@ def _upscale(data, **opts):
     )
 
 
-def _border_columns(plan):
-    """Output columns where a tile starts or ends inside the image (the places a seam would show)."""
-    xs = set()
-    for _, x in plan.origins():
-        for edge in (x * plan.out_per_lat, x * plan.out_per_lat + plan.tile_out[1]):
-            if 4 < edge < plan.out_hw[1] - 4:
-                xs.add(edge)
-    return sorted(xs)
+def _borders(plan, axis: int) -> list[int]:
+    """Output coordinates along `axis` (0 rows, 1 columns) where a tile starts or ends inside the image."""
+    out = set()
+    for origin in plan.origins():
+        start = origin[axis] * plan.out_per_lat
+        for edge in (start, start + plan.tile_out[axis]):
+            if 4 < edge < plan.out_hw[axis] - 4:
+                out.add(edge)
+    return sorted(out)
 
 
 def test_tiled_matches_untiled_without_seams():
+    """Seams: the mean |gradient| across tile borders (both directions) vs across patch borders inside tiles.
+
+    The comparison is made at patch-aligned positions on both sides, because the network itself processes
+    8-pixel patches and its output has slightly stronger gradients at every patch border; a tile seam would
+    show as border gradients above that level.
+    """
     data = _lq_photo_bytes(256)
     untiled, p1 = _upscale(data, tile=1024, seed=3)
     tiled, p2 = _upscale(data, tile=128, seed=3)
     assert p1.n_tiles == 1 and p2.n_tiles == 9
     psnr = 10 * np.log10(255**2 / np.mean((untiled - tiled) ** 2))
-    grad = np.abs(np.diff(tiled, axis=1)).mean(axis=(0, 2))  # per column boundary x|x+1
-    cols = _border_columns(p2)
-    at_border = np.mean([grad[c - 1] for c in cols])
-    inside = grad.mean()
-    print(f"tiled vs untiled PSNR {psnr:.2f} dB; |grad| at tile borders {at_border:.3f} vs overall {inside:.3f}")
+    patch = 8
+    at_border, inside = [], []
+    for axis in (0, 1):
+        grad = np.abs(np.diff(tiled, axis=axis)).mean(axis=(1 - axis, 2))  # |x[i+1] - x[i]| per line i
+        borders = _borders(p2, axis)
+        assert borders
+        at_border += [grad[b - 1] for b in borders]
+        inside += [grad[c - 1] for c in range(patch, tiled.shape[axis] - 4, patch) if c not in borders]
+    at_border, inside = float(np.mean(at_border)), float(np.mean(inside))
+    print(f"tiled vs untiled PSNR {psnr:.2f} dB; |grad| across tile borders {at_border:.3f}, inside tiles {inside:.3f}")
     assert psnr >= 38.0
     assert abs(at_border - inside) <= 0.10 * inside
 
 
 def test_memory_estimate_within_2x_of_measured_peak():
     code = r"""
-import resource, torch
+import torch
 from pipeline.memory import tile_bytes
 from pipeline.model.network import PidNet
 from pipeline.model.presets import get_preset
@@ -103,10 +115,14 @@ def run(h):
     with torch.inference_mode():
         f = net.encode_lq((h, h), image=torch.zeros(1, 3, h // 4, h // 4))
         net(torch.randn(1, 3, h, h), torch.full((1,), 500.0), torch.zeros(1, 1, 8), f, torch.zeros(1))
+def status(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field))
+    return int(line.split()[1]) * 1024
 run(32)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 run(384)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, tile_bytes(cfg, (384, 384), torch.float32))
+print(status("VmHWM:") - base, tile_bytes(cfg, (384, 384), torch.float32))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     measured, estimate = map(int, out.stdout.split())

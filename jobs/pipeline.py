@@ -118,7 +118,11 @@ def stage_task(item: dict, *, name: str, cls, kwargs: dict) -> dict:
 class StageActor:
     """Ray Data actor for model stages: loads the model once, then maps rows."""
 
-    def __init__(self, name: str, cls, kwargs: dict):
+    def __init__(self, name: str, cls, kwargs: dict, threads: int | None = None):
+        if threads:  # Ray pins workers to OMP_NUM_THREADS=num_cpus; a CPU-only model stage should use its share
+            import torch
+
+            torch.set_num_threads(threads)
         self.name, self.stage = name, cls(**kwargs)
 
     def __call__(self, item: dict) -> dict:
@@ -207,13 +211,15 @@ def _iter_ray(cfg: JobConfig, rows: list[dict]) -> Iterator[dict]:
     ctx.enable_progress_bars = False  # the job prints its own progress with ETA
     ctx.print_on_execution_start = False
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
     ds = ray.data.from_items([{"key": r["key"], "row": pickle.dumps(r)} for r in rows])
     for name, cls, kw, holds_model, wants_gpu in _stages(cfg):
         if holds_model:
             n = cfg.concurrency.get(name) or (max(1, gpus) if wants_gpu else 1)
+            threads = None if (wants_gpu and gpus) else max(1, cpus // n)
             ds = ds.map(
                 StageActor,
-                fn_constructor_kwargs={"name": name, "cls": cls, "kwargs": kw},
+                fn_constructor_kwargs={"name": name, "cls": cls, "kwargs": kw, "threads": threads},
                 concurrency=n,
                 num_gpus=1 if (wants_gpu and gpus) else 0,
             )

@@ -59,9 +59,14 @@ def batch_cost(rows: list[dict]) -> int:
 class DiffuseDeployment:
     """Holds the model once per replica; requests are batched by tile count, grouped by tile shape and steps."""
 
-    def __init__(self, model: dict, options: dict, max_batch_tiles: int = 16, batch_wait_s: float = 0.02):
+    def __init__(
+        self, model: dict, options: dict, max_batch_tiles: int = 16, batch_wait_s: float = 0.005, threads: int = 0
+    ):
+        import torch
         from ray.serve import metrics
 
+        if threads:  # a CPU replica: Ray pins OMP_NUM_THREADS to its (fractional) CPU share
+            torch.set_num_threads(threads)
         if max_batch_tiles < TILE_COST_CAP:
             raise ValueError(f"max_batch_tiles must be >= {TILE_COST_CAP}, got {max_batch_tiles}")
         self.stage = DiffuseStage(model, options)
@@ -324,10 +329,12 @@ def build_app(args: dict | None = None):
     options = UpscaleOptions.from_dict(args.get("options", {})).to_dict()
     settings = {"preset": preset, "options": options, **{k: args[k] for k in
                 ("max_bytes", "timeout_s", "token", "output_s3") if k in args}}  # fmt: skip
-    diffuse_opts = {k: args[k] for k in ("max_batch_tiles", "batch_wait_s") if k in args}
+    diffuse_opts = {k: args[k] for k in ("max_batch_tiles", "batch_wait_s", "threads") if k in args}
     dep = {**DEFAULT_DEPLOYMENTS, **args.get("deployments", {})}
     if args.get("gpu", _has_gpu()):
         dep["diffuse"] = {**dep["diffuse"], "ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}
+    else:
+        diffuse_opts.setdefault("threads", os.cpu_count() or 1)
     encode = EncodeDeployment.options(**dep["encode"]).bind(model, options)
     diffuse = DiffuseDeployment.options(**dep["diffuse"]).bind(model, options, **diffuse_opts)
     merge = MergeDeployment.options(**dep["merge"]).bind(options)

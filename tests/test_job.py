@@ -8,7 +8,6 @@ import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,37 +24,19 @@ from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
 
 import corpus
+from conftest import S3_CREDS
 
 pytestmark = pytest.mark.slow
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
 
-    os.environ.update(CREDS)  # workers inherit the driver's environment
+    os.environ.update(S3_CREDS)  # workers inherit the driver's environment
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    os.environ.update(CREDS)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 def _write_corpus(root: Path, entries) -> None:

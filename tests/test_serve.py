@@ -8,7 +8,6 @@ import asyncio
 import io
 import re
 import shutil
-import socket
 import time
 
 import numpy as np
@@ -17,7 +16,7 @@ import requests
 from PIL import Image
 
 import corpus
-from conftest import ROOT, png_bytes
+from conftest import ROOT, free_port, png_bytes
 
 pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token"
@@ -25,28 +24,12 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CAPACITY = 8  # ingress max_ongoing_requests + max_queued_requests below
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3_out():
-    import os
-
+def s3_out(s3_server):
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"})  # fmt: skip
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="results")
-    yield url
-    server.stop()
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="results")
+    return s3_server
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +46,7 @@ def endpoint(s3_out):
                                     "backpressure_config": {"status_code": 503, "retry_after_s": 1},
                                     "ray_actor_options": {"num_cpus": 0.1}}},
     }  # fmt: skip
-    url = start(args, port=_free_port(), num_cpus=2)
+    url = start(args, port=free_port(), num_cpus=2)
     deadline = time.time() + 180
     while time.time() < deadline:
         try:

@@ -16,16 +16,15 @@ def _fixtures(golden_dir):
     return sorted(golden_dir.glob("*.safetensors"))
 
 
-def test_every_pid_and_vae_fixture_matches(golden_dir):
+def test_every_fixture_matches(golden_dir):
     checked = 0
     for path in _fixtures(golden_dir):
         rep = verify(path)
         print("\n".join(rep.lines()))
-        if rep.kind in ("pid", "flux_vae"):
-            assert rep.ok, rep.lines()
-            assert all(c.error <= TOLERANCE for c in rep.checks)
-            checked += 1
-    assert checked >= 2
+        assert rep.ok, rep.lines()
+        assert all(c.error <= TOLERANCE for c in rep.checks)
+        checked += 1
+    assert checked >= 3
 
 
 def test_pid_fixture_checks_forward_and_seeded_sample(golden_dir):
@@ -35,12 +34,30 @@ def test_pid_fixture_checks_forward_and_seeded_sample(golden_dir):
     assert rep.ok
 
 
-def test_t2i_fixture_forward_matches_and_sampler_is_reported_not_passed(golden_dir):
+def test_t2i_fixture_forward_and_dpm_solver_sample_match(golden_dir):
     rep = verify(golden_dir / "pixeldit_t2i_tiny.safetensors")
-    forward = [c for c in rep.checks if c.name == "expected.forward"][0]
-    assert forward.ok
+    assert [c.name for c in rep.checks] == ["expected.forward", "expected.sample"]
+    assert rep.ok, rep.lines()
+
+
+def test_unsupported_t2i_sampler_settings_are_reported_not_passed(golden_dir, tmp_path):
+    tensors, meta = read_state_dict(golden_dir / "pixeldit_t2i_tiny.safetensors")
+    sampler = json.loads(meta["sampler"])
+    sampler["skip_type"] = "logSNR"
+    path = tmp_path / "odd_sampler.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={**meta, "sampler": json.dumps(sampler)}
+    )
+    rep = verify(path)
     sample = [c for c in rep.checks if c.name == "expected.sample"][0]
-    assert sample.error is None and not rep.ok  # unknown is never reported as passed
+    assert sample.error is None and "not supported" in sample.note and not rep.ok
+
+
+def test_flow_timesteps_land_on_zero():
+    from pipeline.model.t2i_sampler import flow_timesteps
+
+    ts = flow_timesteps(6, shift=4.0)
+    assert ts.shape == (7,) and ts[-1] == 0 and 0.999 < ts[0] < 1 and bool((ts[:-1] > ts[1:]).all())
 
 
 def test_tampered_fixture_fails_and_cli_exits_nonzero(golden_dir, tmp_path):

@@ -156,7 +156,11 @@ class Ingress:
         merge: DeploymentHandle,
         settings: dict,
     ):
+        # A stage handle may be None: the stage holds no model (StageGraph.holds_model), so it runs right here in
+        # the ingress replica instead of costing a hop (the RGB encode of the small preset, the merge).
         self.encode, self.diffuse, self.merge = encode, diffuse, merge
+        self.local_encode = EncodeStage(settings["model"], settings.get("options", {})) if encode is None else None
+        self.local_merge = MergeStage(settings.get("options", {})) if merge is None else None
         self.preset = get_preset(settings["preset"])
         self.options = UpscaleOptions.from_dict(settings.get("options", {}))
         self.max_bytes = int(settings.get("max_bytes", 50 << 20))
@@ -217,12 +221,17 @@ class Ingress:
         return row
 
     async def _pipeline(self, row: dict) -> dict:
-        row = await self.encode.remote(row)
+        if self.encode is None:
+            row = await asyncio.to_thread(self.local_encode, row)
+        else:
+            row = await self.encode.remote(row)
         if row.get("status") == "failed":
             return row
         row = await self.diffuse.remote(row)
         if row.get("status") == "failed":
             return row
+        if self.merge is None:
+            return await asyncio.to_thread(self.local_merge, row)
         return await self.merge.remote(row)
 
     # -------------------------------------------------------------------------------- routes
@@ -335,9 +344,15 @@ def build_app(args: dict | None = None):
         dep["diffuse"] = {**dep["diffuse"], "ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}
     else:
         diffuse_opts.setdefault("threads", os.cpu_count() or 1)
-    encode = EncodeDeployment.options(**dep["encode"]).bind(model, options)
+    from pipeline.graph import StageGraph
+    from pipeline.runtime import ModelOptions
+
+    graph = StageGraph(ModelOptions(**model), UpscaleOptions.from_dict(options))
+    settings["model"] = model
+    # Stages that hold a model are deployments of their own; the others run inside the ingress replicas.
+    encode = EncodeDeployment.options(**dep["encode"]).bind(model, options) if graph["encode"].holds_model else None
     diffuse = DiffuseDeployment.options(**dep["diffuse"]).bind(model, options, **diffuse_opts)
-    merge = MergeDeployment.options(**dep["merge"]).bind(options)
+    merge = MergeDeployment.options(**dep["merge"]).bind(options) if graph["merge"].holds_model else None
     return Ingress.options(**dep["ingress"]).bind(encode, diffuse, merge, settings)
 
 

@@ -328,6 +328,15 @@ class Ingress:
         return HTMLResponse((STATIC / "index.html").read_text())
 
 
+def deployment_names(preset: str) -> list[str]:
+    """The deployments `build_app` creates for a preset: model-holding stages only, plus the ingress."""
+    from pipeline.graph import StageGraph
+    from pipeline.runtime import ModelOptions
+
+    graph = StageGraph(ModelOptions(preset=preset))
+    return ["ingress"] + [s.name for s in graph.stages if s.holds_model]
+
+
 def build_app(args: dict | None = None):
     """Serve application builder (`serve run serve.app:build_app preset=small`)."""
     args = dict(args or {})

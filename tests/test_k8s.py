@@ -11,9 +11,12 @@ def test_rayservice_serve_config_is_valid():
     svc = yaml.safe_load((ROOT / "k8s" / "rayservice.yaml").read_text())
     assert svc["apiVersion"] == "ray.io/v1" and svc["kind"] == "RayService"
     schema = ServeDeploySchema.model_validate(yaml.safe_load(svc["spec"]["serveConfigV2"]))
+    from serve.app import deployment_names
+
     app = schema.applications[0]
     assert app.import_path == "serve.app:build_app"
-    assert {d.name for d in app.deployments} == {"ingress", "encode", "diffuse", "merge"}
+    names = {d.name for d in app.deployments}
+    assert names == set(deployment_names(app.args["preset"])) == {"ingress", "encode", "diffuse"}
     workers = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert workers["resources"]["limits"]["nvidia.com/gpu"] == "1"
 

@@ -214,7 +214,8 @@ def test_serve_config_yaml_is_valid():
         if hasattr(ServeDeploySchema, "model_validate")
         else ServeDeploySchema.parse_obj(conf)
     )
+    from serve.app import deployment_names
+
     app = schema.applications[0]
     assert app.import_path == "serve.app:build_app"
-    names = {d.name for d in app.deployments}
-    assert names == {"ingress", "encode", "diffuse", "merge"}
+    assert {d.name for d in app.deployments} == set(deployment_names(app.args["preset"])) == {"ingress", "diffuse"}

@@ -229,9 +229,28 @@ def _iter_ray(cfg: JobConfig, rows: list[dict]) -> Iterator[dict]:
         yield pickle.loads(item["row"])
 
 
+def preflight(cfg: JobConfig) -> None:
+    """Fail before any worker starts when the model's files are missing (a clear message, not an actor crash)."""
+    from pipeline.model.presets import get_preset
+    from pipeline.weights import resolve
+
+    preset = get_preset(cfg.model.preset)
+    weights = cfg.model.weights
+    if not (weights and str(weights).endswith((".safetensors", ".pth"))):
+        resolve(preset, weights, allow_download=cfg.model.allow_download)
+    elif not os.path.isfile(weights):
+        raise FileNotFoundError(f"checkpoint not found: {weights}")
+    if preset.text_encoder != "none" and not cfg.model.text_encoder and not cfg.model.allow_download:
+        raise FileNotFoundError(
+            f"preset {preset.name!r} needs the Gemma-2-2B-it caption encoder: pass --text-encoder DIR "
+            "(a local copy of Efficient-Large-Model/gemma-2-2b-it) or --allow-download"
+        )
+
+
 def run_job(cfg: JobConfig, on_row=None) -> Summary:
     """Run the job; returns the summary and writes the manifest (Parquet) at DST."""
     t0 = time.time()
+    preflight(cfg)
     todo, skipped = plan_job(cfg)
     summary = Summary(skipped=len(skipped))
     if cfg.dry_run:

@@ -27,3 +27,25 @@ def test_local_hub_layout_resolves(tmp_path):
 def test_unknown_preset_lists_known():
     with pytest.raises(ValueError, match="known: .*flux-2k"):
         get_preset("nope")
+
+
+def test_job_preflight_fails_before_any_worker(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "in").mkdir()
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "upscale", str(tmp_path / "in"), str(tmp_path / "out"), "-m", "flux-2k",
+         "--weights", str(tmp_path)], capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2 and "hf download nvidia/PiD" in out.stderr and "Traceback" not in out.stderr
+    weights = tmp_path / "w"
+    p = get_preset("flux-2k")
+    for rel in (p.checkpoint, p.vae_checkpoint):
+        (weights / rel).parent.mkdir(parents=True, exist_ok=True)
+        (weights / rel).write_bytes(b"x")
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "upscale", str(tmp_path / "in"), str(tmp_path / "out"), "-m", "flux-2k",
+         "--weights", str(weights)], capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--text-encoder DIR" in out.stderr

@@ -62,13 +62,11 @@ def load_lq_encoder(opts: ModelOptions) -> LatentEncoder:
     preset = get_preset(opts.preset)
     if preset.vae == "rgb":
         return RGBEncoder()
-    if preset.vae == "flux1":
-        from pipeline.encoders.flux_vae import FLUX1, load_flux_encoder
+    if preset.vae in ("flux1", "sd3"):  # one encoder; SD3's file uses diffusers key names, mapped on load
+        from pipeline.encoders.flux_vae import FLUX1, SD3, load_flux_encoder
 
         tensors, _ = read_state_dict(resolve(preset, opts.weights, allow_download=opts.allow_download)["vae"])
-        return load_flux_encoder(FLUX1, tensors, device=pick_device(opts.device))
-    if preset.vae == "sd3":  # same encoder (encoders.flux_vae.SD3 scaling), but the file uses diffusers key names
-        raise ValueError("the SD3 VAE ships in diffusers key layout, which pidray does not map yet; use a flux preset")
+        return load_flux_encoder(FLUX1 if preset.vae == "flux1" else SD3, tensors, device=pick_device(opts.device))
     raise ValueError(f"the {preset.vae!r} VAE encoder is not implemented yet (preset {preset.name}); see README")
 
 

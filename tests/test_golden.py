@@ -108,3 +108,37 @@ def test_vae_encoder_rejects_bad_sizes(golden_dir, name):
     enc = load_flux_encoder(FluxEncoderParams.from_dict(json.loads(meta["config"])), tensors)
     with pytest.raises(ValueError, match="multiples of the VAE factor 8"):
         enc.encode(torch.zeros(1, 3, 60, 48))
+
+
+def test_vae_encoder_loads_the_diffusers_layout_sd3_ships(golden_dir):
+    """SD3's VAE file uses diffusers key names; the same weights renamed that way give the same latent."""
+    import re
+
+    from pipeline.encoders.flux_vae import FluxEncoderParams, load_flux_encoder
+
+    tensors, meta = read_state_dict(golden_dir / "flux_vae_tiny.safetensors")
+    to_diffusers = [  # the inverse naming, written independently of the loader's rules
+        (r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2."),
+        (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+        (r"^encoder\.mid\.block_(\d)\.", lambda m: f"encoder.mid_block.resnets.{int(m.group(1)) - 1}."),
+        (r"^encoder\.mid\.attn_1\.norm\.", "encoder.mid_block.attentions.0.group_norm."),
+        (r"^encoder\.mid\.attn_1\.([qkv])\.", r"encoder.mid_block.attentions.0.to_\1."),
+        (r"^encoder\.mid\.attn_1\.proj_out\.", "encoder.mid_block.attentions.0.to_out.0."),
+        (r"^encoder\.norm_out\.", "encoder.conv_norm_out."),
+        (r"\.nin_shortcut\.", ".conv_shortcut."),
+    ]
+    diff = {}
+    for k, v in tensors.items():
+        if not k.startswith("encoder."):
+            continue
+        if ".attn_1." in k and k.endswith(".weight") and v.ndim == 4:
+            v = v[:, :, 0, 0]
+        for pat, rep in to_diffusers:
+            k = re.sub(pat, rep, k)
+        diff[k] = v
+    assert "encoder.mid_block.attentions.0.to_q.weight" in diff
+    params = FluxEncoderParams.from_dict(json.loads(meta["config"]))
+    enc = load_flux_encoder(params, diff)
+    with torch.inference_mode():
+        err = (enc.encode(tensors["input.image"]) - tensors["expected.latent"]).abs().max().item()
+    assert err <= TOLERANCE

@@ -6,6 +6,7 @@ latent = scale_factor · (posterior_mean − shift_factor); no sampling. Decoder
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -139,11 +140,41 @@ class FluxEncoder(nn.Module, LatentEncoder):
         return self.params.scale_factor * (mean - self.params.shift_factor)
 
 
+# diffusers AutoencoderKL (SD3's VAE file) -> BFL key names, encoder side only.
+_DIFFUSERS_RULES = [
+    (re.compile(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\."), r"encoder.down.\1.block.\2."),
+    (re.compile(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\."), r"encoder.down.\1.downsample."),
+    (re.compile(r"^encoder\.mid_block\.resnets\.0\."), "encoder.mid.block_1."),
+    (re.compile(r"^encoder\.mid_block\.resnets\.1\."), "encoder.mid.block_2."),
+    (re.compile(r"^encoder\.mid_block\.attentions\.0\.group_norm\."), "encoder.mid.attn_1.norm."),
+    (re.compile(r"^encoder\.mid_block\.attentions\.0\.to_([qkv])\."), r"encoder.mid.attn_1.\1."),
+    (re.compile(r"^encoder\.mid_block\.attentions\.0\.to_out\.0\."), "encoder.mid.attn_1.proj_out."),
+    (re.compile(r"^encoder\.conv_norm_out\."), "encoder.norm_out."),
+    (re.compile(r"\.conv_shortcut\."), ".nin_shortcut."),
+]
+
+
+def from_diffusers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a diffusers-layout VAE state dict (as SD3 ships) to BFL names; BFL-layout input passes unchanged."""
+    if not any(k.startswith("encoder.down_blocks.") for k in tensors):
+        return tensors
+    out = {}
+    for key, value in tensors.items():
+        if not key.startswith("encoder."):
+            continue  # decoder / quant convs: not needed to encode
+        for pat, rep in _DIFFUSERS_RULES:
+            key = pat.sub(rep, key)
+        if ".attn_1." in key and key.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # diffusers' attention Linear -> our 1×1 Conv2d
+        out[key] = value
+    return out
+
+
 def load_flux_encoder(
     params: FluxEncoderParams, tensors: dict[str, torch.Tensor], device="cpu", dtype=torch.float32
 ) -> FluxEncoder:
-    """Strict load of the `encoder.*` tensors; `decoder.*` (and BFL's absent quant convs) are not needed."""
-    enc_tensors = {k: v for k, v in tensors.items() if k.startswith("encoder.")}
+    """Strict load of the `encoder.*` tensors (BFL or diffusers layout); the decoder is not needed."""
+    enc_tensors = {k: v for k, v in from_diffusers(tensors).items() if k.startswith("encoder.")}
     with torch.device("meta"):
         model = FluxEncoder(params)
     want = model.state_dict()

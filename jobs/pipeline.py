@@ -232,14 +232,12 @@ def _iter_ray(cfg: JobConfig, rows: list[dict]) -> Iterator[dict]:
 def preflight(cfg: JobConfig) -> None:
     """Fail before any worker starts when the model's files are missing (a clear message, not an actor crash)."""
     from pipeline.model.presets import get_preset
-    from pipeline.weights import resolve
+    from pipeline.runtime import net_path
 
     preset = get_preset(cfg.model.preset)
-    weights = cfg.model.weights
-    if not (weights and str(weights).endswith((".safetensors", ".pth"))):
-        resolve(preset, weights, allow_download=cfg.model.allow_download)
-    elif not os.path.isfile(weights):
-        raise FileNotFoundError(f"checkpoint not found: {weights}")
+    path = net_path(cfg.model)  # raises with the how-to message when the preset's files are missing
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     if preset.text_encoder != "none" and not cfg.model.text_encoder and not cfg.model.allow_download:
         raise FileNotFoundError(
             f"preset {preset.name!r} needs the Gemma-2-2B-it caption encoder: pass --text-encoder DIR "

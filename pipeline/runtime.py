@@ -44,14 +44,18 @@ class ModelOptions:
     kernels: str | None = None  # "auto" (Triton on CUDA) | "torch" | "triton"; None: $PIDRAY_KERNELS or auto
 
 
+def net_path(opts: ModelOptions) -> str:
+    """The network checkpoint: `weights` itself when it names a file, else resolved from the preset."""
+    if opts.weights and str(opts.weights).endswith((".safetensors", ".pth")):
+        return str(opts.weights)
+    return str(resolve(get_preset(opts.preset), opts.weights, allow_download=opts.allow_download)["net"])
+
+
 def load_net(opts: ModelOptions) -> tuple[Preset, PidNet]:
     preset = get_preset(opts.preset)
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.dtype, device)
-    if opts.weights and str(opts.weights).endswith((".safetensors", ".pth")):
-        path = opts.weights
-    else:
-        path = resolve(preset, opts.weights, allow_download=opts.allow_download)["net"]
+    path = net_path(opts)
     from pipeline.kernels import get_ops
 
     ops = get_ops(opts.kernels, device)

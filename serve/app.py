@@ -28,7 +28,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pipeline.imageio import TooLarge
 from pipeline.model.presets import PRESETS, get_preset
-from pipeline.stages import DecodeStage, DiffuseStage, EncodeStage, MergeStage, UpscaleOptions
+from pipeline.stages import DecodeStage, DiffuseStage, EncodeStage, MergeStage, UpscaleOptions, failed, is_failed
 from pipeline.tiling import TilePlan
 from serve.metrics import ServeMetrics
 
@@ -90,31 +90,22 @@ class DiffuseDeployment:
         return await asyncio.to_thread(self._run_sync, rows)
 
     def _run_sync(self, rows: list[dict]) -> list[dict]:
-        import torch
-
         out: list[dict | None] = [None] * len(rows)
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[tuple, list[tuple[int, tuple]]] = {}
         for i, row in enumerate(rows):
-            if row.get("status") == "failed":
+            if is_failed(row):
                 out[i] = row
                 continue
-            key = (tuple(row["plan"]["tile"]), int(row.get("steps", self.stage.options.steps)))
-            groups.setdefault(key, []).append(i)
-        for (_, steps), idx in groups.items():
-            items = []
-            for i in idx:
-                r = rows[i]
-                seed = int(r.get("seed", self.stage.options.seed))
-                sigma = float(r.get("degrade_sigma", self.stage.options.degrade_sigma))
-                items.append((torch.from_numpy(r["latent"]), torch.from_numpy(r["caption_emb"]),
-                              TilePlan.from_dict(r["plan"]), seed, sigma))  # fmt: skip
+            item, steps = self.stage.request(row)
+            groups.setdefault((item[2].tile, steps), []).append((i, item))
+        for (_, steps), members in groups.items():
+            idx = [i for i, _ in members]
             t0 = time.perf_counter()
             try:
-                results = self.stage.diffuse_many(items, steps=steps)
+                results = self.stage.diffuse_many([item for _, item in members], steps=steps)
             except ValueError as e:
                 for i in idx:
-                    out[i] = {**{k: v for k, v in rows[i].items() if k not in ("latent",)}, "status": "failed",
-                              "error": f"diffuse: {e}"}  # fmt: skip
+                    out[i] = failed(rows[i], "diffuse", e)
                 continue
             dt = round(time.perf_counter() - t0, 4)
             for i, tiles in zip(idx, results):

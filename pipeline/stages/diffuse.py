@@ -35,7 +35,6 @@ class DiffuseStage:
         p = next(self.net.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.budget = memory_budget or default_budget(self.device)
-        self.last_batch_size = 0
 
     def __call__(self, row: dict) -> dict:
         if is_failed(row):
@@ -43,25 +42,33 @@ class DiffuseStage:
         row = dict(row)
         t0 = time.perf_counter()
         try:
-            plan = TilePlan.from_dict(row["plan"])
-            seed = int(row.get("seed", self.options.seed))
-            sigma = float(row.get("degrade_sigma", self.options.degrade_sigma))
-            steps = int(row.get("steps", self.options.steps))
-            tiles = self.diffuse(
-                torch.from_numpy(row.pop("latent")), torch.from_numpy(row["caption_emb"]), plan, seed, sigma, steps
-            )
+            item, steps = self.request(row)
+            tiles = self.diffuse_many([item], steps=steps)[0]
         except USER_ERRORS as e:
             return failed(row, "diffuse", e)
+        row.pop("latent")
         row.pop("caption_emb", None)
         row["tiles"] = tiles.numpy()
-        row["seed"] = seed
+        row["seed"] = item[3]
         row.setdefault("timings", {})["diffuse"] = round(time.perf_counter() - t0, 4)
         return row
+
+    def request(self, row: dict) -> tuple[tuple, int]:
+        """A row's inputs: ((latent, caption emb, plan, seed, degrade_sigma), steps); row values override options."""
+        o = self.options
+        item = (
+            torch.from_numpy(row["latent"]),
+            torch.from_numpy(row["caption_emb"]),
+            TilePlan.from_dict(row["plan"]),
+            int(row.get("seed", o.seed)),
+            float(row.get("degrade_sigma", o.degrade_sigma)),
+        )
+        return item, int(row.get("steps", o.steps))
 
     def _lq_tiles(self, latent: torch.Tensor, plan: TilePlan, seed: int, sigma: float) -> torch.Tensor:
         th, tw = plan.tile
         crops = torch.stack([latent[:, y : y + th, x : x + tw] for y, x in plan.origins()])
-        if sigma > 0 and self.preset.latent_channels and self.preset.vae != "rgb":
+        if sigma > 0 and self.preset.vae != "rgb":
             vp = self.preset.latent_noise == "vp"
             if plan.n_tiles == 1:  # official: randn(latent.shape) from a generator seeded with the seed
                 eps = torch.randn(crops.shape, generator=torch.Generator().manual_seed(seed))
@@ -110,7 +117,6 @@ class DiffuseStage:
         lq, ys, sig = torch.cat(lq), torch.cat(ys), torch.cat(sigmas).to(self.device)
         N = start
         b = batch_size_for(cfg, out_hw, self.dtype, self.budget, n_tiles=N)
-        self.last_batch_size = b
         dev = dict(device=self.device, dtype=self.dtype)
         rgb = self.preset.vae == "rgb"
 

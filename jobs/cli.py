@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -79,6 +80,9 @@ def _cmd_eval_small(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pidray", description=__doc__)
+    ap.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    common = argparse.ArgumentParser(add_help=False)  # --debug is accepted after the command too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("golden", help="verify golden fixtures against our implementation (exit 1 on any failure)")
@@ -116,18 +120,51 @@ def build_parser() -> argparse.ArgumentParser:
     from jobs.upscale import add_upscale_parser
     from serve.run import add_serve_parser
 
-    add_upscale_parser(sub)
+    add_upscale_parser(sub, parents=[common])
     add_bench_parser(sub)
-    add_serve_parser(sub)
+    add_serve_parser(sub, parents=[common])
     return ap
+
+
+def _one_line(e: BaseException) -> str | None:
+    """The message for an expected failure (bad input, setup, storage), or None for a bug."""
+    from pipeline.errors import PidrayError
+
+    if isinstance(e, (PidrayError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError)):
+        return str(e)
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return None
+    if isinstance(e, (BotoCoreError, ClientError)):
+        from jobs.storage import explain_storage_error
+
+        return explain_storage_error(e, "use", "S3")
+    return None
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
-        print(f"pidray {args.cmd}: error: {e}", file=sys.stderr)
+    except BrokenPipeError:  # `pidray info ... | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"pidray {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        message = _one_line(e)
+        if message is None:  # a bug: still no wall of text, but the way to see it
+            print(f"pidray {args.cmd}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"pidray {args.cmd}: error: {message}", file=sys.stderr)  # user errors: one clear line, exit 2
         return 2
 
 

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from jobs.manifest import MANIFEST_NAME, load_manifest, manifest_row, write_manifest
-from jobs.storage import Location, S3Settings, output_key
+from jobs.manifest import MANIFEST_NAME, load_manifest, manifest_key, manifest_row, write_manifest
+from jobs.plan import Plan, output_candidates, plan_job
+from jobs.storage import Location, S3Settings, display
+from pipeline.errors import SetupError
 from pipeline.graph import StageGraph
-from pipeline.noise import file_seed
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions, failed, is_failed
 
@@ -33,6 +37,9 @@ class JobConfig:
     options: UpscaleOptions = field(default_factory=UpscaleOptions)
     s3: S3Settings = field(default_factory=S3Settings)
     suffix: str = ""
+    in_place: bool = False  # DST is SRC: outputs beside the inputs (needs a suffix; inputs are never overwritten)
+    follow_symlinks: bool = False  # follow symbolic links inside SRC (noted in the manifest)
+    include_hidden: bool = False  # process files whose path has a segment starting with '.'
     captions: dict[str, str] = field(default_factory=dict)  # key -> caption (from a manifest CSV/JSONL)
     resume: bool = False
     dry_run: bool = False
@@ -48,15 +55,18 @@ class Summary:
     skipped: int = 0
     seconds: float = 0.0
     rows: list[dict] = field(default_factory=list)
+    interrupted: int = 0  # the signal that stopped the job, or 0
+    manifest: str = ""  # where the manifest was written
 
     @property
     def images_per_second(self) -> float:
         return self.ok / self.seconds if self.seconds else 0.0
 
     def line(self) -> str:
+        head = f"interrupted ({signal.Signals(self.interrupted).name})" if self.interrupted else "done"
         return (
-            f"done: {self.ok} ok, {self.failed} failed, {self.skipped} skipped in {self.seconds:.1f}s "
-            f"({self.images_per_second:.2f} images/s)"
+            f"{head}: {self.ok} ok, {self.failed} failed, {self.skipped} skipped in {self.seconds:.1f}s "
+            f"({self.images_per_second:.2f} images/s); manifest: {self.manifest}"
         )
 
 
@@ -70,27 +80,27 @@ class ReadStage:
         t0 = time.perf_counter()
         try:
             row["bytes"] = self.src.read(row["key"])
-        except Exception as e:  # missing object, permissions, network after boto3's retries
-            return failed(row, "read", f"{type(e).__name__}: {e}")
+        except Exception as e:  # missing object, permissions, a file swapped for a link, network after retries
+            return failed(row, "read", f"{type(e).__name__}: {e}", kind="bad_input")
         row["in_bytes"] = len(row["bytes"])
         row.setdefault("timings", {})["read"] = round(time.perf_counter() - t0, 4)
         return row
 
 
 class WriteStage:
-    def __init__(self, dst: Location, suffix: str = ""):
-        self.dst, self.suffix = dst, suffix
+    def __init__(self, dst: Location):
+        self.dst = dst
 
     def __call__(self, row: dict) -> dict:
         if is_failed(row):
             return row
         row = dict(row)
         t0 = time.perf_counter()
-        row["output_key"] = output_key(row["key"], row["extension"], self.suffix)
+        row["output_key"] = row["output_stem"] + row["extension"]  # the stem was made unique and safe by the plan
         try:
             self.dst.write(row["output_key"], row.pop("output"))
         except Exception as e:
-            return failed(row, "write", f"{type(e).__name__}: {e}")
+            return failed(row, "write", f"{type(e).__name__}: {e}", kind="internal")
         row.setdefault("timings", {})["write"] = round(time.perf_counter() - t0, 4)
         return row
 
@@ -103,7 +113,7 @@ def _run_guarded(stage, name: str, row: dict) -> dict:
     try:
         return stage(row)
     except Exception as e:  # a bug or an unforeseen input must cost one row, not the job
-        return failed(row, name, f"{type(e).__name__}: {e}")
+        return failed(row, name, f"{type(e).__name__}: {e}", kind="internal")
 
 
 def stage_task(item: dict, *, name: str, cls, kwargs: dict) -> dict:
@@ -112,7 +122,7 @@ def stage_task(item: dict, *, name: str, cls, kwargs: dict) -> dict:
     if key not in _INSTANCES:
         _INSTANCES[key] = cls(**kwargs)
     row = _run_guarded(_INSTANCES[key], name, pickle.loads(item["row"]))
-    return {"key": item["key"], "row": pickle.dumps(row)}
+    return {"i": item["i"], "row": pickle.dumps(row)}
 
 
 class StageActor:
@@ -127,64 +137,20 @@ class StageActor:
 
     def __call__(self, item: dict) -> dict:
         row = _run_guarded(self.stage, self.name, pickle.loads(item["row"]))
-        return {"key": item["key"], "row": pickle.dumps(row)}
+        return {"i": item["i"], "row": pickle.dumps(row)}
 
 
-# ---------------------------------------------------------------------- planning
-def candidate_outputs(key: str, cfg: JobConfig) -> list[str]:
-    """Output keys this input can have (the extension depends on the decoded image when the format is kept)."""
-    from pipeline.imageio import EXTENSIONS, FORMATS
-
-    if cfg.options.format:
-        return [output_key(key, EXTENSIONS[FORMATS[cfg.options.format.lower().lstrip(".")]], cfg.suffix)]
-    same = FORMATS.get(key.rsplit(".", 1)[-1].lower())
-    exts = dict.fromkeys([EXTENSIONS.get(same, ".png"), ".png"])
-    return [output_key(key, e, cfg.suffix) for e in exts]
-
-
-def plan_job(cfg: JobConfig) -> tuple[list[dict], list[dict]]:
-    """(rows to process, manifest rows skipped by --resume). Each row: key, seed, caption override.
-
-    --resume trusts what is in DST: outputs are written atomically, so an output that exists is
-    complete. It works after a crash that left no manifest.
-    """
-    src, dst = Location(cfg.src, cfg.s3), Location(cfg.dst, cfg.s3)
-    listed = src.list()
-    if not listed:
-        raise FileNotFoundError(f"no images found under {cfg.src}")
-    existing, previous = set(), {}
-    if cfg.resume:
-        try:
-            existing = {k for k, _ in dst.list(images_only=False)}
-        except FileNotFoundError:
-            existing = set()
-        previous = load_manifest(dst) if MANIFEST_NAME in existing else {}
-    todo, skipped = [], []
-    for key, size in listed:
-        row = {"key": key, "seed": file_seed(cfg.options.seed, key), "in_bytes": size}
-        if key in cfg.captions:
-            row["caption"] = cfg.captions[key]
-        hit = next((c for c in candidate_outputs(key, cfg) if c in existing), None)
-        if hit:
-            base = previous.get(key) or manifest_row({**row, "status": "skipped"}, cfg.model.preset)
-            skipped.append({**base, "status": "skipped", "error": "", "output_key": hit})
-            continue
-        todo.append(row)
-    return todo, skipped
-
-
-def _stages(cfg: JobConfig) -> list[tuple[str, type, dict, bool, bool]]:
+def _stages(cfg: JobConfig, plan: Plan) -> list[tuple[str, type, dict, bool, bool]]:
     """(name, class, kwargs, holds_model, wants_gpu) for the whole job: read + the stage graph + write."""
     graph = StageGraph(cfg.model, cfg.options)
-    src, dst = Location(cfg.src, cfg.s3), Location(cfg.dst, cfg.s3)
-    out = [("read", ReadStage, {"src": src}, False, False)]
+    out = [("read", ReadStage, {"src": plan.src}, False, False)]
     out += [(s.name, s.cls, s.kwargs, s.holds_model, s.wants_gpu) for s in graph.stages]
-    out.append(("write", WriteStage, {"dst": dst, "suffix": cfg.suffix}, False, False))
+    out.append(("write", WriteStage, {"dst": plan.dst}, False, False))
     return out
 
 
-def _iter_local(cfg: JobConfig, rows: list[dict]) -> Iterator[dict]:
-    stages = [(name, cls(**kw)) for name, cls, kw, _, _ in _stages(cfg)]
+def _iter_local(cfg: JobConfig, plan: Plan, rows: list[dict]) -> Iterator[dict]:
+    stages = [(name, cls(**kw)) for name, cls, kw, _, _ in _stages(cfg, plan)]
     for row in rows:
         for name, stage in stages:
             row = _run_guarded(stage, name, row)
@@ -203,7 +169,7 @@ def _ensure_ray():
     return ray
 
 
-def _iter_ray(cfg: JobConfig, rows: list[dict]) -> Iterator[dict]:
+def _iter_ray(cfg: JobConfig, plan: Plan, rows: list[dict]) -> Iterator[dict]:
     ray = _ensure_ray()
     from ray.data import DataContext
 
@@ -212,8 +178,9 @@ def _iter_ray(cfg: JobConfig, rows: list[dict]) -> Iterator[dict]:
     ctx.print_on_execution_start = False
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    ds = ray.data.from_items([{"key": r["key"], "row": pickle.dumps(r)} for r in rows])
-    for name, cls, kw, holds_model, wants_gpu in _stages(cfg):
+    # Items carry an index, not the key: keys may hold bytes that are not UTF-8, which Arrow strings cannot.
+    ds = ray.data.from_items([{"i": i, "row": pickle.dumps(r)} for i, r in enumerate(rows)])
+    for name, cls, kw, holds_model, wants_gpu in _stages(cfg, plan):
         if holds_model:
             n = cfg.concurrency.get(name) or (max(1, gpus) if wants_gpu else 1)
             threads = None if (wants_gpu and gpus) else max(1, cpus // n)
@@ -230,58 +197,149 @@ def _iter_ray(cfg: JobConfig, rows: list[dict]) -> Iterator[dict]:
 
 
 def preflight(cfg: JobConfig) -> None:
-    """Fail before any worker starts when the model's files are missing (a clear message, not an actor crash)."""
+    """Everything that can make the whole job fail, checked before any worker starts or any model loads.
+
+    In the order a user can act on: the preset's encoder exists, options fit the preset, the device exists,
+    SRC can be listed, DST can be written (a probe write + delete), the weights are there. Each failure is one
+    SetupError line: what, where, how to fix.
+    """
     from pipeline.model.presets import get_preset
-    from pipeline.runtime import net_path
+    from pipeline.runtime import check_device, check_encoder, net_path
+    from pipeline.stages.encode import plan_for
 
     preset = get_preset(cfg.model.preset)
+    check_encoder(preset)  # "not implemented" before asking for weights the preset cannot use anyway
+    side = preset.envelope[1] * 3 // max(1, preset.scale)  # an input that needs several tiles checks --overlap
+    plan_for(preset, cfg.options, (side, side))
+    if not (cfg.local is False and os.environ.get("RAY_ADDRESS")):  # a remote cluster's workers have their own GPUs
+        check_device(cfg.model.device)
+    Location(cfg.src, cfg.s3).check_listable()
+    if not cfg.dry_run:
+        Location(cfg.dst, cfg.s3).check_writable()
     path = net_path(cfg.model)  # raises with the how-to message when the preset's files are missing
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise SetupError(f"checkpoint not found: {path}")
     if preset.text_encoder != "none" and not cfg.model.text_encoder and not cfg.model.allow_download:
-        raise FileNotFoundError(
+        raise SetupError(
             f"preset {preset.name!r} needs the Gemma-2-2B-it caption encoder: pass --text-encoder DIR "
             "(a local copy of Efficient-Large-Model/gemma-2-2b-it) or --allow-download"
         )
 
 
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM during a job: the job stops, writes its manifest, and exits 128 + signal.
+
+    A BaseException, like KeyboardInterrupt, so that no per-row `except Exception` records it as a failed input.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _stop_on_signals():
+    """Turn SIGINT/SIGTERM into `Interrupted` inside the block (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def _signals_ignored():
+    """While the final manifest is written, a second Ctrl-C must not cut it short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def run_job(cfg: JobConfig, on_row=None) -> Summary:
-    """Run the job; returns the summary and writes the manifest (Parquet) at DST."""
+    """Run the job; returns the summary. The manifest (Parquet) is written at DST whatever happens once planned."""
     t0 = time.time()
     preflight(cfg)
-    todo, skipped = plan_job(cfg)
-    summary = Summary(skipped=len(skipped))
+    plan = plan_job(cfg)
+    todo = plan.todo
+    summary = Summary(skipped=len(plan.skipped))
     if cfg.dry_run:
-        summary.rows = [{**r, "status": "planned"} for r in todo] + skipped
+        summary.failed = len(plan.rejected)
+        summary.rows = [{**manifest_row(r, cfg.model.preset), "status": "planned",
+                         "output_key": display(r["output_stem"]) + ".*"} for r in todo]  # fmt: skip
+        summary.rows += plan.rejected + plan.skipped
         return summary
-    model_name = cfg.model.preset
-    results: list[dict] = []
-    it: Iterable[dict] = _iter_local(cfg, todo) if cfg.local else _iter_ray(cfg, todo)
-    dst = Location(cfg.dst, cfg.s3)
-    previous = load_manifest(dst) if cfg.resume else {}
+    results: dict[str, dict] = {}
+    previous = load_manifest(plan.dst) if cfg.resume else {}
+    fixed = {**{manifest_key(r): r for r in plan.skipped}, **{manifest_key(r): r for r in plan.rejected}}
 
     def merged() -> list[dict]:
-        return list({**previous, **{r["key"]: r for r in skipped}, **{r["key"]: r for r in results}}.values())
+        rows = {**previous, **fixed, **results}
+        if summary.interrupted:  # one row per input, whatever happened
+            rows.update(_unfinished(cfg, plan, [r for r in todo if r["key"] not in results]))
+        return list(rows.values())
 
     bar = _progress(len(todo), cfg.progress)
     last_flush = time.time()
-    for row in it:
-        results.append(manifest_row(row, model_name))
-        bar.update(1)
-        if on_row:
-            on_row(row)
-        if time.time() - last_flush > MANIFEST_EVERY_S:  # a crash keeps what was done so far on record
-            write_manifest(dst, merged())
-            last_flush = time.time()
-    bar.close()
-    for r in results:
-        summary.ok += r["status"] == "ok"
-        summary.failed += r["status"] == "failed"
-    summary.seconds = time.time() - t0
-    summary.rows = merged()
-    write_manifest(dst, summary.rows)
-    dst.remove_stale_temporaries()
+    try:
+        with _stop_on_signals():
+            if not cfg.local and todo:
+                _ensure_ray()  # start Ray before our handlers matter: its start-up installs handlers of its own
+            it: Iterable[dict] = _iter_local(cfg, plan, todo) if cfg.local else _iter_ray(cfg, plan, todo)
+            for row in it:
+                results[row["key"]] = manifest_row(row, cfg.model.preset)
+                bar.update(1)
+                if on_row:
+                    on_row(row)
+                if time.time() - last_flush > MANIFEST_EVERY_S:  # a crash keeps what was done so far on record
+                    write_manifest(plan.dst, merged())
+                    last_flush = time.time()
+    except Interrupted as e:
+        summary.interrupted = e.signum
+    finally:
+        bar.close()
+        with _signals_ignored():
+            for r in results.values():
+                summary.ok += r["status"] == "ok"
+                summary.failed += r["status"] == "failed"
+            summary.failed += len(plan.rejected)
+            summary.seconds = time.time() - t0
+            summary.rows = merged()
+            summary.manifest = write_manifest(plan.dst, summary.rows)
+            plan.dst.remove_stale_temporaries()
     return summary
+
+
+def _unfinished(cfg: JobConfig, plan: Plan, rows: list[dict]) -> dict[str, dict]:
+    """Manifest rows for inputs an interrupted job did not report: `interrupted`, and whether an output landed.
+
+    A worker may have written an output (atomically: it is complete) that the driver had not heard of yet.
+    """
+    try:
+        existing = {e.key for e in plan.dst.list(images_only=False)}
+    except Exception:  # DST not listable now: say nothing about outputs
+        existing = set()
+    out = {}
+    for r in rows:
+        hit = next((c for c in output_candidates(r["output_stem"], cfg.options.format) if c in existing), "")
+        error = ("interrupted after its output was written (complete; --resume keeps it)" if hit
+                 else "interrupted before it finished; --resume does it")  # fmt: skip
+        out[r["key"]] = manifest_row({**r, "status": "interrupted", "error": error}, cfg.model.preset)
+        out[r["key"]]["output_key"] = display(hit)
+    return out
 
 
 def _progress(total: int, enabled: bool):

@@ -1,7 +1,13 @@
-"""Where inputs come from and outputs go: a single file, a local folder, or an s3:// prefix (boto3).
+"""Where inputs come from and outputs go: a local folder or an s3:// prefix (boto3).
 
-Writes are atomic for readers: local files are written to a temporary name and renamed; S3 objects
-are one PUT (boto3's managed upload completes a multipart upload only once every part is in).
+Safety rules, enforced here and relied on by the planner:
+- a key is '/'-separated and relative; one with an empty, '.' or '..' segment, a NUL, or (for S3) a name that is not
+  valid UTF-8 is refused (`key_problem`), and a local write is also checked to land inside DST after resolving
+  symlinks, so nothing is ever written outside DST;
+- listings skip symbolic links unless asked to follow them, report hidden files instead of dropping them silently,
+  and leave out DST when it lies inside SRC;
+- writes are atomic for readers: local files go to a temporary name and are renamed; S3 objects are one PUT (boto3's
+  managed upload completes a multipart upload only once every part is in).
 Clients are built lazily inside each worker from plain settings, so a `Location` pickles cheaply.
 """
 
@@ -10,10 +16,44 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.errors import BadInput, SetupError
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
+RESERVED_PREFIX = "_pidray"  # the manifest and probe objects at DST
+
+
+def display(key: str) -> str:
+    """A printable form of a key: bytes that are not UTF-8 (surrogate-escaped by the OS layer) shown as \\xNN."""
+    return os.fsencode(key).decode("utf-8", "backslashreplace")
+
+
+def key_problem(key: str, s3: bool = False) -> str | None:
+    """Why `key` cannot be mapped safely below a destination, or None when it can."""
+    if not key or key.startswith("/"):
+        return f"unsafe name {display(key)!r}: an absolute or empty path cannot be placed inside DST"
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return f"unsafe name {display(key)!r}: empty, '.' or '..' path segments could escape DST"
+    if "\x00" in key:
+        return f"unsafe name {display(key)!r}: contains a NUL byte"
+    if s3:
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"name {display(key)!r} is not valid UTF-8, which S3 keys must be"
+    return None
+
+
+def is_image_key(key: str) -> bool:
+    return Path(key).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def is_hidden(key: str) -> bool:
+    return any(p.startswith(".") for p in key.split("/"))
 
 
 @dataclass
@@ -23,28 +63,77 @@ class S3Settings:
     profile: str | None = None
     retry_mode: str = "standard"  # boto3 retry modes: legacy | standard | adaptive
     max_attempts: int = 5
+    connect_timeout: float = 10.0
 
-    def client(self):
+    def client(self, max_attempts: int | None = None):
         import boto3
         from botocore.config import Config
 
         session = boto3.Session(profile_name=self.profile) if self.profile else boto3.Session()
-        cfg = Config(retries={"mode": self.retry_mode, "max_attempts": self.max_attempts})
+        cfg = Config(retries={"mode": self.retry_mode, "max_attempts": max_attempts or self.max_attempts},
+                     connect_timeout=self.connect_timeout)  # fmt: skip
         return session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=cfg)
 
 
 @dataclass
+class Entry:
+    """One listed file: its key relative to the location, its size, and why it is skipped (hidden, symlink)."""
+
+    key: str
+    size: int
+    skip: str = ""
+    note: str = ""
+
+
+def explain_storage_error(e: BaseException, action: str, uri: str, endpoint: str | None = None) -> str:
+    """One line for an expected storage failure: what, where, how to fix (no botocore jargon beyond the code)."""
+    try:
+        from botocore import exceptions as bx
+    except ImportError:  # local-only installs
+        bx = None
+    where = f"cannot {action} {uri}"
+    if bx is not None:
+        if isinstance(e, bx.NoCredentialsError):
+            return f"{where}: no S3 credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --s3-profile"
+        if isinstance(e, bx.ProfileNotFound):
+            return f"{where}: {e}; check --s3-profile"
+        if isinstance(e, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ConnectionClosedError)):
+            return f"{where}: the S3 endpoint {endpoint or 'AWS'} cannot be reached; check --s3-endpoint and network"
+        if isinstance(e, bx.ParamValidationError):
+            return f"{where}: {e}"
+        if isinstance(e, bx.ClientError):
+            err = e.response.get("Error", {})
+            code, status = str(err.get("Code", "")), e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchBucket",) or (code == "404" and action.startswith("list")):
+                return f"{where}: the bucket does not exist (endpoint {endpoint or 'AWS'}); create it or fix the URI"
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                        "InvalidClientTokenId", "AuthFailure"):  # fmt: skip
+                return f"{where}: S3 rejected the credentials ({code}); check AWS_ACCESS_KEY_ID/--s3-profile"
+            if code in ("AccessDenied", "AllAccessDisabled", "403") or status == 403:
+                return f"{where}: access denied ({code}); the credentials in use lack permission for it"
+            return f"{where}: S3 error {code or status}: {err.get('Message', e)}"
+        if isinstance(e, bx.BotoCoreError):
+            return f"{where}: {e}"
+    if isinstance(e, PermissionError):
+        return f"{where}: permission denied ({e.strerror}); choose a folder you can write to, or fix its permissions"
+    if isinstance(e, OSError):
+        return f"{where}: {e.strerror or e}"
+    return f"{where}: {type(e).__name__}: {e}"
+
+
+@dataclass
 class Location:
-    """A file, folder or s3://bucket/prefix. Keys are '/'-separated paths relative to it."""
+    """A local folder or s3://bucket/prefix. Keys are '/'-separated paths relative to it."""
 
     uri: str
     s3: S3Settings = field(default_factory=S3Settings)
+    follow_symlinks: bool = False
 
     def __post_init__(self):
         self._client = None
 
     def __getstate__(self):
-        return {"uri": self.uri, "s3": self.s3}
+        return {"uri": self.uri, "s3": self.s3, "follow_symlinks": self.follow_symlinks}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -60,7 +149,7 @@ class Location:
         rest = self.uri[len("s3://") :]
         bucket, _, prefix = rest.partition("/")
         if not bucket:
-            raise ValueError(f"invalid S3 URI {self.uri!r}: expected s3://bucket/prefix")
+            raise SetupError(f"invalid S3 URI {self.uri!r}: expected s3://bucket/prefix")
         return bucket, prefix.strip("/")
 
     @property
@@ -69,59 +158,208 @@ class Location:
             self._client = self.s3.client()
         return self._client
 
+    @property
+    def real(self) -> str:
+        """Canonical form for comparisons: the resolved local path, or s3://bucket/prefix."""
+        if self.is_s3:
+            bucket, prefix = self.bucket_prefix
+            return f"s3://{bucket}/{prefix}".rstrip("/")
+        return os.path.realpath(self.uri)
+
+    def below(self, other: Location) -> bool:
+        """True when this location is `other` or lies inside it."""
+        if self.is_s3 != other.is_s3:
+            return False
+        a, b = self.real, other.real
+        return a == b or a.startswith(b.rstrip("/") + "/")
+
+    def identity(self, key: str) -> str:
+        """The object a key names, canonically (so two locations' keys can be compared)."""
+        if self.is_s3:
+            return f"{self.real}/{key}"
+        return os.path.realpath(os.path.join(self.uri, key))
+
     def _s3_key(self, key: str) -> str:
         prefix = self.bucket_prefix[1]
         return f"{prefix}/{key}" if prefix else key
 
-    def is_single_file(self) -> bool:
-        return not self.is_s3 and Path(self.uri).is_file()
-
-    # ------------------------------------------------------------------ listing
-    def list(self, images_only: bool = True) -> list[tuple[str, int]]:
-        """(relative key, size in bytes) of every object below the location, sorted."""
-        out = []
+    def single(self) -> tuple[Location, Entry] | None:
+        """When the URI names one file or object: (its folder/prefix as a Location, its entry); else None."""
         if self.is_s3:
             bucket, prefix = self.bucket_prefix
-            paginator = self.client.get_paginator("list_objects_v2")
-            start = f"{prefix}/" if prefix else ""
-            for page in paginator.paginate(Bucket=bucket, Prefix=start):
-                for obj in page.get("Contents", []):
-                    out.append((obj["Key"][len(start) :], int(obj["Size"])))
-        elif self.is_single_file():
-            p = Path(self.uri)
-            out.append((p.name, p.stat().st_size))
-        else:
-            root = Path(self.uri)
-            if not root.is_dir():
-                raise FileNotFoundError(f"input not found: {self.uri}")
-            for p in root.rglob("*"):
-                if p.is_file() and not p.name.startswith("."):
-                    out.append((p.relative_to(root).as_posix(), p.stat().st_size))
+            if not prefix:
+                return None
+            page = self.client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/", MaxKeys=1)
+            if page.get("KeyCount", 0):
+                return None
+            try:
+                head = self.client.head_object(Bucket=bucket, Key=prefix)
+            except self.client.exceptions.ClientError:
+                return None
+            parent, _, name = prefix.rpartition("/")
+            return Location(f"s3://{bucket}/{parent}", self.s3), Entry(name, int(head["ContentLength"]))
+        p = Path(self.uri)
+        if p.is_file():  # named explicitly: a symlink given as SRC is followed
+            return Location(str(p.parent), self.s3, follow_symlinks=True), Entry(p.name, p.stat().st_size)
+        return None
+
+    # ------------------------------------------------------------------ listing
+    def list(self, images_only: bool = True, exclude: Location | None = None, hidden: bool = False) -> list[Entry]:
+        """Every file below the location (sorted by key), leaving out `exclude` when it lies inside.
+
+        Hidden files (a path segment starting with '.') and symbolic links (unless followed) are listed with a
+        `skip` reason, so a caller can record them rather than drop them silently.
+        """
+        out = self._list_s3(exclude) if self.is_s3 else self._list_local(exclude)
         if images_only:
-            out = [(k, s) for k, s in out if Path(k).suffix.lower() in IMAGE_EXTENSIONS and not k.startswith("_pidray")]
-        return sorted(out)
+            out = [e for e in out if is_image_key(e.key) and not e.key.startswith(RESERVED_PREFIX)]
+        for e in out if not hidden else ():
+            if not e.skip and is_hidden(e.key):
+                e.skip = "hidden file (a name in its path starts with '.'); --include-hidden processes it"
+        return sorted(out, key=lambda e: e.key)
+
+    def _list_s3(self, exclude: Location | None) -> list[Entry]:
+        bucket, prefix = self.bucket_prefix
+        start = f"{prefix}/" if prefix else ""
+        skip_prefix = None
+        if exclude is not None and exclude.is_s3 and exclude.real != self.real and exclude.below(self):
+            skip_prefix = exclude.bucket_prefix[1] + "/"
+        out = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start):
+            for obj in page.get("Contents", []):
+                if skip_prefix and obj["Key"].startswith(skip_prefix):
+                    continue
+                out.append(Entry(obj["Key"][len(start) :], int(obj["Size"])))
+        return out
+
+    def _list_local(self, exclude: Location | None) -> list[Entry]:
+        root = Path(self.uri)
+        if not root.is_dir():
+            raise SetupError(f"input not found: {self.uri}")
+        skip_dir = exclude.real if exclude is not None and not exclude.is_s3 and exclude.real != self.real else None
+        out: list[Entry] = []
+        seen = {os.path.realpath(root)}
+
+        def walk(folder: str, rel: str) -> None:
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError as err:
+                out.append(Entry(rel.rstrip("/") or ".", -1, skip=f"folder cannot be read: {err.strerror}"))
+                return
+            for e in entries:
+                key = rel + e.name
+                if e.is_symlink():
+                    target = os.path.realpath(e.path)
+                    if not self.follow_symlinks:
+                        if os.path.isdir(target) or is_image_key(key):
+                            out.append(Entry(key, -1, skip=f"symbolic link to {target} (not followed; "
+                                                            "--follow-symlinks follows links)"))  # fmt: skip
+                        continue
+                    if os.path.isdir(target):
+                        if target in seen or target == skip_dir:
+                            continue  # a loop, or DST
+                        seen.add(target)
+                        walk(e.path, key + "/")
+                    elif os.path.isfile(target):
+                        out.append(Entry(key, os.stat(target).st_size, note=f"symbolic link to {target}"))
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    if skip_dir is not None and os.path.realpath(e.path) == skip_dir:
+                        continue  # DST lies inside SRC: never read our own outputs
+                    walk(e.path, key + "/")
+                elif e.is_file(follow_symlinks=False):
+                    out.append(Entry(key, e.stat(follow_symlinks=False).st_size))
+
+        walk(str(root), "")
+        return out
+
+    # ------------------------------------------------------------------ checks before any work
+    def check_listable(self) -> None:
+        """Raise SetupError (one line: what, where, how to fix) when the location cannot be listed."""
+        try:
+            if self.is_s3:
+                bucket, prefix = self.bucket_prefix
+                self.s3.client(max_attempts=2).list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+            elif not os.path.exists(self.uri):
+                raise SetupError(f"input not found: {self.uri}")
+            elif not os.access(self.uri, os.R_OK | (os.X_OK if os.path.isdir(self.uri) else 0)):
+                raise PermissionError(13, "permission denied")
+        except SetupError:
+            raise
+        except Exception as e:
+            raise SetupError(explain_storage_error(e, "list", self.uri, self.s3.endpoint_url)) from e
+
+    def check_writable(self) -> None:
+        """A probe write + delete at the location; SetupError with a one-line reason when it fails."""
+        name = f"{RESERVED_PREFIX}-probe-{uuid.uuid4().hex}"
+        try:
+            if self.is_s3:
+                bucket, _ = self.bucket_prefix
+                client = self.s3.client(max_attempts=2)
+                client.put_object(Bucket=bucket, Key=self._s3_key(name), Body=b"")
+                client.delete_object(Bucket=bucket, Key=self._s3_key(name))
+                return
+            if os.path.exists(self.uri) and not os.path.isdir(self.uri):
+                raise SetupError(f"cannot write to {self.uri}: it is a file; DST must be a folder")
+            os.makedirs(self.uri, exist_ok=True)
+            probe = os.path.join(self.uri, "." + name)
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+        except SetupError:
+            raise
+        except Exception as e:
+            raise SetupError(explain_storage_error(e, "write to", self.uri, self.s3.endpoint_url)) from e
 
     # ------------------------------------------------------------------ I/O
     def read(self, key: str) -> bytes:
         if self.is_s3:
             bucket, _ = self.bucket_prefix
             return self.client.get_object(Bucket=bucket, Key=self._s3_key(key))["Body"].read()
-        path = Path(self.uri) if self.is_single_file() else Path(self.uri) / key
-        return path.read_bytes()
+        flags = os.O_RDONLY | (0 if self.follow_symlinks else os.O_NOFOLLOW)  # a file swapped for a link is refused
+        fd = os.open(os.path.join(self.uri, key), flags)
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def read_head(self, key: str, n: int) -> bytes:
+        """The first n bytes (a ranged GET on S3): enough for an image header."""
+        if self.is_s3:
+            bucket, _ = self.bucket_prefix
+            return self.client.get_object(Bucket=bucket, Key=self._s3_key(key), Range=f"bytes=0-{n - 1}")["Body"].read()
+        flags = os.O_RDONLY | (0 if self.follow_symlinks else os.O_NOFOLLOW)
+        fd = os.open(os.path.join(self.uri, key), flags)
+        with os.fdopen(fd, "rb") as f:
+            return f.read(n)
+
+    def _local_path(self, key: str) -> Path:
+        """The path for `key`, proven inside the location after resolving every existing symlink."""
+        problem = key_problem(key)
+        if problem:
+            raise BadInput(problem)
+        root = os.path.realpath(self.uri)
+        path = Path(self.uri) / key
+        parent = os.path.realpath(path.parent)
+        if parent != root and not parent.startswith(root + os.sep):
+            raise BadInput(f"refusing to write {display(key)!r}: it would land outside DST ({parent})")
+        return path
 
     def write(self, key: str, data: bytes) -> None:
         if self.is_s3:
+            problem = key_problem(key, s3=True)
+            if problem:
+                raise BadInput(problem)
             bucket, _ = self.bucket_prefix
             self.client.upload_fileobj(io.BytesIO(data), bucket, self._s3_key(key))
             return
-        path = Path(self.uri) / key
+        path = self._local_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._local_path(key)  # again after creating folders: nothing swapped a folder for a link meanwhile
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pidray-", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
-            os.replace(tmp, path)
+            os.replace(tmp, path)  # replaces a link at `path` itself, never what it points to
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -144,9 +382,3 @@ class Location:
         for p in stale:
             p.unlink(missing_ok=True)
         return len(stale)
-
-
-def output_key(key: str, extension: str, suffix: str = "") -> str:
-    """Mirror the input's relative key; change the extension, add an optional suffix to the stem."""
-    p = Path(key)
-    return (p.parent / f"{p.stem}{suffix}{extension}").as_posix().removeprefix("./")

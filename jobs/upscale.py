@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import sys
@@ -11,6 +12,7 @@ from jobs.pipeline import JobConfig, run_job
 from jobs.storage import S3Settings
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
+from pipeline.stages.common import check_seed
 
 
 def read_captions(path: str) -> dict[str, str]:
@@ -36,8 +38,32 @@ def read_captions(path: str) -> dict[str, str]:
     return out
 
 
-def add_upscale_parser(sub) -> None:
-    p = sub.add_parser("upscale", help="upscale a file, a folder or an s3:// prefix into DST (same relative keys)")
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_arg(text: str) -> int:
+    try:
+        return check_seed(int(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if "2^63" in str(e) else f"expected an integer, got {text!r}") from None
+
+
+def suffix_arg(text: str) -> str:
+    if "/" in text or "\x00" in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"a suffix is part of a file name: no '/' or NUL, got {text!r}")
+    return text
+
+
+def add_upscale_parser(sub, parents=()) -> None:
+    p = sub.add_parser("upscale", parents=list(parents),
+                       help="upscale a file, a folder or an s3:// prefix into DST (same relative keys)")  # fmt: skip
     p.add_argument("src", help="file, folder or s3://bucket/prefix")
     p.add_argument("dst", help="folder or s3://bucket/prefix")
     m = p.add_argument_group("model")
@@ -45,12 +71,12 @@ def add_upscale_parser(sub) -> None:
     m.add_argument("--weights", default=None, help="hub-layout weights folder, or a checkpoint file")
     m.add_argument("--text-encoder", default=None, help="local Gemma-2-2B-it folder (released presets)")
     m.add_argument("--allow-download", action="store_true", help="download released weights (NVIDIA licence)")
-    m.add_argument("--device", default="auto")
+    m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     o = p.add_argument_group("upscaling")
     o.add_argument("-s", "--scale", type=float, default=None, help="output scale (default: the model's native 4x)")
     o.add_argument("--steps", type=int, default=4)
-    o.add_argument("--seed", type=int, default=0, help="run seed; each file's seed derives from it and its key")
+    o.add_argument("--seed", type=seed_arg, default=0, help="run seed; each file's seed derives from it and its key")
     o.add_argument("--caption", default="", help="caption for every image")
     o.add_argument("--captions", default=None, help="per-file captions: CSV (key,caption) or JSONL")
     o.add_argument("--degrade-sigma", type=float, default=0.0)
@@ -60,14 +86,17 @@ def add_upscale_parser(sub) -> None:
     o.add_argument("--no-fusion", action="store_true", help="blend tiles only at the end")
     o.add_argument("-f", "--format", default=None, help="png, jpeg, webp, tiff (default: keep the input's)")
     o.add_argument("-q", "--quality", type=int, default=95)
-    o.add_argument("--suffix", default="", help="added to each output file name's stem")
+    o.add_argument("--suffix", default="", type=suffix_arg, help="added to each output file name's stem")
     o.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger inputs")
     j = p.add_argument_group("job")
     j.add_argument("--local", action="store_true", help="plain in-process loop instead of Ray Data")
     j.add_argument("--resume", action="store_true", help="skip inputs whose output is already complete")
     j.add_argument("--dry-run", action="store_true", help="list what would be done")
-    j.add_argument("--encode-actors", type=int, default=None)
-    j.add_argument("--diffuse-actors", type=int, default=None)
+    j.add_argument("--in-place", action="store_true", help="DST is SRC: write beside the inputs (needs --suffix)")
+    j.add_argument("--follow-symlinks", action="store_true", help="follow symbolic links in SRC (default: skip them)")
+    j.add_argument("--include-hidden", action="store_true", help="also process files whose path has a '.' name")
+    j.add_argument("--encode-actors", type=positive_int, default=None)
+    j.add_argument("--diffuse-actors", type=positive_int, default=None)
     j.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
     j.add_argument("--s3-region", default=None)
     j.add_argument("--s3-profile", default=None)
@@ -90,7 +119,8 @@ def config_from_args(args) -> JobConfig:
     return JobConfig(
         src=args.src, dst=args.dst, model=model, options=options,
         s3=S3Settings(args.s3_endpoint, args.s3_region, args.s3_profile, args.s3_retry_mode),
-        suffix=args.suffix, captions=read_captions(args.captions) if args.captions else {},
+        suffix=args.suffix, in_place=args.in_place, follow_symlinks=args.follow_symlinks,
+        include_hidden=args.include_hidden, captions=read_captions(args.captions) if args.captions else {},
         resume=args.resume, dry_run=args.dry_run, local=args.local,
         concurrency={k: v for k, v in (("encode", args.encode_actors), ("diffuse", args.diffuse_actors)) if v},
         progress=not args.no_progress and sys.stderr.isatty(),
@@ -101,12 +131,18 @@ def cmd_upscale(args) -> int:
     cfg = config_from_args(args)
     summary = run_job(cfg)
     if cfg.dry_run:
-        for r in summary.rows:
-            print(f"{r['status']:8s} {r['key']}")
-        print(f"dry run: {sum(r['status'] == 'planned' for r in summary.rows)} to do, {summary.skipped} skipped")
+        for r in sorted(summary.rows, key=lambda r: r["key"]):
+            reason = f"  ({r['error']})" if r.get("error") else ""
+            target = f" -> {r['output_key']}" if r.get("output_key") else ""
+            print(f"{r['status']:8s} {r['key']}{target}{reason}")
+        todo = sum(r["status"] == "planned" for r in summary.rows)
+        print(f"dry run: {todo} to do, {summary.skipped} skipped, {summary.failed} refused")
         return 0
     for r in summary.rows:
         if r["status"] == "failed":
             print(f"failed  {r['key']}: {r['error']}", file=sys.stderr)
     print(summary.line())
+    if summary.interrupted:
+        print("rerun the same command with --resume to finish", file=sys.stderr)
+        return 128 + summary.interrupted  # 130 for Ctrl-C, 143 for SIGTERM
     return 0 if summary.failed == 0 else 3  # 3: finished, some inputs failed (listed above and in the manifest)

@@ -16,24 +16,28 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.errors import BadInput, BadParameter
+from pipeline.errors import TooLarge as _TooLarge
+
 DEFAULT_MAX_PIXELS = 64_000_000  # input pixels; configurable per job / endpoint
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit with a clear error instead of Pillow's warning
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "tif": "TIFF", "bmp": "BMP"}
-EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".png", "GIF": ".png"}
-CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "TIFF": "image/tiff"}
+EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp"}
+CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "TIFF": "image/tiff",
+                 "BMP": "image/bmp"}  # fmt: skip
 ALPHA_FORMATS = {"PNG", "WEBP", "TIFF"}
 # TIFF baseline tags about strip layout, sample format and compression (Pillow reports them as EXIF).
 _TIFF_STRUCTURE = (254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 277, 278, 279, 280, 281, 284, 317, 320, 322,
                    323, 324, 325, 338, 339, 340, 341, 530, 531, 532)  # fmt: skip
 
 
-class ImageError(ValueError):
+class ImageError(BadInput):
     """A file that cannot be upscaled; the message says why (shown to users, recorded in manifests)."""
 
 
-class TooLarge(ImageError):
-    pass
+class TooLarge(ImageError, _TooLarge):
+    """Over a pixel or size limit (kind `too_large`)."""
 
 
 @dataclass
@@ -61,7 +65,8 @@ class Decoded:
         return (self.rgb.astype(np.float32).transpose(2, 0, 1) / peak) * 2.0 - 1.0
 
 
-def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Open (header only) and check the pixel count before any pixel is decoded."""
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
@@ -77,6 +82,23 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         raise ImageError(f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
         raise TooLarge(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} (decompression bomb?)")
+    return img
+
+
+def probe(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, read from the header alone (cheap: nothing is decoded)."""
+    img = _open(data, max_pixels)
+    w, h = img.size
+    try:
+        if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # transposed orientations swap the sides
+            w, h = h, w
+    except Exception:  # a broken EXIF block does not change the header's size
+        pass
+    return h, w
+
+
+def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    img = _open(data, max_pixels)
     fmt = img.format or "PNG"
     notes = []
     frames = getattr(img, "n_frames", 1)
@@ -123,9 +145,7 @@ def _to_samples(img: Image.Image, fmt: str, icc, exif, notes) -> Decoded:
         img = img.convert("RGBA" if "A" in mode else "RGB")
     gray = img.mode in ("L", "LA")
     if img.mode in ("LA", "RGBA"):
-        alpha = np.asarray(img.getchannel("A")).copy()
-        if alpha.min() == 255:
-            alpha = None  # fully opaque: nothing to carry
+        alpha = np.asarray(img.getchannel("A")).copy()  # kept even when fully opaque: the output keeps the mode
     rgb = np.asarray(img.convert("RGB")).copy()
     return Decoded(rgb, alpha, mode, fmt, gray, icc, exif, notes)
 
@@ -151,7 +171,7 @@ def output_format(src: Decoded, requested: str | None) -> str:
     if requested:
         key = requested.lower().lstrip(".")
         if key not in FORMATS:
-            raise ValueError(f"unknown output format {requested!r}; choose one of {sorted(set(FORMATS))}")
+            raise BadParameter(f"unknown output format {requested!r}; choose one of {sorted(set(FORMATS))}")
         return FORMATS[key]
     fmt = src.format.upper()
     if fmt in ("GIF", "BMP", "MPO") or fmt not in CONTENT_TYPES:

@@ -9,18 +9,47 @@ import torch
 
 from pipeline.encoders.base import LatentEncoder, RGBEncoder
 from pipeline.encoders.text import CaptionEncoder, NullCaptionEncoder
+from pipeline.errors import SetupError
 from pipeline.model.loading import load_checkpoint, read_state_dict
 from pipeline.model.network import PidNet
-from pipeline.model.presets import Preset, get_preset
+from pipeline.model.presets import PRESETS, Preset, get_preset
 from pipeline.weights import resolve
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+LQ_ENCODERS = ("rgb", "flux1", "sd3")  # the VAEs whose encoders are implemented
+
+
 def pick_device(device: str | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SetupError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+
+
+def check_device(device: str | None) -> torch.device:
+    """The device, or a SetupError that says why it cannot be used here (before any model loads)."""
+    d = pick_device(device)
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible"
+            raise SetupError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, {build}); "
+                             "use --device cpu or auto")  # fmt: skip
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise SetupError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif d.type != "cpu":
+        raise SetupError(f"--device {device}: only cpu and cuda devices are supported")
+    return d
+
+
+def check_encoder(preset: Preset) -> None:
+    if preset.vae not in LQ_ENCODERS:
+        working = ", ".join(n for n, p in PRESETS.items() if p.vae in LQ_ENCODERS)
+        raise SetupError(f"the {preset.vae!r} VAE encoder is not implemented yet (preset {preset.name}); presets "
+                         f"that run end to end: {working}")  # fmt: skip
 
 
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
@@ -71,7 +100,8 @@ def load_lq_encoder(opts: ModelOptions) -> LatentEncoder:
 
         tensors, _ = read_state_dict(resolve(preset, opts.weights, allow_download=opts.allow_download)["vae"])
         return load_flux_encoder(FLUX1 if preset.vae == "flux1" else SD3, tensors, device=pick_device(opts.device))
-    raise ValueError(f"the {preset.vae!r} VAE encoder is not implemented yet (preset {preset.name}); see README")
+    check_encoder(preset)
+    raise AssertionError(f"{preset.vae} is listed in LQ_ENCODERS but has no loader")
 
 
 @functools.lru_cache(maxsize=4)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from pipeline.errors import BadParameter
 from pipeline.imageio import TooLarge
 
 DEFAULT_OVERLAP = 8  # latent pixels (256 output pixels at 32 output pixels per latent pixel)
@@ -78,6 +79,21 @@ def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
+def target_size(in_hw, native: int, scale: float | None) -> tuple[int, int]:
+    """The final output size: `native` × the input, or `scale` × the input (resized from the native result)."""
+    if scale is None or float(scale) == native:
+        return in_hw[0] * native, in_hw[1] * native
+    return max(1, round(in_hw[0] * float(scale))), max(1, round(in_hw[1] * float(scale)))
+
+
+def check_output_side(out_hw: tuple[int, int], max_output_side: int) -> None:
+    if max(out_hw) > max_output_side:
+        raise TooLarge(
+            f"output would be {out_hw[1]}x{out_hw[0]}, over the limit of {max_output_side} pixels on the long side "
+            "(configurable)"
+        )
+
+
 def plan_tiles(
     in_hw: tuple[int, int],
     *,
@@ -92,16 +108,16 @@ def plan_tiles(
     h, w = in_hw
     if h <= 0 or w <= 0:
         raise ValueError(f"image size must be positive, got {h}x{w}")
-    if max(h, w) * sr_scale > max_output_side:
-        raise TooLarge(
-            f"output would be {h * sr_scale}x{w * sr_scale}, over the limit of {max_output_side} pixels on the "
-            f"long side (configurable)"
-        )
+    check_output_side((h * sr_scale, w * sr_scale), max_output_side)
     out_per_lat = unit * sr_scale
     m = patch // math.gcd(patch, out_per_lat)  # latent pixels per tile step so that tiles are whole patches
     t_full = max(m, tile_out // out_per_lat // m * m)
     if overlap < 0 or _round_up(overlap, m) >= t_full:
-        raise ValueError(f"overlap {overlap} must be >= 0 and below the tile size {t_full} (latent pixels)")
+        raise BadParameter(
+            f"--overlap {overlap} must be >= 0 and below the tile size of {t_full} latent pixels (--tile {tile_out} "
+            f"output pixels = {t_full} latent pixels at {out_per_lat} output pixels each): lower --overlap or raise "
+            "--tile"
+        )
     ov = _round_up(overlap, m)
     lat = (-(-h // unit), -(-w // unit))
     tile, stride, grid = [], [], []

@@ -5,10 +5,13 @@
     GET  /v1/stats     batch sizes seen by the diffuse deployment, in-flight requests
     GET  /             a page to try it
 
-The stage classes are the ones the batch job runs. Decode happens in the ingress so bad input is
-answered at once: 400 (not an image / corrupt), 413 (too many pixels or bytes), 422 (bad
-parameters), 401 (missing/wrong bearer token when one is configured), 503 + Retry-After (queue
-full), 504 (timeout). Internal errors are 500 with a short message, never a stack trace.
+The stage classes are the ones the batch job runs. Admission happens in the ingress, before any work: the token,
+the Origin/Host (no cross-site or DNS-rebinding use of a local server), the body's bytes (counted while streaming),
+the header's pixels, the output side and the work (pixels diffused × steps); decoding runs off the event loop. Every
+refusal is `{"error": ..., "kind": ...}` with the status of its kind (pipeline.errors.HTTP_STATUS): 400 bad input,
+401, 403, 408 slow body, 411 no Content-Length, 413 too large, 415 not an image type, 422 bad parameter, 503 +
+Retry-After busy, 504 past the deadline (the work is stopped, not left running). Internal errors are 500 with a short
+message, never a trace.
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types through Serve's ingress wrapper.
@@ -26,14 +29,16 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from pipeline.imageio import TooLarge
+from pipeline.errors import HTTP_STATUS, BadParameter, Cancelled, Refused, TooLarge, kind_of
+from pipeline.imageio import output_format, probe
 from pipeline.model.presets import PRESETS, get_preset
-from pipeline.stages import DecodeStage, DiffuseStage, EncodeStage, MergeStage, UpscaleOptions, failed, is_failed
-from pipeline.tiling import TilePlan
+from pipeline.stages import DecodeStage, DiffuseStage, EncodeStage, MergeStage, UpscaleOptions, failed
+from pipeline.stages.encode import plan_for
+from pipeline.tiling import TilePlan, check_output_side, target_size
 from serve.metrics import ServeMetrics
+from serve.run import TOKEN_ENV, is_loopback
 
 STATIC = Path(__file__).resolve().parent / "static"
-TOKEN_ENV = "PIDRAY_API_TOKEN"
 ROW_PARAMS = {"seed": int, "caption": str, "degrade_sigma": float, "format": str, "scale": float, "steps": int,
               "quality": int}  # fmt: skip
 
@@ -57,7 +62,12 @@ def batch_cost(rows: list[dict]) -> int:
 
 @serve.deployment(name="diffuse")
 class DiffuseDeployment:
-    """Holds the model once per replica; requests are batched by tile count, grouped by tile shape and steps."""
+    """Holds the model once per replica; requests are batched by tile count, grouped by tile shape and steps.
+
+    Each request carries a deadline; a request that was cancelled (its caller timed out or went away) or whose
+    deadline passed stops costing compute: it is dropped before its group starts, and a group whose every member
+    is gone stops between steps. A failure is isolated: a group that fails is retried one request at a time.
+    """
 
     def __init__(
         self, model: dict, options: dict, max_batch_tiles: int = 16, batch_wait_s: float = 0.005, threads: int = 0
@@ -71,6 +81,8 @@ class DiffuseDeployment:
             raise ValueError(f"max_batch_tiles must be >= {TILE_COST_CAP}, got {max_batch_tiles}")
         self.stage = DiffuseStage(model, options)
         self.batch_sizes: Counter = Counter()
+        self.cancelled: dict[str, None] = {}  # request ids whose callers are gone (oldest first, capped)
+        self.stopped = 0  # requests whose work was stopped or skipped because they were cancelled/expired
         self.batch_metric = metrics.Histogram(
             "pidray_diffuse_batch_size", "requests per diffuse batch", boundaries=[1, 2, 4, 8, 16, 32]
         )
@@ -81,7 +93,7 @@ class DiffuseDeployment:
         return True
 
     def stats(self) -> dict:
-        return {"batch_sizes": dict(self.batch_sizes), "device": str(self.stage.device)}
+        return {"batch_sizes": dict(self.batch_sizes), "device": str(self.stage.device), "stopped": self.stopped}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=batch_cost)
     async def run(self, rows: list[dict]) -> list[dict]:
@@ -89,35 +101,65 @@ class DiffuseDeployment:
         self.batch_metric.observe(len(rows))
         return await asyncio.to_thread(self._run_sync, rows)
 
+    def _gone(self, row: dict) -> bool:
+        return row.get("request_id") in self.cancelled or time.time() > row.get("deadline", float("inf"))
+
     def _run_sync(self, rows: list[dict]) -> list[dict]:
         out: list[dict | None] = [None] * len(rows)
-        groups: dict[tuple, list[tuple[int, tuple]]] = {}
+        groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
-            if is_failed(row):
-                out[i] = row
-                continue
-            item, steps = self.stage.request(row)
-            groups.setdefault((item[2].tile, steps), []).append((i, item))
-        for (_, steps), members in groups.items():
-            idx = [i for i, _ in members]
-            t0 = time.perf_counter()
             try:
-                results = self.stage.diffuse_many([item for _, item in members], steps=steps)
-            except ValueError as e:
-                for i in idx:
-                    out[i] = failed(rows[i], "diffuse", e)
-                continue
-            dt = round(time.perf_counter() - t0, 4)
-            for i, tiles in zip(idx, results):
-                r = {k: v for k, v in rows[i].items() if k not in ("latent", "caption_emb")}
-                r["tiles"] = tiles.numpy()
-                r.setdefault("timings", {})["diffuse"] = dt
-                r["batch"] = len(rows)
-                out[i] = r
+                item, steps = self.stage.request(row)
+                groups.setdefault((item[2].tile, steps), []).append(i)
+            except Exception as e:  # a malformed row fails alone
+                out[i] = failed(row, "diffuse", e)
+        for (_, steps), idx in groups.items():
+            self._run_group(rows, idx, steps, out)
+        for row in rows:
+            self.cancelled.pop(row.get("request_id"), None)
         return out
 
+    def _run_group(self, rows: list[dict], idx: list[int], steps: int, out: list) -> None:
+        live = []
+        for i in idx:
+            if self._gone(rows[i]):
+                self.stopped += 1
+                out[i] = failed(rows[i], "diffuse", Cancelled("cancelled before it started"))
+            else:
+                live.append(i)
+        if not live:
+            return
+        t0 = time.perf_counter()
+        try:
+            results = self.stage.diffuse_many(
+                [self.stage.request(rows[i])[0] for i in live], steps=steps,
+                should_stop=lambda: all(self._gone(rows[i]) for i in live),
+            )  # fmt: skip
+        except Exception as e:
+            if len(live) > 1 and not isinstance(e, Cancelled):  # isolate: one bad request must not fail the rest
+                for i in live:
+                    self._run_group(rows, [i], steps, out)
+                return
+            self.stopped += isinstance(e, Cancelled) * len(live)
+            for i in live:
+                out[i] = failed(rows[i], "diffuse", e)
+            return
+        dt = round(time.perf_counter() - t0, 4)
+        for i, tiles in zip(live, results):
+            r = {k: v for k, v in rows[i].items() if k not in ("latent", "caption_emb")}
+            r["tiles"] = tiles.numpy()
+            r.setdefault("timings", {})["diffuse"] = dt
+            r["batch"] = len(live)
+            out[i] = r
+
     async def __call__(self, row: dict) -> dict:
-        return await self.run(row)
+        try:
+            return await self.run(row)
+        except asyncio.CancelledError:  # the caller timed out or disconnected: stop its work at the next step
+            self.cancelled[row.get("request_id")] = None
+            while len(self.cancelled) > 10_000:  # ids of requests cancelled after their batch ended
+                self.cancelled.pop(next(iter(self.cancelled)))
+            raise
 
 
 @serve.deployment(name="merge")
@@ -133,13 +175,52 @@ class MergeDeployment:
 app = FastAPI(title="pidray", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def _error(kind: str, message: str, headers: dict | None = None) -> JSONResponse:
+    """Every error body has one shape, {"error": message, "kind": kind}; the status comes from the kind."""
+    return JSONResponse({"error": message, "kind": kind}, status_code=HTTP_STATUS[kind], headers=headers)
+
+
+def parse_params(params: dict, preset, options: UpscaleOptions, s3_configured: bool) -> dict:
+    """A request's parameters -> row overrides, validated by the job's own rules; BadParameter (422) otherwise."""
+    unknown = sorted(set(params) - set(ROW_PARAMS) - {"preset", "store", "timeout"})
+    if unknown:
+        raise BadParameter(f"unknown parameter(s): {unknown}")
+    if params.get("preset") and get_preset(params["preset"]).name != preset.name:
+        raise BadParameter(f"this endpoint serves preset {preset.name!r}, not {params['preset']!r}")
+    store = params.get("store") or None
+    if store not in (None, "s3"):
+        raise BadParameter(f"store must be 's3' (or absent), got {store!r}")
+    if store == "s3" and not s3_configured:
+        raise BadParameter("store=s3 is not configured on this endpoint")
+    row = {}
+    for name, kind in ROW_PARAMS.items():
+        if params.get(name) not in (None, ""):
+            try:
+                row[name] = kind(params[name])
+            except ValueError:
+                raise BadParameter(f"{name} must be {kind.__name__}, got {params[name]!r}") from None
+    # validated by the same rules as the job (the seed's range included), before any work
+    UpscaleOptions(**{**options.to_dict(), **{k: row[k] for k in ("steps", "degrade_sigma", "scale", "quality", "seed")
+                                               if k in row}})  # fmt: skip
+    if "format" in row:
+        output_format(None, row["format"])
+    return row
+
+
+@app.exception_handler(Exception)
+async def _unhandled(request: Request, exc: Exception):  # anything FastAPI itself raises: our shape, no trace
+    return _error("internal", f"internal error: {type(exc).__name__}")
+
+
+RAW_TYPES = ("image/", "application/octet-stream")  # a raw body must say it is a file; text/plain is refused
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1"}
 
 
 @serve.deployment(name="ingress")
 @serve.ingress(app)
 class Ingress:
+    """Admission (auth, origin/host, size, work), decode off the event loop, then the stage chain with a deadline."""
+
     def __init__(
         self,
         encode: DeploymentHandle,
@@ -156,60 +237,107 @@ class Ingress:
         self.options = UpscaleOptions.from_dict(settings.get("options", {}))
         self.max_bytes = int(settings.get("max_bytes", 50 << 20))
         self.timeout_s = float(settings.get("timeout_s", 120.0))
+        self.body_timeout_s = float(settings.get("body_timeout_s", 30.0))
+        self.max_cost = float(settings.get("max_cost_mpx_steps", 8.0))
+        self.max_in_flight = int(settings.get("max_in_flight", 16))
         self.token = settings.get("token") or os.environ.get(TOKEN_ENV) or None
+        if settings.get("require_token") and not self.token:
+            raise RuntimeError(f"require_token is set but no token was given (settings or ${TOKEN_ENV}): not starting")
         self.output_s3 = settings.get("output_s3")  # {"uri": "s3://bucket/prefix", "endpoint_url": ...}
+        self.allowed_origins = {o.rstrip("/") for o in settings.get("allowed_origins") or []}
+        bind = settings.get("bind_host", "")
+        # Bound to loopback, only loopback names are accepted as Host (DNS rebinding); elsewhere any Host unless listed.
+        self.allowed_hosts = set(settings.get("allowed_hosts") or []) | (LOOPBACK_HOSTS if is_loopback(bind) else set())
         self.decoder = DecodeStage(self.options.max_pixels)
+        self.decode_slots = asyncio.Semaphore(int(settings.get("decode_concurrency", 2)))  # bounds decoded pixels
         self.in_flight = 0
+        self.refused: Counter = Counter()
         self.latencies: deque = deque(maxlen=2048)
         self.metrics = ServeMetrics()
 
-    # -------------------------------------------------------------------------------- helpers
+    # -------------------------------------------------------------------------------- admission
     def _authorized(self, request: Request) -> bool:
         if not self.token:
             return True
         got = request.headers.get("authorization", "")
         return got.startswith("Bearer ") and hmac.compare_digest(got[7:].encode(), self.token.encode())
 
+    def _check_site(self, request: Request) -> None:
+        """Refuse cross-site browser requests and, on loopback, Host names that are not ours (DNS rebinding)."""
+        host = request.headers.get("host", "")
+        if self.allowed_hosts:
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if host not in self.allowed_hosts and name not in self.allowed_hosts:
+                raise Refused("forbidden", f"Host {host!r} is not served here (allowed: {sorted(self.allowed_hosts)})")
+        origin = request.headers.get("origin")
+        if origin is not None:
+            own = {f"http://{host}", f"https://{host}"}
+            if origin.rstrip("/") not in own | self.allowed_origins:
+                raise Refused("forbidden", f"cross-site request from Origin {origin!r} refused; an operator can allow "
+                                           "it with allowed_origins")  # fmt: skip
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, counted while it streams in: over max_bytes stops reading at once, whatever the header said."""
+        length = request.headers.get("content-length")
+        if length is None:  # chunked: Serve's proxy would queue the whole body before we could stop reading it
+            raise Refused("length_required", "send the body with a Content-Length (chunked uploads are not accepted)")
+        if not length.isdigit():
+            raise Refused("bad_input", "Content-Length is not a number")
+        if int(length) > self.max_bytes:
+            raise TooLarge(f"request body is {int(length):,} bytes, over the limit of {self.max_bytes:,}")
+        body = bytearray()  # one buffer, no join copy
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > self.max_bytes:
+                raise TooLarge(f"request body is over the limit of {self.max_bytes:,} bytes")
+            body += chunk
+        return bytes(body) if len(body) < (1 << 20) else body
+
     async def _read_image(self, request: Request) -> tuple[bytes, dict]:
-        ctype = request.headers.get("content-type", "")
-        length = int(request.headers.get("content-length") or 0)
-        if length > self.max_bytes:
-            raise TooLarge(f"request body is {length:,} bytes, over the limit of {self.max_bytes:,}")
-        fields: dict = {}
-        if ctype.startswith("multipart/form-data"):
-            form = await request.form()
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise ValueError("multipart request needs a file field named 'image'")
-            data = await upload.read()
-            fields = {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
-        else:
-            data = await request.body()
-        if len(data) > self.max_bytes:
-            raise TooLarge(f"image is {len(data):,} bytes, over the limit of {self.max_bytes:,}")
-        return data, fields
+        ctype = request.headers.get("content-type", "").lower()
+        body = await self._read_body(request)
+        if not ctype.startswith("multipart/form-data"):
+            if not ctype.startswith(RAW_TYPES):
+                raise Refused(
+                    "unsupported_media",
+                    f"Content-Type {ctype or '(none)'!r}: send the image as image/* or application/octet-stream, or "
+                    "as the multipart field 'image'",
+                )
+            return body, {}
+        request._body = body  # Starlette parses the form from the bounded body we already hold
+        try:
+            form = await request.form(max_files=1, max_fields=32)
+        except Exception as e:  # malformed multipart: a 400 with our shape, not the framework's
+            raise Refused("bad_input", f"malformed multipart body: {e}") from None
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise Refused("bad_input", "multipart request needs a file field named 'image'")
+        data = await upload.read()
+        return data, {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
 
-    def _row_params(self, params: dict) -> dict:
-        unknown = sorted(set(params) - set(ROW_PARAMS) - {"preset", "store"})
-        if unknown:
-            raise ValueError(f"unknown parameter(s): {unknown}")
-        if params.get("preset") and get_preset(params["preset"]).name != self.preset.name:
-            raise ValueError(f"this endpoint serves preset {self.preset.name!r}, not {params['preset']!r}")
-        row = {}
-        for name, kind in ROW_PARAMS.items():
-            if params.get(name) not in (None, ""):
-                try:
-                    row[name] = kind(params[name])
-                except ValueError:
-                    raise ValueError(f"{name} must be {kind.__name__}, got {params[name]!r}") from None
-        # validate against the same rules as the job
-        probe = {k: row[k] for k in ("steps", "degrade_sigma", "scale", "quality") if k in row}
-        UpscaleOptions(**{**self.options.to_dict(), **probe})
-        if "format" in row:
-            from pipeline.imageio import output_format
+    def _timeout(self, params: dict) -> float:
+        if params.get("timeout") in (None, ""):
+            return self.timeout_s
+        try:
+            t = float(params["timeout"])
+        except ValueError:
+            raise BadParameter(f"timeout must be a number of seconds, got {params['timeout']!r}") from None
+        if not 0 < t <= self.timeout_s:
+            raise BadParameter(f"timeout must be in (0, {self.timeout_s:g}] seconds, got {t:g}")
+        return t
 
-            output_format(None, row["format"])
-        return row
+    def _admit(self, in_hw: tuple[int, int], row: dict) -> None:
+        """Bound the work one request may ask for: output side, and pixels diffused × steps."""
+        opts = UpscaleOptions(**{**self.options.to_dict(), **{k: row[k] for k in ("steps", "scale") if k in row}})
+        plan = plan_for(self.preset, opts, in_hw)
+        check_output_side(target_size(plan.in_hw, plan.sr_scale, opts.scale), opts.max_output_side)
+        th, tw = plan.tile_out
+        cost = plan.n_tiles * th * tw * opts.steps / 1e6
+        if cost > self.max_cost:
+            raise TooLarge(
+                f"this request needs {cost:.1f} Mpx·steps of diffusion ({plan.n_tiles} tiles of {tw}x{th} x "
+                f"{opts.steps} steps), over this endpoint's limit of {self.max_cost:g}; send a smaller image or "
+                "fewer steps, or use the bulk job (pidray upscale)"
+            )
 
     async def _pipeline(self, row: dict) -> dict:
         if self.encode is None:
@@ -233,7 +361,11 @@ class Ingress:
         self.in_flight += 1
         self.metrics.queue(self.in_flight)
         try:
-            resp = await self._upscale(request)
+            try:
+                resp = await self._upscale(request)
+            except Exception as e:  # typed refusals and errors: status from the kind, message without a trace
+                kind = kind_of(e)
+                resp = _error(kind, str(e) if kind != "internal" else f"internal error: {type(e).__name__}")
             status = resp.status_code
             return resp
         finally:
@@ -242,30 +374,40 @@ class Ingress:
             self.latencies.append(dt)
             self.metrics.request(status, dt)
             self.metrics.queue(self.in_flight)
+            if status != 200:
+                self.refused[status] += 1
 
     async def _upscale(self, request: Request):
         if not self._authorized(request):
-            return _error(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+            return _error("unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+        self._check_site(request)
+        if self.in_flight > self.max_in_flight:
+            return _error("busy", f"the endpoint is busy ({self.max_in_flight} requests in progress); retry shortly",
+                          {"Retry-After": "2"})  # fmt: skip
         try:
-            data, fields = await self._read_image(request)
-            params = {**dict(request.query_params), **fields}
-            row = {"key": "request", "bytes": data, **self._row_params(params)}
-        except TooLarge as e:
-            return _error(413, str(e))
-        except ValueError as e:
-            return _error(422, str(e))
-        row = self.decoder(row)
-        if row.get("status") == "failed":
-            return _error(413 if "over the limit" in row["error"] else 400, row["error"])
-        try:
-            row = await asyncio.wait_for(self._pipeline(row), timeout=self.timeout_s)
+            data, fields = await asyncio.wait_for(self._read_image(request), timeout=self.body_timeout_s)
         except asyncio.TimeoutError:
-            return _error(504, f"upscale did not finish within {self.timeout_s:.0f}s")
-        except Exception as e:  # a replica died or similar: short message, no trace
-            return _error(500, f"internal error: {type(e).__name__}")
+            return _error("slow_client", f"the request body did not arrive within {self.body_timeout_s:g}s")
+        params = {**dict(request.query_params), **fields}
+        row = {
+            "key": "request",
+            "bytes": data,
+            **parse_params(params, self.preset, self.options, s3_configured=bool(self.output_s3)),
+        }
+        timeout = self._timeout(params)
+        in_hw = await asyncio.to_thread(probe, data, max_pixels=self.options.max_pixels)  # header only
+        self._admit(in_hw, row)
+        async with self.decode_slots:
+            row = await asyncio.to_thread(self.decoder, row)
+        if row.get("status") == "failed":
+            return _error(row.get("error_kind", "bad_input"), row["error"])
+        row.update(request_id=uuid.uuid4().hex, deadline=time.time() + timeout)
+        try:
+            row = await asyncio.wait_for(self._pipeline(row), timeout=timeout)
+        except asyncio.TimeoutError:
+            return _error("cancelled", f"upscale did not finish within {timeout:g}s; its work was stopped")
         if row.get("status") != "ok":
-            err = row.get("error", "failed")
-            return _error(413 if "over the limit" in err else 422 if err.startswith("encode") else 400, err)
+            return _error(row.get("error_kind") or "internal", row.get("error", "failed"))
         headers = {
             "X-Pidray-Seed": str(row.get("seed", self.options.seed)),
             "X-Pidray-Size": f"{row['out_hw'][1]}x{row['out_hw'][0]}",
@@ -274,13 +416,11 @@ class Ingress:
         }
         if row.get("notes"):
             headers["X-Pidray-Notes"] = "; ".join(row["notes"])[:500].encode("ascii", "replace").decode()
-        if request.query_params.get("store") == "s3":
+        if params.get("store") == "s3":
             return await self._store(row, headers)
         return Response(row["output"], media_type=row["content_type"], headers=headers)
 
     async def _store(self, row: dict, headers: dict) -> Response:
-        if not self.output_s3:
-            return _error(422, "store=s3 is not configured on this endpoint")
         from jobs.storage import Location, S3Settings
 
         loc = Location(self.output_s3["uri"], S3Settings(**self.output_s3.get("s3", {})))
@@ -295,6 +435,9 @@ class Ingress:
         return {
             "served": p.name,
             "defaults": self.options.to_dict(),
+            "limits": {"max_bytes": self.max_bytes, "max_pixels": self.options.max_pixels,
+                       "max_output_side": self.options.max_output_side, "max_cost_mpx_steps": self.max_cost,
+                       "timeout_s": self.timeout_s},
             "presets": {n: {"scale": q.scale, "envelope": q.envelope, "variant": q.variant, "vae": q.vae,
                             "served": n == p.name} for n, q in PRESETS.items()},
         }  # fmt: skip
@@ -304,7 +447,7 @@ class Ingress:
         try:
             await asyncio.wait_for(self.diffuse.ready.remote(), timeout=5)
         except Exception:
-            return _error(503, "model not loaded yet")
+            return _error("busy", "model not loaded yet", {"Retry-After": "5"})
         return {"status": "ok", "preset": self.preset.name}
 
     @app.get("/v1/stats")
@@ -312,7 +455,8 @@ class Ingress:
         lat = sorted(self.latencies)
         pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None  # noqa: E731
         diffuse = await self.diffuse.stats.remote()
-        return {"in_flight": self.in_flight, "requests": len(lat), "p50_s": pct(0.5), "p99_s": pct(0.99), **diffuse}
+        return {"in_flight": self.in_flight, "requests": len(lat), "p50_s": pct(0.5), "p99_s": pct(0.99),
+                "refused": dict(self.refused), **diffuse}  # fmt: skip
 
     @app.get("/")
     def page(self):
@@ -336,14 +480,19 @@ def build_app(args: dict | None = None):
              "allow_download": bool(args.get("allow_download", False)), "device": args.get("device", "auto"),
              "dtype": args.get("dtype", "auto")}  # fmt: skip
     options = UpscaleOptions.from_dict(args.get("options", {})).to_dict()
-    settings = {"preset": preset, "options": options, **{k: args[k] for k in
-                ("max_bytes", "timeout_s", "token", "output_s3") if k in args}}  # fmt: skip
+    unknown = sorted(set(args) - BUILD_ARGS)
+    if unknown:
+        raise ValueError(f"unknown endpoint setting(s): {unknown}; known: {sorted(BUILD_ARGS)}")
+    settings = {"preset": preset, "options": options, **{k: args[k] for k in INGRESS_SETTINGS if k in args}}
     diffuse_opts = {k: args[k] for k in ("max_batch_tiles", "batch_wait_s", "threads") if k in args}
     dep = {**DEFAULT_DEPLOYMENTS, **args.get("deployments", {})}
-    if args.get("gpu", _has_gpu()):
+    gpu = args.get("gpu", _has_gpu())
+    if gpu:
         dep["diffuse"] = {**dep["diffuse"], "ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}
     else:
         diffuse_opts.setdefault("threads", os.cpu_count() or 1)
+    # Work per request (Mpx diffused × steps): a GPU does ~100× a CPU in the same time.
+    settings.setdefault("max_cost_mpx_steps", 1000.0 if gpu else 8.0)
     from pipeline.graph import StageGraph
     from pipeline.runtime import ModelOptions
 
@@ -356,10 +505,18 @@ def build_app(args: dict | None = None):
     return Ingress.options(**dep["ingress"]).bind(encode, diffuse, merge, settings)
 
 
+INGRESS_SETTINGS = ("max_bytes", "timeout_s", "body_timeout_s", "token", "output_s3", "max_cost_mpx_steps",
+                    "max_in_flight", "decode_concurrency", "allowed_origins", "allowed_hosts", "bind_host",
+                    "require_token")  # fmt: skip
+BUILD_ARGS = {"preset", "weights", "text_encoder", "allow_download", "device", "dtype", "options", "deployments", "gpu",
+              "max_batch_tiles", "batch_wait_s", "threads", *INGRESS_SETTINGS}  # fmt: skip
+
 # Local defaults; serve/config.yaml carries the same for `serve deploy`, with autoscaling.
-# Fractional CPUs so the whole app fits a laptop-sized local cluster.
+# Fractional CPUs so the whole app fits a laptop-sized local cluster. The ingress admits `max_in_flight` upscale
+# requests itself (503 + Retry-After in our JSON shape past that); Serve's own limits sit above it as a backstop, so
+# /healthz and /v1/models still answer while the upscale queue is full.
 DEFAULT_DEPLOYMENTS = {
-    "ingress": {"max_ongoing_requests": 16, "max_queued_requests": 16, "ray_actor_options": {"num_cpus": 0.1},
+    "ingress": {"max_ongoing_requests": 64, "max_queued_requests": 64, "ray_actor_options": {"num_cpus": 0.1},
                 "backpressure_config": {"status_code": 503, "retry_after_s": 2}},
     "encode": {"max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.1}},
     "diffuse": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.5}},

@@ -21,7 +21,10 @@ from conftest import ROOT, free_port, png_bytes
 pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-CAPACITY = 8  # ingress max_ongoing_requests + max_queued_requests below
+RAW = {**AUTH, "Content-Type": "image/png"}  # a raw body must say it is an image
+CAPACITY = 8  # the ingress's max_in_flight below: past it, 503 + Retry-After
+BODY_TIMEOUT = 4
+MAX_BYTES = 8 << 20
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +44,8 @@ def endpoint(s3_out):
 
     args = {
         "output_s3": {"uri": "s3://results/upscaled", "s3": {"endpoint_url": s3_out, "region": "us-east-1"}},
-        "preset": "small", "token": TOKEN, "max_batch_tiles": 8, "batch_wait_s": 0.05,
-        "deployments": {"ingress": {"max_ongoing_requests": 4, "max_queued_requests": 4,
-                                    "backpressure_config": {"status_code": 503, "retry_after_s": 1},
-                                    "ray_actor_options": {"num_cpus": 0.1}}},
+        "preset": "small", "token": TOKEN, "max_batch_tiles": 8, "batch_wait_s": 0.05, "max_in_flight": CAPACITY,
+        "body_timeout_s": BODY_TIMEOUT, "allowed_origins": ["http://allowed.example"], "max_bytes": MAX_BYTES,
     }  # fmt: skip
     url = start(args, port=free_port(), num_cpus=2)
     deadline = time.time() + 180
@@ -66,7 +67,7 @@ def _img(h=24, w=32, seed=0):
 
 def test_round_trip_and_determinism(endpoint):
     data = _img(30, 41)
-    r1 = requests.post(endpoint + "/v1/upscale?seed=7", data=data, headers=AUTH, timeout=120)
+    r1 = requests.post(endpoint + "/v1/upscale?seed=7", data=data, headers=RAW, timeout=120)
     assert r1.status_code == 200, r1.text
     assert r1.headers["content-type"] == "image/png" and r1.headers["x-pidray-seed"] == "7"
     out = np.asarray(Image.open(io.BytesIO(r1.content)).convert("RGB"), dtype=np.float64)
@@ -74,7 +75,7 @@ def test_round_trip_and_determinism(endpoint):
     ref = np.asarray(Image.open(io.BytesIO(data)).resize((164, 120), Image.BICUBIC), dtype=np.float64)
     psnr = 10 * np.log10(255**2 / np.mean((out - ref) ** 2))
     assert psnr > 25, psnr  # an upscale of this picture, not noise
-    r2 = requests.post(endpoint + "/v1/upscale?seed=7", data=data, headers=AUTH, timeout=120)
+    r2 = requests.post(endpoint + "/v1/upscale?seed=7", data=data, headers=RAW, timeout=120)
     assert r2.content == r1.content
     form = {"seed": "7", "format": "jpeg", "quality": "80"}
     files = {"image": ("x.png", data, "image/png")}
@@ -85,7 +86,7 @@ def test_round_trip_and_determinism(endpoint):
 def test_large_outputs_can_go_to_s3(endpoint, s3_out):
     import boto3
 
-    r = requests.post(endpoint + "/v1/upscale?store=s3&seed=1", data=_img(20, 30), headers=AUTH, timeout=120)
+    r = requests.post(endpoint + "/v1/upscale?store=s3&seed=1", data=_img(20, 30), headers=RAW, timeout=120)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["uri"].startswith("s3://results/upscaled/") and body["size"] == "120x80"
@@ -113,13 +114,13 @@ def test_auth_required(endpoint):
      ("format=gif2", "unknown output format"), ("colour=red", "unknown parameter")],
 )  # fmt: skip
 def test_bad_parameters_are_422(endpoint, query, message):
-    r = requests.post(f"{endpoint}/v1/upscale?{query}", data=_img(), headers=AUTH, timeout=30)
+    r = requests.post(f"{endpoint}/v1/upscale?{query}", data=_img(), headers=RAW, timeout=30)
     assert r.status_code == 422 and re.search(message, r.json()["error"]), r.text
 
 
 def test_bad_input_corpus_gets_4xx_and_replica_stays_healthy(endpoint):
     for key, (data, expect) in corpus.build().items():
-        r = requests.post(endpoint + "/v1/upscale", data=data, headers=AUTH, timeout=120)
+        r = requests.post(endpoint + "/v1/upscale", data=data, headers=RAW, timeout=120)
         if expect[0] == "fail":
             assert r.status_code in (400, 413), (key, r.status_code, r.text)
             assert re.search(expect[1], r.json()["error"]), (key, r.text)
@@ -127,13 +128,13 @@ def test_bad_input_corpus_gets_4xx_and_replica_stays_healthy(endpoint):
         else:
             assert r.status_code == 200, (key, r.text)
             assert Image.open(io.BytesIO(r.content)).size == expect[1], key
-    r = requests.post(endpoint + "/v1/upscale", data=_img(), headers=AUTH, timeout=60)
+    r = requests.post(endpoint + "/v1/upscale", data=_img(), headers=RAW, timeout=60)
     assert r.status_code == 200 and requests.get(endpoint + "/healthz", timeout=10).status_code == 200
 
 
 def test_too_large_body_is_413(endpoint):
-    big = b"\x89PNG" + b"\x00" * (51 << 20)
-    r = requests.post(endpoint + "/v1/upscale", data=big, headers=AUTH, timeout=60)
+    big = b"\x89PNG" + b"\x00" * (MAX_BYTES + 1)
+    r = requests.post(endpoint + "/v1/upscale", data=big, headers=RAW, timeout=60)
     assert r.status_code == 413 and "over the limit" in r.json()["error"]
 
 
@@ -146,7 +147,7 @@ def test_load_at_twice_capacity_only_200_and_503(endpoint):
     async def worker(session, stop):
         while time.time() < stop:
             t0 = time.perf_counter()
-            async with session.post(endpoint + "/v1/upscale", data=data, headers=AUTH) as r:
+            async with session.post(endpoint + "/v1/upscale", data=data, headers=RAW) as r:
                 await r.read()
                 statuses.append(r.status)
                 if r.status == 200:
@@ -196,10 +197,17 @@ def test_page_in_headless_chromium(endpoint, tmp_path):
         size = page.evaluate(
             "[document.getElementById('after').naturalWidth, document.getElementById('after').naturalHeight]"
         )
+        name_png = page.get_attribute("#download", "download")
+        page.evaluate("document.body.dataset.done = '0'")
+        page.select_option("#format", "jpeg")  # the download name follows the format that came back
+        page.click("#go")
+        page.wait_for_selector("body[data-done='1']", timeout=120_000)
+        name_jpeg = page.get_attribute("#download", "download")
         status = page.inner_text("#status")
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert size == [224, 160] and "224x160" in status
+    assert (name_png, name_jpeg) == ("photo_x4.png", "photo_x4.jpg")
     assert shot.stat().st_size > 1000
     print("screenshot:", shot)
 
@@ -219,3 +227,286 @@ def test_serve_config_yaml_is_valid():
     app = schema.applications[0]
     assert app.import_path == "serve.app:build_app"
     assert {d.name for d in app.deployments} == set(deployment_names(app.args["preset"])) == {"ingress", "diffuse"}
+
+
+# ---------------------------------------------------------------------------------------------- issue 10: safety
+def _ingress_pids() -> list[int]:
+    from pathlib import Path
+
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"ServeReplica:pidray:ingress" in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _small_request_seconds(endpoint) -> float:
+    t0 = time.perf_counter()
+    r = requests.post(endpoint + "/v1/upscale", data=_img(16, 16), headers=RAW, timeout=120)
+    assert r.status_code == 200, r.text
+    return time.perf_counter() - t0
+
+
+def test_f9_timed_out_request_stops_consuming_the_replica(endpoint):
+    big = _img(160, 160)  # 49 tiles x 4 steps: ~10 s of diffusion on 2 cores if it were left running
+    before = requests.get(endpoint + "/v1/stats", timeout=10).json()["stopped"]
+    t0 = time.perf_counter()
+    r = requests.post(endpoint + "/v1/upscale?timeout=2", data=big, headers=RAW, timeout=60)
+    assert r.status_code == 504 and r.json()["kind"] == "cancelled", r.text
+    assert time.perf_counter() - t0 < 5
+    after_timeout = _small_request_seconds(endpoint)
+    print(f"small request right after a 504: {after_timeout:.2f}s")
+    assert after_timeout < 6, "the timed-out request's work kept the replica busy"
+    assert requests.get(endpoint + "/v1/stats", timeout=10).json()["stopped"] > before
+    assert requests.get(endpoint + "/healthz", timeout=10).status_code == 200
+
+
+def test_f9_disconnected_client_stops_consuming_the_replica(endpoint):
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(endpoint)
+    body = _img(160, 160)
+    head = (f"POST /v1/upscale HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    before = requests.get(endpoint + "/v1/stats", timeout=10).json()["stopped"]
+    with socket.create_connection((u.hostname, u.port)) as s:
+        s.sendall(head + body)
+        time.sleep(1.5)  # the work has started; the client goes away
+    time.sleep(0.5)
+    seconds = _small_request_seconds(endpoint)
+    print(f"small request after a client disconnected mid-work: {seconds:.2f}s")
+    assert seconds < 6
+    deadline = time.time() + 10
+    while requests.get(endpoint + "/v1/stats", timeout=10).json()["stopped"] <= before:
+        assert time.time() < deadline, "the disconnected request's work was not stopped"
+        time.sleep(0.2)
+
+
+def test_f9_admission_bounds_work_per_request(endpoint):
+    r = requests.post(endpoint + "/v1/upscale", data=_img(512, 512), headers=RAW, timeout=30)
+    assert r.status_code == 413 and "Mpx·steps" in r.json()["error"], r.text
+    r = requests.post(endpoint + "/v1/upscale?scale=16", data=_img(8, 1100), headers=RAW, timeout=30)
+    assert r.status_code == 413 and "16384" in r.json()["error"], r.text  # the final size, not the native 4x
+
+
+def test_f10_poisoned_request_does_not_fail_its_batch_mates(endpoint):
+    import concurrent.futures as cf
+
+    def post(query):
+        return requests.post(f"{endpoint}/v1/upscale?{query}", data=_img(16, 16, 3), headers=RAW, timeout=120)
+
+    queries = [f"seed={i}" for i in range(6)] + ["seed=18446744073709551616", "seed=-1"]
+    with cf.ThreadPoolExecutor(len(queries)) as pool:
+        results = list(pool.map(post, queries))
+    for q, r in zip(queries, results):
+        if q.endswith(("551616", "-1")):
+            assert r.status_code == 422 and "2^63" in r.json()["error"], r.text
+        else:
+            assert r.status_code in (200, 503), (q, r.status_code, r.text)
+    assert sum(r.status_code == 200 for r in results) >= 4
+
+
+def test_f10_failure_inside_a_batch_is_isolated(endpoint):
+    """A malformed row in a batch fails alone: the deployment's batch method, driven directly."""
+    from pipeline.stages import DecodeStage, EncodeStage
+    from serve.app import DiffuseDeployment
+
+    rows = []
+    for seed in (1, 2, 3):
+        row = DecodeStage()({"key": f"r{seed}", "bytes": _img(16, 16, seed)})
+        rows.append({**EncodeStage()(row), "request_id": f"id{seed}", "seed": seed})
+    rows[1]["latent"] = rows[1]["latent"][:, :5, :5]  # does not match its tile plan
+    dep = DiffuseDeployment.func_or_class({"preset": "small"}, {}, max_batch_tiles=8)
+    out = dep._run_sync(rows)
+    assert [r.get("status") for r in out] == [None, "failed", None]
+    assert "tile plan" in out[1]["error"] and out[0]["tiles"].shape == out[2]["tiles"].shape
+
+
+def _proxy_pids() -> list[int]:
+    from pathlib import Path
+
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).find(b"ProxyActor") >= 0]
+
+
+def _cmdline(proc) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_f11_unbounded_uploads_never_fill_memory(endpoint):
+    """A 200 MiB chunked body (no Content-Length) and a lying Content-Length: refused at once, memory flat."""
+    import socket
+    from urllib.parse import urlparse
+
+    pids = _ingress_pids() + _proxy_pids()
+    assert len(pids) >= 2, "ingress or proxy process not found"
+    rss0 = {p: _rss_mb(p) for p in pids}
+    sent = [0]
+
+    def body():
+        for _ in range(200):  # 200 MiB against a limit of 8 MiB
+            sent[0] += 1
+            yield b"\0" * (1 << 20)
+
+    t0 = time.perf_counter()
+    try:
+        r = requests.post(endpoint + "/v1/upscale", data=body(), headers=RAW, timeout=60)
+        status, text = r.status_code, r.text
+    except requests.ConnectionError:  # the server closed while we still sent: the answer came before the body
+        status, text = 411, "Content-Length"
+    assert status == 411 and "Content-Length" in text, text
+    # A declared length under the limit, then more bytes than declared: HTTP framing stops at the declared length.
+    u = urlparse(endpoint)
+    head = (f"POST /v1/upscale HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: image/png\r\nContent-Length: 100\r\n\r\n").encode()  # fmt: skip
+    try:
+        with socket.create_connection((u.hostname, u.port)) as s:
+            s.sendall(head + b"\0" * (4 << 20))
+            reply = s.recv(4096).decode(errors="replace")
+    except ConnectionResetError:  # the server hung up on the excess bytes
+        reply = "HTTP/1.1 400 (connection reset)"
+    assert reply.startswith("HTTP/1.1 400"), reply[:300]  # ours (not an image) or the server's framing error
+    growth = {p: _rss_mb(p) - rss0[p] for p in pids}
+    print(f"chunked 200 MiB offered: {status} after {sent[0]} MiB sent, {time.perf_counter() - t0:.2f}s; RSS growth "
+          f"(MB) ingress+proxy {[round(g) for g in growth.values()]}")  # fmt: skip
+    assert max(growth.values()) < 100, "an upload was buffered past the limit"
+
+
+def test_f12_huge_images_never_stall_the_event_loop(endpoint):
+    import concurrent.futures as cf
+
+    bilevel = png_bytes(Image.new("1", (8000, 8000), 1))  # 64 Mpx of 1-bit PNG: decoding it takes seconds
+
+    def post(_):
+        return requests.post(endpoint + "/v1/upscale", data=bilevel, headers=RAW, timeout=120)
+
+    with cf.ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(post, i) for i in range(3)]
+        worst = 0.0
+        while not all(f.done() for f in futures):
+            t0 = time.perf_counter()
+            assert requests.get(endpoint + "/v1/models", timeout=10).status_code == 200
+            worst = max(worst, time.perf_counter() - t0)
+            time.sleep(0.05)
+    print(f"/v1/models worst latency while three 8000x8000 PNGs were posted: {worst * 1000:.0f} ms")
+    assert all(f.result().status_code == 413 for f in futures)  # refused from the header, before decoding
+    assert worst < 0.5
+
+
+@pytest.mark.parametrize(
+    "headers,status,message",
+    [({"Content-Type": "text/plain"}, 415, "image/\\*"), ({}, 415, "Content-Type"),
+     ({"Content-Type": "application/x-www-form-urlencoded"}, 415, "image/\\*"),
+     ({"Content-Type": "image/png", "Origin": "http://evil.example"}, 403, "cross-site"),
+     ({"Content-Type": "image/png", "Host": "rebound.evil.example"}, 403, "not served here")],
+)  # fmt: skip
+def test_f13_cross_site_and_rebinding_requests_are_refused(endpoint, headers, status, message):
+    r = requests.post(endpoint + "/v1/upscale", data=_img(), headers={**AUTH, **headers}, timeout=30)
+    assert r.status_code == status and re.search(message, r.json()["error"]), r.text
+
+
+def test_f13_allowed_and_same_origin_requests_pass(endpoint):
+    for origin in ("http://allowed.example", endpoint):
+        r = requests.post(endpoint + "/v1/upscale", data=_img(), headers={**RAW, "Origin": origin}, timeout=60)
+        assert r.status_code == 200, (origin, r.text)
+
+
+def test_f14_error_bodies_have_one_shape(endpoint):
+    bad_multipart = requests.post(endpoint + "/v1/upscale", data=b"--zz\r\nno end", timeout=30,
+                                  headers={**AUTH, "Content-Type": "multipart/form-data; boundary=zz"})  # fmt: skip
+    store = requests.post(endpoint + "/v1/upscale?store=ftp", data=_img(), headers=RAW, timeout=30)
+    for r, status in ((bad_multipart, 400), (store, 422)):
+        assert r.status_code == status and set(r.json()) == {"error", "kind"}, r.text
+    assert "store must be 's3'" in store.json()["error"]
+
+
+def test_f14_store_s3_unconfigured_is_refused_before_work():
+    from pipeline.errors import BadParameter
+    from pipeline.model.presets import get_preset
+    from pipeline.stages import UpscaleOptions
+    from serve.app import parse_params
+
+    with pytest.raises(BadParameter, match="store=s3 is not configured"):
+        parse_params({"store": "s3"}, get_preset("small"), UpscaleOptions(), s3_configured=False)
+    assert parse_params({"store": "s3", "seed": "5"}, get_preset("small"), UpscaleOptions(), True) == {"seed": 5}
+
+
+def test_overload_and_abuse_only_200_or_503_for_valid_requests(endpoint):
+    """40 clients for 20 s: valid requests beside oversized, slow and poisoned ones."""
+    import aiohttp
+
+    pids = _ingress_pids()
+    valid, abusive, peak = [], [], [max(_rss_mb(p) for p in pids)]
+    good, header_bomb = _img(16, 16), corpus._png_header_only(100000, 100000)
+
+    async def slow_body():
+        for _ in range(40):
+            yield b"\x89PNG" + b"\0" * 60
+            await asyncio.sleep(0.25)
+
+    bad = [  # (name, request kwargs, acceptable statuses)
+        ("oversized pixels", {"data": header_bomb, "headers": RAW}, {413, 503}),
+        ("oversized work", {"data": _img(300, 300), "headers": RAW}, {413, 503}),
+        ("poisoned seed", {"data": good, "headers": RAW, "params": {"seed": str(2**64)}}, {422, 503}),
+        ("not an image", {"data": b"GIF89a garbage" * 10, "headers": RAW}, {400, 503}),
+        ("text/plain", {"data": good, "headers": {**AUTH, "Content-Type": "text/plain"}}, {415, 503}),
+        ("slow body", {"data": slow_body, "headers": {**RAW, "Content-Length": str(40 * 64)}}, {408, 503}),
+    ]
+
+    async def client(session, n, stop):
+        while time.time() < stop:
+            if n % 2 == 0:
+                async with session.post(endpoint + "/v1/upscale", data=good, headers=RAW) as r:
+                    await r.read()
+                    valid.append(r.status)
+                    if r.status == 503:
+                        assert r.headers.get("Retry-After") and (await r.json())["kind"] == "busy"
+                        await asyncio.sleep(0.2)
+            else:
+                name, kw, ok = bad[(n // 2 + len(abusive)) % len(bad)]
+                kw = {**kw, "data": kw["data"]() if callable(kw["data"]) else kw["data"]}
+                async with session.post(endpoint + "/v1/upscale", **kw) as r:
+                    body = await r.json()
+                    abusive.append((name, r.status, "error" in body and "Traceback" not in str(body), ok))
+
+    async def sampler(stop):
+        while time.time() < stop:
+            peak.append(max(_rss_mb(p) for p in pids))
+            await asyncio.sleep(0.2)
+
+    async def main():
+        stop = time.time() + 20
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+            await asyncio.gather(sampler(stop), *(client(s, n, stop) for n in range(40)))
+
+    asyncio.run(main())
+    t_end = time.perf_counter()
+    while requests.get(endpoint + "/healthz", timeout=10).status_code != 200:
+        assert time.perf_counter() - t_end < 5, "the endpoint did not recover within 5 s"
+        time.sleep(0.1)
+    recovered = time.perf_counter() - t_end
+    codes = {c: valid.count(c) for c in set(valid)}
+    by_kind = {}
+    for name, status, _, _ in abusive:
+        by_kind.setdefault(name, set()).add(status)
+    print(f"abuse: {len(valid)} valid requests {codes}; {len(abusive)} abusive {by_kind}; healthy after "
+          f"{recovered:.2f}s; ingress peak RSS {max(peak):.0f} MB (start {peak[0]:.0f} MB)")  # fmt: skip
+    assert set(codes) <= {200, 503} and codes.get(200, 0) > 0
+    assert all(shape_ok and status in ok for _, status, shape_ok, ok in abusive), by_kind
+    assert max(peak) - peak[0] < 400, "ingress memory grew without bound"

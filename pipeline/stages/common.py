@@ -6,6 +6,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
+from pipeline.errors import BadParameter, kind_of
 from pipeline.imageio import DEFAULT_MAX_PIXELS, ImageError
 from pipeline.tiling import DEFAULT_MAX_OUTPUT_SIDE, DEFAULT_OVERLAP
 
@@ -29,18 +30,21 @@ class UpscaleOptions:
     max_output_side: int = DEFAULT_MAX_OUTPUT_SIDE
 
     def __post_init__(self):
+        check_seed(self.seed)
         if not isinstance(self.steps, int) or not 1 <= self.steps <= 4:
-            raise ValueError(f"steps must be an integer in 1..4, got {self.steps!r}")
+            raise BadParameter(f"steps must be an integer in 1..4, got {self.steps!r}")
         if not 0.0 <= float(self.degrade_sigma) <= 1.0:
-            raise ValueError(f"degrade_sigma must be in [0, 1], got {self.degrade_sigma}")
+            raise BadParameter(f"degrade_sigma must be in [0, 1], got {self.degrade_sigma}")
         if self.scale is not None and not 0.25 <= float(self.scale) <= 16:
-            raise ValueError(f"scale must be in [0.25, 16], got {self.scale}")
+            raise BadParameter(f"scale must be in [0.25, 16], got {self.scale}")
         if self.sampler not in ("sde", "ode"):
-            raise ValueError(f"sampler must be 'sde' or 'ode', got {self.sampler!r}")
+            raise BadParameter(f"sampler must be 'sde' or 'ode', got {self.sampler!r}")
         if not 1 <= int(self.quality) <= 100:
-            raise ValueError(f"quality must be in 1..100, got {self.quality}")
-        if self.tile is not None and self.tile < 16:
-            raise ValueError(f"tile must be >= 16 output pixels, got {self.tile}")
+            raise BadParameter(f"quality must be in 1..100, got {self.quality}")
+        if self.tile is not None and (not isinstance(self.tile, int) or self.tile < 16):
+            raise BadParameter(f"tile (--tile) must be an integer >= 16 output pixels, got {self.tile!r}")
+        if not isinstance(self.overlap, int) or self.overlap < 0:
+            raise BadParameter(f"overlap (--overlap) must be an integer >= 0 latent pixels, got {self.overlap!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,17 +54,28 @@ class UpscaleOptions:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown option(s): {unknown}")
+            raise BadParameter(f"unknown option(s): {unknown}")
         return cls(**d)
+
+
+SEED_LIMIT = 1 << 63  # seeds are 63-bit: torch generators and our noise keys take them as they are
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise BadParameter(f"seed must be an integer in [0, 2^63), got {seed!r}")
+    return seed
 
 
 USER_ERRORS = (ImageError, ValueError)
 
 
-def failed(row: dict, stage: str, err: Exception) -> dict:
+def failed(row: dict, stage: str, err: BaseException, kind: str | None = None) -> dict:
+    """Mark a row failed at `stage`: the message for people, the kind (pipeline.errors) for exit/HTTP codes."""
     row = {k: v for k, v in row.items() if k not in ("bytes", "image", "latent", "tiles", "lq_image")}
     row["status"] = "failed"
     row["error"] = f"{stage}: {err}"
+    row["error_kind"] = kind or kind_of(err)
     return row
 
 

@@ -23,5 +23,5 @@ class DecodeStage:
         row["image"] = img
         row["in_hw"] = list(img.size)
         if img.notes:
-            row["notes"] = list(img.notes)
+            row["notes"] = [*row.get("notes", []), *img.notes]
         return row

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from pipeline.errors import Cancelled
 from pipeline.memory import batch_size_for, default_budget
 from pipeline.model.sampler import GeneratorNoise, degrade_latent, sample
 from pipeline.noise import CellNoise, TileNoise, mix
@@ -91,11 +92,13 @@ class DiffuseStage:
         return self.diffuse_many([(latent, y, plan, seed, sigma)], steps=steps)[0]
 
     @torch.inference_mode()
-    def diffuse_many(self, items: list[tuple], steps: int | None = None) -> list[torch.Tensor]:
+    def diffuse_many(self, items: list[tuple], steps: int | None = None, should_stop=None) -> list[torch.Tensor]:
         """Several images whose tiles share one shape, sampled together; each keeps its own noise and fusion.
 
         items: (latent, caption embedding, plan, seed, degrade_sigma) per image. Results are identical to
         running the images one by one: the batch only changes how many tiles go through the network at once.
+        should_stop: checked before every network call (each step, each chunk of tiles); when it returns True
+        the work stops with `Cancelled` (the endpoint uses it for timed-out and disconnected requests).
         """
         net, cfg = self.net, self.net.cfg
         shapes = {it[2].tile_out for it in items}
@@ -130,6 +133,8 @@ class DiffuseStage:
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             outs = []
             for k, c in enumerate(chunks):
+                if should_stop is not None and should_stop():
+                    raise Cancelled("stopped: the request was cancelled or its deadline passed")
                 feats = cached[k] if cached is not None else features(c)
                 outs.append(net(x[c].to(**dev), t[c].to(self.device), ys[c].to(**dev), feats, sig[c]).float().cpu())
             return torch.cat(outs)

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.runtime import ModelOptions, load_caption_encoder, load_lq_encoder, pick_device
 from pipeline.stages.common import USER_ERRORS, UpscaleOptions, failed, is_failed, timed
-from pipeline.tiling import TilePlan, pad_image, plan_tiles
+from pipeline.tiling import TilePlan, check_output_side, pad_image, plan_tiles, target_size
 
 
 def plan_for(preset, options: UpscaleOptions, in_hw) -> TilePlan:
@@ -47,6 +47,8 @@ class EncodeStage:
             with timed(row, "encode"):
                 img = row.pop("image")
                 plan = self.plan(img.size)
+                final = target_size(plan.in_hw, plan.sr_scale, row.get("scale", self.options.scale))
+                check_output_side(final, self.options.max_output_side)  # -s 16 must not bypass the limit
                 pixels = torch.from_numpy(pad_image(img.to_float(), plan.pad_hw))[None].to(self.device)
                 latent = self.encoder.encode(pixels)[0].float().cpu().numpy()
                 caption = row.get("caption") or self.options.caption

@@ -7,13 +7,7 @@ import torch
 
 from pipeline.imageio import CONTENT_TYPES, EXTENSIONS, encode, from_float, output_format, resize_plane
 from pipeline.stages.common import USER_ERRORS, UpscaleOptions, failed, is_failed, timed
-from pipeline.tiling import TilePlan, blend
-
-
-def target_size(in_hw, native: int, scale: float | None) -> tuple[int, int]:
-    if scale is None or float(scale) == native:
-        return in_hw[0] * native, in_hw[1] * native
-    return max(1, round(in_hw[0] * float(scale))), max(1, round(in_hw[1] * float(scale)))
+from pipeline.tiling import TilePlan, blend, target_size
 
 
 class MergeStage:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from jobs.manifest import MANIFEST_NAME, load_manifest, manifest_key, manifest_row, write_manifest
 from jobs.plan import Plan, output_candidates, plan_job
@@ -210,7 +210,7 @@ def preflight(cfg: JobConfig) -> None:
     preset = get_preset(cfg.model.preset)
     check_encoder(preset)  # "not implemented" before asking for weights the preset cannot use anyway
     side = preset.envelope[1] * 3 // max(1, preset.scale)  # an input that needs several tiles checks --overlap
-    plan_for(preset, cfg.options, (side, side))
+    plan_for(preset, replace(cfg.options, max_output_side=1 << 30), (side, side))
     if not (cfg.local is False and os.environ.get("RAY_ADDRESS")):  # a remote cluster's workers have their own GPUs
         check_device(cfg.model.device)
     Location(cfg.src, cfg.s3).check_listable()

@@ -53,7 +53,8 @@ def is_image_key(key: str) -> bool:
 
 
 def is_hidden(key: str) -> bool:
-    return any(p.startswith(".") for p in key.split("/"))
+    """A path segment that starts with '.' ('.' and '..' are not names but unsafe navigation: see key_problem)."""
+    return any(p.startswith(".") and p not in (".", "..") for p in key.split("/"))
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Entry:
     size: int
     skip: str = ""
     note: str = ""
+    folder: bool = False  # a folder that could not be read: reported, with its reason
 
 
 def explain_storage_error(e: BaseException, action: str, uri: str, endpoint: str | None = None) -> str:
@@ -211,8 +213,8 @@ class Location:
         `skip` reason, so a caller can record them rather than drop them silently.
         """
         out = self._list_s3(exclude) if self.is_s3 else self._list_local(exclude)
-        if images_only:
-            out = [e for e in out if is_image_key(e.key) and not e.key.startswith(RESERVED_PREFIX)]
+        if images_only:  # an unreadable folder stays listed: it is reported, not silently left out
+            out = [e for e in out if (is_image_key(e.key) and not e.key.startswith(RESERVED_PREFIX)) or e.folder]
         for e in out if not hidden else ():
             if not e.skip and is_hidden(e.key):
                 e.skip = "hidden file (a name in its path starts with '.'); --include-hidden processes it"
@@ -244,14 +246,14 @@ class Location:
             try:
                 entries = sorted(os.scandir(folder), key=lambda e: e.name)
             except OSError as err:
-                out.append(Entry(rel.rstrip("/") or ".", -1, skip=f"folder cannot be read: {err.strerror}"))
+                out.append(Entry(rel.rstrip("/") or ".", -1, f"folder cannot be read: {err.strerror}", folder=True))
                 return
             for e in entries:
                 key = rel + e.name
                 if e.is_symlink():
                     target = os.path.realpath(e.path)
                     if not self.follow_symlinks:
-                        if os.path.isdir(target) or is_image_key(key):
+                        if is_image_key(key):
                             out.append(Entry(key, -1, skip=f"symbolic link to {target} (not followed; "
                                                             "--follow-symlinks follows links)"))  # fmt: skip
                         continue

@@ -276,7 +276,7 @@ class Ingress:
                 raise Refused("forbidden", f"cross-site request from Origin {origin!r} refused; an operator can allow "
                                            "it with allowed_origins")  # fmt: skip
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, request: Request) -> bytearray:
         """The body, counted while it streams in: over max_bytes stops reading at once, whatever the header said."""
         length = request.headers.get("content-length")
         if length is None:  # chunked: Serve's proxy would queue the whole body before we could stop reading it
@@ -290,7 +290,7 @@ class Ingress:
             if len(body) + len(chunk) > self.max_bytes:
                 raise TooLarge(f"request body is over the limit of {self.max_bytes:,} bytes")
             body += chunk
-        return bytes(body) if len(body) < (1 << 20) else body
+        return body
 
     async def _read_image(self, request: Request) -> tuple[bytes, dict]:
         ctype = request.headers.get("content-type", "").lower()

@@ -160,3 +160,17 @@ def test_resume_after_a_crash_writes_only_missing_outputs(bicubic_weights, tmp_p
     assert sum(r["status"] == "skipped" for r in rows) == len(before)
     assert sum(r["status"] == "ok" for r in rows) == len(written)
     assert f"{len(before)} skipped" in out.stdout
+
+
+def test_f6_names_that_are_not_utf8_through_ray_data(ray_local, bicubic_weights, tmp_path):
+    """Issue 10, finding 6, on the Ray Data path (rows travel as Arrow, which holds only valid strings)."""
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    raw = b"na\xefve \xfe.png"
+    Image.new("RGB", (10, 8), (1, 2, 3)).save(os.fsencode(src) + b"/" + raw, format="PNG")
+    Image.new("RGB", (10, 8), (1, 2, 3)).save(src / "fine.png")
+    summary = run_job(JobConfig(str(src), str(dst), ModelOptions(weights=bicubic_weights), progress=False))
+    assert summary.ok == 2 and summary.failed == 0
+    assert os.path.isfile(os.fsencode(dst) + b"/" + raw)
+    rows = read_manifest(Location(str(dst)))
+    assert sorted(r["key_bytes"] for r in rows) == sorted([raw, b"fine.png"])

@@ -211,7 +211,7 @@ def preflight(cfg: JobConfig) -> None:
     check_encoder(preset)  # "not implemented" before asking for weights the preset cannot use anyway
     side = preset.envelope[1] * 3 // max(1, preset.scale)  # an input that needs several tiles checks --overlap
     plan_for(preset, replace(cfg.options, max_output_side=1 << 30), (side, side))
-    if not (cfg.local is False and os.environ.get("RAY_ADDRESS")):  # a remote cluster's workers have their own GPUs
+    if cfg.local or not os.environ.get("RAY_ADDRESS"):  # a remote cluster's workers have their own devices
         check_device(cfg.model.device)
     Location(cfg.src, cfg.s3).check_listable()
     if not cfg.dry_run:
@@ -237,31 +237,17 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
 @contextmanager
-def _stop_on_signals():
-    """Turn SIGINT/SIGTERM into `Interrupted` inside the block (main thread only; elsewhere a no-op)."""
+def _on_signals(handler):
+    """SIGINT/SIGTERM go to `handler` inside the block (main thread only; elsewhere a no-op)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum, frame):
-        raise Interrupted(signum)
-
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-@contextmanager
-def _signals_ignored():
-    """While the final manifest is written, a second Ctrl-C must not cut it short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
@@ -295,7 +281,7 @@ def run_job(cfg: JobConfig, on_row=None) -> Summary:
     bar = _progress(len(todo), cfg.progress)
     last_flush = time.time()
     try:
-        with _stop_on_signals():
+        with _on_signals(_raise_interrupted):
             if not cfg.local and todo:
                 _ensure_ray()  # start Ray before our handlers matter: its start-up installs handlers of its own
             it: Iterable[dict] = _iter_local(cfg, plan, todo) if cfg.local else _iter_ray(cfg, plan, todo)
@@ -311,7 +297,7 @@ def run_job(cfg: JobConfig, on_row=None) -> Summary:
         summary.interrupted = e.signum
     finally:
         bar.close()
-        with _signals_ignored():
+        with _on_signals(signal.SIG_IGN):  # a second Ctrl-C must not cut the manifest short
             for r in results.values():
                 summary.ok += r["status"] == "ok"
                 summary.failed += r["status"] == "failed"

@@ -34,32 +34,31 @@ class Plan:
     todo: list[dict] = field(default_factory=list)  # rows to process
     skipped: list[dict] = field(default_factory=list)  # manifest rows: done already (--resume), hidden, links
     rejected: list[dict] = field(default_factory=list)  # manifest rows failed at planning, with the reason
-    keys: list[Entry] | None = None  # a single file/object: just this entry of `src`
+    single: Entry | None = None  # SRC named one file/object: this entry of `src` is the whole listing
 
 
-def locations(cfg) -> tuple[Location, Location, list[Entry] | None]:
-    """(SRC as a folder/prefix, DST, the one key when SRC names a single file); refuses SRC == DST up front."""
+def locations(cfg) -> tuple[Location, Location, Entry | None]:
+    """(SRC as a folder/prefix, DST, the entry when SRC names a single file); refuses SRC == DST up front."""
     src, dst = Location(cfg.src, cfg.s3, cfg.follow_symlinks), Location(cfg.dst, cfg.s3)
     single = src.single()
-    keys = None
+    entry = None
     if single is not None:
         src, entry = single
-        keys = [entry]
     if dst.real == src.real:
         if not cfg.suffix:
-            what, how = ("the folder of SRC", "--suffix _x4") if keys else ("SRC", "--in-place --suffix _x4")
+            what, how = ("the folder of SRC", "--suffix _x4") if entry else ("SRC", "--in-place --suffix _x4")
             raise SetupError(
                 f"DST {cfg.dst} is {what}: the outputs would overwrite the inputs. Choose another DST, or keep both "
                 f"side by side with {how}"
             )
-        if keys is None and not cfg.in_place:
+        if entry is None and not cfg.in_place:
             raise SetupError(
                 f"DST {cfg.dst} is SRC: pass --in-place (with --suffix {cfg.suffix}) to write the outputs next to the "
                 "inputs; no input is ever overwritten"
             )
     elif cfg.in_place:
         raise SetupError("--in-place writes next to the inputs, so DST must be SRC")
-    return src, dst, keys
+    return src, dst, entry
 
 
 def output_stems(keys: list[str], suffix: str) -> dict[str, str]:
@@ -97,12 +96,9 @@ def _row(entry: Entry, status: str, cfg, **kw) -> dict:
 
 def plan_job(cfg) -> Plan:
     """List SRC, name every output, apply --resume; nothing is read or written beyond listings."""
-    src, dst, keys = locations(cfg)
-    plan = Plan(src, dst, keys=keys)
-    if keys is not None:
-        listed = keys
-    else:
-        listed = src.list(exclude=dst, hidden=cfg.include_hidden)
+    src, dst, single = locations(cfg)
+    plan = Plan(src, dst, single=single)
+    listed = [single] if single is not None else src.list(exclude=dst, hidden=cfg.include_hidden)
     if not listed:
         raise SetupError(f"no images found under {cfg.src} (looked for {', '.join(sorted(set(FORMATS)))})")
     in_place_outputs = set()

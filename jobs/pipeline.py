@@ -12,19 +12,22 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from jobs.manifest import MANIFEST_NAME, load_manifest, manifest_key, manifest_row, write_manifest
 from jobs.plan import Plan, output_candidates, plan_job
-from jobs.storage import Location, S3Settings, display
 from pipeline.errors import SetupError
-from pipeline.graph import StageGraph
+from pipeline.graph import StageGraph, StageSpec
 from pipeline.runtime import ModelOptions
-from pipeline.stages import UpscaleOptions, failed, is_failed
+from pipeline.stages import UpscaleOptions, run_stage
+from pipeline.storage import Location, S3Settings, display
 
 MANIFEST_EVERY_S = 60.0
 
@@ -43,7 +46,8 @@ class JobConfig:
     captions: dict[str, str] = field(default_factory=dict)  # key -> caption (from a manifest CSV/JSONL)
     resume: bool = False
     dry_run: bool = False
-    local: bool = False  # plain in-process loop instead of Ray Data
+    local: bool | None = None  # True: the in-process loop; False: Ray Data; None: the loop for small jobs, no cluster
+    verbose: bool = False  # let Ray's own start-up and worker messages through to the terminal
     concurrency: dict[str, int] = field(default_factory=dict)  # stage name -> actors (model stages)
     progress: bool = True
 
@@ -56,6 +60,7 @@ class Summary:
     seconds: float = 0.0
     rows: list[dict] = field(default_factory=list)
     interrupted: int = 0  # the signal that stopped the job, or 0
+    runner: str = ""  # "local loop" or "Ray Data"
     manifest: str = ""  # where the manifest was written
 
     @property
@@ -66,95 +71,48 @@ class Summary:
         head = f"interrupted ({signal.Signals(self.interrupted).name})" if self.interrupted else "done"
         return (
             f"{head}: {self.ok} ok, {self.failed} failed, {self.skipped} skipped in {self.seconds:.1f}s "
-            f"({self.images_per_second:.2f} images/s); manifest: {self.manifest}"
+            f"({self.images_per_second:.2f} images/s, {self.runner or 'nothing to run'}); manifest: {self.manifest}"
         )
 
 
-# ---------------------------------------------------------------------- I/O stages (job-side, not model stages)
-class ReadStage:
-    def __init__(self, src: Location):
-        self.src = src
-
-    def __call__(self, row: dict) -> dict:
-        row = dict(row)
-        t0 = time.perf_counter()
-        try:
-            row["bytes"] = self.src.read(row["key"])
-        except Exception as e:  # missing object, permissions, a file swapped for a link, network after retries
-            return failed(row, "read", f"{type(e).__name__}: {e}", kind="bad_input")
-        row["in_bytes"] = len(row["bytes"])
-        row.setdefault("timings", {})["read"] = round(time.perf_counter() - t0, 4)
-        return row
-
-
-class WriteStage:
-    def __init__(self, dst: Location):
-        self.dst = dst
-
-    def __call__(self, row: dict) -> dict:
-        if is_failed(row):
-            return row
-        row = dict(row)
-        t0 = time.perf_counter()
-        row["output_key"] = row["output_stem"] + row["extension"]  # the stem was made unique and safe by the plan
-        try:
-            self.dst.write(row["output_key"], row.pop("output"))
-        except Exception as e:
-            return failed(row, "write", f"{type(e).__name__}: {e}", kind="internal")
-        row.setdefault("timings", {})["write"] = round(time.perf_counter() - t0, 4)
-        return row
-
-
-# ---------------------------------------------------------------------- Ray Data adapters
+# ---------------------------------------------------------------------- Ray Data adapters around the graph's stages
 _INSTANCES: dict = {}
 
 
-def _run_guarded(stage, name: str, row: dict) -> dict:
-    try:
-        return stage(row)
-    except Exception as e:  # a bug or an unforeseen input must cost one row, not the job
-        return failed(row, name, f"{type(e).__name__}: {e}", kind="internal")
+def _apply(stage, name: str, batch: dict) -> dict:
+    """One Ray Data batch through the shared envelope; rows travel pickled (images, tensors: not Arrow data)."""
+    rows = run_stage(stage, name, [pickle.loads(b) for b in batch["row"]])
+    return {"i": batch["i"], "row": np.array([pickle.dumps(r) for r in rows], dtype=object)}
 
 
-def stage_task(item: dict, *, name: str, cls, kwargs: dict) -> dict:
-    """Ray Data task function for light stages: the instance is cached per worker process."""
-    key = (name, cls, repr(kwargs))
+def stage_task(batch: dict, *, spec: StageSpec) -> dict:
+    """Ray Data task function for stages that hold no model: the instance is cached per worker process."""
+    key = (spec.name, spec.cls, repr(spec.kwargs))
     if key not in _INSTANCES:
-        _INSTANCES[key] = cls(**kwargs)
-    row = _run_guarded(_INSTANCES[key], name, pickle.loads(item["row"]))
-    return {"i": item["i"], "row": pickle.dumps(row)}
+        _INSTANCES[key] = spec.build()
+    return _apply(_INSTANCES[key], spec.name, batch)
 
 
 class StageActor:
-    """Ray Data actor for model stages: loads the model once, then maps rows."""
+    """Ray Data actor for stages that hold a model: loads it once, then takes batches of rows."""
 
-    def __init__(self, name: str, cls, kwargs: dict, threads: int | None = None):
-        if threads:  # Ray pins workers to OMP_NUM_THREADS=num_cpus; a CPU-only model stage should use its share
+    def __init__(self, spec: StageSpec, threads: int | None = None):
+        if threads:  # a CPU-only model stage: use its share of the machine's cores
             import torch
 
             torch.set_num_threads(threads)
-        self.name, self.stage = name, cls(**kwargs)
+        self.spec, self.stage = spec, spec.build()
 
-    def __call__(self, item: dict) -> dict:
-        row = _run_guarded(self.stage, self.name, pickle.loads(item["row"]))
-        return {"i": item["i"], "row": pickle.dumps(row)}
+    def __call__(self, batch: dict) -> dict:
+        return _apply(self.stage, self.spec.name, batch)
 
 
-def _stages(cfg: JobConfig, plan: Plan) -> list[tuple[str, type, dict, bool, bool]]:
-    """(name, class, kwargs, holds_model, wants_gpu) for the whole job: read + the stage graph + write."""
-    graph = StageGraph(cfg.model, cfg.options)
-    out = [("read", ReadStage, {"src": plan.src}, False, False)]
-    out += [(s.name, s.cls, s.kwargs, s.holds_model, s.wants_gpu) for s in graph.stages]
-    out.append(("write", WriteStage, {"dst": plan.dst}, False, False))
-    return out
+def _graph(cfg: JobConfig, plan: Plan) -> StageGraph:
+    return StageGraph(cfg.model, cfg.options).with_io(plan.src, plan.dst)
 
 
 def _iter_local(cfg: JobConfig, plan: Plan, rows: list[dict]) -> Iterator[dict]:
-    stages = [(name, cls(**kw)) for name, cls, kw, _, _ in _stages(cfg, plan)]
-    for row in rows:
-        for name, stage in stages:
-            row = _run_guarded(stage, name, row)
-        yield row
+    return _graph(cfg, plan).run_local(rows)
 
 
 def _ensure_ray():
@@ -171,7 +129,7 @@ def _ensure_ray():
 
 def _iter_ray(cfg: JobConfig, plan: Plan, rows: list[dict]) -> Iterator[dict]:
     ray = _ensure_ray()
-    from ray.data import DataContext
+    from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the job prints its own progress with ETA
@@ -180,18 +138,23 @@ def _iter_ray(cfg: JobConfig, plan: Plan, rows: list[dict]) -> Iterator[dict]:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     # Items carry an index, not the key: keys may hold bytes that are not UTF-8, which Arrow strings cannot.
     ds = ray.data.from_items([{"i": i, "row": pickle.dumps(r)} for i, r in enumerate(rows)])
-    for name, cls, kw, holds_model, wants_gpu in _stages(cfg, plan):
-        if holds_model:
-            n = cfg.concurrency.get(name) or (max(1, gpus) if wants_gpu else 1)
-            threads = None if (wants_gpu and gpus) else max(1, cpus // n)
-            ds = ds.map(
-                StageActor,
-                fn_constructor_kwargs={"name": name, "cls": cls, "kwargs": kw, "threads": threads},
-                concurrency=n,
-                num_gpus=1 if (wants_gpu and gpus) else 0,
-            )
+    graph = _graph(cfg, plan)
+    actors = graph.actors(gpus, cfg.concurrency)
+    if gpus and graph.gpus_needed(actors) > gpus:
+        raise SetupError(f"the actors asked for ({actors}) need {graph.gpus_needed(actors):g} GPUs; the cluster has "
+                         f"{gpus}")  # fmt: skip
+    for spec in graph.stages:
+        common = {"batch_size": spec.batch_rows, "batch_format": "numpy"}
+        if spec.holds_model:
+            on_gpu = spec.wants_gpu and gpus > 0
+            n = actors[spec.name]
+            ds = ds.map_batches(
+                StageActor, fn_constructor_kwargs={"spec": spec, "threads": None if on_gpu else max(1, cpus // n)},
+                compute=ActorPoolStrategy(size=n), num_cpus=spec.num_cpus,
+                num_gpus=spec.gpu_share if on_gpu else 0, **common,
+            )  # fmt: skip
         else:
-            ds = ds.map(stage_task, fn_kwargs={"name": name, "cls": cls, "kwargs": kw})
+            ds = ds.map_batches(stage_task, fn_kwargs={"spec": spec}, num_cpus=spec.num_cpus, **common)
     for item in ds.iter_rows():
         yield pickle.loads(item["row"])
 
@@ -278,13 +241,16 @@ def run_job(cfg: JobConfig, on_row=None) -> Summary:
             rows.update(_unfinished(cfg, plan, [r for r in todo if r["key"] not in results]))
         return list(rows.values())
 
-    bar = _progress(len(todo), cfg.progress)
+    local = use_local_loop(cfg, len(todo))
+    summary.runner = "local loop" if local else "Ray Data"
+    quiet = _RayQuiet(enabled=not local and not cfg.verbose)
+    bar = _progress(len(todo), cfg.progress, quiet.terminal)
     last_flush = time.time()
     try:
-        with _on_signals(_raise_interrupted):
-            if not cfg.local and todo:
+        with _on_signals(_raise_interrupted), quiet:
+            if not local and todo:
                 _ensure_ray()  # start Ray before our handlers matter: its start-up installs handlers of its own
-            it: Iterable[dict] = _iter_local(cfg, plan, todo) if cfg.local else _iter_ray(cfg, plan, todo)
+            it: Iterable[dict] = _iter_local(cfg, plan, todo) if local else _iter_ray(cfg, plan, todo)
             for row in it:
                 results[row["key"]] = manifest_row(row, cfg.model.preset)
                 bar.update(1)
@@ -328,10 +294,75 @@ def _unfinished(cfg: JobConfig, plan: Plan, rows: list[dict]) -> dict[str, dict]
     return out
 
 
-def _progress(total: int, enabled: bool):
+AUTO_LOCAL_MAX = 16  # inputs: below this, with no cluster configured, Ray's start-up costs more than it saves
+
+
+def use_local_loop(cfg: JobConfig, n: int) -> bool:
+    """--local / --ray decide; otherwise the in-process loop for small jobs when no cluster is configured."""
+    if cfg.local is not None:
+        return cfg.local
+    return not os.environ.get("RAY_ADDRESS") and n <= AUTO_LOCAL_MAX
+
+
+class _RayQuiet:
+    """Keep Ray's start-up notices and worker messages (written straight to file descriptor 2) out of the user's
+    terminal: fd 2 goes to a log file while Ray runs; our own progress and messages use the saved terminal."""
+
+    LOG = os.path.join(os.environ.get("TMPDIR", "/tmp"), "pidray-ray.log")
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.saved = enabled, None
+        self.terminal = sys.stderr
+        if enabled:
+            self.saved = os.dup(2)
+            self.terminal = os.fdopen(os.dup(2), "w", buffering=1)
+
+    def __enter__(self):
+        if self.enabled:
+            with open(self.LOG, "ab") as log:
+                os.dup2(log.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            os.dup2(self.saved, 2)
+            os.close(self.saved)
+            self.terminal.flush()
+        return False
+
+
+class _LogProgress:
+    """Progress without a terminal (k8s logs, CI): one line every `every` seconds and at the end."""
+
+    def __init__(self, total: int, stream, every: float = 30.0):
+        self.total, self.stream, self.every = total, stream, every
+        self.done, self.t0, self.last = 0, time.time(), time.time()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if time.time() - self.last >= self.every:
+            self.last = time.time()
+            self._line()
+
+    def _line(self) -> None:
+        dt = max(1e-9, time.time() - self.t0)
+        rate = self.done / dt
+        eta = (self.total - self.done) / rate if rate else float("nan")
+        print(f"upscale: {self.done}/{self.total} ({100 * self.done / max(1, self.total):.0f}%), {rate:.2f} img/s, "
+              f"ETA {eta:.0f}s", file=self.stream, flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        if self.done:
+            self._line()
+
+
+def _progress(total: int, enabled: bool, stream):
+    """A bar with ETA on a terminal, a periodic one-line log otherwise, nothing when disabled."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", desc="upscale", disable=not enabled, smoothing=0.1)
+    if enabled and not stream.isatty():
+        return _LogProgress(total, stream)
+    return tqdm(total=total, unit="img", desc="upscale", disable=not enabled, smoothing=0.1, file=stream)
 
 
 __all__ = ["JobConfig", "Summary", "run_job", "plan_job", "MANIFEST_NAME"]

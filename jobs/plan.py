@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from jobs.manifest import MANIFEST_NAME, load_manifest, manifest_row
-from jobs.storage import Entry, Location, display, key_problem
 from pipeline.errors import SetupError
 from pipeline.imageio import EXTENSIONS, FORMATS, probe
 from pipeline.noise import file_seed
+from pipeline.storage import Entry, Location, display, key_problem
 
 MAX_INPUT_BYTES = 1 << 30  # a file larger than this is refused before it is read (no image we take is that big)
 OUTPUT_EXTENSIONS = sorted(set(EXTENSIONS.values()))

@@ -1,4 +1,4 @@
-"""`pidray upscale SRC DST`: a file, folder or s3:// prefix in, the same tree out (Ray Data, or --local)."""
+"""`pidray upscale SRC DST`: a file, folder or s3:// prefix in, the same tree out (Ray Data or the local loop)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 from jobs.pipeline import JobConfig, run_job
-from jobs.storage import S3Settings
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
 from pipeline.stages.common import check_seed
+from pipeline.storage import S3Settings
 
 
 def read_captions(path: str) -> dict[str, str]:
@@ -89,7 +89,17 @@ def add_upscale_parser(sub, parents=()) -> None:
     o.add_argument("--suffix", default="", type=suffix_arg, help="added to each output file name's stem")
     o.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger inputs")
     j = p.add_argument_group("job")
-    j.add_argument("--local", action="store_true", help="plain in-process loop instead of Ray Data")
+    run = j.add_mutually_exclusive_group()
+    run.add_argument(
+        "--local",
+        dest="local",
+        action="store_const",
+        const=True,
+        default=None,
+        help="the in-process loop (default for small jobs with no RAY_ADDRESS)",
+    )
+    run.add_argument("--ray", dest="local", action="store_const", const=False, help="Ray Data, whatever the size")
+    j.add_argument("--verbose", action="store_true", help="let Ray's own messages through")
     j.add_argument("--resume", action="store_true", help="skip inputs whose output is already complete")
     j.add_argument("--dry-run", action="store_true", help="list what would be done")
     j.add_argument("--in-place", action="store_true", help="DST is SRC: write beside the inputs (needs --suffix)")
@@ -123,7 +133,7 @@ def config_from_args(args) -> JobConfig:
         include_hidden=args.include_hidden, captions=read_captions(args.captions) if args.captions else {},
         resume=args.resume, dry_run=args.dry_run, local=args.local,
         concurrency={k: v for k, v in (("encode", args.encode_actors), ("diffuse", args.diffuse_actors)) if v},
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=not args.no_progress, verbose=args.verbose,
     )  # fmt: skip
 
 

@@ -1,22 +1,24 @@
-"""The stage graph: one definition of decode → encode → diffuse → merge, run by three drivers.
+"""The stage graph: the one description of decode → encode → diffuse → merge that every driver runs.
 
-- `run_local` (here): a plain Python loop, used by `pidray upscale --local` and the Python API;
-- `jobs/pipeline.py`: Ray Data, the model stages as actor pools;
-- `serve/app.py`: Ray Serve deployments around the same classes.
-Each `StageSpec` names its class, constructor kwargs (plain data), whether it holds a model (so a
-driver runs it as an actor / replica), whether it wants a GPU, and its memory per image.
+- `StageGraph.run_local` (here): a plain Python loop, used by `pidray upscale --local` and the Python API;
+- `jobs/pipeline.py`: Ray Data, one `map_batches` per stage (actor pools for stages that hold a model);
+- `serve/app.py`: Ray Serve, one deployment per model-holding stage; the others run inside the ingress.
+Each `StageSpec` names its class, constructor kwargs (plain data), whether it holds a model (so a driver runs it
+as an actor / replica), its resources, and how many rows it takes per call. `with_io` adds the bulk job's read
+and write stages. A driver never names a stage: adding one here is all it takes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from pipeline.memory import tile_bytes, weight_bytes
 from pipeline.model.presets import get_preset
 from pipeline.runtime import ModelOptions, pick_device, pick_dtype
-from pipeline.stages import DecodeStage, DiffuseStage, EncodeStage, MergeStage, UpscaleOptions
+from pipeline.stages import DecodeStage, DiffuseStage, EncodeStage, MergeStage, ReadStage, WriteStage, run_stage
+from pipeline.stages.common import UpscaleOptions
 from pipeline.stages.encode import plan_for
 
 
@@ -27,8 +29,11 @@ class StageSpec:
     kwargs: dict
     holds_model: bool  # load once per worker: actor pool / replica
     wants_gpu: bool  # ask for an accelerator where the cluster has one
+    batch_rows: int = 1  # rows per call: model stages batch across images
+    num_cpus: float = 1.0  # per actor / task
+    gpu_share: float = 0.0  # fraction of one GPU per actor where the cluster has GPUs (stages may share one)
 
-    def build(self) -> Callable[[dict], dict]:
+    def build(self):
         return self.cls(**self.kwargs)
 
 
@@ -39,18 +44,42 @@ class StageGraph:
         self.preset = get_preset(self.model.preset)
         m, o = dataclasses.asdict(self.model), self.options.to_dict()
         latent_vae = self.preset.vae != "rgb"
+        # On a GPU cluster each GPU hosts one actor of every GPU stage: the shares of one GPU add up to 1.
+        vae_share = 0.25 if latent_vae else 0.0
         self.stages = [
             StageSpec("decode", DecodeStage, {"max_pixels": self.options.max_pixels}, False, False),
-            StageSpec("encode", EncodeStage, {"model": m, "options": o}, latent_vae, latent_vae),
-            StageSpec("diffuse", DiffuseStage, {"model": m, "options": o}, True, True),
+            StageSpec("encode", EncodeStage, {"model": m, "options": o}, latent_vae, latent_vae, batch_rows=8,
+                      gpu_share=vae_share),
+            StageSpec("diffuse", DiffuseStage, {"model": m, "options": o}, True, True, batch_rows=16,
+                      gpu_share=1.0 - vae_share),
             StageSpec("merge", MergeStage, {"options": o}, False, False),
-        ]
+        ]  # fmt: skip
+
+    def actors(self, gpus: int, requested: dict[str, int] | None = None) -> dict[str, int]:
+        """Actors per model stage on a cluster with `gpus` GPUs: as requested, else one per GPU (one if none)."""
+        requested = requested or {}
+        return {s.name: requested.get(s.name) or (max(1, gpus) if s.wants_gpu and gpus else 1)
+                for s in self.model_stages()}  # fmt: skip
+
+    def gpus_needed(self, actors: dict[str, int]) -> float:
+        return sum(s.gpu_share * actors.get(s.name, 0) for s in self.model_stages() if s.wants_gpu)
+
+    def with_io(self, src, dst) -> StageGraph:
+        """This graph with the bulk job's read (from `src`) and write (to `dst`) stages at its ends."""
+        g = object.__new__(StageGraph)
+        g.__dict__.update(self.__dict__)
+        g.stages = [StageSpec("read", ReadStage, {"src": src}, False, False), *self.stages,
+                    StageSpec("write", WriteStage, {"dst": dst}, False, False)]  # fmt: skip
+        return g
 
     def __getitem__(self, name: str) -> StageSpec:
         return next(s for s in self.stages if s.name == name)
 
     def names(self) -> list[str]:
         return [s.name for s in self.stages]
+
+    def model_stages(self) -> list[StageSpec]:
+        return [s for s in self.stages if s.holds_model]
 
     def memory_estimate(self, in_hw: tuple[int, int], device: str | None = None) -> dict[str, int]:
         """Bytes per stage for one image of in_hw pixels (the diffuse stage at batch size 1)."""
@@ -64,20 +93,22 @@ class StageGraph:
             "decode": in_hw[0] * in_hw[1] * 3 * 2,
             "encode": plan.pad_hw[0] * plan.pad_hw[1] * 3 * 4 * 2,
             "diffuse": weight_bytes(cfg, dtype) + tile_bytes(cfg, plan.tile_out, dtype) + plan.n_tiles * 3 * 4
-            * plan.tile_out[0] * plan.tile_out[1] * 4,
-            "merge": canvas * 3 * 4 * 2 + out_px * 3 * 2,
+            * plan.tile_out[0] * plan.tile_out[1] * 4 + canvas * 3 * 4 * 2,
+            "merge": out_px * 3 * 2 * 2,
         }  # fmt: skip
 
-    def build_all(self) -> list[Callable[[dict], dict]]:
+    def build_all(self) -> list:
         return [s.build() for s in self.stages]
 
-    def run_local(self, rows: Iterable[dict], stages: list | None = None) -> Iterator[dict]:
-        """Run every row through every stage in this process (stages built once)."""
+    def run_local(self, rows: Iterable[dict], stages: list | None = None, batch: int = 8) -> Iterator[dict]:
+        """Run rows through every stage in this process (stages built once), `batch` rows at a time so that
+        the model stages batch across images; results come out in input order."""
         stages = stages or self.build_all()
-        for row in rows:
-            for stage in stages:
-                row = stage(row)
-            yield row
+        it = iter(rows)
+        while chunk := [r for _, r in zip(range(batch), it)]:
+            for spec, stage in zip(self.stages, stages):
+                chunk = run_stage(stage, spec.name, chunk)
+            yield from chunk
 
 
 def upscale_bytes(data: bytes, model: ModelOptions | None = None, options: UpscaleOptions | None = None, **row):

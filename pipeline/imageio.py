@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import BadInput, BadParameter
@@ -159,11 +160,16 @@ def resize_plane(plane: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(plane).resize((w, h), Image.LANCZOS))
 
 
-def from_float(x: np.ndarray, bits: int) -> np.ndarray:
-    """[3, H, W] float in [-1, 1] -> [H, W, 3] uint8/uint16."""
+def quantize(x, bits: int) -> np.ndarray:
+    """[3, H, W] float tensor in [-1, 1] (any device) -> [H, W, 3] uint8/uint16 on the host.
+
+    Quantised where the tensor lives, so only the compact result crosses to the host (1 or 2 bytes a sample).
+    """
     peak = 65535.0 if bits == 16 else 255.0
-    arr = np.clip((x.transpose(1, 2, 0) + 1.0) * 0.5, 0.0, 1.0) * peak
-    return arr.round().astype(np.uint16 if bits == 16 else np.uint8)
+    v = (((x.float() + 1.0) * 0.5).clamp(0.0, 1.0) * peak).round().permute(1, 2, 0)
+    if bits == 16:
+        return v.to(torch.int32).cpu().numpy().astype(np.uint16)
+    return v.to(torch.uint8).contiguous().cpu().numpy()
 
 
 def output_format(src: Decoded, requested: str | None) -> str:

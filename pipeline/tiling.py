@@ -103,8 +103,15 @@ def plan_tiles(
     tile_out: int,
     overlap: int = DEFAULT_OVERLAP,
     max_output_side: int = DEFAULT_MAX_OUTPUT_SIDE,
+    tile_min_out: int | None = None,
 ) -> TilePlan:
-    """Plan tiles for an input of in_hw pixels. tile_out: the tile side in output pixels (the envelope)."""
+    """Plan tiles for an input of in_hw pixels.
+
+    tile_out: the largest tile side in output pixels (the envelope's maximum); tile_min_out: the smallest a tile
+    may be made (the envelope's minimum; default tile_out). An axis that needs several tiles gets the fewest that
+    cover it, split evenly: every tile the same size, as small as covering allows (not below tile_min_out), so the
+    pixels diffused stay close to the output's instead of padding the last tile out to the maximum.
+    """
     h, w = in_hw
     if h <= 0 or w <= 0:
         raise ValueError(f"image size must be positive, got {h}x{w}")
@@ -112,6 +119,7 @@ def plan_tiles(
     out_per_lat = unit * sr_scale
     m = patch // math.gcd(patch, out_per_lat)  # latent pixels per tile step so that tiles are whole patches
     t_full = max(m, tile_out // out_per_lat // m * m)
+    t_min = min(t_full, max(m, _round_up((tile_min_out or tile_out) // out_per_lat, m)))
     if overlap < 0 or _round_up(overlap, m) >= t_full:
         raise BadParameter(
             f"--overlap {overlap} must be >= 0 and below the tile size of {t_full} latent pixels (--tile {tile_out} "
@@ -127,10 +135,17 @@ def plan_tiles(
             stride.append(tile[-1])
             grid.append(1)
         else:
-            tile.append(t_full)
-            stride.append(t_full - ov)
-            grid.append(1 + -(-(size - t_full) // (t_full - ov)))
+            n = 1 + -(-(size - t_full) // (t_full - ov))  # the fewest tiles of the largest size that cover it
+            t = max(t_min, _round_up(-(-(size + (n - 1) * ov) // n), m))  # the smallest equal tiles that do
+            tile.append(t)
+            stride.append(t - ov)
+            grid.append(n)
     return TilePlan((h, w), unit, out_per_lat, sr_scale, tuple(tile), tuple(stride), tuple(grid))
+
+
+def diffused_pixels(plan: TilePlan) -> int:
+    """Output pixels the network processes per step: every tile, overlaps counted each time."""
+    return plan.n_tiles * plan.tile_out[0] * plan.tile_out[1]
 
 
 def pad_image(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -168,11 +183,11 @@ def tile_weights(plan: TilePlan) -> tuple[torch.Tensor, torch.Tensor]:
 
 def blend(tiles: torch.Tensor, plan: TilePlan, weights=None) -> torch.Tensor:
     """Feathered accumulation of tiles [N, C, th, tw] into the canvas [C, CH, CW] (Triton on CUDA)."""
-    from pipeline.kernels import get_ops
+    from pipeline.kernels import TorchOps, get_ops
 
     wy, wx = weights if weights is not None else tile_weights(plan)
     origins = torch.tensor([(y * plan.out_per_lat, x * plan.out_per_lat) for y, x in plan.origins()])
-    ops = get_ops(device=tiles.device)
+    ops = get_ops(device=tiles.device) if tiles.is_cuda else TorchOps()  # by the tensor's device, never a global
     return ops.tile_blend(tiles, wy.to(tiles.device), wx.to(tiles.device), origins, plan.canvas_hw)
 
 

@@ -29,10 +29,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from pipeline.errors import HTTP_STATUS, BadParameter, Cancelled, Refused, TooLarge, kind_of
+from pipeline.errors import HTTP_STATUS, BadParameter, Refused, TooLarge, kind_of
+from pipeline.graph import StageGraph, StageSpec
 from pipeline.imageio import output_format, probe
 from pipeline.model.presets import PRESETS, get_preset
-from pipeline.stages import DecodeStage, DiffuseStage, EncodeStage, MergeStage, UpscaleOptions, failed
+from pipeline.runtime import ModelOptions
+from pipeline.stages import UpscaleOptions, run_stage
 from pipeline.stages.encode import plan_for
 from pipeline.tiling import TilePlan, check_output_side, target_size
 from serve.metrics import ServeMetrics
@@ -44,15 +46,6 @@ ROW_PARAMS = {"seed": int, "caption": str, "degrade_sigma": float, "format": str
 
 
 # ---------------------------------------------------------------------------------------------- stage deployments
-@serve.deployment(name="encode")
-class EncodeDeployment:
-    def __init__(self, model: dict, options: dict):
-        self.stage = EncodeStage(model, options)
-
-    def __call__(self, row: dict) -> dict:
-        return self.stage(row)
-
-
 TILE_COST_CAP = 8  # a request counts as at most this many tiles, so one big image still forms a batch of its own
 
 
@@ -60,18 +53,13 @@ def batch_cost(rows: list[dict]) -> int:
     return sum(min(TilePlan.from_dict(r["plan"]).n_tiles if "plan" in r else 1, TILE_COST_CAP) for r in rows)
 
 
-@serve.deployment(name="diffuse")
-class DiffuseDeployment:
-    """Holds the model once per replica; requests are batched by tile count, grouped by tile shape and steps.
+@serve.deployment
+class StageDeployment:
+    """One deployment per model-holding stage of the graph (named after it): the stage class the job runs, its
+    model loaded once per replica, requests batched by `@serve.batch` (sized in tiles) through the same envelope
+    (`run_stage`) as the job. A caller that goes away is passed to the stage's `cancel`, so its work stops."""
 
-    Each request carries a deadline; a request that was cancelled (its caller timed out or went away) or whose
-    deadline passed stops costing compute: it is dropped before its group starts, and a group whose every member
-    is gone stops between steps. A failure is isolated: a group that fails is retried one request at a time.
-    """
-
-    def __init__(
-        self, model: dict, options: dict, max_batch_tiles: int = 16, batch_wait_s: float = 0.005, threads: int = 0
-    ):
+    def __init__(self, spec: StageSpec, max_batch_tiles: int = 16, batch_wait_s: float = 0.005, threads: int = 0):
         import torch
         from ray.serve import metrics
 
@@ -79,12 +67,10 @@ class DiffuseDeployment:
             torch.set_num_threads(threads)
         if max_batch_tiles < TILE_COST_CAP:
             raise ValueError(f"max_batch_tiles must be >= {TILE_COST_CAP}, got {max_batch_tiles}")
-        self.stage = DiffuseStage(model, options)
+        self.spec, self.stage = spec, spec.build()
         self.batch_sizes: Counter = Counter()
-        self.cancelled: dict[str, None] = {}  # request ids whose callers are gone (oldest first, capped)
-        self.stopped = 0  # requests whose work was stopped or skipped because they were cancelled/expired
         self.batch_metric = metrics.Histogram(
-            "pidray_diffuse_batch_size", "requests per diffuse batch", boundaries=[1, 2, 4, 8, 16, 32]
+            f"pidray_{spec.name}_batch_size", f"requests per {spec.name} batch", boundaries=[1, 2, 4, 8, 16, 32]
         )
         self.run.set_max_batch_size(max_batch_tiles)
         self.run.set_batch_wait_timeout_s(batch_wait_s)
@@ -93,82 +79,23 @@ class DiffuseDeployment:
         return True
 
     def stats(self) -> dict:
-        return {"batch_sizes": dict(self.batch_sizes), "device": str(self.stage.device), "stopped": self.stopped}
+        return {"batch_sizes": dict(self.batch_sizes), "device": str(getattr(self.stage, "device", "cpu")),
+                "stopped": getattr(self.stage, "stopped", 0)}  # fmt: skip
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=batch_cost)
     async def run(self, rows: list[dict]) -> list[dict]:
         self.batch_sizes[len(rows)] += 1
         self.batch_metric.observe(len(rows))
-        return await asyncio.to_thread(self._run_sync, rows)
-
-    def _gone(self, row: dict) -> bool:
-        return row.get("request_id") in self.cancelled or time.time() > row.get("deadline", float("inf"))
-
-    def _run_sync(self, rows: list[dict]) -> list[dict]:
-        out: list[dict | None] = [None] * len(rows)
-        groups: dict[tuple, list[int]] = {}
-        for i, row in enumerate(rows):
-            try:
-                item, steps = self.stage.request(row)
-                groups.setdefault((item[2].tile, steps), []).append(i)
-            except Exception as e:  # a malformed row fails alone
-                out[i] = failed(row, "diffuse", e)
-        for (_, steps), idx in groups.items():
-            self._run_group(rows, idx, steps, out)
-        for row in rows:
-            self.cancelled.pop(row.get("request_id"), None)
-        return out
-
-    def _run_group(self, rows: list[dict], idx: list[int], steps: int, out: list) -> None:
-        live = []
-        for i in idx:
-            if self._gone(rows[i]):
-                self.stopped += 1
-                out[i] = failed(rows[i], "diffuse", Cancelled("cancelled before it started"))
-            else:
-                live.append(i)
-        if not live:
-            return
-        t0 = time.perf_counter()
-        try:
-            results = self.stage.diffuse_many(
-                [self.stage.request(rows[i])[0] for i in live], steps=steps,
-                should_stop=lambda: all(self._gone(rows[i]) for i in live),
-            )  # fmt: skip
-        except Exception as e:
-            if len(live) > 1 and not isinstance(e, Cancelled):  # isolate: one bad request must not fail the rest
-                for i in live:
-                    self._run_group(rows, [i], steps, out)
-                return
-            self.stopped += isinstance(e, Cancelled) * len(live)
-            for i in live:
-                out[i] = failed(rows[i], "diffuse", e)
-            return
-        dt = round(time.perf_counter() - t0, 4)
-        for i, tiles in zip(live, results):
-            r = {k: v for k, v in rows[i].items() if k not in ("latent", "caption_emb")}
-            r["tiles"] = tiles.numpy()
-            r.setdefault("timings", {})["diffuse"] = dt
-            r["batch"] = len(live)
-            out[i] = r
+        return await asyncio.to_thread(run_stage, self.stage, self.spec.name, rows)
 
     async def __call__(self, row: dict) -> dict:
         try:
             return await self.run(row)
         except asyncio.CancelledError:  # the caller timed out or disconnected: stop its work at the next step
-            self.cancelled[row.get("request_id")] = None
-            while len(self.cancelled) > 10_000:  # ids of requests cancelled after their batch ended
-                self.cancelled.pop(next(iter(self.cancelled)))
+            cancel = getattr(self.stage, "cancel", None)
+            if cancel is not None and row.get("request_id"):
+                cancel(row["request_id"])
             raise
-
-
-@serve.deployment(name="merge")
-class MergeDeployment:
-    def __init__(self, options: dict):
-        self.stage = MergeStage(options)
-
-    def __call__(self, row: dict) -> dict:
-        return self.stage(row)
 
 
 # ---------------------------------------------------------------------------------------------- ingress
@@ -221,18 +148,12 @@ LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1"}
 class Ingress:
     """Admission (auth, origin/host, size, work), decode off the event loop, then the stage chain with a deadline."""
 
-    def __init__(
-        self,
-        encode: DeploymentHandle,
-        diffuse: DeploymentHandle,
-        merge: DeploymentHandle,
-        settings: dict,
-    ):
-        # A stage handle may be None: the stage holds no model (StageGraph.holds_model), so it runs right here in
-        # the ingress replica instead of costing a hop (the RGB encode of the small preset, the merge).
-        self.encode, self.diffuse, self.merge = encode, diffuse, merge
-        self.local_encode = EncodeStage(settings["model"], settings.get("options", {})) if encode is None else None
-        self.local_merge = MergeStage(settings.get("options", {})) if merge is None else None
+    def __init__(self, handles: dict[str, DeploymentHandle], settings: dict):
+        # The graph's stages in order: a model-holding stage is a deployment of its own (a handle); the others run
+        # right here in the ingress replica, off the event loop, instead of costing a hop.
+        graph = StageGraph(ModelOptions(**settings["model"]), UpscaleOptions.from_dict(settings.get("options", {})))
+        self.chain = [(s.name, handles[s.name] if s.holds_model else s.build()) for s in graph.stages]
+        self.probe_handle = handles[graph.model_stages()[-1].name]  # /healthz: the last model stage is loaded
         self.preset = get_preset(settings["preset"])
         self.options = UpscaleOptions.from_dict(settings.get("options", {}))
         self.max_bytes = int(settings.get("max_bytes", 50 << 20))
@@ -248,8 +169,7 @@ class Ingress:
         bind = settings.get("bind_host", "")
         # Bound to loopback, only loopback names are accepted as Host (DNS rebinding); elsewhere any Host unless listed.
         self.allowed_hosts = set(settings.get("allowed_hosts") or []) | (LOOPBACK_HOSTS if is_loopback(bind) else set())
-        self.decoder = DecodeStage(self.options.max_pixels)
-        self.decode_slots = asyncio.Semaphore(int(settings.get("decode_concurrency", 2)))  # bounds decoded pixels
+        self.local_slots = asyncio.Semaphore(int(settings.get("decode_concurrency", 2)))  # bounds decoded pixels
         self.in_flight = 0
         self.refused: Counter = Counter()
         self.latencies: deque = deque(maxlen=2048)
@@ -340,18 +260,16 @@ class Ingress:
             )
 
     async def _pipeline(self, row: dict) -> dict:
-        if self.encode is None:
-            row = await asyncio.to_thread(self.local_encode, row)
-        else:
-            row = await self.encode.remote(row)
-        if row.get("status") == "failed":
-            return row
-        row = await self.diffuse.remote(row)
-        if row.get("status") == "failed":
-            return row
-        if self.merge is None:
-            return await asyncio.to_thread(self.local_merge, row)
-        return await self.merge.remote(row)
+        """The row through the graph: local stages in a thread (a few at a time), model stages through handles."""
+        for name, target in self.chain:
+            if isinstance(target, DeploymentHandle):
+                row = await target.remote(row)
+            else:
+                async with self.local_slots:
+                    row = (await asyncio.to_thread(run_stage, target, name, [row]))[0]
+            if row.get("status") == "failed":
+                break
+        return row
 
     # -------------------------------------------------------------------------------- routes
     @app.post("/v1/upscale")
@@ -397,10 +315,6 @@ class Ingress:
         timeout = self._timeout(params)
         in_hw = await asyncio.to_thread(probe, data, max_pixels=self.options.max_pixels)  # header only
         self._admit(in_hw, row)
-        async with self.decode_slots:
-            row = await asyncio.to_thread(self.decoder, row)
-        if row.get("status") == "failed":
-            return _error(row.get("error_kind", "bad_input"), row["error"])
         row.update(request_id=uuid.uuid4().hex, deadline=time.time() + timeout)
         try:
             row = await asyncio.wait_for(self._pipeline(row), timeout=timeout)
@@ -421,7 +335,7 @@ class Ingress:
         return Response(row["output"], media_type=row["content_type"], headers=headers)
 
     async def _store(self, row: dict, headers: dict) -> Response:
-        from jobs.storage import Location, S3Settings
+        from pipeline.storage import Location, S3Settings
 
         loc = Location(self.output_s3["uri"], S3Settings(**self.output_s3.get("s3", {})))
         key = f"{uuid.uuid4().hex}{row['extension']}"
@@ -445,7 +359,7 @@ class Ingress:
     @app.get("/healthz")
     async def healthz(self):
         try:
-            await asyncio.wait_for(self.diffuse.ready.remote(), timeout=5)
+            await asyncio.wait_for(self.probe_handle.ready.remote(), timeout=5)
         except Exception:
             return _error("busy", "model not loaded yet", {"Retry-After": "5"})
         return {"status": "ok", "preset": self.preset.name}
@@ -454,9 +368,9 @@ class Ingress:
     async def stats(self):
         lat = sorted(self.latencies)
         pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None  # noqa: E731
-        diffuse = await self.diffuse.stats.remote()
+        stages = {n: await t.stats.remote() for n, t in self.chain if isinstance(t, DeploymentHandle)}
         return {"in_flight": self.in_flight, "requests": len(lat), "p50_s": pct(0.5), "p99_s": pct(0.99),
-                "refused": dict(self.refused), **diffuse}  # fmt: skip
+                "refused": dict(self.refused), "stages": stages, **stages.get("diffuse", {})}  # fmt: skip
 
     @app.get("/")
     def page(self):
@@ -464,45 +378,38 @@ class Ingress:
 
 
 def deployment_names(preset: str) -> list[str]:
-    """The deployments `build_app` creates for a preset: model-holding stages only, plus the ingress."""
-    from pipeline.graph import StageGraph
-    from pipeline.runtime import ModelOptions
-
-    graph = StageGraph(ModelOptions(preset=preset))
-    return ["ingress"] + [s.name for s in graph.stages if s.holds_model]
+    """The deployments `build_app` creates for a preset: the graph's model-holding stages, plus the ingress."""
+    return ["ingress"] + [s.name for s in StageGraph(ModelOptions(preset=preset)).model_stages()]
 
 
 def build_app(args: dict | None = None):
-    """Serve application builder (`serve run serve.app:build_app preset=small`)."""
+    """Serve application builder (`serve run serve.app:build_app preset=small`): one deployment per model stage."""
     args = dict(args or {})
+    unknown = sorted(set(args) - BUILD_ARGS)
+    if unknown:
+        raise ValueError(f"unknown endpoint setting(s): {unknown}; known: {sorted(BUILD_ARGS)}")
     preset = args.get("preset", "small")
     model = {"preset": preset, "weights": args.get("weights"), "text_encoder": args.get("text_encoder"),
              "allow_download": bool(args.get("allow_download", False)), "device": args.get("device", "auto"),
              "dtype": args.get("dtype", "auto")}  # fmt: skip
     options = UpscaleOptions.from_dict(args.get("options", {})).to_dict()
-    unknown = sorted(set(args) - BUILD_ARGS)
-    if unknown:
-        raise ValueError(f"unknown endpoint setting(s): {unknown}; known: {sorted(BUILD_ARGS)}")
-    settings = {"preset": preset, "options": options, **{k: args[k] for k in INGRESS_SETTINGS if k in args}}
-    diffuse_opts = {k: args[k] for k in ("max_batch_tiles", "batch_wait_s", "threads") if k in args}
+    settings = {"preset": preset, "options": options, "model": model,
+                **{k: args[k] for k in INGRESS_SETTINGS if k in args}}  # fmt: skip
+    batching = {k: args[k] for k in ("max_batch_tiles", "batch_wait_s", "threads") if k in args}
     dep = {**DEFAULT_DEPLOYMENTS, **args.get("deployments", {})}
     gpu = args.get("gpu", _has_gpu())
-    if gpu:
-        dep["diffuse"] = {**dep["diffuse"], "ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}
-    else:
-        diffuse_opts.setdefault("threads", os.cpu_count() or 1)
+    if not gpu:
+        batching.setdefault("threads", os.cpu_count() or 1)
     # Work per request (Mpx diffused × steps): a GPU does ~100× a CPU in the same time.
     settings.setdefault("max_cost_mpx_steps", 1000.0 if gpu else 8.0)
-    from pipeline.graph import StageGraph
-    from pipeline.runtime import ModelOptions
-
     graph = StageGraph(ModelOptions(**model), UpscaleOptions.from_dict(options))
-    settings["model"] = model
-    # Stages that hold a model are deployments of their own; the others run inside the ingress replicas.
-    encode = EncodeDeployment.options(**dep["encode"]).bind(model, options) if graph["encode"].holds_model else None
-    diffuse = DiffuseDeployment.options(**dep["diffuse"]).bind(model, options, **diffuse_opts)
-    merge = MergeDeployment.options(**dep["merge"]).bind(options) if graph["merge"].holds_model else None
-    return Ingress.options(**dep["ingress"]).bind(encode, diffuse, merge, settings)
+    handles = {}
+    for spec in graph.model_stages():
+        conf = dict(dep.get(spec.name, DEFAULT_STAGE_DEPLOYMENT))
+        if gpu and spec.wants_gpu:
+            conf["ray_actor_options"] = {"num_cpus": spec.num_cpus, "num_gpus": spec.gpu_share}
+        handles[spec.name] = StageDeployment.options(name=spec.name, **conf).bind(spec, **batching)
+    return Ingress.options(**dep["ingress"]).bind(handles, settings)
 
 
 INGRESS_SETTINGS = ("max_bytes", "timeout_s", "body_timeout_s", "token", "output_s3", "max_cost_mpx_steps",
@@ -520,8 +427,8 @@ DEFAULT_DEPLOYMENTS = {
                 "backpressure_config": {"status_code": 503, "retry_after_s": 2}},
     "encode": {"max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.1}},
     "diffuse": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.5}},
-    "merge": {"max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.1}},
 }  # fmt: skip
+DEFAULT_STAGE_DEPLOYMENT = {"max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.1}}  # a stage added later
 
 
 def _has_gpu() -> bool:

@@ -38,7 +38,7 @@ def test_readme_main_command_on_the_bundled_samples(tmp_path):
 
     samples = ROOT / "pipeline" / "assets" / "samples"
     out = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "upscale", str(samples), str(tmp_path), "--local"],
+        [sys.executable, "-m", "pidray.cli", "upscale", str(samples), str(tmp_path), "--local"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

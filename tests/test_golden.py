@@ -67,7 +67,7 @@ def test_tampered_fixture_fails_and_cli_exits_nonzero(golden_dir, tmp_path):
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(bad), metadata=meta)
     rep = verify(bad)
     assert not rep.ok and rep.checks[0].error > TOLERANCE
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", "golden", str(bad)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "pidray.cli", "golden", str(bad)], capture_output=True, text=True)
     assert out.returncode == 1 and "FAIL" in out.stdout
 
 

@@ -19,9 +19,9 @@ from PIL import Image
 
 from jobs.manifest import MANIFEST_NAME, read_manifest
 from jobs.pipeline import JobConfig, run_job
-from jobs.storage import Location, S3Settings
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
+from pipeline.storage import Location, S3Settings
 
 import corpus
 from conftest import S3_CREDS
@@ -68,7 +68,9 @@ def test_folder_to_folder_with_bad_corpus(ray_local, bicubic_weights, tmp_path):
     assert len(entries) >= 20
     src, dst = tmp_path / "in", tmp_path / "out"
     _write_corpus(src, entries)
-    cfg = JobConfig(str(src), str(dst), ModelOptions(weights=bicubic_weights), UpscaleOptions(), progress=False)
+    cfg = JobConfig(
+        str(src), str(dst), ModelOptions(weights=bicubic_weights), UpscaleOptions(), progress=False, local=False
+    )
     summary = run_job(cfg)
     print(summary.line())
     assert summary.ok + summary.failed == len(entries) and summary.failed == 8
@@ -88,7 +90,7 @@ def test_s3_to_s3_nested_keys(ray_local, s3_server, bicubic_weights):
         s3.put_object(Bucket="bucket", Key=f"raw/{key}", Body=data)
     settings = S3Settings(endpoint_url=s3_server, region="us-east-1")
     cfg = JobConfig("s3://bucket/raw", "s3://bucket/4k", ModelOptions(weights=bicubic_weights), UpscaleOptions(),
-                    s3=settings, progress=False)  # fmt: skip
+                    s3=settings, progress=False, local=False)  # fmt: skip
     summary = run_job(cfg)
     assert summary.ok == len(entries) - 1 and summary.failed == 1
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="bucket", Prefix="4k/")["Contents"]}
@@ -127,7 +129,9 @@ def test_killing_the_diffuse_actor_loses_nothing(ray_local, bicubic_weights, tmp
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    cfg = JobConfig(str(src), str(dst), ModelOptions(weights=bicubic_weights), UpscaleOptions(), progress=False)
+    cfg = JobConfig(
+        str(src), str(dst), ModelOptions(weights=bicubic_weights), UpscaleOptions(), progress=False, local=False
+    )
     summary = run_job(cfg)
     t.join(timeout=1)
     assert killed, "the test did not manage to kill the actor mid-job"
@@ -141,7 +145,7 @@ def test_resume_after_a_crash_writes_only_missing_outputs(bicubic_weights, tmp_p
     src, dst = tmp_path / "in", tmp_path / "out"
     entries = {k: v for k, v in corpus.build().items() if v[1][0] == "ok"}
     _write_corpus(src, entries)
-    cmd = [sys.executable, "-m", "jobs.cli", "upscale", str(src), str(dst), "--local", "--weights", bicubic_weights]
+    cmd = [sys.executable, "-m", "pidray.cli", "upscale", str(src), str(dst), "--local", "--weights", bicubic_weights]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len([p for p in dst.rglob("*.*") if p.is_file()]) < 3:
@@ -169,7 +173,7 @@ def test_f6_names_that_are_not_utf8_through_ray_data(ray_local, bicubic_weights,
     raw = b"na\xefve \xfe.png"
     Image.new("RGB", (10, 8), (1, 2, 3)).save(os.fsencode(src) + b"/" + raw, format="PNG")
     Image.new("RGB", (10, 8), (1, 2, 3)).save(src / "fine.png")
-    summary = run_job(JobConfig(str(src), str(dst), ModelOptions(weights=bicubic_weights), progress=False))
+    summary = run_job(JobConfig(str(src), str(dst), ModelOptions(weights=bicubic_weights), progress=False, local=False))
     assert summary.ok == 2 and summary.failed == 0
     assert os.path.isfile(os.fsencode(dst) + b"/" + raw)
     rows = read_manifest(Location(str(dst)))

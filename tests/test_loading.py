@@ -108,7 +108,7 @@ def test_corrupt_or_missing_files(tmp_path):
 
 def test_cli_convert_reports_errors_without_traceback(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "convert", str(tmp_path / "nope.pth"), str(tmp_path / "o.safetensors"),
+        [sys.executable, "-m", "pidray.cli", "convert", str(tmp_path / "nope.pth"), str(tmp_path / "o.safetensors"),
          "--preset", "flux-2k"], capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 2 and "checkpoint not found" in out.stderr and "Traceback" not in out.stderr

@@ -18,10 +18,10 @@ from PIL import Image
 
 from jobs.manifest import MANIFEST_NAME, read_manifest
 from jobs.pipeline import JobConfig, run_job
-from jobs.storage import Location, S3Settings
 from pipeline.errors import BadInput, SetupError
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
+from pipeline.storage import Location, S3Settings
 
 from conftest import ROOT, S3_CREDS, free_port, png_bytes
 
@@ -46,7 +46,7 @@ def _job(src, dst, weights, **kw) -> JobConfig:
 
 
 def _cli(*args, check_rc=None, **kw) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, cwd=ROOT, **kw)
+    out = subprocess.run([sys.executable, "-m", "pidray.cli", *args], capture_output=True, text=True, cwd=ROOT, **kw)
     if check_rc is not None:
         assert out.returncode == check_rc, (out.returncode, out.stdout, out.stderr)
     assert "Traceback" not in out.stderr, out.stderr
@@ -253,7 +253,7 @@ def test_f5_s3_setup_errors_are_one_line_before_any_work(s3_server, tmp_path):
             print(f"{time.time() - t0:.1f}s: {line}")
             assert expect in line and "botocore" not in line, line
             assert time.time() - t0 < 60
-        traced = subprocess.run([sys.executable, "-m", "jobs.cli", "--debug", "upscale", "s3://no-such-src/in",
+        traced = subprocess.run([sys.executable, "-m", "pidray.cli", "--debug", "upscale", "s3://no-such-src/in",
                                  str(tmp_path / "o"), "--s3-endpoint", s3_server], capture_output=True, text=True,
                                 cwd=ROOT, env=env)  # fmt: skip
         assert traced.returncode != 0 and "Traceback" in traced.stderr  # --debug keeps the traceback
@@ -299,7 +299,7 @@ def test_f7_interrupt_stops_cleanly_and_writes_the_manifest(bicubic_weights, tmp
     src, dst = tmp_path / "in", tmp_path / "out"
     for i in range(24):
         _save(src / f"img{i:02d}.png", color=(i * 10, 50, 50), size=(40, 40))
-    cmd = [sys.executable, "-m", "jobs.cli", "upscale", str(src), str(dst), "--weights", bicubic_weights]
+    cmd = [sys.executable, "-m", "pidray.cli", "upscale", str(src), str(dst), "--weights", bicubic_weights]
     cmd += ["--local"] if mode == "--local" else []
     out = _interrupt(cmd, dst, sig, timeout=180)
     assert out.returncode == 128 + sig, (out.returncode, out.stderr[-2000:])
@@ -382,7 +382,7 @@ def test_f8_output_format_size_limit_alpha_and_resume_sizes(bicubic_weights, tmp
 
 
 def test_f8_info_into_a_closed_pipe_is_quiet():
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "info", "small", "--keys"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "pidray.cli", "info", "small", "--keys"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=ROOT)  # fmt: skip
     first = proc.stdout.readline()
     proc.stdout.close()  # like `| head -1`

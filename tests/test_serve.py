@@ -15,6 +15,8 @@ import pytest
 import requests
 from PIL import Image
 
+from pipeline.stages import run_stage
+
 import corpus
 from conftest import ROOT, free_port, png_bytes
 
@@ -321,19 +323,17 @@ def test_f10_poisoned_request_does_not_fail_its_batch_mates(endpoint):
 
 
 def test_f10_failure_inside_a_batch_is_isolated(endpoint):
-    """A malformed row in a batch fails alone: the deployment's batch method, driven directly."""
-    from pipeline.stages import DecodeStage, EncodeStage
-    from serve.app import DiffuseDeployment
+    """A malformed row in a batch fails alone: the envelope every driver (and the Serve batcher) uses."""
+    from pipeline.graph import StageGraph
 
-    rows = []
-    for seed in (1, 2, 3):
-        row = DecodeStage()({"key": f"r{seed}", "bytes": _img(16, 16, seed)})
-        rows.append({**EncodeStage()(row), "request_id": f"id{seed}", "seed": seed})
+    graph = StageGraph()
+    decode, encode, diffuse, _ = graph.build_all()
+    rows = [{"key": f"r{seed}", "bytes": _img(16, 16, seed), "seed": seed} for seed in (1, 2, 3)]
+    rows = run_stage(encode, "encode", run_stage(decode, "decode", rows))
     rows[1]["latent"] = rows[1]["latent"][:, :5, :5]  # does not match its tile plan
-    dep = DiffuseDeployment.func_or_class({"preset": "small"}, {}, max_batch_tiles=8)
-    out = dep._run_sync(rows)
+    out = run_stage(diffuse, "diffuse", rows)
     assert [r.get("status") for r in out] == [None, "failed", None]
-    assert "tile plan" in out[1]["error"] and out[0]["tiles"].shape == out[2]["tiles"].shape
+    assert "tile plan" in out[1]["error"] and out[0]["pixels"].shape == out[2]["pixels"].shape == (64, 64, 3)
 
 
 def _proxy_pids() -> list[int]:

@@ -13,7 +13,7 @@ def _serve(*args, env=None):
     import os
 
     env = {k: v for k, v in (env or os.environ).items() if k != "PIDRAY_API_TOKEN"}
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", "serve", *args], capture_output=True, text=True, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "pidray.cli", "serve", *args], capture_output=True, text=True, cwd=ROOT,
                          env=env, timeout=60)  # fmt: skip
     assert "Traceback" not in out.stderr, out.stderr
     return out

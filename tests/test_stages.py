@@ -31,7 +31,7 @@ def test_one_tile_path_equals_the_golden_sampler(golden_dir):
     for b in range(2):
         lat, y = tensors["input.lq_latent"][b], tensors["input.y"][b]
         sigma = float(tensors["input.degrade_sigma"][b])
-        plan = TilePlan((16, 12), 8, 32, 4, (4, 3), (4, 3), (1, 1))
+        plan = TilePlan((32, 24), 8, 32, 4, (4, 3), (4, 3), (1, 1))  # one tile: the canvas is the output
         got = stage.diffuse(lat, y, plan, seed=42, sigma=sigma)
         # reference, the official recipe: degrade noise from Generator(seed), sampler noise from a fresh one
         eps = torch.randn((1, *lat.shape), generator=torch.Generator().manual_seed(42))
@@ -43,7 +43,7 @@ def test_one_tile_path_equals_the_golden_sampler(golden_dir):
                 lambda x, t: net(x, t, y[None], feats, s),
                 GeneratorNoise((1, 3, 128, 96), torch.Generator().manual_seed(42)),
             )
-        assert torch.equal(got, ref)
+        assert torch.equal(got, ref[0])
 
 
 def _lq_photo_bytes(size=256):
@@ -98,7 +98,7 @@ def test_tiled_matches_untiled_without_seams():
         inside += [grad[c - 1] for c in range(patch, tiled.shape[axis] - 4, patch) if c not in borders]
     at_border, inside = float(np.mean(at_border)), float(np.mean(inside))
     print(f"tiled vs untiled PSNR {psnr:.2f} dB; |grad| across tile borders {at_border:.3f}, inside tiles {inside:.3f}")
-    assert psnr >= 38.0
+    assert psnr >= 40.0
     assert abs(at_border - inside) <= 0.10 * inside
 
 

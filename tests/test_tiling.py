@@ -54,3 +54,33 @@ def test_cell_noise_is_keyed_to_global_coordinates():
 def test_file_seed_depends_on_run_seed_and_key_only():
     assert file_seed(0, "a/b.png") == file_seed(0, "a/b.png")
     assert file_seed(0, "a/b.png") != file_seed(1, "a/b.png") != file_seed(0, "a/c.png")
+
+
+@pytest.mark.parametrize(
+    "preset,hw,goal",
+    [
+        ("flux-2k", (1024, 1024), 1.15),
+        ("flux-2k", (2048, 2048), 1.2),
+        ("flux-2k", (1000, 1500), 1.17),
+        ("flux-2kto4k-v1.5", (2048, 2048), 1.15),
+    ],
+)
+def test_even_split_diffuses_close_to_the_output(preset, hw, goal):
+    """Issue 11: the fewest tiles that cover, split evenly, instead of envelope-sized tiles padding the last one."""
+    from pipeline.model.presets import get_preset
+    from pipeline.stages import UpscaleOptions
+    from pipeline.stages.encode import plan_for
+    from pipeline.tiling import diffused_pixels
+
+    p = get_preset(preset)
+    plan = plan_for(p, UpscaleOptions(max_output_side=1 << 20), hw)
+    ratio = diffused_pixels(plan) / (plan.out_hw[0] * plan.out_hw[1])
+    cfg = p.config
+    old = plan_tiles(hw, unit=cfg.latent_spatial_down_factor, sr_scale=cfg.sr_scale, patch=cfg.patch_size,
+                     tile_out=p.envelope[1], tile_min_out=p.envelope[1], max_output_side=1 << 20)  # fmt: skip
+    print(f"{preset} {hw}: {plan.grid} tiles of {plan.tile_out}, diffused/output {ratio:.3f} (envelope-sized tiles: "
+          f"{diffused_pixels(old) / (plan.out_hw[0] * plan.out_hw[1]):.3f})")  # fmt: skip
+    assert ratio <= goal and diffused_pixels(plan) < diffused_pixels(old)
+    assert all(p.envelope[0] <= t <= p.envelope[1] for t in plan.tile_out)  # inside the trained envelope
+    lat = plan.lat_hw
+    assert all(c >= -(-v // plan.unit) for c, v in zip(lat, hw))  # still covers the image

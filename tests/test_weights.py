@@ -35,7 +35,7 @@ def test_job_preflight_fails_before_any_worker(tmp_path):
 
     (tmp_path / "in").mkdir()
     out = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "upscale", str(tmp_path / "in"), str(tmp_path / "out"), "-m", "flux-2k",
+        [sys.executable, "-m", "pidray.cli", "upscale", str(tmp_path / "in"), str(tmp_path / "out"), "-m", "flux-2k",
          "--weights", str(tmp_path)], capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 2 and "hf download nvidia/PiD" in out.stderr and "Traceback" not in out.stderr
@@ -45,7 +45,7 @@ def test_job_preflight_fails_before_any_worker(tmp_path):
         (weights / rel).parent.mkdir(parents=True, exist_ok=True)
         (weights / rel).write_bytes(b"x")
     out = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "upscale", str(tmp_path / "in"), str(tmp_path / "out"), "-m", "flux-2k",
+        [sys.executable, "-m", "pidray.cli", "upscale", str(tmp_path / "in"), str(tmp_path / "out"), "-m", "flux-2k",
          "--weights", str(weights)], capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 2 and "--text-encoder DIR" in out.stderr

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 from pipeline.errors import BadParameter, kind_of
-from pipeline.imageio import DEFAULT_MAX_PIXELS, ImageError
+from pipeline.imageio import DEFAULT_MAX_PIXELS
 from pipeline.tiling import DEFAULT_MAX_OUTPUT_SIDE, DEFAULT_OVERLAP
 
 
@@ -67,12 +66,9 @@ def check_seed(seed) -> int:
     return seed
 
 
-USER_ERRORS = (ImageError, ValueError)
-
-
 def failed(row: dict, stage: str, err: BaseException, kind: str | None = None) -> dict:
     """Mark a row failed at `stage`: the message for people, the kind (pipeline.errors) for exit/HTTP codes."""
-    row = {k: v for k, v in row.items() if k not in ("bytes", "image", "latent", "tiles", "lq_image")}
+    row = {k: v for k, v in row.items() if k not in ("bytes", "image", "latent", "pixels", "output", "lq_image")}
     row["status"] = "failed"
     row["error"] = f"{stage}: {err}"
     row["error_kind"] = kind or kind_of(err)
@@ -83,8 +79,38 @@ def is_failed(row: dict) -> bool:
     return row.get("status") == "failed"
 
 
-@contextmanager
-def timed(row: dict, stage: str):
-    t0 = time.perf_counter()
-    yield
-    row.setdefault("timings", {})[stage] = round(time.perf_counter() - t0, 4)
+def _with_time(row: dict, stage: str, seconds: float) -> dict:
+    if not is_failed(row):
+        row = {**row, "timings": {**row.get("timings", {}), stage: round(seconds, 4)}}
+    return row
+
+
+def run_stage(stage, name: str, rows: list[dict]) -> list[dict]:
+    """The one failure envelope every driver uses (the local loop, Ray Data, Serve).
+
+    Failed rows pass through untouched; the others go through `stage.process_batch` in one call when the stage
+    takes batches, else `stage.process` one by one. Each row gets its time; an exception costs only its own row:
+    a batch that raises is run again one row at a time, so one bad row never fails its batch-mates. KeyboardInterrupt
+    and other BaseExceptions are not caught.
+    """
+    out = list(rows)
+    live = [i for i, r in enumerate(rows) if not is_failed(r)]
+    batch = getattr(stage, "process_batch", None)
+    if batch is not None and len(live) > 1:
+        t0 = time.perf_counter()
+        try:
+            results = batch([rows[i] for i in live])
+        except Exception:
+            results = None  # isolate below
+        if results is not None:
+            dt = time.perf_counter() - t0
+            for i, r in zip(live, results):
+                out[i] = _with_time(r, name, dt)
+            return out
+    for i in live:
+        t0 = time.perf_counter()
+        try:
+            out[i] = _with_time(stage.process(rows[i]), name, time.perf_counter() - t0)
+        except Exception as e:  # a bad input, or a bug that must cost one row, not the job
+            out[i] = failed(rows[i], name, e)
+    return out

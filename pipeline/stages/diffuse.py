@@ -1,25 +1,44 @@
-"""DiffuseStage: the distilled sampler over an image's tiles, in memory-sized batches of one tile shape.
+"""DiffuseStage: the distilled sampler over images' tiles, batched across images, state kept on the model's device.
 
-Noise: an image that is one tile draws exactly as the official sampler does from `seed` (initial
-noise, then one draw per re-noising; the latent's degrade noise from its own generator), so a
-seed reproduces the official result. Tiled images draw noise keyed to global canvas coordinates,
-so overlapping tiles see the same noise; with `fusion`, the x0 estimates of overlapping tiles
-are averaged (feathered) after every step, so the tiles agree before they are merged.
+Rows are grouped by (tile shape, steps); each group's tiles go through the network in memory-sized batches,
+whichever image they come from, while every image keeps its own noise and fusion. The sampler state (x, x0,
+noise, fusion) stays on the model's device; the result leaves it once, as the blended, cropped canvas quantised
+to the output's bit depth (uint8, or uint16 for 16-bit sources).
+
+Noise: an image that is one tile draws exactly as the official sampler does from `seed` (initial noise, then
+one draw per re-noising; the latent's degrade noise from its own generator), so a seed reproduces the official
+result. Tiled images draw noise keyed to global canvas coordinates, so overlapping tiles see the same noise; with
+`fusion`, the x0 estimates of overlapping tiles are blended after every step, so the tiles agree, and the last
+blend is the output.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from pipeline.errors import Cancelled
+from pipeline.imageio import quantize
 from pipeline.memory import batch_size_for, default_budget
 from pipeline.model.sampler import GeneratorNoise, degrade_latent, sample
 from pipeline.noise import CellNoise, TileNoise, mix
 from pipeline.runtime import ModelOptions, load_net
-from pipeline.stages.common import USER_ERRORS, UpscaleOptions, failed, is_failed
+from pipeline.stages.common import UpscaleOptions, failed
 from pipeline.tiling import TilePlan, blend, crop_tiles, tile_weights
+
+
+@dataclass(frozen=True)
+class DiffuseItem:
+    """One image's sampler inputs, read from its row once."""
+
+    latent: torch.Tensor  # [C, h, w] covering plan.lat_hw
+    y: torch.Tensor  # caption embedding [L, D]
+    plan: TilePlan
+    seed: int
+    sigma: float  # degrade_sigma
+    steps: int
 
 
 class DiffuseStage:
@@ -36,36 +55,69 @@ class DiffuseStage:
         p = next(self.net.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.budget = memory_budget or default_budget(self.device)
+        self.cancelled: dict[str, None] = {}  # request ids whose callers went away (oldest first, capped)
+        self.stopped = 0  # rows whose work was skipped or stopped because they were cancelled or past deadline
 
-    def __call__(self, row: dict) -> dict:
-        if is_failed(row):
-            return row
-        row = dict(row)
-        t0 = time.perf_counter()
-        try:
-            item, steps = self.request(row)
-            tiles = self.diffuse_many([item], steps=steps)[0]
-        except USER_ERRORS as e:
-            return failed(row, "diffuse", e)
-        row.pop("latent")
-        row.pop("caption_emb", None)
-        row["tiles"] = tiles.numpy()
-        row["seed"] = item[3]
-        row.setdefault("timings", {})["diffuse"] = round(time.perf_counter() - t0, 4)
-        return row
+    # ------------------------------------------------------------------ the stage interface (rows)
+    def process(self, row: dict) -> dict:
+        return self.process_batch([row])[0]
 
-    def request(self, row: dict) -> tuple[tuple, int]:
-        """A row's inputs: ((latent, caption emb, plan, seed, degrade_sigma), steps); row values override options."""
+    def process_batch(self, rows: list[dict]) -> list[dict]:
+        """Rows with a latent, caption embedding and plan -> rows with `pixels` ([H, W, 3] uint8/uint16).
+
+        A row whose request was cancelled or whose deadline passed is returned failed without costing compute;
+        a group whose every row is gone stops between steps. Other errors raise (the driver isolates them).
+        """
+        items = [self.request(r) for r in rows]
+        out: list[dict | None] = [None] * len(rows)
+        groups: dict[tuple, list[int]] = {}
+        for i, it in enumerate(items):
+            if self._gone(rows[i]):
+                self.stopped += 1
+                out[i] = failed(rows[i], "diffuse", Cancelled("cancelled or past its deadline: not run"))
+            else:
+                groups.setdefault((it.plan.tile, it.steps), []).append(i)
+        for (_, steps), idx in groups.items():
+            stop = lambda idx=idx: all(self._gone(rows[i]) for i in idx)  # noqa: E731
+            try:
+                canvases = self.diffuse_many([items[i] for i in idx], steps=steps, should_stop=stop)
+            except Cancelled as e:  # every row of the group is gone: stopped between steps
+                self.stopped += len(idx)
+                for i in idx:
+                    out[i] = failed(rows[i], "diffuse", e)
+                continue
+            for i, canvas in zip(idx, canvases):
+                r = {k: v for k, v in rows[i].items() if k not in ("latent", "caption_emb")}
+                src = r.get("src")
+                r["pixels"] = quantize(canvas, src.bits if src is not None else 8)
+                r["seed"], r["batch"] = items[i].seed, len(idx)
+                out[i] = r
+        for r in rows:
+            self.cancelled.pop(r.get("request_id"), None)
+        return out
+
+    def cancel(self, request_id: str) -> None:
+        """The caller of `request_id` went away: its work stops at the next step (called from another thread)."""
+        self.cancelled[request_id] = None
+        while len(self.cancelled) > 10_000:  # ids cancelled after their batch ended
+            self.cancelled.pop(next(iter(self.cancelled)), None)
+
+    def _gone(self, row: dict) -> bool:
+        return row.get("request_id") in self.cancelled or time.time() > row.get("deadline", float("inf"))
+
+    def request(self, row: dict) -> DiffuseItem:
+        """A row's sampler inputs; row values override the stage's options."""
         o = self.options
-        item = (
-            torch.from_numpy(row["latent"]),
-            torch.from_numpy(row["caption_emb"]),
-            TilePlan.from_dict(row["plan"]),
-            int(row.get("seed", o.seed)),
-            float(row.get("degrade_sigma", o.degrade_sigma)),
+        return DiffuseItem(
+            latent=torch.from_numpy(row["latent"]),
+            y=torch.from_numpy(row["caption_emb"]),
+            plan=TilePlan.from_dict(row["plan"]),
+            seed=int(row.get("seed", o.seed)),
+            sigma=float(row.get("degrade_sigma", o.degrade_sigma)),
+            steps=int(row.get("steps", o.steps)),
         )
-        return item, int(row.get("steps", o.steps))
 
+    # ------------------------------------------------------------------ tensors
     def _lq_tiles(self, latent: torch.Tensor, plan: TilePlan, seed: int, sigma: float) -> torch.Tensor:
         th, tw = plan.tile
         crops = torch.stack([latent[:, y : y + th, x : x + tw] for y, x in plan.origins()])
@@ -88,43 +140,42 @@ class DiffuseStage:
     def diffuse(
         self, latent: torch.Tensor, y: torch.Tensor, plan: TilePlan, seed: int, sigma: float, steps: int | None = None
     ) -> torch.Tensor:
-        """latent [C, h, w] covering plan.lat_hw; y [L, D] -> x0 tiles [N, 3, th, tw] in [-1, 1] (float32, CPU)."""
-        return self.diffuse_many([(latent, y, plan, seed, sigma)], steps=steps)[0]
+        """latent [C, h, w] covering plan.lat_hw; y [L, D] -> the output canvas [3, H, W] in [-1, 1] (model device)."""
+        steps = steps or self.options.steps
+        return self.diffuse_many([DiffuseItem(latent, y, plan, seed, sigma, steps)], steps=steps)[0]
 
     @torch.inference_mode()
-    def diffuse_many(self, items: list[tuple], steps: int | None = None, should_stop=None) -> list[torch.Tensor]:
+    def diffuse_many(self, items: list[DiffuseItem], steps: int, should_stop=None) -> list[torch.Tensor]:
         """Several images whose tiles share one shape, sampled together; each keeps its own noise and fusion.
 
-        items: (latent, caption embedding, plan, seed, degrade_sigma) per image. Results are identical to
-        running the images one by one: the batch only changes how many tiles go through the network at once.
-        should_stop: checked before every network call (each step, each chunk of tiles); when it returns True
-        the work stops with `Cancelled` (the endpoint uses it for timed-out and disconnected requests).
+        Returns each image's blended canvas cropped to its output size, [3, H, W] float32 in [-1, 1], on the
+        model's device. Identical to running the images one by one: the batch only changes how many tiles go
+        through the network at once. should_stop: checked before every network call; True stops with `Cancelled`.
         """
-        net, cfg = self.net, self.net.cfg
-        shapes = {it[2].tile_out for it in items}
+        net, cfg, dev = self.net, self.net.cfg, self.device
+        shapes = {it.plan.tile_out for it in items}
         if len(shapes) != 1:
             raise ValueError(f"diffuse_many needs one tile shape, got {sorted(shapes)}")
         out_hw = shapes.pop()
         lq, ys, sigmas, noises, spans = [], [], [], [], []
         start = 0
-        for latent, y, plan, seed, sigma in items:
-            if tuple(latent.shape[1:]) != plan.lat_hw:
-                raise ValueError(f"latent {tuple(latent.shape[1:])} does not match the tile plan {plan.lat_hw}")
-            lq.append(self._lq_tiles(latent.float(), plan, seed, sigma))
-            n = plan.n_tiles
-            ys.append(y[None].expand(n, -1, -1))
-            sigmas.append(torch.full((n,), float(sigma)))
-            noises.append(self._noise(plan, seed))
-            spans.append((slice(start, start + n), plan))
+        for it in items:
+            if tuple(it.latent.shape[1:]) != it.plan.lat_hw:
+                raise ValueError(f"latent {tuple(it.latent.shape[1:])} does not match the tile plan {it.plan.lat_hw}")
+            lq.append(self._lq_tiles(it.latent.float(), it.plan, it.seed, it.sigma))
+            n = it.plan.n_tiles
+            ys.append(it.y[None].expand(n, -1, -1))
+            sigmas.append(torch.full((n,), float(it.sigma)))
+            noises.append(self._noise(it.plan, it.seed))
+            spans.append((slice(start, start + n), it.plan))
             start += n
-        lq, ys, sig = torch.cat(lq), torch.cat(ys), torch.cat(sigmas).to(self.device)
+        lq, ys, sig = torch.cat(lq), torch.cat(ys).to(dev, self.dtype), torch.cat(sigmas).to(dev)
         N = start
         b = batch_size_for(cfg, out_hw, self.dtype, self.budget, n_tiles=N)
-        dev = dict(device=self.device, dtype=self.dtype)
         rgb = self.preset.vae == "rgb"
 
         def features(c):
-            part = lq[c].to(**dev)
+            part = lq[c].to(dev, self.dtype)
             return net.encode_lq(out_hw, image=part) if rgb else net.encode_lq(out_hw, latent=part)
 
         chunks = [slice(i, min(i + b, N)) for i in range(0, N, b)]
@@ -136,19 +187,35 @@ class DiffuseStage:
                 if should_stop is not None and should_stop():
                     raise Cancelled("stopped: the request was cancelled or its deadline passed")
                 feats = cached[k] if cached is not None else features(c)
-                outs.append(net(x[c].to(**dev), t[c].to(self.device), ys[c].to(**dev), feats, sig[c]).float().cpu())
+                outs.append(net(x[c].to(self.dtype), t[c], ys[c], feats, sig[c]).float())
             return torch.cat(outs)
 
-        def noise(draw: int) -> torch.Tensor:
-            return torch.cat([src(draw).reshape(-1, 3, *out_hw) for src in noises])
+        def noise(draw: int) -> torch.Tensor:  # drawn on the host (reproducible generators), used on the device
+            return torch.cat([src(draw).reshape(-1, 3, *out_hw) for src in noises]).to(dev, non_blocking=True)
 
-        fused = [(sl, plan, tile_weights(plan)) for sl, plan in spans if plan.n_tiles > 1 and self.options.fusion]
+        weights = {k: tuple(w.to(dev) for w in tile_weights(plan)) for k, (_, plan) in enumerate(spans)}
+        fused = [k for k, (_, plan) in enumerate(spans) if plan.n_tiles > 1 and self.options.fusion]
+        last, final = steps - 1, {}
 
         def on_x0(step, x0):
-            for sl, plan, weights in fused:
-                x0[sl] = crop_tiles(blend(x0[sl], plan, weights), plan)
+            for k in fused:
+                sl, plan = spans[k]
+                canvas = blend(x0[sl], plan, weights[k])
+                if step == last:
+                    final[k] = canvas  # the last blend is the output: no second blend
+                else:
+                    x0[sl] = crop_tiles(canvas, plan)
             return x0
 
-        out = sample(predict, noise, steps=steps or self.options.steps, mode=self.options.sampler,
-                     prediction=cfg.prediction_type, on_x0=on_x0 if fused else None)  # fmt: skip
-        return [out[sl] for sl, _ in spans]
+        out = sample(predict, noise, steps=steps, mode=self.options.sampler, prediction=cfg.prediction_type,
+                     on_x0=on_x0 if fused else None)  # fmt: skip
+        canvases = []
+        for k, (sl, plan) in enumerate(spans):
+            if k in final:
+                canvas = final[k].clamp(-1, 1)
+            elif plan.n_tiles == 1:
+                canvas = out[sl][0]
+            else:
+                canvas = blend(out[sl], plan, weights[k])
+            canvases.append(canvas[:, : plan.out_hw[0], : plan.out_hw[1]])
+        return canvases

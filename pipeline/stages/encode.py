@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from pipeline.runtime import ModelOptions, load_caption_encoder, load_lq_encoder, pick_device
-from pipeline.stages.common import USER_ERRORS, UpscaleOptions, failed, is_failed, timed
+from pipeline.stages.common import UpscaleOptions
 from pipeline.tiling import TilePlan, check_output_side, pad_image, plan_tiles, target_size
 
 
@@ -19,6 +21,7 @@ def plan_for(preset, options: UpscaleOptions, in_hw) -> TilePlan:
         sr_scale=cfg.sr_scale,
         patch=cfg.patch_size,
         tile_out=options.tile or preset.envelope[1],
+        tile_min_out=min(options.tile or preset.envelope[1], preset.envelope[0]),
         overlap=options.overlap,
         max_output_side=options.max_output_side,
     )
@@ -38,25 +41,29 @@ class EncodeStage:
     def plan(self, in_hw):
         return plan_for(self.preset, self.options, in_hw)
 
+    def process(self, row: dict) -> dict:
+        return self.process_batch([row])[0]
+
     @torch.inference_mode()
-    def __call__(self, row: dict) -> dict:
-        if is_failed(row):
-            return row
-        row = dict(row)
-        try:
-            with timed(row, "encode"):
-                img = row.pop("image")
-                plan = self.plan(img.size)
-                final = target_size(plan.in_hw, plan.sr_scale, row.get("scale", self.options.scale))
-                check_output_side(final, self.options.max_output_side)  # -s 16 must not bypass the limit
-                pixels = torch.from_numpy(pad_image(img.to_float(), plan.pad_hw))[None].to(self.device)
-                latent = self.encoder.encode(pixels)[0].float().cpu().numpy()
-                caption = row.get("caption") or self.options.caption
-                row["caption_emb"] = self.captioner.encode([caption])[0].float().numpy()
-        except USER_ERRORS as e:
-            return failed(row, "encode", e)
-        row["plan"] = plan.to_dict()
-        row["latent"] = np.ascontiguousarray(latent)
-        row["src"] = img  # metadata (mode, ICC, EXIF) and alpha for the merge; pixels are no longer needed
-        img.rgb = img.rgb[:0, :0]
-        return row
+    def process_batch(self, rows: list[dict]) -> list[dict]:
+        """Decoded rows -> rows with the tile plan, the LQ latent (or RGB) and the caption embedding.
+
+        Captions are embedded in one call for the batch; images are encoded one by one (their sizes differ).
+        """
+        out = []
+        for row in rows:
+            row = dict(row)
+            img = row.pop("image")
+            plan = self.plan(img.size)
+            final = target_size(plan.in_hw, plan.sr_scale, row.get("scale", self.options.scale))
+            check_output_side(final, self.options.max_output_side)  # -s 16 must not bypass the limit
+            pixels = torch.from_numpy(pad_image(img.to_float(), plan.pad_hw))[None].to(self.device)
+            row["latent"] = np.ascontiguousarray(self.encoder.encode(pixels)[0].float().cpu().numpy())
+            row["plan"] = plan.to_dict()
+            # metadata (mode, ICC, EXIF) and alpha for the merge; the pixels are not shipped further
+            row["src"] = dataclasses.replace(img, rgb=img.rgb[:0, :0])
+            out.append(row)
+        captions = [r.get("caption") or self.options.caption for r in out]
+        for row, emb in zip(out, self.captioner.encode(captions)):
+            row["caption_emb"] = emb.float().numpy()
+        return out

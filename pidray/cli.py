@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default="out/eval_small", help="folder for the side-by-side PNGs and JSON")
     p.set_defaults(fn=_cmd_eval_small)
 
-    from jobs.bench import add_bench_parser
     from jobs.upscale import add_upscale_parser
+    from pidray.bench import add_bench_parser
     from serve.run import add_serve_parser
 
     add_upscale_parser(sub, parents=[common])
@@ -137,7 +137,7 @@ def _one_line(e: BaseException) -> str | None:
     except ImportError:
         return None
     if isinstance(e, (BotoCoreError, ClientError)):
-        from jobs.storage import explain_storage_error
+        from pipeline.storage import explain_storage_error
 
         return explain_storage_error(e, "use", "S3")
     return None

@@ -1,0 +1,5 @@
+import sys
+
+from pidray.cli import main
+
+sys.exit(main())

@@ -1,0 +1,128 @@
+"""The stage graph is the one description every driver runs (issue 11): a stage added to the graph runs in the local
+loop, in Ray Data and in the Serve app with no edit in jobs/ or serve/; the failure envelope isolates rows."""
+
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.graph import StageGraph, StageSpec
+from pipeline.stages import run_stage
+
+from conftest import png_bytes
+
+
+class Stamp:
+    """A no-op stage that leaves a mark on each row (and can hold a 'model')."""
+
+    def __init__(self, mark: str = "stamped"):
+        self.mark = mark
+
+    def process(self, row):
+        return {**row, "notes": [*row.get("notes", []), self.mark]}
+
+
+def _with_stamp(monkeypatch, holds_model: bool):
+    original = StageGraph.__init__
+
+    def init(self, *a, **kw):
+        original(self, *a, **kw)
+        at = self.names().index("diffuse")
+        self.stages.insert(at, StageSpec("stamp", Stamp, {"mark": "stamped"}, holds_model, False))
+
+    monkeypatch.setattr(StageGraph, "__init__", init)
+
+
+def test_a_new_stage_runs_in_the_local_job_without_edits(monkeypatch, bicubic_weights, tmp_path):
+    from jobs.manifest import read_manifest
+    from jobs.pipeline import JobConfig, run_job
+    from pipeline.runtime import ModelOptions
+    from pipeline.storage import Location
+
+    _with_stamp(monkeypatch, holds_model=False)
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "in" / "a.png")
+    cfg = JobConfig(str(tmp_path / "in"), str(tmp_path / "out"), ModelOptions(weights=bicubic_weights), local=True,
+                    progress=False)  # fmt: skip
+    assert run_job(cfg).ok == 1
+    (row,) = read_manifest(Location(str(tmp_path / "out")))
+    assert "stamped" in row["notes"]
+
+
+def test_a_new_model_stage_becomes_a_serve_deployment(monkeypatch):
+    from serve.app import deployment_names
+
+    _with_stamp(monkeypatch, holds_model=True)
+    assert deployment_names("small") == ["ingress", "stamp", "diffuse"]
+
+
+def test_envelope_skips_failed_rows_times_and_isolates():
+    class Picky:
+        calls = 0
+
+        def process(self, row):
+            if row["x"] == 2:
+                raise ValueError("two is bad")
+            return {**row, "y": row["x"] * 10}
+
+        def process_batch(self, rows):
+            Picky.calls += 1
+            return [self.process(r) for r in rows]
+
+    rows = [{"x": 1}, {"x": 2}, {"x": 3}, {"x": 4, "status": "failed", "error": "earlier"}]
+    out = run_stage(Picky(), "picky", rows)
+    assert [r.get("y") for r in out] == [10, None, 30, None]
+    assert out[1]["status"] == "failed" and out[1]["error"] == "picky: two is bad"
+    assert out[1]["error_kind"] == "bad_parameter" and out[3] is rows[3] and Picky.calls == 1
+    assert out[0]["timings"]["picky"] >= 0 and "timings" not in rows[0]
+
+
+def test_local_loop_batches_across_images_and_keeps_order():
+    graph = StageGraph()
+    stages = graph.build_all()
+    seen = []
+    diffuse = stages[graph.names().index("diffuse")]
+    real = diffuse.process_batch
+    diffuse.process_batch = lambda rows: seen.append(len(rows)) or real(rows)
+    data = [png_bytes(Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8))) for i in range(5)]
+    out = list(graph.run_local([{"key": str(i), "bytes": d} for i, d in enumerate(data)], stages))
+    assert [r["key"] for r in out] == ["0", "1", "2", "3", "4"] and all(r["status"] == "ok" for r in out)
+    assert seen == [5], "the five images went through the network as one batch"
+
+
+@pytest.mark.slow
+def test_a_new_stage_runs_on_ray_data_without_edits(monkeypatch, bicubic_weights, tmp_path):
+    import ray
+    import ray.cloudpickle
+
+    from jobs.manifest import read_manifest
+    from jobs.pipeline import JobConfig, run_job
+    from pipeline.runtime import ModelOptions
+    from pipeline.storage import Location
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this test module
+    _with_stamp(monkeypatch, holds_model=True)
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "in" / f"{i}.png")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        cfg = JobConfig(str(tmp_path / "in"), str(tmp_path / "out"), ModelOptions(weights=bicubic_weights),
+                        progress=False, local=False)  # fmt: skip
+        assert run_job(cfg).ok == 3
+    finally:
+        ray.shutdown()
+    assert all("stamped" in r["notes"] for r in read_manifest(Location(str(tmp_path / "out"))))
+
+
+def test_small_jobs_pick_the_local_loop_unless_told(monkeypatch, tmp_path):
+    from jobs.pipeline import AUTO_LOCAL_MAX, JobConfig, use_local_loop
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = JobConfig("in", "out")
+    assert use_local_loop(cfg, 1) and not use_local_loop(cfg, AUTO_LOCAL_MAX + 1)
+    assert not use_local_loop(JobConfig("in", "out", local=False), 1)
+    assert use_local_loop(JobConfig("in", "out", local=True), 10_000)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster is configured: use it
+    assert not use_local_loop(cfg, 1)

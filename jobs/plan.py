@@ -21,6 +21,7 @@ from jobs.manifest import MANIFEST_NAME, load_manifest, manifest_row
 from pipeline.errors import SetupError
 from pipeline.imageio import EXTENSIONS, FORMATS, probe
 from pipeline.noise import file_seed
+from pipeline.stages.common import resolve
 from pipeline.storage import Entry, Location, display, key_problem
 
 MAX_INPUT_BYTES = 1 << 30  # a file larger than this is refused before it is read (no image we take is that big)
@@ -123,6 +124,7 @@ def plan_job(cfg) -> Plan:
             row["notes"] = [e.note]
         if e.key in cfg.captions:
             row["caption"] = cfg.captions[e.key]
+        row["opts"] = resolve(cfg.options, row)  # the row's options, once, where it enters the job
         reason = _refusal(e, stems[e.key], cfg, dst, protected)
         if reason:
             plan.rejected.append(_row(e, "failed", cfg, error=f"plan: {reason[1]}", error_kind=reason[0]))

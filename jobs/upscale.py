@@ -87,7 +87,9 @@ def add_upscale_parser(sub, parents=()) -> None:
     o.add_argument("-f", "--format", default=None, help="png, jpeg, webp, tiff (default: keep the input's)")
     o.add_argument("-q", "--quality", type=int, default=95)
     o.add_argument("--suffix", default="", type=suffix_arg, help="added to each output file name's stem")
-    o.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger inputs")
+    o.add_argument("--max-pixels", type=int, default=UpscaleOptions.max_pixels, help="refuse larger inputs")
+    o.add_argument("--max-output-side", type=int, default=UpscaleOptions.max_output_side,
+                   help="refuse outputs longer than this on a side")  # fmt: skip
     j = p.add_argument_group("job")
     run = j.add_mutually_exclusive_group()
     run.add_argument(
@@ -119,7 +121,7 @@ def config_from_args(args) -> JobConfig:
     options = UpscaleOptions(
         scale=args.scale, steps=args.steps, seed=args.seed, caption=args.caption, degrade_sigma=args.degrade_sigma,
         sampler=args.sampler, tile=args.tile, overlap=args.overlap, fusion=not args.no_fusion, format=args.format,
-        quality=args.quality, max_pixels=args.max_pixels,
+        quality=args.quality, max_pixels=args.max_pixels, max_output_side=args.max_output_side,
     )  # fmt: skip
     if args.format:
         from pipeline.imageio import output_format

@@ -18,7 +18,7 @@ from pipeline.memory import tile_bytes, weight_bytes
 from pipeline.model.presets import get_preset
 from pipeline.runtime import ModelOptions, pick_device, pick_dtype
 from pipeline.stages import DecodeStage, DiffuseStage, EncodeStage, MergeStage, ReadStage, WriteStage, run_stage
-from pipeline.stages.common import UpscaleOptions
+from pipeline.stages.common import UpscaleOptions, resolve
 from pipeline.stages.encode import plan_for
 
 
@@ -104,7 +104,7 @@ class StageGraph:
         """Run rows through every stage in this process (stages built once), `batch` rows at a time so that
         the model stages batch across images; results come out in input order."""
         stages = stages or self.build_all()
-        it = iter(rows)
+        it = (r if "opts" in r else {**r, "opts": resolve(self.options, r)} for r in rows)  # where rows enter
         while chunk := [r for _, r in zip(range(batch), it)]:
             for spec, stage in zip(self.stages, stages):
                 chunk = run_stage(stage, spec.name, chunk)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -35,6 +36,7 @@ from pipeline.imageio import output_format, probe
 from pipeline.model.presets import PRESETS, get_preset
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions, run_stage
+from pipeline.stages.common import resolve
 from pipeline.stages.encode import plan_for
 from pipeline.tiling import TilePlan, check_output_side, target_size
 from serve.metrics import ServeMetrics
@@ -126,9 +128,7 @@ def parse_params(params: dict, preset, options: UpscaleOptions, s3_configured: b
                 row[name] = kind(params[name])
             except ValueError:
                 raise BadParameter(f"{name} must be {kind.__name__}, got {params[name]!r}") from None
-    # validated by the same rules as the job (the seed's range included), before any work
-    UpscaleOptions(**{**options.to_dict(), **{k: row[k] for k in ("steps", "degrade_sigma", "scale", "quality", "seed")
-                                               if k in row}})  # fmt: skip
+    resolve(options, row)  # validated by the same rules as the job (the seed's range included), before any work
     if "format" in row:
         output_format(None, row["format"])
     return row
@@ -148,28 +148,22 @@ LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1"}
 class Ingress:
     """Admission (auth, origin/host, size, work), decode off the event loop, then the stage chain with a deadline."""
 
-    def __init__(self, handles: dict[str, DeploymentHandle], settings: dict):
+    def __init__(self, handles: dict[str, DeploymentHandle], args):
         # The graph's stages in order: a model-holding stage is a deployment of its own (a handle); the others run
         # right here in the ingress replica, off the event loop, instead of costing a hop.
-        graph = StageGraph(ModelOptions(**settings["model"]), UpscaleOptions.from_dict(settings.get("options", {})))
+        graph = StageGraph(args.model_options(), UpscaleOptions.from_dict(args.options))
         self.chain = [(s.name, handles[s.name] if s.holds_model else s.build()) for s in graph.stages]
         self.probe_handle = handles[graph.model_stages()[-1].name]  # /healthz: the last model stage is loaded
-        self.preset = get_preset(settings["preset"])
-        self.options = UpscaleOptions.from_dict(settings.get("options", {}))
-        self.max_bytes = int(settings.get("max_bytes", 50 << 20))
-        self.timeout_s = float(settings.get("timeout_s", 120.0))
-        self.body_timeout_s = float(settings.get("body_timeout_s", 30.0))
-        self.max_cost = float(settings.get("max_cost_mpx_steps", 8.0))
-        self.max_in_flight = int(settings.get("max_in_flight", 16))
-        self.token = settings.get("token") or os.environ.get(TOKEN_ENV) or None
-        if settings.get("require_token") and not self.token:
-            raise RuntimeError(f"require_token is set but no token was given (settings or ${TOKEN_ENV}): not starting")
-        self.output_s3 = settings.get("output_s3")  # {"uri": "s3://bucket/prefix", "endpoint_url": ...}
-        self.allowed_origins = {o.rstrip("/") for o in settings.get("allowed_origins") or []}
-        bind = settings.get("bind_host", "")
+        self.args, self.preset, self.options = args, graph.preset, graph.options
+        self.max_bytes, self.timeout_s, self.body_timeout_s = args.max_bytes, args.timeout_s, args.body_timeout_s
+        self.max_cost, self.max_in_flight, self.output_s3 = args.max_cost_mpx_steps, args.max_in_flight, args.output_s3
+        self.token = args.token or os.environ.get(TOKEN_ENV) or None
+        if args.require_token and not self.token:
+            raise RuntimeError(f"require_token is set but no token was given (args or ${TOKEN_ENV}): not starting")
+        self.allowed_origins = {o.rstrip("/") for o in args.allowed_origins}
         # Bound to loopback, only loopback names are accepted as Host (DNS rebinding); elsewhere any Host unless listed.
-        self.allowed_hosts = set(settings.get("allowed_hosts") or []) | (LOOPBACK_HOSTS if is_loopback(bind) else set())
-        self.local_slots = asyncio.Semaphore(int(settings.get("decode_concurrency", 2)))  # bounds decoded pixels
+        self.allowed_hosts = set(args.allowed_hosts) | (LOOPBACK_HOSTS if is_loopback(args.bind_host) else set())
+        self.local_slots = asyncio.Semaphore(args.decode_concurrency)  # bounds decoded pixels in the ingress
         self.in_flight = 0
         self.refused: Counter = Counter()
         self.latencies: deque = deque(maxlen=2048)
@@ -247,7 +241,7 @@ class Ingress:
 
     def _admit(self, in_hw: tuple[int, int], row: dict) -> None:
         """Bound the work one request may ask for: output side, and pixels diffused × steps."""
-        opts = UpscaleOptions(**{**self.options.to_dict(), **{k: row[k] for k in ("steps", "scale") if k in row}})
+        opts = row["opts"]
         plan = plan_for(self.preset, opts, in_hw)
         check_output_side(target_size(plan.in_hw, plan.sr_scale, opts.scale), opts.max_output_side)
         th, tw = plan.tile_out
@@ -307,11 +301,9 @@ class Ingress:
         except asyncio.TimeoutError:
             return _error("slow_client", f"the request body did not arrive within {self.body_timeout_s:g}s")
         params = {**dict(request.query_params), **fields}
-        row = {
-            "key": "request",
-            "bytes": data,
-            **parse_params(params, self.preset, self.options, s3_configured=bool(self.output_s3)),
-        }
+        row = {"key": "request", "bytes": data,
+               **parse_params(params, self.preset, self.options, s3_configured=bool(self.output_s3))}  # fmt: skip
+        row["opts"] = resolve(self.options, row)  # once, where the request enters
         timeout = self._timeout(params)
         in_hw = await asyncio.to_thread(probe, data, max_pixels=self.options.max_pixels)  # header only
         self._admit(in_hw, row)
@@ -382,41 +374,65 @@ def deployment_names(preset: str) -> list[str]:
     return ["ingress"] + [s.name for s in StageGraph(ModelOptions(preset=preset)).model_stages()]
 
 
-def build_app(args: dict | None = None):
+class AppArgs(BaseModel):
+    """The endpoint's arguments (`serve/config.yaml` args, `pidray serve`), typed and validated once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = "small"
+    weights: str | None = None
+    text_encoder: str | None = None
+    allow_download: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    kernels: str | None = None  # "auto" | "torch" | "triton"
+    options: dict = Field(default_factory=dict)  # UpscaleOptions defaults for every request
+    deployments: dict[str, dict] = Field(default_factory=dict)  # per-deployment Serve options
+    gpu: bool | None = None  # None: whether the cluster has GPUs
+    max_batch_tiles: int = 16
+    batch_wait_s: float = 0.005
+    threads: int = 0  # torch threads per CPU replica (0: the machine's cores)
+    max_bytes: int = 50 << 20
+    timeout_s: float = 120.0
+    body_timeout_s: float = 30.0
+    max_cost_mpx_steps: float | None = None  # None: 1000 with a GPU, 8 on CPUs
+    max_in_flight: int = 16
+    decode_concurrency: int = 2
+    token: str | None = None
+    require_token: bool = False
+    output_s3: dict | None = None  # {"uri": "s3://bucket/prefix", "s3": {S3Settings fields}}
+    allowed_origins: list[str] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=list)
+    bind_host: str = ""
+
+    def model_options(self) -> ModelOptions:
+        return ModelOptions(self.preset, self.weights, self.text_encoder, self.allow_download, self.device, self.dtype,
+                            self.kernels)  # fmt: skip
+
+
+def build_app(args: dict | AppArgs | None = None):
     """Serve application builder (`serve run serve.app:build_app preset=small`): one deployment per model stage."""
-    args = dict(args or {})
-    unknown = sorted(set(args) - BUILD_ARGS)
-    if unknown:
-        raise ValueError(f"unknown endpoint setting(s): {unknown}; known: {sorted(BUILD_ARGS)}")
-    preset = args.get("preset", "small")
-    model = {"preset": preset, "weights": args.get("weights"), "text_encoder": args.get("text_encoder"),
-             "allow_download": bool(args.get("allow_download", False)), "device": args.get("device", "auto"),
-             "dtype": args.get("dtype", "auto")}  # fmt: skip
-    options = UpscaleOptions.from_dict(args.get("options", {})).to_dict()
-    settings = {"preset": preset, "options": options, "model": model,
-                **{k: args[k] for k in INGRESS_SETTINGS if k in args}}  # fmt: skip
-    batching = {k: args[k] for k in ("max_batch_tiles", "batch_wait_s", "threads") if k in args}
-    dep = {**DEFAULT_DEPLOYMENTS, **args.get("deployments", {})}
-    gpu = args.get("gpu", _has_gpu())
-    if not gpu:
-        batching.setdefault("threads", os.cpu_count() or 1)
-    # Work per request (Mpx diffused × steps): a GPU does ~100× a CPU in the same time.
-    settings.setdefault("max_cost_mpx_steps", 1000.0 if gpu else 8.0)
-    graph = StageGraph(ModelOptions(**model), UpscaleOptions.from_dict(options))
+    try:
+        a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    except ValidationError as e:
+        raise ValueError(f"invalid endpoint arguments: {e}") from None
+    UpscaleOptions.from_dict(a.options)  # refuses unknown or out-of-range options here, not in a replica
+    gpu = _has_gpu() if a.gpu is None else a.gpu
+    updates = {"gpu": gpu, "max_cost_mpx_steps": a.max_cost_mpx_steps or (1000.0 if gpu else 8.0),
+               "threads": a.threads or (0 if gpu else os.cpu_count() or 1)}  # fmt: skip
+    a = a.model_copy(update=updates)
+    dep = {**DEFAULT_DEPLOYMENTS, **a.deployments}
+    graph = StageGraph(a.model_options(), UpscaleOptions.from_dict(a.options))
     handles = {}
     for spec in graph.model_stages():
         conf = dict(dep.get(spec.name, DEFAULT_STAGE_DEPLOYMENT))
         if gpu and spec.wants_gpu:
             conf["ray_actor_options"] = {"num_cpus": spec.num_cpus, "num_gpus": spec.gpu_share}
-        handles[spec.name] = StageDeployment.options(name=spec.name, **conf).bind(spec, **batching)
-    return Ingress.options(**dep["ingress"]).bind(handles, settings)
+        handles[spec.name] = StageDeployment.options(name=spec.name, **conf).bind(
+            spec, max_batch_tiles=a.max_batch_tiles, batch_wait_s=a.batch_wait_s, threads=a.threads
+        )
+    return Ingress.options(**dep["ingress"]).bind(handles, a)
 
-
-INGRESS_SETTINGS = ("max_bytes", "timeout_s", "body_timeout_s", "token", "output_s3", "max_cost_mpx_steps",
-                    "max_in_flight", "decode_concurrency", "allowed_origins", "allowed_hosts", "bind_host",
-                    "require_token")  # fmt: skip
-BUILD_ARGS = {"preset", "weights", "text_encoder", "allow_download", "device", "dtype", "options", "deployments", "gpu",
-              "max_batch_tiles", "batch_wait_s", "threads", *INGRESS_SETTINGS}  # fmt: skip
 
 # Local defaults; serve/config.yaml carries the same for `serve deploy`, with autoscaling.
 # Fractional CPUs so the whole app fits a laptop-sized local cluster. The ingress admits `max_in_flight` upscale

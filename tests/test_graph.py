@@ -126,3 +126,19 @@ def test_small_jobs_pick_the_local_loop_unless_told(monkeypatch, tmp_path):
     assert use_local_loop(JobConfig("in", "out", local=True), 10_000)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster is configured: use it
     assert not use_local_loop(cfg, 1)
+
+
+def test_cli_flags_cover_every_option_with_the_dataclass_defaults():
+    """Issue 11: the CLI's defaults are the options dataclass's, and every option has a flag."""
+    from dataclasses import fields
+
+    from jobs.upscale import config_from_args
+    from pidray.cli import build_parser
+    from pipeline.stages import UpscaleOptions
+
+    parser = build_parser()
+    upscale = parser._subparsers._group_actions[0].choices["upscale"]
+    dests = {a.dest for a in upscale._actions}
+    missing = [f.name for f in fields(UpscaleOptions) if f.name not in dests and f"no_{f.name}" not in dests]
+    assert missing == []
+    assert config_from_args(parser.parse_args(["upscale", "in", "out"])).options == UpscaleOptions()

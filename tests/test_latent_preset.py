@@ -58,3 +58,38 @@ def test_latent_preset_through_the_graph(tiny_flux_preset, hw):
     assert plan["unit"] == 8 and plan["out_per_lat"] == 32
     if hw == (37, 50):
         assert plan["grid"][0] * plan["grid"][1] > 1  # tiled: coordinate-keyed latent degrade noise and fusion
+
+
+@pytest.mark.slow
+def test_bytes_between_diffuse_and_merge_for_a_4k_output(tiny_flux_preset, monkeypatch):
+    """Issue 11: what crosses the object store between diffuse and merge for 1024² -> 4096² with the flux-2k
+    geometry (the golden tiny network, flux-2k's envelope): the quantised canvas, against the fp32 tile stack the
+    stage used to ship (reconstructed from the envelope-sized tile plan it used)."""
+    import dataclasses
+    import pickle
+    import time
+
+    from pipeline.model.presets import get_preset
+    from pipeline.stages import run_stage
+    from pipeline.tiling import plan_tiles
+
+    tiny = PRESETS["tiny-flux"]
+    monkeypatch.setitem(PRESETS, "tiny-flux", dataclasses.replace(tiny, envelope=get_preset("flux-2k").envelope))
+    graph = StageGraph(tiny_flux_preset, UpscaleOptions(seed=1, steps=1))  # the bytes do not depend on steps
+    decode, encode, diffuse, _ = graph.build_all()
+    rng = np.random.default_rng(0)
+    data = png_bytes(Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)))
+    t0 = time.perf_counter()
+    rows = run_stage(encode, "encode", run_stage(decode, "decode", [{"key": "a", "bytes": data}]))
+    (row,) = run_stage(diffuse, "diffuse", rows)
+    assert row.get("status") != "failed", row.get("error")
+    after = len(pickle.dumps(row))
+    cfg, env = tiny.config, get_preset("flux-2k").envelope
+    old = plan_tiles((1024, 1024), unit=8, sr_scale=cfg.sr_scale, patch=cfg.patch_size, tile_out=env[1],
+                     tile_min_out=env[1])  # fmt: skip
+    before = old.n_tiles * 3 * old.tile_out[0] * old.tile_out[1] * 4
+    mib = 2**20
+    print(f"diffuse -> merge for 1024² -> 4096²: {before / mib:.0f} MiB of fp32 tiles before, {after / mib:.0f} MiB "
+          f"now ({before / after:.1f}x less; {time.perf_counter() - t0:.0f}s on this CPU)")  # fmt: skip
+    assert row["pixels"].shape == (4096, 4096, 3) and row["pixels"].dtype == np.uint8
+    assert before / after >= 4

@@ -72,3 +72,25 @@ def test_f13_rayservice_never_starts_token_less(manifest):
         assert ref.get("optional", False) is False, "a missing secret must stop the pod, not start it token-less"
     args = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]
     assert args["require_token"] is True
+
+
+def test_endpoint_arguments_are_a_typed_model():
+    """Issue 11: the Serve app's arguments are validated once, by a typed model (config.yaml's and RayService's too)."""
+    import yaml
+
+    from serve.app import AppArgs, build_app
+
+    with pytest.raises(ValueError, match="bogus"):
+        build_app({"bogus": 1})
+    with pytest.raises(ValueError, match="max_in_flight"):
+        build_app({"max_in_flight": "many"})
+    with pytest.raises(ValueError, match="unknown option"):
+        build_app({"options": {"colour": "red"}, "gpu": False})
+    conf = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    svc = yaml.safe_load((ROOT / "k8s" / "rayservice.yaml").read_text())
+    for args in (
+        conf["applications"][0]["args"],
+        yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"],
+    ):
+        assert AppArgs.model_validate(args).model_options().preset == args["preset"]
+    assert AppArgs(kernels="torch").model_options().kernels == "torch"  # no longer dropped

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from pipeline.errors import BadParameter, kind_of
 from pipeline.imageio import DEFAULT_MAX_PIXELS
@@ -64,6 +64,20 @@ def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise BadParameter(f"seed must be an integer in [0, 2^63), got {seed!r}")
     return seed
+
+
+ROW_OVERRIDES = ("seed", "caption", "degrade_sigma", "steps", "scale", "format", "quality")
+
+
+def resolve(defaults: UpscaleOptions, row: dict) -> UpscaleOptions:
+    """The row's options: the defaults with the row's overrides, validated once, where the row enters."""
+    over = {k: row[k] for k in ROW_OVERRIDES if row.get(k) is not None}
+    return replace(defaults, **over) if over else defaults
+
+
+def options_of(row: dict, defaults: UpscaleOptions) -> UpscaleOptions:
+    """What a stage reads: the options resolved where the row entered (`opts`), else resolved now."""
+    return row.get("opts") or resolve(defaults, row)
 
 
 def failed(row: dict, stage: str, err: BaseException, kind: str | None = None) -> dict:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pipeline.imageio import DEFAULT_MAX_PIXELS, decode
+from pipeline.stages.rows import DecodedRow, ReadRow
 
 
 class DecodeStage:
     def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.max_pixels = max_pixels
 
-    def process(self, row: dict) -> dict:
+    def process(self, row: ReadRow) -> DecodedRow:
         row = dict(row)
         img = decode(row.pop("bytes"), max_pixels=self.max_pixels)
         row["image"] = img

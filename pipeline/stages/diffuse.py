@@ -14,6 +14,7 @@ blend is the output.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -25,8 +26,21 @@ from pipeline.memory import batch_size_for, default_budget
 from pipeline.model.sampler import GeneratorNoise, degrade_latent, sample
 from pipeline.noise import CellNoise, TileNoise, mix
 from pipeline.runtime import ModelOptions, load_net
-from pipeline.stages.common import UpscaleOptions, failed
+from pipeline.stages.common import UpscaleOptions, failed, options_of
+from pipeline.stages.rows import DiffusedRow, EncodedRow
 from pipeline.tiling import TilePlan, blend, crop_tiles, tile_weights
+
+CPU_TILES_PER_CALL = int(os.environ.get("PIDRAY_CPU_TILES_PER_CALL", "4"))
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    return []
 
 
 @dataclass(frozen=True)
@@ -59,10 +73,10 @@ class DiffuseStage:
         self.stopped = 0  # rows whose work was skipped or stopped because they were cancelled or past deadline
 
     # ------------------------------------------------------------------ the stage interface (rows)
-    def process(self, row: dict) -> dict:
+    def process(self, row: EncodedRow) -> DiffusedRow:
         return self.process_batch([row])[0]
 
-    def process_batch(self, rows: list[dict]) -> list[dict]:
+    def process_batch(self, rows: list[EncodedRow]) -> list[DiffusedRow]:
         """Rows with a latent, caption embedding and plan -> rows with `pixels` ([H, W, 3] uint8/uint16).
 
         A row whose request was cancelled or whose deadline passed is returned failed without costing compute;
@@ -107,14 +121,14 @@ class DiffuseStage:
 
     def request(self, row: dict) -> DiffuseItem:
         """A row's sampler inputs; row values override the stage's options."""
-        o = self.options
+        o = options_of(row, self.options)
         return DiffuseItem(
             latent=torch.from_numpy(row["latent"]),
             y=torch.from_numpy(row["caption_emb"]),
             plan=TilePlan.from_dict(row["plan"]),
-            seed=int(row.get("seed", o.seed)),
-            sigma=float(row.get("degrade_sigma", o.degrade_sigma)),
-            steps=int(row.get("steps", o.steps)),
+            seed=o.seed,
+            sigma=float(o.degrade_sigma),
+            steps=o.steps,
         )
 
     # ------------------------------------------------------------------ tensors
@@ -172,6 +186,8 @@ class DiffuseStage:
         lq, ys, sig = torch.cat(lq), torch.cat(ys).to(dev, self.dtype), torch.cat(sigmas).to(dev)
         N = start
         b = batch_size_for(cfg, out_hw, self.dtype, self.budget, n_tiles=N)
+        if dev.type == "cpu":  # measured: on a CPU larger calls only thrash the caches (batching pays on a GPU)
+            b = min(b, CPU_TILES_PER_CALL)
         rgb = self.preset.vae == "rgb"
 
         def features(c):
@@ -179,7 +195,9 @@ class DiffuseStage:
             return net.encode_lq(out_hw, image=part) if rgb else net.encode_lq(out_hw, latent=part)
 
         chunks = [slice(i, min(i + b, N)) for i in range(0, N, b)]
-        cached = [features(c) for c in chunks] if len(chunks) == 1 else None  # else recomputed per step
+        first = features(chunks[0])  # LQ features once per image, kept for every step when they fit the budget
+        keep = len(chunks) * sum(t.numel() * t.element_size() for t in _tensors(first)) <= self.budget // 4
+        cached = [first] + [features(c) for c in chunks[1:]] if keep else None  # else recomputed per step
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             outs = []

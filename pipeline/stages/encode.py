@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from pipeline.runtime import ModelOptions, load_caption_encoder, load_lq_encoder, pick_device
-from pipeline.stages.common import UpscaleOptions
+from pipeline.stages.common import UpscaleOptions, options_of
+from pipeline.stages.rows import DecodedRow, EncodedRow
 from pipeline.tiling import TilePlan, check_output_side, pad_image, plan_tiles, target_size
 
 
@@ -41,11 +42,11 @@ class EncodeStage:
     def plan(self, in_hw):
         return plan_for(self.preset, self.options, in_hw)
 
-    def process(self, row: dict) -> dict:
+    def process(self, row: DecodedRow) -> EncodedRow:
         return self.process_batch([row])[0]
 
     @torch.inference_mode()
-    def process_batch(self, rows: list[dict]) -> list[dict]:
+    def process_batch(self, rows: list[DecodedRow]) -> list[EncodedRow]:
         """Decoded rows -> rows with the tile plan, the LQ latent (or RGB) and the caption embedding.
 
         Captions are embedded in one call for the batch; images are encoded one by one (their sizes differ).
@@ -54,16 +55,16 @@ class EncodeStage:
         for row in rows:
             row = dict(row)
             img = row.pop("image")
-            plan = self.plan(img.size)
-            final = target_size(plan.in_hw, plan.sr_scale, row.get("scale", self.options.scale))
-            check_output_side(final, self.options.max_output_side)  # -s 16 must not bypass the limit
+            o = options_of(row, self.options)
+            plan = plan_for(self.preset, o, img.size)
+            check_output_side(target_size(plan.in_hw, plan.sr_scale, o.scale), o.max_output_side)  # -s 16 too
             pixels = torch.from_numpy(pad_image(img.to_float(), plan.pad_hw))[None].to(self.device)
             row["latent"] = np.ascontiguousarray(self.encoder.encode(pixels)[0].float().cpu().numpy())
             row["plan"] = plan.to_dict()
             # metadata (mode, ICC, EXIF) and alpha for the merge; the pixels are not shipped further
             row["src"] = dataclasses.replace(img, rgb=img.rgb[:0, :0])
             out.append(row)
-        captions = [r.get("caption") or self.options.caption for r in out]
+        captions = [options_of(r, self.options).caption for r in out]
         for row, emb in zip(out, self.captioner.encode(captions)):
             row["caption_emb"] = emb.float().numpy()
         return out

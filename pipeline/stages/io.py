@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.errors import BadInput
+from pipeline.stages.rows import MergedRow, ReadRow
 from pipeline.storage import Location
 
 
@@ -12,7 +13,7 @@ class ReadStage:
     def __init__(self, src: Location):
         self.src = src
 
-    def process(self, row: dict) -> dict:
+    def process(self, row: ReadRow) -> ReadRow:
         try:
             data = self.src.read(row["key"])
         except Exception as e:  # missing object, permissions, a file swapped for a link, network after retries
@@ -26,7 +27,7 @@ class WriteStage:
     def __init__(self, dst: Location):
         self.dst = dst
 
-    def process(self, row: dict) -> dict:
+    def process(self, row: MergedRow) -> MergedRow:
         row = dict(row)
         row["output_key"] = row["output_stem"] + row["extension"]
         self.dst.write(row["output_key"], row.pop("output"))

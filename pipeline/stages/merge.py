@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.imageio import CONTENT_TYPES, EXTENSIONS, encode, output_format, resize_plane
-from pipeline.stages.common import UpscaleOptions
+from pipeline.stages.common import UpscaleOptions, options_of
+from pipeline.stages.rows import DiffusedRow, MergedRow
 from pipeline.tiling import TilePlan, target_size
 
 
@@ -13,17 +14,18 @@ class MergeStage:
     def __init__(self, options: UpscaleOptions | dict | None = None):
         self.options = options if isinstance(options, UpscaleOptions) else UpscaleOptions(**(options or {}))
 
-    def process(self, row: dict) -> dict:
+    def process(self, row: DiffusedRow) -> MergedRow:
         row = dict(row)
         plan = TilePlan.from_dict(row["plan"])
         src = row.pop("src")
         rgb = row.pop("pixels")  # [H, W, 3] uint8/uint16 at the native scale
-        size = target_size(plan.in_hw, plan.sr_scale, row.get("scale", self.options.scale))
+        o = options_of(row, self.options)
+        size = target_size(plan.in_hw, plan.sr_scale, o.scale)
         if size != rgb.shape[:2]:
             rgb = np.stack([resize_plane(rgb[..., c], size) for c in range(3)], axis=-1)
         alpha = resize_plane(src.alpha, size) if src.alpha is not None else None
-        fmt = output_format(src, row.get("format") or self.options.format)
-        data = encode(rgb, src, fmt, quality=int(row.get("quality", self.options.quality)), alpha=alpha)
+        fmt = output_format(src, o.format)
+        data = encode(rgb, src, fmt, quality=o.quality, alpha=alpha)
         row.update(
             status="ok",
             output=data,

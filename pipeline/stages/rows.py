@@ -1,0 +1,72 @@
+"""The rows that cross each stage boundary, typed. Rows are plain dicts (they pickle through Ray Data and Serve as
+they are); these TypedDicts say which keys each boundary adds, and the stages are annotated with them.
+
+    ReadRow --decode--> DecodedRow --encode--> EncodedRow --diffuse--> DiffusedRow --merge--> MergedRow --write-->
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+import numpy as np
+
+
+class Overrides(TypedDict, total=False):
+    """Per-row options, resolved over the job's or endpoint's defaults where the row enters."""
+
+    seed: int
+    caption: str
+    degrade_sigma: float
+    steps: int
+    scale: float
+    format: str
+    quality: int
+
+
+class FailedRow(TypedDict, total=False):
+    status: str  # "failed"
+    error: str  # "<stage>: <message>"
+    error_kind: str  # pipeline.errors kind: maps to exit and HTTP codes
+
+
+class ReadRow(Overrides, FailedRow, total=False):
+    key: str  # relative key (may hold surrogate-escaped bytes)
+    bytes: bytes
+    in_bytes: int
+    output_stem: str  # the job's planned output name without extension
+    notes: list[str]
+    timings: dict[str, float]
+    request_id: str  # Serve: who to stop when the caller goes away
+    deadline: float  # Serve: time.time() after which the work is not worth doing
+
+
+class DecodedRow(ReadRow, total=False):
+    image: Any  # pipeline.imageio.Decoded
+    in_hw: list[int]
+
+
+class EncodedRow(ReadRow, total=False):
+    in_hw: list[int]
+    plan: dict  # pipeline.tiling.TilePlan.to_dict()
+    latent: np.ndarray  # [C, h, w] float32 (or the RGB image for RGB-conditioned presets)
+    caption_emb: np.ndarray  # [L, D] float32
+    src: Any  # Decoded without pixels: mode, ICC, EXIF, alpha
+
+
+class DiffusedRow(ReadRow, total=False):
+    in_hw: list[int]
+    plan: dict
+    src: Any
+    pixels: np.ndarray  # [H, W, 3] uint8/uint16: the blended, cropped canvas at the native scale
+    batch: int  # images diffused together
+
+
+class MergedRow(ReadRow, total=False):
+    in_hw: list[int]
+    plan: dict
+    status: str  # "ok"
+    output: bytes  # the encoded file
+    out_hw: list[int]
+    out_format: str
+    content_type: str
+    extension: str

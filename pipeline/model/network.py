@@ -34,6 +34,20 @@ class LQFeatures:
     upsampled: torch.Tensor | None  # [B, 3, H, W] bicubic LQ image, for input_concat_lq / residual_lq
 
 
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, L, C·p²] (features in (C, py, px) order, patches row-major): F.unfold by reshapes only,
+    which is exact and which torch.compile handles (its CPU fold/unfold lowering miscompiled at > 1 thread)."""
+    B, C, H, W = x.shape
+    gh, gw = H // p, W // p
+    return x.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p)
+
+
+def unpatchify(px: torch.Tensor, gh: int, gw: int, p: int) -> torch.Tensor:
+    """[B, L, p², C] (pixels of each patch row-major) -> [B, C, gh·p, gw·p]: F.fold by reshapes only."""
+    B, _, _, C = px.shape
+    return px.reshape(B, gh, gw, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, gh * p, gw * p)
+
+
 class PidNet(nn.Module):
     def __init__(self, cfg: PidConfig, ops: Ops | None = None, device=None, dtype=None):
         super().__init__()
@@ -148,7 +162,7 @@ class PidNet(nn.Module):
         t_emb = self.t_embedder(t.reshape(-1)).view(B, 1, D)
         cond = F.silu(t_emb)
 
-        s = self.s_embedder(F.unfold(x_in, kernel_size=p, stride=p).transpose(1, 2))  # -> [B, L, D]
+        s = self.s_embedder(patchify(x_in, p))  # -> [B, L, D]
         for i, block in enumerate(self.patch_blocks):
             if lq is not None and i % c.lq_interval == 0 and i // c.lq_interval < len(lq.heads):
                 s = self.lq_proj.gate_modules[i // c.lq_interval](s, lq.heads[i // c.lq_interval], degrade_sigma)
@@ -163,8 +177,7 @@ class PidNet(nn.Module):
         for block in self.pixel_blocks:
             px = block(px, s, B, rope_pix)
         px = self.final_layer(px)  # -> [B·L, p², 3]
-        px = px.view(B, L, p * p, -1).permute(0, 3, 2, 1).reshape(B, -1, L)  # -> [B, 3·p², L]
-        out = F.fold(px, (H, W), kernel_size=p, stride=p)
+        out = unpatchify(px.view(B, L, p * p, -1), gh, gw, p)  # -> [B, 3, H, W]
         if c.residual_lq:
             out = out + lq.upsampled.to(out.dtype)
         return out

@@ -102,6 +102,8 @@ class StageActor:
 
             torch.set_num_threads(threads)
         self.spec, self.stage = spec, spec.build()
+        if hasattr(self.stage, "warmup"):
+            self.stage.warmup()
 
     def __call__(self, batch: dict) -> dict:
         return _apply(self.stage, self.spec.name, batch)

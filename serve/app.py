@@ -70,6 +70,8 @@ class StageDeployment:
         if max_batch_tiles < TILE_COST_CAP:
             raise ValueError(f"max_batch_tiles must be >= {TILE_COST_CAP}, got {max_batch_tiles}")
         self.spec, self.stage = spec, spec.build()
+        if hasattr(self.stage, "warmup"):  # before `ready` answers: no request pays for kernel compiles
+            self.stage.warmup()
         self.batch_sizes: Counter = Counter()
         self.batch_metric = metrics.Histogram(
             f"pidray_{spec.name}_batch_size", f"requests per {spec.name} batch", boundaries=[1, 2, 4, 8, 16, 32]

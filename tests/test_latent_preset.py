@@ -93,3 +93,12 @@ def test_bytes_between_diffuse_and_merge_for_a_4k_output(tiny_flux_preset, monke
           f"now ({before / after:.1f}x less; {time.perf_counter() - t0:.0f}s on this CPU)")  # fmt: skip
     assert row["pixels"].shape == (4096, 4096, 3) and row["pixels"].dtype == np.uint8
     assert before / after >= 4
+
+
+def test_diffuse_warmup_runs_for_a_latent_preset(tiny_flux_preset):
+    """Replicas and actors warm up (kernels compiled/tuned on a GPU) before they report ready or take work."""
+    from pipeline.stages import DiffuseStage
+
+    stage = DiffuseStage(tiny_flux_preset)
+    stage.warmup()
+    assert stage.stopped == 0 and not stage.cancelled

@@ -10,13 +10,47 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+MAX_ELEMS_PER_THREAD = 32  # above this, sm_90 spills registers (pipeline.kernels.aot; 64 spilled for 4 kernels)
+MAX_CONFIGS = 4  # configs tried per autotune key: each one is a compile on a replica's first request
+
+
 def configs(block_rows: list[int], warps: list[int]) -> list[triton.Config]:
-    """Autotune space; one config under the CPU interpreter (tests), where tuning only costs time."""
+    """Autotune candidates; one config under the CPU interpreter (tests), where tuning only costs time.
+
+    Which candidates a launch may try depends on the row width: `prune(row_elems)` keeps at most MAX_CONFIGS of
+    them, each holding at most MAX_ELEMS_PER_THREAD elements per thread.
+    """
     if INTERPRET:
         return [
             triton.Config({"BLOCK_R": max(block_rows)}, num_warps=warps[0])
         ]  # fewest programs: fastest to interpret
+    return all_configs(block_rows, warps)
+
+
+def all_configs(block_rows: list[int], warps: list[int]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_R": r}, num_warps=w) for r in block_rows for w in warps]
+
+
+def elems_per_thread(cfg: triton.Config, row_elems: int) -> float:
+    return cfg.kwargs["BLOCK_R"] * row_elems / (cfg.num_warps * 32)
+
+
+def tuning_space(candidates: list[triton.Config], row_elems: int) -> list[triton.Config]:
+    """The configs a launch with rows of `row_elems` elements may try: none over MAX_ELEMS_PER_THREAD, the ones
+    with the most work per thread first (fewest programs), at most MAX_CONFIGS; the lightest one if none fits."""
+    fit = [c for c in candidates if elems_per_thread(c, row_elems) <= MAX_ELEMS_PER_THREAD]
+    if not fit:
+        return [min(candidates, key=lambda c: elems_per_thread(c, row_elems))]
+    return sorted(fit, key=lambda c: -elems_per_thread(c, row_elems))[:MAX_CONFIGS]
+
+
+def prune(row_elems):
+    """`prune_configs_by` for triton.autotune: row_elems(args) -> elements of one row held by a program."""
+
+    def early_config_prune(candidates, named_args, **kwargs):
+        return tuning_space(candidates, row_elems({**named_args, **kwargs}))
+
+    return {"early_config_prune": early_config_prune}
 
 
 def rows_of(t: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -6,10 +6,13 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline.kernels._common import check_last_dim, configs, mod_rows, rows_of
+from pipeline.kernels._common import check_last_dim, configs, mod_rows, prune, rows_of
+
+CANDIDATES = ([1, 4, 16, 64, 256], [1, 4, 8])  # (rows per program, warps): pruned per row width by _common.prune
 
 
-@triton.autotune(configs=configs([1, 4, 16, 64, 256], [1, 4, 8]), key=["D"])
+@triton.autotune(configs=configs(*CANDIDATES), key=["D", "n_rows"],
+                 prune_configs_by=prune(lambda a: a["BLOCK_D"]))  # fmt: skip
 @triton.jit
 def _gated_residual_kernel(
     X, G, Y, OUT, n_rows, D, x_stride, g_stride, y_stride, group, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr

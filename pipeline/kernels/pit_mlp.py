@@ -11,10 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline.kernels._common import INTERPRET, configs, mod_rows, rows_of
+from pipeline.kernels._common import INTERPRET, configs, mod_rows, prune, rows_of
+
+CANDIDATES = ([16, 64, 128, 256], [2, 4, 8])  # (rows per program, warps): pruned per row width by _common.prune
 
 
-@triton.autotune(configs=configs([16, 64, 128, 256], [2, 4, 8]), key=["C", "H"])
+@triton.autotune(configs=configs(*CANDIDATES), key=["C", "H"],
+                 prune_configs_by=prune(lambda a: a["BLOCK_C"] + a["BLOCK_H"]))  # fmt: skip
 @triton.jit
 def _pit_mlp_kernel(
     X, NW, SHIFT, SCALE, GATE, W1, B1, W2, B2, OUT, n_rows, C, H, x_stride, sh_stride, sc_stride, g_stride, eps,

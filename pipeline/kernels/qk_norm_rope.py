@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline.kernels._common import configs
+from pipeline.kernels._common import configs, prune
 
 
 @triton.jit
@@ -39,7 +39,11 @@ def _norm_rope_rows(
     tl.store(OUT + dst + 1, (xe * s + xo * c).to(OUT.dtype.element_ty), mask=m)
 
 
-@triton.autotune(configs=configs([4, 16, 64], [2, 4, 8]), key=["half"])
+CANDIDATES = ([4, 16, 64], [2, 4, 8])  # (rows per program, warps): pruned per row width by _common.prune
+
+
+@triton.autotune(configs=configs(*CANDIDATES), key=["half"],
+                 prune_configs_by=prune(lambda a: 2 * a["BLOCK_P"]))  # fmt: skip
 @triton.jit
 def _qk_norm_rope_kernel(
     Q, K, WQ, WK, COS, SIN, OQ, OK, n_rows, N, Hh, qs_b, qs_n, qs_h, ks_b, ks_n, ks_h, half, eps,

@@ -11,10 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline.kernels._common import check_last_dim, configs, mod_rows, rows_of
+from pipeline.kernels._common import check_last_dim, configs, mod_rows, prune, rows_of
+
+CANDIDATES = ([1, 4, 16, 64, 256], [1, 4, 8])  # (rows per program, warps): pruned per row width by _common.prune
 
 
-@triton.autotune(configs=configs([1, 4, 16, 64, 256], [1, 4, 8]), key=["D", "HAS_MOD"])
+@triton.autotune(configs=configs(*CANDIDATES), key=["D", "HAS_MOD", "n_rows"],
+                 prune_configs_by=prune(lambda a: a["BLOCK_D"]))  # fmt: skip
 @triton.jit
 def _rms_norm_modulate_kernel(
     X, W, SHIFT, SCALE, OUT, n_rows, D, x_stride, shift_stride, scale_stride, group, eps,

@@ -110,6 +110,16 @@ class DiffuseStage:
             self.cancelled.pop(r.get("request_id"), None)
         return out
 
+    def warmup(self) -> None:
+        """One step on a one-tile image of the envelope's size: loads kernels (Triton compiles and autotunes on a GPU)
+        before a replica reports ready or an actor takes work, so no request pays for it."""
+        cfg, side = self.net.cfg, self.preset.envelope[1]
+        lat = side // (cfg.sr_scale * (1 if self.preset.vae == "rgb" else cfg.latent_spatial_down_factor))
+        channels = 3 if self.preset.vae == "rgb" else cfg.lq_latent_channels
+        plan = TilePlan((lat, lat), 1, side // lat, cfg.sr_scale, (lat, lat), (lat, lat), (1, 1))
+        y = torch.zeros(cfg.txt_max_length, cfg.txt_embed_dim)
+        self.diffuse_many([DiffuseItem(torch.zeros(channels, lat, lat), y, plan, 0, 0.0, 1)], steps=1)
+
     def cancel(self, request_id: str) -> None:
         """The caller of `request_id` went away: its work stops at the next step (called from another thread)."""
         self.cancelled[request_id] = None

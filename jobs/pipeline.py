@@ -237,10 +237,12 @@ def run_job(cfg: JobConfig, on_row=None) -> Summary:
     previous = load_manifest(plan.dst) if cfg.resume else {}
     fixed = {**{manifest_key(r): r for r in plan.skipped}, **{manifest_key(r): r for r in plan.rejected}}
 
-    def merged() -> list[dict]:
+    stopped_early = True  # until the loop has seen every row: a signal or an error that ends the job
+
+    def merged(final: bool) -> list[dict]:
         rows = {**previous, **fixed, **results}
-        if summary.interrupted:  # one row per input, whatever happened
-            rows.update(_unfinished(cfg, plan, [r for r in todo if r["key"] not in results]))
+        if stopped_early:  # one row per input, whatever happened (mid-job flushes do not list DST each minute)
+            rows.update(_unfinished(cfg, plan, [r for r in todo if r["key"] not in results], look=final))
         return list(rows.values())
 
     local = use_local_loop(cfg, len(todo))
@@ -259,8 +261,9 @@ def run_job(cfg: JobConfig, on_row=None) -> Summary:
                 if on_row:
                     on_row(row)
                 if time.time() - last_flush > MANIFEST_EVERY_S:  # a crash keeps what was done so far on record
-                    write_manifest(plan.dst, merged())
+                    write_manifest(plan.dst, merged(final=False))
                     last_flush = time.time()
+        stopped_early = False
     except Interrupted as e:
         summary.interrupted = e.signum
     finally:
@@ -271,26 +274,28 @@ def run_job(cfg: JobConfig, on_row=None) -> Summary:
                 summary.failed += r["status"] == "failed"
             summary.failed += len(plan.rejected)
             summary.seconds = time.time() - t0
-            summary.rows = merged()
+            summary.rows = merged(final=True)
             summary.manifest = write_manifest(plan.dst, summary.rows)
             plan.dst.remove_stale_temporaries()
     return summary
 
 
-def _unfinished(cfg: JobConfig, plan: Plan, rows: list[dict]) -> dict[str, dict]:
-    """Manifest rows for inputs an interrupted job did not report: `interrupted`, and whether an output landed.
+def _unfinished(cfg: JobConfig, plan: Plan, rows: list[dict], look: bool = True) -> dict[str, dict]:
+    """Manifest rows for inputs the job has not reported: `interrupted`, and (when `look`) whether an output landed.
 
     A worker may have written an output (atomically: it is complete) that the driver had not heard of yet.
     """
+    existing = set()
     try:
-        existing = {e.key for e in plan.dst.list(images_only=False)}
+        existing = {e.key for e in plan.dst.list(images_only=False)} if look else set()
     except Exception:  # DST not listable now: say nothing about outputs
-        existing = set()
+        pass
     out = {}
     for r in rows:
         hit = next((c for c in output_candidates(r["output_stem"], cfg.options.format) if c in existing), "")
         error = ("interrupted after its output was written (complete; --resume keeps it)" if hit
-                 else "interrupted before it finished; --resume does it")  # fmt: skip
+                 else "interrupted before it finished; --resume does it" if look
+                 else "not finished when this manifest was written; --resume does it if the job stops")  # fmt: skip
         out[r["key"]] = manifest_row({**r, "status": "interrupted", "error": error}, cfg.model.preset)
         out[r["key"]]["output_key"] = display(hit)
     return out

@@ -142,3 +142,35 @@ def test_cli_flags_cover_every_option_with_the_dataclass_defaults():
     missing = [f.name for f in fields(UpscaleOptions) if f.name not in dests and f"no_{f.name}" not in dests]
     assert missing == []
     assert config_from_args(parser.parse_args(["upscale", "in", "out"])).options == UpscaleOptions()
+
+
+def test_a_job_ended_by_an_error_still_writes_one_row_per_input(monkeypatch, bicubic_weights, tmp_path):
+    """An error no row envelope catches (here SystemExit from a stage) ends the job; its manifest is written with
+    the finished rows and every other input marked interrupted."""
+    from jobs.manifest import read_manifest
+    from jobs.pipeline import JobConfig, run_job
+    from pipeline.runtime import ModelOptions
+    from pipeline.storage import Location
+
+    class Boom:
+        def process(self, row):
+            if row["key"] == "2.png":
+                raise SystemExit("the machine is going away")
+            return row
+
+    original = StageGraph.__init__
+
+    def init(self, *a, **kw):
+        original(self, *a, **kw)
+        self.stages.insert(0, StageSpec("boom", Boom, {}, False, False))
+
+    monkeypatch.setattr(StageGraph, "__init__", init)
+    (tmp_path / "in").mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(tmp_path / "in" / f"{i}.png")
+    cfg = JobConfig(str(tmp_path / "in"), str(tmp_path / "out"), ModelOptions(weights=bicubic_weights), local=True,
+                    progress=False)  # fmt: skip
+    with pytest.raises(SystemExit):
+        run_job(cfg)
+    rows = {r["key"]: r["status"] for r in read_manifest(Location(str(tmp_path / "out")))}
+    assert set(rows) == {"0.png", "1.png", "2.png", "3.png"} and set(rows.values()) == {"interrupted"}

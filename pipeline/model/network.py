@@ -39,7 +39,9 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     which is exact and which torch.compile handles (its CPU fold/unfold lowering miscompiled at > 1 thread)."""
     B, C, H, W = x.shape
     gh, gw = H // p, W // p
-    return x.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p)
+    # Laid out as F.unfold's [B, C·p², L], then transposed: the embedding's matmul then sees the very strides the
+    # official code gives it, so the forward stays bit-identical (a contiguous [B, L, C·p²] changes the GEMM path).
+    return x.reshape(B, C, gh, p, gw, p).permute(0, 1, 3, 5, 2, 4).reshape(B, C * p * p, gh * gw).transpose(1, 2)
 
 
 def unpatchify(px: torch.Tensor, gh: int, gw: int, p: int) -> torch.Tensor:

@@ -13,6 +13,8 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.storage import display
+
 MANIFEST_NAME = "_pidray_manifest.parquet"
 STAGES = ("read", "decode", "encode", "diffuse", "merge", "write")
 SCHEMA = pa.schema(
@@ -22,10 +24,6 @@ SCHEMA = pa.schema(
      ("seed", pa.int64()), ("notes", pa.string())]
     + [(f"t_{s}", pa.float64()) for s in STAGES]
 )  # fmt: skip
-
-
-def _display(key: str) -> str:
-    return os.fsencode(key).decode("utf-8", "backslashreplace")
 
 
 def manifest_key(row: dict) -> str:
@@ -43,12 +41,12 @@ def manifest_row(row: dict, model: str) -> dict:
     notes = row.get("notes") or []
     status = row.get("status", "failed")
     return {
-        "key": _display(row["key"]),
+        "key": display(row["key"]),
         "key_bytes": os.fsencode(row["key"]),
         "status": status,
         "error": row.get("error", "") or "",
         "error_kind": row.get("error_kind", "") or ("internal" if status == "failed" else ""),
-        "output_key": _display(row.get("output_key", "")) if status in ("ok", "skipped") else "",
+        "output_key": display(row.get("output_key", "")) if status in ("ok", "skipped") else "",
         "in_bytes": int(row.get("in_bytes", -1)),
         "in_h": int(in_hw[0]),
         "in_w": int(in_hw[1]),

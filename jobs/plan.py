@@ -175,7 +175,7 @@ def _fill_sizes(items: list[tuple[dict, str, str]], src: Location, dst: Location
         for loc, k, names in ((src, key, ("in_h", "in_w")), (dst, out, ("out_h", "out_w"))):
             try:
                 try:
-                    h, w = probe(loc.read_head(k, 1 << 20), max_pixels=1 << 62)
+                    h, w = probe(loc.read(k, 1 << 20), max_pixels=1 << 62)
                 except ValueError:  # the header runs past the first MiB (a large ICC profile): read it all
                     h, w = probe(loc.read(k), max_pixels=1 << 62)
             except Exception:  # unreadable now: the size stays unknown (-1)

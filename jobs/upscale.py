@@ -50,9 +50,13 @@ def positive_int(text: str) -> int:
 
 def seed_arg(text: str) -> int:
     try:
-        return check_seed(int(text))
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    try:
+        return check_seed(seed)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e) if "2^63" in str(e) else f"expected an integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def suffix_arg(text: str) -> str:

@@ -314,24 +314,16 @@ class Location:
             raise SetupError(explain_storage_error(e, "write to", self.uri, self.s3.endpoint_url)) from e
 
     # ------------------------------------------------------------------ I/O
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, n: int | None = None) -> bytes:
+        """The object's bytes, or only its first n (a ranged GET on S3): enough for an image header."""
         if self.is_s3:
             bucket, _ = self.bucket_prefix
-            return self.client.get_object(Bucket=bucket, Key=self._s3_key(key))["Body"].read()
+            extra = {"Range": f"bytes=0-{n - 1}"} if n else {}
+            return self.client.get_object(Bucket=bucket, Key=self._s3_key(key), **extra)["Body"].read()
         flags = os.O_RDONLY | (0 if self.follow_symlinks else os.O_NOFOLLOW)  # a file swapped for a link is refused
         fd = os.open(os.path.join(self.uri, key), flags)
         with os.fdopen(fd, "rb") as f:
-            return f.read()
-
-    def read_head(self, key: str, n: int) -> bytes:
-        """The first n bytes (a ranged GET on S3): enough for an image header."""
-        if self.is_s3:
-            bucket, _ = self.bucket_prefix
-            return self.client.get_object(Bucket=bucket, Key=self._s3_key(key), Range=f"bytes=0-{n - 1}")["Body"].read()
-        flags = os.O_RDONLY | (0 if self.follow_symlinks else os.O_NOFOLLOW)
-        fd = os.open(os.path.join(self.uri, key), flags)
-        with os.fdopen(fd, "rb") as f:
-            return f.read(n)
+            return f.read() if n is None else f.read(n)
 
     def _local_path(self, key: str) -> Path:
         """The path for `key`, proven inside the location after resolving every existing symlink."""

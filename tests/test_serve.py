@@ -232,19 +232,14 @@ def test_serve_config_yaml_is_valid():
 
 
 # ---------------------------------------------------------------------------------------------- issue 10: safety
-def _ingress_pids() -> list[int]:
+def _pids(marker: bytes) -> list[int]:
     from pathlib import Path
 
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"ServeReplica:pidray:ingress" in cmd:
-                pids.append(int(proc.name))
-    return pids
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and marker in _cmdline(p)]
+
+
+def _ingress_pids() -> list[int]:
+    return _pids(b"ServeReplica:pidray:ingress")
 
 
 def _rss_mb(pid: int) -> float:
@@ -337,9 +332,7 @@ def test_f10_failure_inside_a_batch_is_isolated(endpoint):
 
 
 def _proxy_pids() -> list[int]:
-    from pathlib import Path
-
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).find(b"ProxyActor") >= 0]
+    return _pids(b"ProxyActor")
 
 
 def _cmdline(proc) -> bytes:

@@ -86,7 +86,12 @@ def add_upscale_parser(sub, parents=()) -> None:
     o.add_argument("--degrade-sigma", type=float, default=0.0)
     o.add_argument("--sampler", choices=["sde", "ode"], default="sde")
     o.add_argument("-t", "--tile", type=int, default=None, help="tile side in output pixels (default: envelope)")
-    o.add_argument("--overlap", type=int, default=8, help="tile overlap in latent pixels")
+    o.add_argument(
+        "--overlap",
+        type=int,
+        default=None,
+        help="tile overlap in latent pixels (default: the preset's, 5 for released presets, 8 for small)",
+    )
     o.add_argument("--no-fusion", action="store_true", help="blend tiles only at the end")
     o.add_argument("-f", "--format", default=None, help="png, jpeg, webp, tiff (default: keep the input's)")
     o.add_argument("-q", "--quality", type=int, default=95)

@@ -54,7 +54,7 @@ def bench_pipeline(n: int, size: int, model: ModelOptions, options: UpscaleOptio
 
 
 def add_bench_parser(sub) -> None:
-    from jobs import bench_gpu
+    from pipeline import doctor
 
     p = sub.add_parser("bench", help="benchmarks: pipeline (Ray Data vs loop), serve (latency), kernels (GPU)")
     bsub = p.add_subparsers(dest="what", required=True)
@@ -71,9 +71,9 @@ def add_bench_parser(sub) -> None:
     q.add_argument("--size", type=int, default=32, help="input side in pixels")
     q.add_argument("--weights", default=None)
     q.set_defaults(fn=cmd_bench_serve)
-    q = bsub.add_parser("kernels", help="Triton kernels and the whole forward at 2048²/3840² (needs a GPU)")
-    bench_gpu.add_args(q)
-    q.set_defaults(fn=bench_gpu.cmd)
+    q = bsub.add_parser("kernels", help="Triton kernels and the whole forward at 2048²/3840² (pidray doctor's steps)")
+    doctor.add_args(q)
+    q.set_defaults(fn=doctor.cmd, steps="versions,kernels,forward")
 
 
 def bench_serve(n: int, size: int, weights: str | None) -> dict:

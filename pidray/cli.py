@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default="out/eval_small", help="folder for the side-by-side PNGs and JSON")
     p.set_defaults(fn=_cmd_eval_small)
 
+    from pipeline import doctor
+
+    p = sub.add_parser("doctor", help="the device check (--gpu: every step, ~8 min; --smoke: CPU, tiny, seconds)")
+    p.add_argument("--gpu", action="store_true", help="run every step (default: versions and SDPA backends only)")
+    doctor.add_args(p)
+    p.set_defaults(fn=_cmd_doctor)
+
     from jobs.upscale import add_upscale_parser
     from pidray.bench import add_bench_parser
     from serve.run import add_serve_parser
@@ -124,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_serve_parser(sub, parents=[common])
     return ap
+
+
+def _cmd_doctor(args) -> int:
+    from pipeline import doctor
+
+    if not (args.gpu or args.smoke or args.steps):
+        args.steps = "versions"
+    return doctor.cmd(args)
 
 
 def _one_line(e: BaseException) -> str | None:

@@ -59,6 +59,21 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+def _on(device, fn):
+    """`fn` (a module) moved to `device`, called with its tensor arguments moved there, its result brought back to
+    the CPU in fp32: the checks' own arithmetic (sampler, noise) stays on the CPU as in the official code."""
+    if device is None:
+        return fn
+    fn = fn.to(device)
+
+    def call(*args):
+        out = fn(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
+        return out.float().cpu() if isinstance(out, torch.Tensor) else out
+
+    call.module = fn
+    return call
+
+
 def fixture_kind(tensors: dict[str, torch.Tensor]) -> str:
     if "expected.latent" in tensors and any(k.startswith("encoder.") for k in tensors):
         return "flux_vae"
@@ -70,17 +85,18 @@ def fixture_kind(tensors: dict[str, torch.Tensor]) -> str:
     return "unknown"
 
 
-def _check_pid(t: dict, meta: dict, rep: FixtureReport) -> None:
+def _check_pid(t: dict, meta: dict, rep: FixtureReport, device=None) -> None:
     from pipeline.model.config import PidConfig
     from pipeline.model.loading import load_network, network_tensors
     from pipeline.model.sampler import DISTILLED_T, GeneratorNoise, sample
 
     cfg = PidConfig.from_official(json.loads(meta["config"]))
-    net = load_network(cfg, network_tensors(t))
+    net = _on(device, load_network(cfg, network_tensors(t)))
     x, y = t["input.x"], t["input.y"]
     sigma, latent = t["input.degrade_sigma"], t["input.lq_latent"]
     with torch.inference_mode():
-        lq = net.encode_lq(tuple(x.shape[-2:]), latent=latent)
+        module = getattr(net, "module", net)
+        lq = module.encode_lq(tuple(x.shape[-2:]), latent=latent.to(next(module.parameters()).device))
         rep.checks.append(
             Check("expected.forward", _max_err(net(x, t["input.t"], y, lq, sigma), t["expected.forward"]))
         )
@@ -98,23 +114,26 @@ def _check_pid(t: dict, meta: dict, rep: FixtureReport) -> None:
         rep.checks.append(Check(key, _max_err(out, t[key]) if key in t else None, "" if key in t else "missing"))
 
 
-def _check_vae(t: dict, meta: dict, rep: FixtureReport) -> None:
+def _check_vae(t: dict, meta: dict, rep: FixtureReport, device=None) -> None:
     from pipeline.encoders.flux_vae import FluxEncoderParams, load_flux_encoder
 
     cfg = json.loads(meta["config"])
     params = FluxEncoderParams.from_dict(cfg)
     enc = load_flux_encoder(params, {k: v for k, v in t.items() if k.startswith(("encoder.", "decoder."))})
+    if device is not None:
+        enc = enc.to(device)
     with torch.inference_mode():
-        rep.checks.append(Check("expected.latent", _max_err(enc.encode(t["input.image"]), t["expected.latent"])))
+        latent = enc.encode(t["input.image"].to(device or "cpu")).float().cpu()
+        rep.checks.append(Check("expected.latent", _max_err(latent, t["expected.latent"])))
 
 
-def _check_t2i(t: dict, meta: dict, rep: FixtureReport) -> None:
+def _check_t2i(t: dict, meta: dict, rep: FixtureReport, device=None) -> None:
     from pipeline.model.config import PidConfig
     from pipeline.model.loading import load_network, network_tensors
     from pipeline.model.t2i_sampler import dpm_solver_pp
 
     cfg = PidConfig.from_official(json.loads(meta["config"]), defaults="pixeldit_t2i")
-    net = load_network(cfg, network_tensors(t))
+    net = _on(device, load_network(cfg, network_tensors(t)))
     with torch.inference_mode():
         out = net(t["input.x"], t["input.t"], t["input.y"])
     rep.checks.append(Check("expected.forward", _max_err(out, t["expected.forward"])))
@@ -145,7 +164,8 @@ def _check_t2i(t: dict, meta: dict, rep: FixtureReport) -> None:
 CHECKERS = {"pid": _check_pid, "flux_vae": _check_vae, "pixeldit_t2i": _check_t2i}
 
 
-def verify(path: str | Path) -> FixtureReport:
+def verify(path: str | Path, device: str | torch.device | None = None) -> FixtureReport:
+    """Check one fixture; `device` runs the networks there (the CUDA parity check of `pidray doctor`)."""
     from pipeline.model.loading import read_state_dict
 
     try:
@@ -161,7 +181,7 @@ def verify(path: str | Path) -> FixtureReport:
         rep.problem = "fixture has no `config` metadata"
         return rep
     try:
-        CHECKERS[kind](tensors, meta, rep)
+        CHECKERS[kind](tensors, meta, rep, device=device)
     except (ValueError, KeyError) as e:
         rep.problem = f"{type(e).__name__}: {e}"
     return rep

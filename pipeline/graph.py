@@ -14,9 +14,9 @@ import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from pipeline.memory import tile_bytes, weight_bytes
+from pipeline.memory import tile_bytes, vae_encode_bytes, weight_bytes
 from pipeline.model.presets import get_preset
-from pipeline.runtime import ModelOptions, pick_device, pick_dtype
+from pipeline.runtime import ModelOptions, pick_device, pick_dtype, vae_dtype
 from pipeline.stages import DecodeStage, DiffuseStage, EncodeStage, MergeStage, ReadStage, WriteStage, run_stage
 from pipeline.stages.common import UpscaleOptions, resolve
 from pipeline.stages.encode import plan_for
@@ -36,6 +36,17 @@ class StageSpec:
     def build(self):
         return self.cls(**self.kwargs)
 
+    def ray_options(self, cluster_gpus: float) -> dict:
+        """Ray resources for one actor / task / replica of this stage, from the declaration above: its CPUs, its
+        share of a GPU where the cluster has GPUs, and, for a stage that takes no GPU on a cluster that has them,
+        CUDA hidden (Ray no longer hides GPUs from workers that ask for none: without this a CPU stage would load
+        its model onto a GPU it was never given, unaccounted)."""
+        on_gpu = self.wants_gpu and cluster_gpus > 0
+        opts: dict = {"num_cpus": self.num_cpus, "num_gpus": self.gpu_share if on_gpu else 0}
+        if cluster_gpus > 0 and not on_gpu:
+            opts["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
+        return opts
+
 
 class StageGraph:
     def __init__(self, model: ModelOptions | None = None, options: UpscaleOptions | None = None):
@@ -48,10 +59,10 @@ class StageGraph:
         vae_share = 0.25 if latent_vae else 0.0
         self.stages = [
             StageSpec("decode", DecodeStage, {"max_pixels": self.options.max_pixels}, False, False),
-            StageSpec("encode", EncodeStage, {"model": m, "options": o}, latent_vae, latent_vae, batch_rows=8,
-                      gpu_share=vae_share),
-            StageSpec("diffuse", DiffuseStage, {"model": m, "options": o}, True, True, batch_rows=16,
-                      gpu_share=1.0 - vae_share),
+            StageSpec("encode", EncodeStage, {"model": m, "options": o, "gpu_share": vae_share or 1.0}, latent_vae,
+                      latent_vae, batch_rows=8, gpu_share=vae_share),
+            StageSpec("diffuse", DiffuseStage, {"model": m, "options": o, "gpu_share": 1.0 - vae_share}, True, True,
+                      batch_rows=16, gpu_share=1.0 - vae_share),
             StageSpec("merge", MergeStage, {"options": o}, False, False),
         ]  # fmt: skip
 
@@ -91,7 +102,8 @@ class StageGraph:
         canvas = plan.canvas_hw[0] * plan.canvas_hw[1]
         return {
             "decode": in_hw[0] * in_hw[1] * 3 * 2,
-            "encode": plan.pad_hw[0] * plan.pad_hw[1] * 3 * 4 * 2,
+            "encode": plan.pad_hw[0] * plan.pad_hw[1] * 3 * 4 * 2 if self.preset.vae == "rgb" else vae_encode_bytes(
+                plan.pad_hw, vae_dtype(device_t), self.preset.encoder.get("ch", 128)),
             "diffuse": weight_bytes(cfg, dtype) + tile_bytes(cfg, plan.tile_out, dtype) + plan.n_tiles * 3 * 4
             * plan.tile_out[0] * plan.tile_out[1] * 4 + canvas * 3 * 4 * 2,
             "merge": out_px * 3 * 2 * 2,

@@ -37,11 +37,27 @@ def weight_bytes(cfg: PidConfig, dtype: torch.dtype) -> int:
     return n * (torch.finfo(dtype).bits // 8)
 
 
-def default_budget(device: torch.device) -> int:
-    """Bytes the diffuse stage may use for activations: 80% of free GPU memory, or a quarter of host RAM."""
+def vae_encode_bytes(
+    hw: tuple[int, int], dtype: torch.dtype, ch: int = 128, tile_px: int | None = 1024, margin_px: int = 128
+) -> int:
+    """Peak bytes of a convolutional VAE encode of an hw-pixel image: about five full-resolution activations of
+    `ch` channels for the largest piece encoded at once (one tile plus its margins when tiled, as
+    `LatentEncoder.encode` does), plus the input image in fp32."""
+    H, W = hw
+    if tile_px and max(H, W) > tile_px + 2 * margin_px:
+        H, W = min(H, tile_px + 2 * margin_px), min(W, tile_px + 2 * margin_px)
+    s = torch.finfo(dtype).bits // 8
+    return int(5 * H * W * ch * s + hw[0] * hw[1] * 3 * 4)
+
+
+def default_budget(device: torch.device, gpu_share: float = 1.0) -> int:
+    """Bytes the diffuse stage may use for activations. On a GPU: its declared share of the card's memory (the
+    graph's `gpu_share`; stages sharing a card each keep to theirs), less what this process already holds (the
+    weights), at 90% — never what happens to be free at start, which depends on who started first. On a CPU: a
+    quarter of host RAM, at most 16 GiB."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.8)
+        total = torch.cuda.get_device_properties(device).total_memory
+        return max(256 << 20, int(total * gpu_share * 0.9) - torch.cuda.memory_allocated(device))
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):

@@ -428,12 +428,16 @@ def build_app(args: dict | AppArgs | None = None):
     handles = {}
     for spec in graph.model_stages():
         conf = dict(dep.get(spec.name, DEFAULT_STAGE_DEPLOYMENT))
-        if gpu and spec.wants_gpu:
-            conf["ray_actor_options"] = {"num_cpus": spec.num_cpus, "num_gpus": spec.gpu_share}
+        if gpu:  # the graph's declaration: a GPU stage's share of a card; a CPU stage with CUDA hidden
+            conf["ray_actor_options"] = {**conf.get("ray_actor_options", {}), **spec.ray_options(1)}
         handles[spec.name] = StageDeployment.options(name=spec.name, **conf).bind(
             spec, max_batch_tiles=a.max_batch_tiles, batch_wait_s=a.batch_wait_s, threads=a.threads
         )
-    return Ingress.options(**dep["ingress"]).bind(handles, a)
+    ingress = dict(dep["ingress"])
+    if gpu:  # decode and merge run in the ingress: never on a GPU
+        opts = ingress.get("ray_actor_options", {})
+        ingress["ray_actor_options"] = {**opts, "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
+    return Ingress.options(**ingress).bind(handles, a)
 
 
 # Local defaults; serve/config.yaml carries the same for `serve deploy`, with autoscaling.

@@ -174,3 +174,60 @@ def test_a_job_ended_by_an_error_still_writes_one_row_per_input(monkeypatch, bic
         run_job(cfg)
     rows = {r["key"]: r["status"] for r in read_manifest(Location(str(tmp_path / "out")))}
     assert set(rows) == {"0.png", "1.png", "2.png", "3.png"} and set(rows.values()) == {"interrupted"}
+
+
+class WhereAmI:
+    """A stage that notes which GPUs its worker may see."""
+
+    def process(self, row):
+        import os
+
+        return {**row, "notes": [*row.get("notes", []), f"cuda={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}"]}
+
+
+def test_resources_come_from_the_graph_declaration():
+    """Issue 12 (3): every stage's Ray resources come from its declaration; on a cluster with GPUs a stage that
+    takes none has CUDA hidden, GPU stages share each card by their declared fractions (which add up to one)."""
+    from pipeline.runtime import ModelOptions
+
+    graph = StageGraph(ModelOptions(preset="flux-2k"))
+    on_gpus = {s.name: s.ray_options(8) for s in graph.stages}
+    assert on_gpus["encode"]["num_gpus"] == 0.25 and on_gpus["diffuse"]["num_gpus"] == 0.75
+    assert graph["diffuse"].kwargs["gpu_share"] == 0.75  # the stage budgets its memory from the same number
+    for name in ("decode", "merge"):
+        assert on_gpus[name]["num_gpus"] == 0
+        assert on_gpus[name]["runtime_env"]["env_vars"]["CUDA_VISIBLE_DEVICES"] == ""
+    assert all("runtime_env" not in s.ray_options(0) and s.ray_options(0)["num_gpus"] == 0 for s in graph.stages)
+
+
+@pytest.mark.slow
+def test_cpu_stages_do_not_see_the_gpu_on_ray_data(monkeypatch, bicubic_weights, tmp_path):
+    """On a cluster that has a GPU (a logical one here), a CPU stage's worker runs with CUDA hidden."""
+    import ray
+    import ray.cloudpickle
+
+    from jobs.manifest import read_manifest
+    from jobs.pipeline import JobConfig, run_job
+    from pipeline.runtime import ModelOptions
+    from pipeline.storage import Location
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    original = StageGraph.__init__
+
+    def init(self, *a, **kw):
+        original(self, *a, **kw)
+        self.stages.insert(self.names().index("diffuse"), StageSpec("where", WhereAmI, {}, False, False))
+
+    monkeypatch.setattr(StageGraph, "__init__", init)
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "in" / "a.png")
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        cfg = JobConfig(str(tmp_path / "in"), str(tmp_path / "out"), ModelOptions(weights=bicubic_weights),
+                        progress=False, local=False)  # fmt: skip
+        assert run_job(cfg).ok == 1
+    finally:
+        ray.shutdown()
+    (row,) = read_manifest(Location(str(tmp_path / "out")))
+    notes = row["notes"] if isinstance(row["notes"], list) else str(row["notes"]).split("; ")
+    assert "cuda=" in notes and not any(n.startswith("cuda=") and n != "cuda=" for n in notes), notes

@@ -59,3 +59,14 @@ def test_rayservice_gpu_shares_follow_the_graph():
         d["name"]: d["ray_actor_options"].get("num_gpus", 0) for d in app["deployments"] if d["name"] != "ingress"
     }
     assert shares == {s.name: s.gpu_share for s in graph.model_stages()}
+
+
+def test_the_image_installs_the_same_pins_as_pyproject():
+    """Issue 12 (8): one set of pins for the CPU machines and a CUDA one: torch and triton in the Dockerfile are
+    pyproject's, and triton is the version torch 2.13.0's CUDA wheel requires."""
+    import re
+
+    pins = dict(re.findall(r'"(torch|triton)==([\d.]+)"', (ROOT / "pyproject.toml").read_text()))
+    docker = dict(re.findall(r'"(torch|triton)==([\d.]+)"', (ROOT / "k8s" / "Dockerfile").read_text()))
+    assert docker == {"torch": pins["torch"], "triton": pins["triton"]}
+    assert (pins["torch"], pins["triton"]) == ("2.13.0", "3.7.1")

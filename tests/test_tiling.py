@@ -26,6 +26,18 @@ def test_small_image_is_one_tile_and_overlap_default():
     assert big.grid == (3, 2) and big.overlap == (8, 8) and big.overlap[0] * big.out_per_lat == 256
 
 
+def test_presets_carry_their_overlap():
+    """--overlap defaults to the preset's (data, not a global): 160 output pixels for the released ones."""
+    from pipeline.model.presets import get_preset
+    from pipeline.stages import UpscaleOptions
+    from pipeline.stages.encode import plan_for
+
+    flux = plan_for(get_preset("flux-2k"), UpscaleOptions(), (1000, 1500))
+    assert flux.overlap == (5, 5) and flux.overlap[0] * flux.out_per_lat == 160
+    assert plan_for(get_preset("small"), UpscaleOptions(), (100, 100)).overlap == (8, 8)
+    assert plan_for(get_preset("flux-2k"), UpscaleOptions(overlap=3), (1000, 1500)).overlap == (3, 3)
+
+
 def test_blend_is_a_partition_of_unity():
     plan = plan_tiles((100, 70), unit=1, sr_scale=4, patch=8, tile_out=128)
     assert plan.n_tiles > 4
@@ -60,8 +72,8 @@ def test_file_seed_depends_on_run_seed_and_key_only():
     "preset,hw,goal",
     [
         ("flux-2k", (1024, 1024), 1.15),
-        ("flux-2k", (2048, 2048), 1.2),
-        ("flux-2k", (1000, 1500), 1.17),
+        ("flux-2k", (2048, 2048), 1.15),
+        ("flux-2k", (1000, 1500), 1.15),
         ("flux-2kto4k-v1.5", (2048, 2048), 1.15),
     ],
 )

@@ -40,7 +40,6 @@ class FluxEncoderParams:
 
 
 FLUX1 = FluxEncoderParams()
-SD3 = FluxEncoderParams(scale_factor=1.5305, shift_factor=0.0609)
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -69,7 +68,9 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (m(h).reshape(B, 1, C, H * W).transpose(2, 3) for m in (self.q, self.k, self.v))  # -> [B,1,HW,C]
+        # [B, 1, HW, C], contiguous: a strided last dimension sends SDPA to its math backend, which materialises
+        # the [HW, HW] matrix (17 GB in fp32 at a 2048² input); contiguous q/k/v take the memory-efficient kernels.
+        q, k, v = (m(h).reshape(B, 1, C, H * W).transpose(2, 3).contiguous() for m in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(B, C, H, W)
         return x + self.proj_out(h)
 
@@ -122,6 +123,7 @@ class FluxEncoder(nn.Module, LatentEncoder):
     def __init__(self, params: FluxEncoderParams = FLUX1):
         super().__init__()
         self.params = params
+        self.act_channels = params.ch * params.ch_mult[0]
         self.encoder = Encoder(params)
 
     @property
@@ -132,11 +134,10 @@ class FluxEncoder(nn.Module, LatentEncoder):
     def down_factor(self) -> int:
         return self.params.down_factor
 
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """image [B, 3, H, W] in [-1, 1], H and W multiples of the down factor -> normalised latent."""
-        self.check_image(image)
+    def _encode(self, image: torch.Tensor) -> torch.Tensor:
+        """image [B, 3, H, W] in [-1, 1], H and W multiples of the down factor -> normalised latent (fp32)."""
         moments = self.encoder(image.to(self.encoder.conv_in.weight.dtype))
-        mean = moments[:, : self.params.z_channels]
+        mean = moments[:, : self.params.z_channels].float()
         return self.params.scale_factor * (mean - self.params.shift_factor)
 
 

@@ -10,7 +10,8 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-MAX_ELEMS_PER_THREAD = 32  # above this, sm_90 spills registers (pipeline.kernels.aot; 64 spilled for 4 kernels)
+MAX_ELEMS_PER_THREAD = 16  # above this sm_90 may spill (pipeline.kernels.aot: 64 spilled on triton 3.9; 32 spilled
+# 208-280 bytes in rms_norm_modulate on triton 3.7.1, the version torch 2.13's CUDA wheel requires)
 MAX_CONFIGS = 4  # configs tried per autotune key: each one is a compile on a replica's first request
 
 

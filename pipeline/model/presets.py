@@ -30,6 +30,12 @@ class Preset:
     bundled: bool = False
     notes: str = ""
     default_steps: int = field(default=4)
+    # The LQ encoder's parameters as data (for the Flux1/SD3 VAE: FluxEncoderParams fields; missing ones default).
+    encoder: dict = field(default_factory=dict)
+    # Default tile overlap in latent pixels (--overlap). Released presets: 5 = 160 output pixels (fusion blends the
+    # overlapping x0 estimates every step, so the seam needs no wider ramp), which keeps the pixels diffused within
+    # 1.15x of the output for 2K/4K tilings (8 would be 1.20x at 2048² -> 8192²); the small model: 8 = 32 pixels.
+    tile_overlap: int = 5
 
     @property
     def scale(self) -> int:
@@ -64,8 +70,14 @@ def _ckpt(exp: str) -> str:
     return f"checkpoints/{exp}/model_ema_bf16.pth"
 
 
+# Latent scaling of each VAE family, (latent - shift) * scale, as the official code and diffusers configs give it.
+_VAE_SCALING = {"flux1": {"scale_factor": 0.3611, "shift_factor": 0.1159},
+                "sd3": {"scale_factor": 1.5305, "shift_factor": 0.0609}}  # fmt: skip
+
+
 def _released(name, cfg, exp, vae, variant, vae_ckpt, envelope, **kw) -> Preset:
-    return Preset(name, cfg, _ckpt(exp), vae, variant, vae_ckpt, envelope=envelope, **kw)
+    return Preset(name, cfg, _ckpt(exp), vae, variant, vae_ckpt, envelope=envelope,
+                  encoder=dict(_VAE_SCALING.get(vae, {})), **kw)  # fmt: skip
 
 
 _R = dataclasses.replace
@@ -107,7 +119,7 @@ PRESETS: dict[str, Preset] = {
                 input_concat_lq=True, residual_lq=True,
             ),
             "pidray_small_sr4x.safetensors", "rgb", "pidray", None, text_encoder="none",
-            envelope=(128, 128), bundled=True,
+            envelope=(128, 128), bundled=True, tile_overlap=8,
             notes="pidray's own 4x model trained on scikit-image's bundled photos; runs on a CPU",
         ),
     ]

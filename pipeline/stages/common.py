@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from pipeline.errors import BadParameter, kind_of
 from pipeline.imageio import DEFAULT_MAX_PIXELS
-from pipeline.tiling import DEFAULT_MAX_OUTPUT_SIDE, DEFAULT_OVERLAP
+from pipeline.tiling import DEFAULT_MAX_OUTPUT_SIDE
 
 
 @dataclass
@@ -21,7 +21,7 @@ class UpscaleOptions:
     degrade_sigma: float = 0.0
     sampler: str = "sde"  # "sde" (official) | "ode"
     tile: int | None = None  # tile side in output pixels; None: the preset's envelope
-    overlap: int = DEFAULT_OVERLAP  # latent pixels
+    overlap: int | None = None  # latent pixels; None: the preset's tile_overlap
     fusion: bool = True  # average overlapping x0 estimates every step (all tiles of an image in one process)
     format: str | None = None  # None: keep the input's format (PNG when it has alpha)
     quality: int = 95
@@ -42,7 +42,7 @@ class UpscaleOptions:
             raise BadParameter(f"quality must be in 1..100, got {self.quality}")
         if self.tile is not None and (not isinstance(self.tile, int) or self.tile < 16):
             raise BadParameter(f"tile (--tile) must be an integer >= 16 output pixels, got {self.tile!r}")
-        if not isinstance(self.overlap, int) or self.overlap < 0:
+        if self.overlap is not None and (not isinstance(self.overlap, int) or self.overlap < 0):
             raise BadParameter(f"overlap (--overlap) must be an integer >= 0 latent pixels, got {self.overlap!r}")
 
     def to_dict(self) -> dict:

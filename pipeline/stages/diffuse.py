@@ -62,13 +62,14 @@ class DiffuseStage:
         options: UpscaleOptions | dict | None = None,
         memory_budget: int | None = None,
         loaded=None,  # (Preset, PidNet) already loaded, e.g. from a fixture
+        gpu_share: float = 1.0,  # the fraction of its GPU the graph gives this stage (its memory budget)
     ):
         self.model = model if isinstance(model, ModelOptions) else ModelOptions(**(model or {}))
         self.options = options if isinstance(options, UpscaleOptions) else UpscaleOptions(**(options or {}))
         self.preset, self.net = loaded if loaded is not None else load_net(self.model)
         p = next(self.net.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.budget = memory_budget or default_budget(self.device)
+        self.budget = memory_budget or default_budget(self.device, gpu_share)
         self.cancelled: dict[str, None] = {}  # request ids whose callers went away (oldest first, capped)
         self.stopped = 0  # rows whose work was skipped or stopped because they were cancelled or past deadline
 
@@ -110,15 +111,19 @@ class DiffuseStage:
             self.cancelled.pop(r.get("request_id"), None)
         return out
 
-    def warmup(self) -> None:
+    def warmup(self, force: bool = False) -> bool:
         """One step on a one-tile image of the envelope's size: loads kernels (Triton compiles and autotunes on a GPU)
-        before a replica reports ready or an actor takes work, so no request pays for it."""
+        before a replica reports ready or an actor takes work, so no request pays for it. On a CPU there is nothing
+        to compile and the step would only delay the first row: skipped unless `force`. True when it ran."""
+        if self.device.type == "cpu" and not force:
+            return False
         cfg, side = self.net.cfg, self.preset.envelope[1]
         lat = side // (cfg.sr_scale * (1 if self.preset.vae == "rgb" else cfg.latent_spatial_down_factor))
         channels = 3 if self.preset.vae == "rgb" else cfg.lq_latent_channels
         plan = TilePlan((lat, lat), 1, side // lat, cfg.sr_scale, (lat, lat), (lat, lat), (1, 1))
         y = torch.zeros(cfg.txt_max_length, cfg.txt_embed_dim)
         self.diffuse_many([DiffuseItem(torch.zeros(channels, lat, lat), y, plan, 0, 0.0, 1)], steps=1)
+        return True
 
     def cancel(self, request_id: str) -> None:
         """The caller of `request_id` went away: its work stops at the next step (called from another thread)."""

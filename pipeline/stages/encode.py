@@ -23,19 +23,20 @@ def plan_for(preset, options: UpscaleOptions, in_hw) -> TilePlan:
         patch=cfg.patch_size,
         tile_out=options.tile or preset.envelope[1],
         tile_min_out=min(options.tile or preset.envelope[1], preset.envelope[0]),
-        overlap=options.overlap,
+        overlap=preset.tile_overlap if options.overlap is None else options.overlap,
         max_output_side=options.max_output_side,
     )
 
 
 class EncodeStage:
-    def __init__(self, model: ModelOptions | dict | None = None, options: UpscaleOptions | dict | None = None):
+    def __init__(self, model: ModelOptions | dict | None = None, options: UpscaleOptions | dict | None = None,
+                 gpu_share: float = 1.0):  # fmt: skip
         from pipeline.model.presets import get_preset
 
         self.model = model if isinstance(model, ModelOptions) else ModelOptions(**(model or {}))
         self.options = options if isinstance(options, UpscaleOptions) else UpscaleOptions(**(options or {}))
         self.preset = get_preset(self.model.preset)
-        self.encoder = load_lq_encoder(self.model)
+        self.encoder = load_lq_encoder(self.model, gpu_share)  # its memory budget: the graph's share of a GPU
         self.captioner = load_caption_encoder(self.model)
         self.device = pick_device(self.model.device)
 

@@ -112,10 +112,12 @@ class StageActor:
 
 def _set_threads(threads: int | None) -> None:
     """torch's intra-op threads for the calling thread: OpenMP keeps the count per thread, and Ray Data runs a
-    batch on a pool thread, not the constructor's. With the actor's OMP_NUM_THREADS and OMP_WAIT_POLICY=ACTIVE set
-    in its environment (`_iter_ray`) the diffuse of one 256² image takes the in-process loop's time (11.2 vs 11.5 s);
-    with Ray's OMP_NUM_THREADS=1 and the count set by torch it took 14.5 s, 25% of the two cores left idle with
-    OpenMP's threads sleeping and waking (18k context switches/s)."""
+    batch on a pool thread, not the constructor's (which builds the stage on one thread: an OpenMP team started
+    there would stay beside the pool thread's, and with more OpenMP threads than cores libgomp stops spinning and
+    sleeps between every op). Measured on one 256² image, diffuse in the Ray Data actor: 14.5 s with the count set
+    only in the constructor, 13.3 s like this, 11.5 s in the plain loop; an actor-level runtime_env with
+    OMP_NUM_THREADS and OMP_WAIT_POLICY=ACTIVE reached 11.2 s but made Ray Data hang with two CPU model actors on
+    two cores (and ACTIVE spins idle threads forever), so it is not used; PASSIVE made a plain Ray task 26% slower."""
     if threads:
         import torch
 
@@ -165,9 +167,6 @@ def _iter_ray(cfg: JobConfig, plan: Plan, rows: list[dict]) -> Iterator[dict]:
             on_gpu = common["num_gpus"] > 0
             n = actors[spec.name]
             threads = None if on_gpu else max(1, cpus // n)
-            if threads:  # OpenMP from the start with the actor's thread count, its threads spinning between ops
-                env = common.setdefault("runtime_env", {}).setdefault("env_vars", {})
-                env.update(OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="ACTIVE")
             ds = ds.map_batches(
                 StageActor, fn_constructor_kwargs={"spec": spec, "threads": None if on_gpu else threads},
                 compute=ActorPoolStrategy(size=n), **common,
@@ -188,6 +187,7 @@ def preflight(cfg: JobConfig) -> None:
     from pipeline.model.presets import get_preset
     from pipeline.runtime import check_device, check_encoder, net_path
     from pipeline.stages.encode import plan_for
+    from pipeline.weights import WeightsNotFound
 
     preset = get_preset(cfg.model.preset)
     check_encoder(preset)  # "not implemented" before asking for weights the preset cannot use anyway
@@ -198,14 +198,22 @@ def preflight(cfg: JobConfig) -> None:
     Location(cfg.src, cfg.s3).check_listable()
     if not cfg.dry_run:
         Location(cfg.dst, cfg.s3).check_writable()
-    path = net_path(cfg.model)  # raises with the how-to message when the preset's files are missing
-    if not os.path.isfile(path):
-        raise SetupError(f"checkpoint not found: {path}")
+    missing = []  # everything the preset needs that is not here, said at once: the network + VAE, the captioner
+    try:
+        path = net_path(cfg.model)
+        if not os.path.isfile(path):
+            missing.append(f"checkpoint not found: {path}")
+    except WeightsNotFound as e:
+        missing.append(str(e))
     if preset.text_encoder != "none" and not cfg.model.text_encoder and not cfg.model.allow_download:
-        raise SetupError(
-            f"preset {preset.name!r} needs the Gemma-2-2B-it caption encoder: pass --text-encoder DIR "
-            "(a local copy of Efficient-Large-Model/gemma-2-2b-it) or --allow-download"
+        missing.append(
+            f"preset {preset.name!r} needs the Gemma-2-2B-it caption encoder: get it with `hf download "
+            "Efficient-Large-Model/gemma-2-2b-it --local-dir DIR` (Gemma's own terms apply) and pass "
+            "--text-encoder DIR, or --allow-download"
         )
+    if missing:
+        head = f"{len(missing)} things are missing: " if len(missing) > 1 else ""
+        raise SetupError(head + " AND ".join(f"({i}) {m}" if len(missing) > 1 else m for i, m in enumerate(missing, 1)))
 
 
 class Interrupted(BaseException):

@@ -21,11 +21,13 @@ def _cmd_golden(args) -> int:
 
 def _cmd_presets(args) -> int:
     from pipeline.model.presets import ALIASES, PRESETS
+    from pipeline.runtime import LQ_ENCODERS
 
+    print(f"{'preset':24s} {'variant':13s} scale  {'encoder':10s} latent_ch  images  checkpoint")
     for name, p in PRESETS.items():
-        print(
-            f"{name:24s} {p.variant:13s} x{p.scale}  vae={p.vae:10s} latent_ch={p.latent_channels:<5d} {p.checkpoint}"
-        )
+        works = "yes" if p.vae in LQ_ENCODERS else "no"  # "no": the encoder is not implemented yet
+        print(f"{name:24s} {p.variant:13s} x{p.scale}     {p.vae:10s} {p.latent_channels:<9d}  {works:6s}  "
+              f"{p.checkpoint}")  # fmt: skip
     print("aliases:", ", ".join(f"{a}->{b}" for a, b in ALIASES.items()))
     return 0
 

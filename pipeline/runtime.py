@@ -19,7 +19,7 @@ from pipeline.weights import resolve
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-LQ_ENCODERS = ("rgb", "flux1", "sd3")  # the VAEs whose encoders are implemented
+LQ_ENCODERS = ("rgb", "flux1", "sd3", "sdxl", "flux2")  # the VAEs whose encoders are implemented
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -104,7 +104,7 @@ def load_lq_encoder(opts: ModelOptions, gpu_share: float = 1.0) -> LatentEncoder
     preset = get_preset(opts.preset)
     if preset.vae == "rgb":
         return RGBEncoder()
-    if preset.vae in ("flux1", "sd3"):  # one encoder; SD3's file uses diffusers key names, mapped on load
+    if preset.vae in ("flux1", "sd3", "sdxl", "flux2"):  # one conv encoder; diffusers-layout files are mapped on load
         from pipeline.encoders.flux_vae import FluxEncoderParams, load_flux_encoder
 
         tensors, _ = read_state_dict(resolve(preset, opts.weights, allow_download=opts.allow_download)["vae"])

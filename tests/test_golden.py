@@ -142,3 +142,72 @@ def test_vae_encoder_loads_the_diffusers_layout_sd3_ships(golden_dir):
     with torch.inference_mode():
         err = (enc.encode(tensors["input.image"]) - tensors["expected.latent"]).abs().max().item()
     assert err <= TOLERANCE
+
+
+def _floor_nearest_preimage(lat: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], gen) -> torch.Tensor:
+    """A latent of `size` (each side >= the grid's) that the official rule — PyTorch's floor-index `nearest` to the
+    patch grid — maps to what `lat` maps to; positions the rule never reads get random values, so any other rule
+    (nearest-exact, bilinear, a crop) reads them and fails."""
+    out = torch.randn(*lat.shape[:2], *size, generator=gen)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            src = (i * lat.shape[2] // grid[0], j * lat.shape[3] // grid[1])
+            dst = (i * size[0] // grid[0], j * size[1] // grid[1])
+            out[:, :, dst[0], dst[1]] = lat[:, :, src[0], src[1]]
+    return out
+
+
+def test_a_misaligned_latent_fixture_passes_by_the_official_rule(golden_dir, tmp_path):
+    """Issue 13 (2): a fixture whose latent is off the output grid (here 11×7 for a 4×3 grid latent of a 128×96
+    output: 8×6 patches) gives the official outputs, because the official network resizes it to the patch grid with
+    floor-index nearest. Built from the official fixture by that rule, so its expected tensors are the official ones."""
+    tensors, meta = read_state_dict(golden_dir / "pid_v1_flux.safetensors")
+    lat = tensors["input.lq_latent"]
+    assert tuple(lat.shape[2:]) == (4, 3)  # aligned: × 32 = 128 × 96
+    tensors["input.lq_latent"] = _floor_nearest_preimage(lat, (8, 6), (11, 7), torch.Generator().manual_seed(3))
+    path = tmp_path / "pid_v1_flux_misaligned.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+    rep = verify(path)
+    assert rep.ok, rep.lines()
+    assert [c.name for c in rep.checks] == ["expected.forward", "expected.sample_seed42"]
+    out = subprocess.run([sys.executable, "-m", "pidray.cli", "golden", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_an_expected_tensor_nobody_checks_fails_the_file(golden_dir, tmp_path):
+    """Issue 13 (3): an `expected.*` tensor the verifier cannot recompute is not silently skipped."""
+    tensors, meta = read_state_dict(golden_dir / "pid_v1_flux.safetensors")
+    tensors["expected.lq_tokens"] = torch.zeros(2, 3)
+    path = tmp_path / "extra_expected.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+    rep = verify(path)
+    assert not rep.ok
+    assert any(c.name == "expected.lq_tokens" and "not checked: expected.lq_tokens" in c.note for c in rep.checks)
+    out = subprocess.run([sys.executable, "-m", "pidray.cli", "golden", str(path)], capture_output=True, text=True)
+    assert out.returncode == 1 and "not checked: expected.lq_tokens" in out.stdout
+
+
+def test_num_steps_metadata_is_honoured(golden_dir, tmp_path):
+    """Issue 13 (3): `num_steps` shortens the full t_list (official index rule); the 4-step fixture passes with
+    num_steps=4 and fails when it claims 2 steps."""
+    tensors, meta = read_state_dict(golden_dir / "pid_v1_flux.safetensors")
+    reps = {}
+    for n in (4, 2):
+        path = tmp_path / f"steps{n}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={**meta, "num_steps": str(n)})
+        reps[n] = verify(path)
+    assert reps[4].ok
+    sample = [c for c in reps[2].checks if c.name == "expected.sample_seed42"][0]
+    assert sample.error is not None and sample.error > TOLERANCE and not reps[2].ok
+
+
+def test_official_configs_with_encoder_decoder_keys_load():
+    """Issue 13 (3): the official resolved kwargs carry inert `ed_*` keys; they are accepted, unknown ones are not."""
+    from pipeline.model.config import PidConfig
+
+    base = {"hidden_size": 64, "num_groups": 4, "patch_depth": 1, "pixel_depth": 1, "lq_latent_channels": 16,
+            "lq_in_channels": 0}  # fmt: skip
+    cfg = PidConfig.from_official({**base, "ed_num_layers": 2, "ed_hidden_size": 128})
+    assert cfg == PidConfig.from_official(base)
+    with pytest.raises(ValueError, match="unknown PiD config keys"):
+        PidConfig.from_official({**base, "edge_mode": 1})

@@ -46,11 +46,18 @@ def test_sizes_not_multiple_of_patch_are_refused():
         net(torch.zeros(1, 3, 33, 48), torch.zeros(1), y, lq)
 
 
-def test_latent_size_must_match_output_size():
+def test_a_latent_off_the_output_grid_is_aligned_not_refused():
+    """Issue 13 (2): as the official LQ projection, a latent whose grid does not match the output is resized to the
+    patch grid (bilinear, align_corners=False, when a latent pixel is one patch, as in this config)."""
+    import torch.nn.functional as F
+
     cfg = tiny_config()
     net = random_net(cfg)
-    with pytest.raises(ValueError, match=r"does not match the output size 32x48"):
-        net.encode_lq((32, 48), latent=torch.zeros(1, 4, 5, 6))
+    lat = torch.randn(1, 4, 5, 7, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got = net.encode_lq((32, 48), latent=lat)
+        want = net.encode_lq((32, 48), latent=F.interpolate(lat, size=(4, 6), mode="bilinear", align_corners=False))
+    assert all(torch.equal(a, b) for a, b in zip(got.heads, want.heads))
 
 
 def test_nan_latent_and_missing_lq_are_refused():

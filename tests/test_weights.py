@@ -39,8 +39,11 @@ def test_job_preflight_fails_before_any_worker(tmp_path):
          "--weights", str(tmp_path)], capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 2 and "hf download nvidia/PiD" in out.stderr and "Traceback" not in out.stderr
-    weights = tmp_path / "w"
+    # every missing piece in the one message: the network, the VAE, and the caption encoder, each with its command
     p = get_preset("flux-2k")
+    assert "2 things are missing" in out.stderr and p.checkpoint in out.stderr and p.vae_checkpoint in out.stderr
+    assert "hf download Efficient-Large-Model/gemma-2-2b-it" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    weights = tmp_path / "w"
     for rel in (p.checkpoint, p.vae_checkpoint):
         (weights / rel).parent.mkdir(parents=True, exist_ok=True)
         (weights / rel).write_bytes(b"x")

@@ -1,4 +1,7 @@
-"""The Flux1 AutoEncoder's encoder (BFL `ae.safetensors` key names), also used for SD3 with its own scaling.
+"""The Flux-style conv VAE encoder (BFL `ae.safetensors` key names, or diffusers' mapped on load), as used by Flux1,
+SD3 and SDXL with their own scaling (SDXL's AutoencoderKL keeps a 1×1 `quant_conv` on the moments, which Flux1 and
+SD3 dropped), and by Flux2: 32 channels with a quant conv, the mean patchified 2×2 to 128 channels at ×16, then
+normalised by its batch-norm running statistics (eps 1e-4) instead of a scale and shift.
 
 latent = scale_factor · (posterior_mean − shift_factor); no sampling. Decoder keys in a full
 `ae.safetensors` are ignored on load (named reason: PiD replaces the decoder).
@@ -25,10 +28,14 @@ class FluxEncoderParams:
     in_channels: int = 3
     scale_factor: float = 0.3611
     shift_factor: float = 0.1159
+    quant_conv: bool = False  # SDXL, Flux2: a 1×1 conv on the 2·z moments before taking the mean
+    patch: int = 1  # Flux2: the mean is patchified patch×patch into channels, (c, pi, pj) order
+    batch_norm: bool = False  # Flux2: (z - running_mean) / sqrt(running_var + 1e-4) instead of scale/shift
 
     @classmethod
     def from_dict(cls, d: dict) -> FluxEncoderParams:
-        keys = {"ch", "ch_mult", "num_res_blocks", "z_channels", "in_channels", "scale_factor", "shift_factor"}
+        keys = {"ch", "ch_mult", "num_res_blocks", "z_channels", "in_channels", "scale_factor", "shift_factor",
+                "quant_conv", "patch", "batch_norm"}  # fmt: skip
         kw = {k: v for k, v in d.items() if k in keys}
         if "ch_mult" in kw:
             kw["ch_mult"] = tuple(kw["ch_mult"])
@@ -36,7 +43,11 @@ class FluxEncoderParams:
 
     @property
     def down_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
+        return 2 ** (len(self.ch_mult) - 1) * self.patch
+
+    @property
+    def latent_channels(self) -> int:
+        return self.z_channels * self.patch**2
 
 
 FLUX1 = FluxEncoderParams()
@@ -119,16 +130,31 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+class _RunningStats(nn.Module):
+    """Flux2's latent normalisation: a BatchNorm2d's running statistics (keys `bn.running_mean/var`), used in eval."""
+
+    EPS = 1e-4
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+
 class FluxEncoder(nn.Module, LatentEncoder):
     def __init__(self, params: FluxEncoderParams = FLUX1):
         super().__init__()
         self.params = params
         self.act_channels = params.ch * params.ch_mult[0]
         self.encoder = Encoder(params)
+        z2 = 2 * params.z_channels
+        self.quant_conv = nn.Conv2d(z2, z2, 1) if params.quant_conv else None
+        if params.batch_norm:
+            self.bn = _RunningStats(params.latent_channels)
 
     @property
     def latent_channels(self) -> int:
-        return self.params.z_channels
+        return self.params.latent_channels
 
     @property
     def down_factor(self) -> int:
@@ -137,8 +163,18 @@ class FluxEncoder(nn.Module, LatentEncoder):
     def _encode(self, image: torch.Tensor) -> torch.Tensor:
         """image [B, 3, H, W] in [-1, 1], H and W multiples of the down factor -> normalised latent (fp32)."""
         moments = self.encoder(image.to(self.encoder.conv_in.weight.dtype))
-        mean = moments[:, : self.params.z_channels].float()
-        return self.params.scale_factor * (mean - self.params.shift_factor)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        p = self.params
+        mean = moments[:, : p.z_channels].float()
+        if p.patch > 1:
+            B, C, h, w = mean.shape
+            mean = mean.reshape(B, C, h // p.patch, p.patch, w // p.patch, p.patch).permute(0, 1, 3, 5, 2, 4)
+            mean = mean.reshape(B, C * p.patch**2, h // p.patch, w // p.patch)
+        if p.batch_norm:
+            m, v = self.bn.running_mean.float().view(1, -1, 1, 1), self.bn.running_var.float().view(1, -1, 1, 1)
+            return (mean - m) / torch.sqrt(v + _RunningStats.EPS)
+        return p.scale_factor * (mean - p.shift_factor)
 
 
 # diffusers AutoencoderKL (SD3's VAE file) -> BFL key names, encoder side only.
@@ -161,8 +197,11 @@ def from_diffusers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return tensors
     out = {}
     for key, value in tensors.items():
+        if key.startswith(("quant_conv.", "bn.")):  # the same names in both layouts (SDXL, Flux2)
+            out[key] = value
+            continue
         if not key.startswith("encoder."):
-            continue  # decoder / quant convs: not needed to encode
+            continue  # decoder / post-quant conv: not needed to encode
         for pat, rep in _DIFFUSERS_RULES:
             key = pat.sub(rep, key)
         if ".attn_1." in key and key.endswith(".weight") and value.ndim == 2:
@@ -175,7 +214,10 @@ def load_flux_encoder(
     params: FluxEncoderParams, tensors: dict[str, torch.Tensor], device="cpu", dtype=torch.float32
 ) -> FluxEncoder:
     """Strict load of the `encoder.*` tensors (BFL or diffusers layout); the decoder is not needed."""
-    enc_tensors = {k: v for k, v in from_diffusers(tensors).items() if k.startswith("encoder.")}
+    wanted = ("encoder.",) + (("quant_conv.",) if params.quant_conv else ()) + (("bn.",) if params.batch_norm else ())
+    # BFL's Flux2 keeps its quant conv inside the encoder (`encoder.quant_conv`); ours sits beside it, as diffusers'
+    named = {re.sub(r"^encoder\.quant_conv\.", "quant_conv.", k): v for k, v in from_diffusers(tensors).items()}
+    enc_tensors = {k: v for k, v in named.items() if k.startswith(wanted) and not k.endswith("num_batches_tracked")}
     with torch.device("meta"):
         model = FluxEncoder(params)
     want = model.state_dict()

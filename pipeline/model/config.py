@@ -135,7 +135,8 @@ class PidConfig:
         keys the kwargs leave out; "pidnet" applies PidNet's.
         """
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - known - set(_TRAINING_ONLY))
+        # `ed_*`: the official configs' encoder-decoder settings, resolved into the kwargs but inert in the network
+        unknown = sorted(k for k in set(kwargs) - known - set(_TRAINING_ONLY) if not k.startswith("ed_"))
         if unknown:
             raise ValueError(f"unknown PiD config keys: {unknown}")
         if kwargs.get("lq_inject_mode", "controlnet") != "controlnet":

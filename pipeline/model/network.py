@@ -113,18 +113,13 @@ class PidNet(nn.Module):
                 )
             if not torch.isfinite(latent).all():
                 raise ValueError("latent contains NaN or Inf")
-            want = (latent.shape[2] * c.latent_factor, latent.shape[3] * c.latent_factor)
-            if want != tuple(out_hw):
-                raise ValueError(
-                    f"latent {latent.shape[2]}x{latent.shape[3]} × {c.latent_factor} = {want[0]}x{want[1]} "
-                    f"does not match the output size {out_hw[0]}x{out_hw[1]}"
-                )
+            if min(latent.shape[2:]) < 1:
+                raise ValueError(f"latent must have a positive size, got {tuple(latent.shape)}")
         if image is not None:
-            if image.ndim != 4 or image.shape[1] != c.lq_in_channels:
+            if image.ndim != 4 or image.shape[1] != c.lq_in_channels or min(image.shape[2:]) < 1:
                 raise ValueError(f"LQ image must be [B, {c.lq_in_channels}, h, w], got {tuple(image.shape)}")
-            want = (image.shape[2] * c.sr_scale, image.shape[3] * c.sr_scale)
-            if want != tuple(out_hw):
-                raise ValueError(f"LQ image × {c.sr_scale} = {want} does not match the output size {tuple(out_hw)}")
+        # A latent or LQ image that does not match the output grid is aligned as the official network does
+        # (`LQProjection.align_latent` / `align_image`: nearest or bilinear to the patch grid), never refused.
         heads, pit = self.lq_proj(latent, image if c.lq_in_channels else None, gh, gw)
         up = None
         if c.input_concat_lq or c.residual_lq:

@@ -70,9 +70,13 @@ def _ckpt(exp: str) -> str:
     return f"checkpoints/{exp}/model_ema_bf16.pth"
 
 
-# Latent scaling of each VAE family, (latent - shift) * scale, as the official code and diffusers configs give it.
-_VAE_SCALING = {"flux1": {"scale_factor": 0.3611, "shift_factor": 0.1159},
-                "sd3": {"scale_factor": 1.5305, "shift_factor": 0.0609}}  # fmt: skip
+# Each VAE family's encoder parameters: latent = scale · (mean − shift), as the official tokenizers give them.
+_VAE_SCALING = {
+    "flux1": {"scale_factor": 0.3611, "shift_factor": 0.1159},
+    "sd3": {"scale_factor": 1.5305, "shift_factor": 0.0609},
+    "sdxl": {"z_channels": 4, "scale_factor": 0.13025, "shift_factor": 0.0, "quant_conv": True},
+    "flux2": {"z_channels": 32, "quant_conv": True, "patch": 2, "batch_norm": True},
+}
 
 
 def _released(name, cfg, exp, vae, variant, vae_ckpt, envelope, **kw) -> Preset:

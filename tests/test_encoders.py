@@ -1,0 +1,198 @@
+"""LQ encoders against the field's library (diffusers) on tiny random weights, and each implemented VAE preset end
+to end through the stage graph on a tiny random stand-in laid out like the hub repository (issue 13)."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from pipeline.encoders.flux_vae import FluxEncoderParams, load_flux_encoder
+from pipeline.graph import StageGraph
+from pipeline.model.config import PidConfig
+from pipeline.model.loading import read_state_dict, to_official
+from pipeline.model.network import PidNet
+from pipeline.model.presets import PRESETS, Preset, get_preset
+from pipeline.runtime import ModelOptions
+from pipeline.stages import UpscaleOptions
+
+from conftest import png_bytes
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def tiny_autoencoder_kl(z: int, quant_conv: bool, seed: int = 0):
+    """diffusers' AutoencoderKL, tiny (32/64 channels, 8× down), random weights — the SD/SDXL/Flux1 family."""
+    torch.manual_seed(seed)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=z, layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64), use_quant_conv=quant_conv, use_post_quant_conv=quant_conv,
+    )  # fmt: skip
+    with torch.no_grad():  # diffusers zero-initialises nothing here, but make the moments far from trivial
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return vae.eval()
+
+
+def _params(z: int, quant_conv: bool, scale: float, shift: float) -> FluxEncoderParams:
+    return FluxEncoderParams(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=z, scale_factor=scale,
+                             shift_factor=shift, quant_conv=quant_conv)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "family,z,quant_conv,scale,shift",
+    [("sdxl", 4, True, 0.13025, 0.0), ("sd3", 16, False, 1.5305, 0.0609), ("flux1", 16, False, 0.3611, 0.1159)],
+)
+def test_our_vae_encoder_matches_diffusers(family, z, quant_conv, scale, shift):
+    """Our encoder (loading the diffusers-layout file the checkpoints ship) vs diffusers' AutoencoderKL on the same
+    tiny random weights: scale · (posterior mean − shift), ≤ 1e-5. Ours is kept for these three (one class, encoder
+    weights only, its memory-bounded tiling); the preset's own parameters are used."""
+    vae = tiny_autoencoder_kl(z, quant_conv)
+    preset_params = FluxEncoderParams.from_dict(get_preset({"sdxl": "sdxl-2kto4k", "sd3": "sd3-2k",
+                                                            "flux1": "flux-2k"}[family]).encoder)  # fmt: skip
+    assert (preset_params.z_channels, preset_params.quant_conv) == (z, quant_conv)
+    assert (preset_params.scale_factor, preset_params.shift_factor) == (scale, shift)
+    ours = load_flux_encoder(_params(z, quant_conv, scale, shift), dict(vae.state_dict()))
+    x = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.inference_mode():
+        want = scale * (vae.encode(x).latent_dist.mean - shift)
+        got = ours.encode(x)
+    assert got.shape == (2, z, 8, 6) and ours.down_factor == 8
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+@pytest.fixture
+def tiny_sdxl_preset(golden_dir, tmp_path, monkeypatch):
+    """`sdxl-2kto4k` in miniature: a random PiD network of the golden config with SDXL's 4 latent channels, and a
+    tiny diffusers AutoencoderKL with a quant conv, saved where the hub repository keeps them."""
+    _, meta = read_state_dict(golden_dir / "pid_v1_flux.safetensors")
+    cfg = PidConfig.from_official({**json.loads(meta["config"]), "lq_latent_channels": 4})
+    real = get_preset("sdxl-2kto4k")
+    preset = Preset("tiny-sdxl", cfg, "checkpoints/tiny_sdxl/model_ema_bf16.pth", "sdxl", "2kto4k",
+                    real.vae_checkpoint, latent_noise=real.latent_noise, text_encoder="none", envelope=(128, 128),
+                    encoder={**real.encoder, "ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1})  # fmt: skip
+    torch.manual_seed(0)
+    net = PidNet(cfg)
+    (tmp_path / "checkpoints/tiny_sdxl").mkdir(parents=True)
+    torch.save({f"net.{to_official(k)}": v for k, v in net.state_dict().items()}, tmp_path / preset.checkpoint)
+    vae = tiny_autoencoder_kl(4, True)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp_path / preset.vae_checkpoint))
+    monkeypatch.setitem(PRESETS, preset.name, preset)
+    return ModelOptions(preset="tiny-sdxl", weights=str(tmp_path))
+
+
+@pytest.mark.parametrize("hw", [(20, 12), (37, 50)])
+def test_sdxl_preset_upscales_images(tiny_sdxl_preset, hw):
+    """SDXL: variance-preserving latent noise for degrade_sigma, one tile and tiled; exactly 4× the input, and the
+    same seed gives the same bytes."""
+    graph = StageGraph(tiny_sdxl_preset, UpscaleOptions(overlap=1, degrade_sigma=0.3, seed=11))
+    data = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (*hw, 3), dtype=np.uint8)))
+    rows = list(graph.run_local([{"key": "a", "bytes": data}, {"key": "b", "bytes": data}]))
+    assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    assert Image.open(io.BytesIO(rows[0]["output"])).size == (hw[1] * 4, hw[0] * 4)
+    assert rows[0]["output"] == rows[1]["output"]
+    assert rows[0]["plan"]["unit"] == 8
+
+
+def tiny_flux2(seed: int = 0):
+    """diffusers' AutoencoderKLFlux2, tiny (8 latent channels), random weights and batch-norm statistics."""
+    torch.manual_seed(seed)
+    vae = diffusers.AutoencoderKLFlux2(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=8)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.5)
+        vae.bn.running_var.copy_(torch.rand_like(vae.bn.running_var) + 0.5)
+    return vae.eval()
+
+
+FLUX2_TINY = {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "z_channels": 8}
+
+
+def test_flux2_encoder_matches_the_diffusers_recipe():
+    """Flux2: encoder + quant conv, mean patchified 2×2 (diffusers' Flux2 pipeline's own `_patchify_latents`), then
+    normalised by the VAE's batch-norm running statistics — from the diffusers file and from BFL's layout (which
+    keeps the quant conv inside the encoder)."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+
+    from pipeline.encoders.flux_vae import from_diffusers
+
+    vae = tiny_flux2()
+    params = FluxEncoderParams.from_dict({**get_preset("flux2-2k").encoder, **FLUX2_TINY})
+    x = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.inference_mode():
+        z = Flux2Pipeline._patchify_latents(vae.encode(x).latent_dist.mean)
+        want = (z - vae.bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(
+            vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)  # fmt: skip
+        diff = load_flux_encoder(params, dict(vae.state_dict()))
+        bfl_tensors = {("encoder." + k if k.startswith("quant_conv.") else k): v
+                       for k, v in from_diffusers(dict(vae.state_dict())).items()}  # fmt: skip
+        assert "encoder.quant_conv.weight" in bfl_tensors and "bn.running_var" in bfl_tensors
+        bfl = load_flux_encoder(params, bfl_tensors)
+        got_diff, got_bfl = diff.encode(x), bfl.encode(x)
+    assert got_diff.shape == (2, 32, 4, 3) and diff.down_factor == 16 and diff.latent_channels == 32
+    assert (got_diff - want).abs().max().item() <= 1e-5 and torch.equal(got_diff, got_bfl)
+
+
+@pytest.mark.parametrize("name", ["flux-2k", "sd3-2k", "sdxl-2kto4k", "flux2-2k", "flux2-2kto4k-v1.5"])
+def test_each_implemented_vae_preset_fits_its_network(name):
+    """The preset's encoder parameters give the latent its network was trained on: channels and down factor."""
+    p = get_preset(name)
+    params = FluxEncoderParams.from_dict(p.encoder)
+    assert params.latent_channels == p.config.lq_latent_channels
+    assert params.down_factor == p.config.latent_spatial_down_factor
+
+
+@pytest.fixture
+def stand_in(golden_dir, tmp_path, monkeypatch):
+    """A released preset in miniature: its network config with the golden fixture's small sizes (random weights),
+    its VAE family as a tiny diffusers model, both saved where the hub repository keeps them."""
+
+    def make(name: str) -> ModelOptions:
+        import dataclasses
+
+        real = get_preset(name)
+        _, meta = read_state_dict(golden_dir / "pid_v1_flux.safetensors")
+        small = PidConfig.from_official(json.loads(meta["config"]))
+        sizes = ("hidden_size", "num_groups", "pixel_hidden_size", "pixel_attn_hidden_size", "pixel_num_groups",
+                 "patch_depth", "pixel_depth", "txt_embed_dim", "txt_max_length", "lq_hidden_dim",
+                 "lq_num_res_blocks", "lq_interval", "rope_ref_h", "rope_ref_w")  # fmt: skip
+        if real.vae == "flux2":
+            vae, extra = tiny_flux2(), FLUX2_TINY
+        else:
+            z = FluxEncoderParams.from_dict(real.encoder).z_channels
+            vae = tiny_autoencoder_kl(z, FluxEncoderParams.from_dict(real.encoder).quant_conv)
+            extra = {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1}
+        encoder = {**real.encoder, **extra}
+        lat_ch = FluxEncoderParams.from_dict(encoder).latent_channels
+        cfg = dataclasses.replace(real.config, **{k: getattr(small, k) for k in sizes}, lq_latent_channels=lat_ch)
+        preset = dataclasses.replace(real, name=f"tiny-{name}", config=cfg, checkpoint=f"checkpoints/tiny-{name}.pth",
+                                     text_encoder="none", envelope=(128, 128), encoder=encoder)  # fmt: skip
+        root = tmp_path / name
+        (root / preset.vae_checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        net = PidNet(cfg)
+        torch.save({f"net.{to_official(k)}": v for k, v in net.state_dict().items()}, root / preset.checkpoint)
+        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(root / preset.vae_checkpoint))
+        monkeypatch.setitem(PRESETS, preset.name, preset)
+        return ModelOptions(preset=preset.name, weights=str(root))
+
+    return make
+
+
+@pytest.mark.parametrize("name", ["sdxl-2kto4k", "flux2-2k", "flux2-2kto4k-v1.5", "sd3-2kto4k"])
+@pytest.mark.parametrize("hw", [(20, 12), (37, 50)])
+def test_released_preset_stand_ins_upscale_images(stand_in, name, hw):
+    """Each VAE preset through the stage graph: one tile and tiled, exactly `scale ×` the input, the same seed gives
+    the same bytes (SDXL: variance-preserving latent noise; Flux2 v1.5: its 128-channel latent unpatchified ×2)."""
+    graph = StageGraph(stand_in(name), UpscaleOptions(overlap=1, degrade_sigma=0.3, seed=11))
+    data = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (*hw, 3), dtype=np.uint8)))
+    rows = list(graph.run_local([{"key": "a", "bytes": data}, {"key": "b", "bytes": data}]))
+    assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    assert Image.open(io.BytesIO(rows[0]["output"])).size == (hw[1] * 4, hw[0] * 4)
+    assert rows[0]["output"] == rows[1]["output"]
+    assert rows[0]["plan"]["unit"] == get_preset(name).config.latent_spatial_down_factor

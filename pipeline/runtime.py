@@ -19,7 +19,7 @@ from pipeline.weights import resolve
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-LQ_ENCODERS = ("rgb", "flux1", "sd3", "sdxl", "flux2")  # the VAEs whose encoders are implemented
+LQ_ENCODERS = ("rgb", "flux1", "sd3", "sdxl", "flux2", "qwenimage")  # the VAEs whose encoders are implemented
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -104,13 +104,15 @@ def load_lq_encoder(opts: ModelOptions, gpu_share: float = 1.0) -> LatentEncoder
     preset = get_preset(opts.preset)
     if preset.vae == "rgb":
         return RGBEncoder()
-    if preset.vae in ("flux1", "sd3", "sdxl", "flux2"):  # one conv encoder; diffusers-layout files are mapped on load
+    if preset.vae in ("flux1", "sd3", "sdxl", "flux2", "qwenimage"):  # diffusers-layout files are mapped on load
         from pipeline.encoders.flux_vae import FluxEncoderParams, load_flux_encoder
+        from pipeline.encoders.qwen_vae import QwenEncoderParams, load_qwen_encoder
 
+        params, load = ((QwenEncoderParams, load_qwen_encoder) if preset.vae == "qwenimage"
+                        else (FluxEncoderParams, load_flux_encoder))  # fmt: skip
         tensors, _ = read_state_dict(resolve(preset, opts.weights, allow_download=opts.allow_download)["vae"])
-        params = FluxEncoderParams.from_dict(preset.encoder)  # the preset's data: scaling, widths
         device = pick_device(opts.device)
-        enc = load_flux_encoder(params, tensors, device=device, dtype=vae_dtype(device))
+        enc = load(params.from_dict(preset.encoder), tensors, device=device, dtype=vae_dtype(device))
         enc.memory_budget = default_budget(device, gpu_share)  # whole images while they fit; tiles beyond
         return enc
     check_encoder(preset)

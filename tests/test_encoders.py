@@ -138,11 +138,14 @@ def test_flux2_encoder_matches_the_diffusers_recipe():
     assert (got_diff - want).abs().max().item() <= 1e-5 and torch.equal(got_diff, got_bfl)
 
 
-@pytest.mark.parametrize("name", ["flux-2k", "sd3-2k", "sdxl-2kto4k", "flux2-2k", "flux2-2kto4k-v1.5"])
+@pytest.mark.parametrize("name", ["flux-2k", "sd3-2k", "sdxl-2kto4k", "flux2-2k", "flux2-2kto4k-v1.5",
+                                  "qwenimage-2kto4k-v1.5"])  # fmt: skip
 def test_each_implemented_vae_preset_fits_its_network(name):
     """The preset's encoder parameters give the latent its network was trained on: channels and down factor."""
+    from pipeline.encoders.qwen_vae import QwenEncoderParams
+
     p = get_preset(name)
-    params = FluxEncoderParams.from_dict(p.encoder)
+    params = (QwenEncoderParams if p.vae == "qwenimage" else FluxEncoderParams).from_dict(p.encoder)
     assert params.latent_channels == p.config.lq_latent_channels
     assert params.down_factor == p.config.latent_spatial_down_factor
 
@@ -163,12 +166,14 @@ def stand_in(golden_dir, tmp_path, monkeypatch):
                  "lq_num_res_blocks", "lq_interval", "rope_ref_h", "rope_ref_w")  # fmt: skip
         if real.vae == "flux2":
             vae, extra = tiny_flux2(), FLUX2_TINY
+        elif real.vae == "qwenimage":
+            vae, extra = tiny_qwen(), QWEN_TINY
         else:
             z = FluxEncoderParams.from_dict(real.encoder).z_channels
             vae = tiny_autoencoder_kl(z, FluxEncoderParams.from_dict(real.encoder).quant_conv)
             extra = {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1}
         encoder = {**real.encoder, **extra}
-        lat_ch = FluxEncoderParams.from_dict(encoder).latent_channels
+        lat_ch = 16 if real.vae == "qwenimage" else FluxEncoderParams.from_dict(encoder).latent_channels
         cfg = dataclasses.replace(real.config, **{k: getattr(small, k) for k in sizes}, lq_latent_channels=lat_ch)
         preset = dataclasses.replace(real, name=f"tiny-{name}", config=cfg, checkpoint=f"checkpoints/tiny-{name}.pth",
                                      text_encoder="none", envelope=(128, 128), encoder=encoder)  # fmt: skip
@@ -177,18 +182,26 @@ def stand_in(golden_dir, tmp_path, monkeypatch):
         torch.manual_seed(0)
         net = PidNet(cfg)
         torch.save({f"net.{to_official(k)}": v for k, v in net.state_dict().items()}, root / preset.checkpoint)
-        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(root / preset.vae_checkpoint))
+        if real.vae == "qwenimage":  # the official 2D file: a plain state dict in its own layout
+            from pipeline.encoders.qwen_vae import from_diffusers
+
+            torch.save(from_diffusers(dict(vae.state_dict())), root / preset.vae_checkpoint)
+        else:
+            save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(root / preset.vae_checkpoint))
         monkeypatch.setitem(PRESETS, preset.name, preset)
         return ModelOptions(preset=preset.name, weights=str(root))
 
     return make
 
 
-@pytest.mark.parametrize("name", ["sdxl-2kto4k", "flux2-2k", "flux2-2kto4k-v1.5", "sd3-2kto4k"])
+@pytest.mark.parametrize(
+    "name", ["sdxl-2kto4k", "flux2-2k", "flux2-2kto4k-v1.5", "sd3-2kto4k", "qwenimage-2kto4k-v1.5"]
+)
 @pytest.mark.parametrize("hw", [(20, 12), (37, 50)])
 def test_released_preset_stand_ins_upscale_images(stand_in, name, hw):
     """Each VAE preset through the stage graph: one tile and tiled, exactly `scale ×` the input, the same seed gives
-    the same bytes (SDXL: variance-preserving latent noise; Flux2 v1.5: its 128-channel latent unpatchified ×2)."""
+    the same bytes (SDXL: variance-preserving latent noise; Flux2 v1.5: its 128-channel latent unpatchified ×2;
+    Qwen-Image: the official 2D `.pth` layout)."""
     graph = StageGraph(stand_in(name), UpscaleOptions(overlap=1, degrade_sigma=0.3, seed=11))
     data = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (*hw, 3), dtype=np.uint8)))
     rows = list(graph.run_local([{"key": "a", "bytes": data}, {"key": "b", "bytes": data}]))
@@ -196,3 +209,41 @@ def test_released_preset_stand_ins_upscale_images(stand_in, name, hw):
     assert Image.open(io.BytesIO(rows[0]["output"])).size == (hw[1] * 4, hw[0] * 4)
     assert rows[0]["output"] == rows[1]["output"]
     assert rows[0]["plan"]["unit"] == get_preset(name).config.latent_spatial_down_factor
+
+
+def tiny_qwen(seed: int = 0):
+    """diffusers' AutoencoderKLQwenImage (a causal video VAE), tiny, random weights, Qwen-Image's latent statistics."""
+    torch.manual_seed(seed)
+    vae = diffusers.AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return vae.eval()
+
+
+QWEN_TINY = {"dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1}
+
+
+def test_qwen_image_encoder_matches_diffusers_on_one_frame():
+    """Qwen-Image: our 2D encoder (the official 2D layout), loading diffusers' 3D weights, vs diffusers'
+    AutoencoderKLQwenImage on a one-frame video: (posterior mean − latents_mean) / latents_std, ≤ 1e-5; the preset's
+    statistics are diffusers' config defaults."""
+    from pipeline.encoders.qwen_vae import QwenEncoderParams, from_diffusers, load_qwen_encoder
+
+    vae = tiny_qwen()
+    preset = get_preset("qwenimage-2kto4k-v1.5")
+    assert preset.encoder["latents_mean"] == list(vae.config.latents_mean)
+    assert preset.encoder["latents_std"] == list(vae.config.latents_std)
+    params = QwenEncoderParams.from_dict({**preset.encoder, **QWEN_TINY})
+    ours = load_qwen_encoder(params, dict(vae.state_dict()))
+    official_layout = load_qwen_encoder(params, from_diffusers(dict(vae.state_dict())))
+    x = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.inference_mode():
+        mean = vae.encode(x[:, :, None]).latent_dist.mean[:, :, 0]
+        m = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
+        s = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+        want = (mean - m) / s
+        got = ours.encode(x)
+        assert torch.equal(got, official_layout.encode(x))
+    assert got.shape == (2, 16, 8, 6) and ours.down_factor == 8 and ours.latent_channels == 16
+    assert (got - want).abs().max().item() <= 1e-5

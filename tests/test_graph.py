@@ -23,15 +23,37 @@ class Stamp:
         return {**row, "notes": [*row.get("notes", []), self.mark]}
 
 
-def _with_stamp(monkeypatch, holds_model: bool):
+def _insert_before_diffuse(monkeypatch, spec: StageSpec):
     original = StageGraph.__init__
 
     def init(self, *a, **kw):
         original(self, *a, **kw)
-        at = self.names().index("diffuse")
-        self.stages.insert(at, StageSpec("stamp", Stamp, {"mark": "stamped"}, holds_model, False))
+        self.stages.insert(self.names().index("diffuse"), spec)
 
     monkeypatch.setattr(StageGraph, "__init__", init)
+
+
+def _with_stamp(monkeypatch, holds_model: bool):
+    _insert_before_diffuse(monkeypatch, StageSpec("stamp", Stamp, {"mark": "stamped"}, holds_model, False))
+
+
+def _ray_job(tmp_path, weights, expect_ok: int, **ray_init) -> list[dict]:
+    """The job from tmp_path/in to tmp_path/out on a fresh local Ray cluster; its manifest rows."""
+    import ray
+
+    from jobs.manifest import read_manifest
+    from jobs.pipeline import JobConfig, run_job
+    from pipeline.runtime import ModelOptions
+    from pipeline.storage import Location
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, **ray_init)
+    try:
+        cfg = JobConfig(str(tmp_path / "in"), str(tmp_path / "out"), ModelOptions(weights=weights), progress=False,
+                        local=False)  # fmt: skip
+        assert run_job(cfg).ok == expect_ok
+    finally:
+        ray.shutdown()
+    return read_manifest(Location(str(tmp_path / "out")))
 
 
 def test_a_new_stage_runs_in_the_local_job_without_edits(monkeypatch, bicubic_weights, tmp_path):
@@ -93,27 +115,16 @@ def test_local_loop_batches_across_images_and_keeps_order():
 
 @pytest.mark.slow
 def test_a_new_stage_runs_on_ray_data_without_edits(monkeypatch, bicubic_weights, tmp_path):
-    import ray
+    """Also: two CPU model actors (the stamp and the diffuse) on a two-core cluster finish (a per-actor runtime_env
+    once made this hang)."""
     import ray.cloudpickle
-
-    from jobs.manifest import read_manifest
-    from jobs.pipeline import JobConfig, run_job
-    from pipeline.runtime import ModelOptions
-    from pipeline.storage import Location
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this test module
     _with_stamp(monkeypatch, holds_model=True)
     (tmp_path / "in").mkdir()
     for i in range(3):
         Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "in" / f"{i}.png")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        cfg = JobConfig(str(tmp_path / "in"), str(tmp_path / "out"), ModelOptions(weights=bicubic_weights),
-                        progress=False, local=False)  # fmt: skip
-        assert run_job(cfg).ok == 3
-    finally:
-        ray.shutdown()
-    assert all("stamped" in r["notes"] for r in read_manifest(Location(str(tmp_path / "out"))))
+    assert all("stamped" in r["notes"] for r in _ray_job(tmp_path, bicubic_weights, 3))
 
 
 def test_small_jobs_pick_the_local_loop_unless_told(monkeypatch, tmp_path):
@@ -203,31 +214,12 @@ def test_resources_come_from_the_graph_declaration():
 @pytest.mark.slow
 def test_cpu_stages_do_not_see_the_gpu_on_ray_data(monkeypatch, bicubic_weights, tmp_path):
     """On a cluster that has a GPU (a logical one here), a CPU stage's worker runs with CUDA hidden."""
-    import ray
     import ray.cloudpickle
 
-    from jobs.manifest import read_manifest
-    from jobs.pipeline import JobConfig, run_job
-    from pipeline.runtime import ModelOptions
-    from pipeline.storage import Location
-
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    original = StageGraph.__init__
-
-    def init(self, *a, **kw):
-        original(self, *a, **kw)
-        self.stages.insert(self.names().index("diffuse"), StageSpec("where", WhereAmI, {}, False, False))
-
-    monkeypatch.setattr(StageGraph, "__init__", init)
+    _insert_before_diffuse(monkeypatch, StageSpec("where", WhereAmI, {}, False, False))
     (tmp_path / "in").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "in" / "a.png")
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        cfg = JobConfig(str(tmp_path / "in"), str(tmp_path / "out"), ModelOptions(weights=bicubic_weights),
-                        progress=False, local=False)  # fmt: skip
-        assert run_job(cfg).ok == 1
-    finally:
-        ray.shutdown()
-    (row,) = read_manifest(Location(str(tmp_path / "out")))
+    (row,) = _ray_job(tmp_path, bicubic_weights, 1, num_gpus=1)
     notes = row["notes"] if isinstance(row["notes"], list) else str(row["notes"]).split("; ")
     assert "cuda=" in notes and not any(n.startswith("cuda=") and n != "cuda=" for n in notes), notes

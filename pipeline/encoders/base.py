@@ -87,3 +87,19 @@ class RGBEncoder(LatentEncoder):
 
     def _encode(self, image: torch.Tensor) -> torch.Tensor:
         return image
+
+
+def strict_load(cls, params, tensors: dict[str, torch.Tensor], what: str, device="cpu", dtype=torch.float32):
+    """`cls(params)` built on the meta device, then given exactly `tensors` (names and shapes must match; nothing
+    missing, nothing extra), on `device` in `dtype`, in eval mode. what: the model's name for the error."""
+    with torch.device("meta"):
+        model = cls(params)
+    want = model.state_dict()
+    missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"{what} weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in tensors.items():
+        if v.shape != want[k].shape:
+            raise ValueError(f"{what} tensor {k}: shape {tuple(v.shape)} != {tuple(want[k].shape)}")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, assign=True)
+    return model.eval().requires_grad_(False)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.encoders.base import LatentEncoder
+from pipeline.encoders.base import LatentEncoder, strict_load
 
 
 @dataclass(frozen=True)
@@ -218,14 +218,4 @@ def load_flux_encoder(
     # BFL's Flux2 keeps its quant conv inside the encoder (`encoder.quant_conv`); ours sits beside it, as diffusers'
     named = {re.sub(r"^encoder\.quant_conv\.", "quant_conv.", k): v for k, v in from_diffusers(tensors).items()}
     enc_tensors = {k: v for k, v in named.items() if k.startswith(wanted) and not k.endswith("num_batches_tracked")}
-    with torch.device("meta"):
-        model = FluxEncoder(params)
-    want = model.state_dict()
-    missing, unexpected = sorted(set(want) - set(enc_tensors)), sorted(set(enc_tensors) - set(want))
-    if missing or unexpected:
-        raise ValueError(f"VAE encoder weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for k, v in enc_tensors.items():
-        if v.shape != want[k].shape:
-            raise ValueError(f"VAE tensor {k}: shape {tuple(v.shape)} != {tuple(want[k].shape)}")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in enc_tensors.items()}, assign=True)
-    return model.eval().requires_grad_(False)
+    return strict_load(FluxEncoder, params, enc_tensors, "VAE encoder", device, dtype)

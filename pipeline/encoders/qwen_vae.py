@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.encoders.base import LatentEncoder
+from pipeline.encoders.base import LatentEncoder, strict_load
 
 
 @dataclass(frozen=True)
@@ -179,14 +179,4 @@ def load_qwen_encoder(
 ) -> QwenImageEncoder:
     """Strict load of the encoder side (`encoder.*`, `conv1.*`) from the official 2D file or a diffusers one."""
     enc = {k: v for k, v in from_diffusers(tensors).items() if k.startswith(("encoder.", "conv1."))}
-    with torch.device("meta"):
-        model = QwenImageEncoder(params)
-    want = model.state_dict()
-    missing, unexpected = sorted(set(want) - set(enc)), sorted(set(enc) - set(want))
-    if missing or unexpected:
-        raise ValueError(f"Qwen-Image VAE weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for k, v in enc.items():
-        if v.shape != want[k].shape:
-            raise ValueError(f"Qwen-Image VAE tensor {k}: shape {tuple(v.shape)} != {tuple(want[k].shape)}")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in enc.items()}, assign=True)
-    return model.eval().requires_grad_(False)
+    return strict_load(QwenImageEncoder, params, enc, "Qwen-Image VAE", device, dtype)

@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -560,8 +561,9 @@ def run(args) -> dict:
     c = Check(args)
     wanted = args.steps.split(",") if args.steps else list(STEPS)
     unknown = sorted(set(wanted) - set(STEPS))
-    if unknown:
-        raise SystemExit(f"unknown step(s) {unknown}; steps: {', '.join(STEPS)}")
+    if unknown:  # a usage error: one line, exit 2, as every pidray command
+        print(f"pidray doctor: unknown step(s) {unknown}; steps: {', '.join(STEPS)}", file=sys.stderr)
+        raise SystemExit(2)
     t_all = time.time()
     for name in wanted:
         if not c.has(10):

@@ -168,7 +168,7 @@ def _iter_ray(cfg: JobConfig, plan: Plan, rows: list[dict]) -> Iterator[dict]:
             n = actors[spec.name]
             threads = None if on_gpu else max(1, cpus // n)
             ds = ds.map_batches(
-                StageActor, fn_constructor_kwargs={"spec": spec, "threads": None if on_gpu else threads},
+                StageActor, fn_constructor_kwargs={"spec": spec, "threads": threads},
                 compute=ActorPoolStrategy(size=n), **common,
             )  # fmt: skip
         else:

@@ -274,19 +274,25 @@ def step_versions(c: Check, put) -> None:
         put(f"sdpa {label} {h}x{d}, {L} tokens", res)
 
 
-def step_kernels(c: Check, put) -> None:
+def _triton_runs(device: torch.device) -> bool:
+    """Triton is installed and can run here: on CUDA, or in its interpreter on the CPU (TRITON_INTERPRET=1)."""
     from pipeline.kernels import triton_available
 
-    if c.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" or not triton_available():
+    return triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def step_kernels(c: Check, put) -> None:
+    if not _triton_runs(c.device):
         put("skipped", "Triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU) and triton installed")
         return
     p = c.cfg.patch_size
     odd = p * (3 if c.smoke else 37)  # an odd number of patches per side: rows that fill no power of two
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        agreement = {}
         for name, ours, eager in kernel_cases(c.cfg, odd, odd + p * 2, c.device, dtype):
             err = _rel_err(ours(), eager())
-            put(f"agreement {str(dtype)[6:]}", {**c.report.data["steps"].get("kernels", {}).get(
-                f"agreement {str(dtype)[6:]}", {}), name: f"{err:.1e} {'ok' if err <= tol else 'FAIL'}"})  # fmt: skip
+            agreement[name] = f"{err:.1e} {'ok' if err <= tol else 'FAIL'}"
+            put(f"agreement {str(dtype)[6:]}", dict(agreement))
             if err > tol:
                 c.report.data.setdefault("failures", []).append(f"kernel {name} {dtype}: rel err {err:.2e}")
     if c.device.type == "cuda" and c.has(60):
@@ -333,9 +339,7 @@ def step_forward(c: Check, put) -> None:
     cfg, dev, dtype = c.cfg, c.device, c.dtype
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in c.report.data.get("device", "")), None)
     nets = {"eager": build_net(cfg, dev, dtype, "torch")}
-    from pipeline.kernels import triton_available
-
-    if triton_available() and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+    if _triton_runs(dev):
         nets["kernels"] = build_net(cfg, dev, dtype, "triton")
         nets["kernels"].load_state_dict(nets["eager"].state_dict())
     if c.compile:

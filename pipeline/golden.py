@@ -70,7 +70,6 @@ def _on(device, fn):
         out = fn(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
         return out.float().cpu() if isinstance(out, torch.Tensor) else out
 
-    call.module = fn
     return call
 
 
@@ -91,12 +90,12 @@ def _check_pid(t: dict, meta: dict, rep: FixtureReport, device=None) -> None:
     from pipeline.model.sampler import DISTILLED_T, GeneratorNoise, sample
 
     cfg = PidConfig.from_official(json.loads(meta["config"]))
-    net = _on(device, load_network(cfg, network_tensors(t)))
+    module = load_network(cfg, network_tensors(t))
+    net = _on(device, module)  # moves `module` there too
     x, y = t["input.x"], t["input.y"]
     sigma, latent = t["input.degrade_sigma"], t["input.lq_latent"]
     with torch.inference_mode():
-        module = getattr(net, "module", net)
-        lq = module.encode_lq(tuple(x.shape[-2:]), latent=latent.to(next(module.parameters()).device))
+        lq = module.encode_lq(tuple(x.shape[-2:]), latent=latent.to(device or "cpu"))
         rep.checks.append(
             Check("expected.forward", _max_err(net(x, t["input.t"], y, lq, sigma), t["expected.forward"]))
         )
@@ -121,9 +120,8 @@ def _check_vae(t: dict, meta: dict, rep: FixtureReport, device=None) -> None:
 
     cfg = json.loads(meta["config"])
     params = FluxEncoderParams.from_dict(cfg)
-    enc = load_flux_encoder(params, {k: v for k, v in t.items() if k.startswith(("encoder.", "decoder."))})
-    if device is not None:
-        enc = enc.to(device)
+    tensors = {k: v for k, v in t.items() if k.startswith(("encoder.", "decoder."))}
+    enc = load_flux_encoder(params, tensors, device=device or "cpu")
     with torch.inference_mode():
         latent = enc.encode(t["input.image"].to(device or "cpu")).float().cpu()
         rep.checks.append(Check("expected.latent", _max_err(latent, t["expected.latent"])))

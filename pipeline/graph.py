@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pipeline.memory import tile_bytes, vae_encode_bytes, weight_bytes
 from pipeline.model.presets import get_preset
-from pipeline.runtime import ModelOptions, pick_device, pick_dtype, vae_dtype
+from pipeline.runtime import ModelOptions, encoder_params, pick_device, pick_dtype, vae_dtype
 from pipeline.stages import DecodeStage, DiffuseStage, EncodeStage, MergeStage, ReadStage, WriteStage, run_stage
 from pipeline.stages.common import UpscaleOptions, resolve
 from pipeline.stages.encode import plan_for
@@ -44,8 +44,13 @@ class StageSpec:
         on_gpu = self.wants_gpu and cluster_gpus > 0
         opts: dict = {"num_cpus": self.num_cpus, "num_gpus": self.gpu_share if on_gpu else 0}
         if cluster_gpus > 0 and not on_gpu:
-            opts["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
+            opts["runtime_env"] = hidden_gpu_env()
         return opts
+
+
+def hidden_gpu_env() -> dict:
+    """A Ray runtime_env in which CUDA sees no device: for workers that take no GPU on a cluster that has them."""
+    return {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
 
 
 class StageGraph:
@@ -103,7 +108,7 @@ class StageGraph:
         return {
             "decode": in_hw[0] * in_hw[1] * 3 * 2,
             "encode": plan.pad_hw[0] * plan.pad_hw[1] * 3 * 4 * 2 if self.preset.vae == "rgb" else vae_encode_bytes(
-                plan.pad_hw, vae_dtype(device_t), self.preset.encoder.get("ch", 128)),
+                plan.pad_hw, vae_dtype(device_t), encoder_params(self.preset).act_channels),
             "diffuse": weight_bytes(cfg, dtype) + tile_bytes(cfg, plan.tile_out, dtype) + plan.n_tiles * 3 * 4
             * plan.tile_out[0] * plan.tile_out[1] * 4 + canvas * 3 * 4 * 2,
             "merge": out_px * 3 * 2 * 2,

@@ -19,7 +19,9 @@ from pipeline.weights import resolve
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-LQ_ENCODERS = ("rgb", "flux1", "sd3", "sdxl", "flux2", "qwenimage")  # the VAEs whose encoders are implemented
+# The VAEs whose encoders are implemented: family -> module with its params class and loader (imported on use).
+_VAE_MODULES = {**dict.fromkeys(("flux1", "sd3", "sdxl", "flux2"), "flux_vae"), "qwenimage": "qwen_vae"}
+LQ_ENCODERS = ("rgb", *_VAE_MODULES)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -100,23 +102,28 @@ def vae_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def _vae_module(preset: Preset):
+    import importlib
+
+    check_encoder(preset)
+    return importlib.import_module(f"pipeline.encoders.{_VAE_MODULES[preset.vae]}")
+
+
+def encoder_params(preset: Preset):
+    """The preset's VAE encoder parameters (its family's dataclass, from `preset.encoder`)."""
+    return _vae_module(preset).PARAMS.from_dict(preset.encoder)
+
+
 def load_lq_encoder(opts: ModelOptions, gpu_share: float = 1.0) -> LatentEncoder:
     preset = get_preset(opts.preset)
     if preset.vae == "rgb":
         return RGBEncoder()
-    if preset.vae in ("flux1", "sd3", "sdxl", "flux2", "qwenimage"):  # diffusers-layout files are mapped on load
-        from pipeline.encoders.flux_vae import FluxEncoderParams, load_flux_encoder
-        from pipeline.encoders.qwen_vae import QwenEncoderParams, load_qwen_encoder
-
-        params, load = ((QwenEncoderParams, load_qwen_encoder) if preset.vae == "qwenimage"
-                        else (FluxEncoderParams, load_flux_encoder))  # fmt: skip
-        tensors, _ = read_state_dict(resolve(preset, opts.weights, allow_download=opts.allow_download)["vae"])
-        device = pick_device(opts.device)
-        enc = load(params.from_dict(preset.encoder), tensors, device=device, dtype=vae_dtype(device))
-        enc.memory_budget = default_budget(device, gpu_share)  # whole images while they fit; tiles beyond
-        return enc
-    check_encoder(preset)
-    raise AssertionError(f"{preset.vae} is listed in LQ_ENCODERS but has no loader")
+    load = _vae_module(preset).load  # diffusers-layout files are mapped on load
+    tensors, _ = read_state_dict(resolve(preset, opts.weights, allow_download=opts.allow_download)["vae"])
+    device = pick_device(opts.device)
+    enc = load(encoder_params(preset), tensors, device=device, dtype=vae_dtype(device))
+    enc.memory_budget = default_budget(device, gpu_share)  # whole images while they fit; tiles beyond
+    return enc
 
 
 @functools.lru_cache(maxsize=4)

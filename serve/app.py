@@ -31,7 +31,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from pipeline.errors import HTTP_STATUS, BadParameter, Refused, TooLarge, kind_of
-from pipeline.graph import StageGraph, StageSpec
+from pipeline.graph import StageGraph, StageSpec, hidden_gpu_env
 from pipeline.imageio import output_format, probe
 from pipeline.model.presets import PRESETS, get_preset
 from pipeline.runtime import ModelOptions
@@ -436,7 +436,7 @@ def build_app(args: dict | AppArgs | None = None):
     ingress = dict(dep["ingress"])
     if gpu:  # decode and merge run in the ingress: never on a GPU
         opts = ingress.get("ray_actor_options", {})
-        ingress["ray_actor_options"] = {**opts, "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
+        ingress["ray_actor_options"] = {**opts, "runtime_env": hidden_gpu_env()}
     return Ingress.options(**ingress).bind(handles, a)
 
 

@@ -142,10 +142,10 @@ def test_flux2_encoder_matches_the_diffusers_recipe():
                                   "qwenimage-2kto4k-v1.5"])  # fmt: skip
 def test_each_implemented_vae_preset_fits_its_network(name):
     """The preset's encoder parameters give the latent its network was trained on: channels and down factor."""
-    from pipeline.encoders.qwen_vae import QwenEncoderParams
+    from pipeline.runtime import encoder_params
 
     p = get_preset(name)
-    params = (QwenEncoderParams if p.vae == "qwenimage" else FluxEncoderParams).from_dict(p.encoder)
+    params = encoder_params(p)
     assert params.latent_channels == p.config.lq_latent_channels
     assert params.down_factor == p.config.latent_spatial_down_factor
 

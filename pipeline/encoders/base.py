@@ -10,7 +10,8 @@ import torch
 
 
 class LatentEncoder:
-    """Mixin: `encode(image[-1,1]) -> latent`, `latent_channels`, `down_factor`.
+    """Mixin: `encode(image[-1,1]) -> latent`, `latent_channels`, `down_factor` (read from `self.params`, the
+    encoder's parameter dataclass, unless a subclass sets them).
 
     A subclass implements `_encode` (one whole image). `encode` checks the input and encodes the whole image when
     its activations fit `memory_budget` (or no budget is set): the exact latent. Only an image that would not fit
@@ -21,11 +22,20 @@ class LatentEncoder:
     default.
     """
 
-    latent_channels: int
-    down_factor: int
     memory_budget: int | None = None  # bytes the encode may use; None: always whole
-    act_channels: int = 128  # widest full-resolution activation (the memory estimate)
     margin_px: int = 128  # context around a tile: covers a Flux-style encoder's convolutions (~100 input pixels)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.params.latent_channels
+
+    @property
+    def down_factor(self) -> int:
+        return self.params.down_factor
+
+    @property
+    def act_channels(self) -> int:  # the widest full-resolution activation (the memory estimate)
+        return self.params.act_channels
 
     def _encode(self, image: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -84,6 +94,7 @@ class RGBEncoder(LatentEncoder):
 
     latent_channels = 3
     down_factor = 1
+    act_channels = 3
 
     def _encode(self, image: torch.Tensor) -> torch.Tensor:
         return image

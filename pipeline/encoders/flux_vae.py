@@ -49,6 +49,10 @@ class FluxEncoderParams:
     def latent_channels(self) -> int:
         return self.z_channels * self.patch**2
 
+    @property
+    def act_channels(self) -> int:  # the widest full-resolution activation (the memory estimate)
+        return self.ch * self.ch_mult[0]
+
 
 FLUX1 = FluxEncoderParams()
 
@@ -145,20 +149,11 @@ class FluxEncoder(nn.Module, LatentEncoder):
     def __init__(self, params: FluxEncoderParams = FLUX1):
         super().__init__()
         self.params = params
-        self.act_channels = params.ch * params.ch_mult[0]
         self.encoder = Encoder(params)
         z2 = 2 * params.z_channels
         self.quant_conv = nn.Conv2d(z2, z2, 1) if params.quant_conv else None
         if params.batch_norm:
             self.bn = _RunningStats(params.latent_channels)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.params.latent_channels
-
-    @property
-    def down_factor(self) -> int:
-        return self.params.down_factor
 
     def _encode(self, image: torch.Tensor) -> torch.Tensor:
         """image [B, 3, H, W] in [-1, 1], H and W multiples of the down factor -> normalised latent (fp32)."""
@@ -219,3 +214,6 @@ def load_flux_encoder(
     named = {re.sub(r"^encoder\.quant_conv\.", "quant_conv.", k): v for k, v in from_diffusers(tensors).items()}
     enc_tensors = {k: v for k, v in named.items() if k.startswith(wanted) and not k.endswith("num_batches_tracked")}
     return strict_load(FluxEncoder, params, enc_tensors, "VAE encoder", device, dtype)
+
+
+PARAMS, load = FluxEncoderParams, load_flux_encoder  # what pipeline.runtime looks up per VAE family

@@ -43,6 +43,10 @@ class QwenEncoderParams:
     def latent_channels(self) -> int:
         return self.z_channels
 
+    @property
+    def act_channels(self) -> int:  # the widest full-resolution activation (the memory estimate)
+        return self.dim
+
 
 class _RMSNorm(nn.Module):
     def __init__(self, ch: int):
@@ -119,17 +123,8 @@ class QwenImageEncoder(nn.Module, LatentEncoder):
         if len(params.latents_mean) != params.z_channels or len(params.latents_std) != params.z_channels:
             raise ValueError(f"latents_mean/std must have {params.z_channels} values each")
         self.params = params
-        self.act_channels = params.dim
         self.encoder = _Encoder2d(params)
         self.conv1 = nn.Conv2d(2 * params.z_channels, 2 * params.z_channels, 1)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.params.z_channels
-
-    @property
-    def down_factor(self) -> int:
-        return self.params.down_factor
 
     def _encode(self, image: torch.Tensor) -> torch.Tensor:
         moments = self.conv1(self.encoder(image.to(self.conv1.weight.dtype)))
@@ -180,3 +175,6 @@ def load_qwen_encoder(
     """Strict load of the encoder side (`encoder.*`, `conv1.*`) from the official 2D file or a diffusers one."""
     enc = {k: v for k, v in from_diffusers(tensors).items() if k.startswith(("encoder.", "conv1."))}
     return strict_load(QwenImageEncoder, params, enc, "Qwen-Image VAE", device, dtype)
+
+
+PARAMS, load = QwenEncoderParams, load_qwen_encoder  # what pipeline.runtime looks up per VAE family

@@ -30,7 +30,7 @@ class Preset:
     bundled: bool = False
     notes: str = ""
     default_steps: int = field(default=4)
-    # The LQ encoder's parameters as data (for the Flux1/SD3 VAE: FluxEncoderParams fields; missing ones default).
+    # The LQ encoder's parameters as data (the fields of its family's params dataclass; missing ones default).
     encoder: dict = field(default_factory=dict)
     # Default tile overlap in latent pixels (--overlap). Released presets: 5 = 160 output pixels (fusion blends the
     # overlapping x0 estimates every step, so the seam needs no wider ramp), which keeps the pixels diffused within
@@ -70,61 +70,27 @@ def _ckpt(exp: str) -> str:
     return f"checkpoints/{exp}/model_ema_bf16.pth"
 
 
-# Each VAE family's encoder parameters: latent = scale · (mean − shift), as the official tokenizers give them.
-_VAE_SCALING = {
+# Each VAE family's encoder parameters (the fields of its params dataclass), as the official tokenizers give them:
+# Flux-style latent = scale · (mean − shift) (Flux2: batch-norm statistics instead); Qwen-Image: per-channel
+# latent mean and std (the values of diffusers' AutoencoderKLQwenImage config).
+_VAE_ENCODERS = {
     "flux1": {"scale_factor": 0.3611, "shift_factor": 0.1159},
     "sd3": {"scale_factor": 1.5305, "shift_factor": 0.0609},
     "sdxl": {"z_channels": 4, "scale_factor": 0.13025, "shift_factor": 0.0, "quant_conv": True},
     "flux2": {"z_channels": 32, "quant_conv": True, "patch": 2, "batch_norm": True},
-    # Qwen-Image: per-channel latent mean and std (the values of diffusers' AutoencoderKLQwenImage config)
     "qwenimage": {
-        "dim": 96,
-        "z_channels": 16,
-        "dim_mult": [1, 2, 4, 4],
-        "num_res_blocks": 2,
-        "latents_mean": [
-            -0.7571,
-            -0.7089,
-            -0.9113,
-            0.1075,
-            -0.1745,
-            0.9653,
-            -0.1517,
-            1.5508,
-            0.4134,
-            -0.0715,
-            0.5517,
-            -0.3632,
-            -0.1922,
-            -0.9497,
-            0.2503,
-            -0.2921,
-        ],
-        "latents_std": [
-            2.8184,
-            1.4541,
-            2.3275,
-            2.6558,
-            1.2196,
-            1.7708,
-            2.6052,
-            2.0743,
-            3.2687,
-            2.1526,
-            2.8652,
-            1.5579,
-            1.6382,
-            1.1253,
-            2.8251,
-            1.9160,
-        ],
+        "dim": 96, "z_channels": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+        "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
+                         0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+        "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
+                        1.5579, 1.6382, 1.1253, 2.8251, 1.9160],
     },
-}
+}  # fmt: skip
 
 
 def _released(name, cfg, exp, vae, variant, vae_ckpt, envelope, **kw) -> Preset:
     return Preset(name, cfg, _ckpt(exp), vae, variant, vae_ckpt, envelope=envelope,
-                  encoder=dict(_VAE_SCALING.get(vae, {})), **kw)  # fmt: skip
+                  encoder=dict(_VAE_ENCODERS.get(vae, {})), **kw)  # fmt: skip
 
 
 _R = dataclasses.replace

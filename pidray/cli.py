@@ -64,11 +64,14 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_download(args) -> int:
-    from pipeline.model.presets import get_preset
+    from pipeline.model.presets import HUB_REPO, get_preset
     from pipeline.weights import LICENCE_NOTE, resolve
 
     preset = get_preset(args.preset)
     print(LICENCE_NOTE, file=sys.stderr)
+    for f in preset.weight_files():
+        if f.repo != HUB_REPO:
+            print(f"{f.local}: from {f.repo}, {f.licence}", file=sys.stderr)
     paths = resolve(preset, args.weights, allow_download=True)
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
     return 0

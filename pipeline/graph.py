@@ -14,9 +14,9 @@ import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from pipeline.memory import tile_bytes, vae_encode_bytes, weight_bytes
+from pipeline.memory import tile_bytes, weight_bytes
 from pipeline.model.presets import get_preset
-from pipeline.runtime import ModelOptions, encoder_params, pick_device, pick_dtype, vae_dtype
+from pipeline.runtime import ModelOptions, encode_bytes, pick_device, pick_dtype
 from pipeline.stages import DecodeStage, DiffuseStage, EncodeStage, MergeStage, ReadStage, WriteStage, run_stage
 from pipeline.stages.common import UpscaleOptions, resolve
 from pipeline.stages.encode import plan_for
@@ -107,8 +107,7 @@ class StageGraph:
         canvas = plan.canvas_hw[0] * plan.canvas_hw[1]
         return {
             "decode": in_hw[0] * in_hw[1] * 3 * 2,
-            "encode": plan.pad_hw[0] * plan.pad_hw[1] * 3 * 4 * 2 if self.preset.vae == "rgb" else vae_encode_bytes(
-                plan.pad_hw, vae_dtype(device_t), encoder_params(self.preset).act_channels),
+            "encode": encode_bytes(self.preset, plan.pad_hw, device_t),
             "diffuse": weight_bytes(cfg, dtype) + tile_bytes(cfg, plan.tile_out, dtype) + plan.n_tiles * 3 * 4
             * plan.tile_out[0] * plan.tile_out[1] * 4 + canvas * 3 * 4 * 2,
             "merge": out_px * 3 * 2 * 2,

@@ -20,7 +20,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # The VAEs whose encoders are implemented: family -> module with its params class and loader (imported on use).
-_VAE_MODULES = {**dict.fromkeys(("flux1", "sd3", "sdxl", "flux2"), "flux_vae"), "qwenimage": "qwen_vae"}
+_VAE_MODULES = {**dict.fromkeys(("flux1", "sd3", "sdxl", "flux2"), "flux_vae"), "qwenimage": "qwen_vae",
+                **dict.fromkeys(("dinov2", "siglip"), "rae")}
 LQ_ENCODERS = ("rgb", *_VAE_MODULES)
 
 
@@ -114,14 +115,30 @@ def encoder_params(preset: Preset):
     return _vae_module(preset).PARAMS.from_dict(preset.encoder)
 
 
+def encode_bytes(preset: Preset, hw: tuple[int, int], device: torch.device) -> int:
+    """Peak bytes of the LQ encode of an hw-pixel (padded) image."""
+    if preset.vae == "rgb":
+        return hw[0] * hw[1] * 3 * 4 * 2
+    params = encoder_params(preset)
+    if hasattr(params, "encode_bytes"):  # a fixed-size encoder
+        return params.encode_bytes(hw)
+    from pipeline.memory import vae_encode_bytes
+
+    return vae_encode_bytes(hw, vae_dtype(device), params.act_channels)
+
+
 def load_lq_encoder(opts: ModelOptions, gpu_share: float = 1.0) -> LatentEncoder:
     preset = get_preset(opts.preset)
     if preset.vae == "rgb":
         return RGBEncoder()
-    load = _vae_module(preset).load  # diffusers-layout files are mapped on load
-    tensors, _ = read_state_dict(resolve(preset, opts.weights, allow_download=opts.allow_download)["vae"])
+    module = _vae_module(preset)
+    paths = resolve(preset, opts.weights, allow_download=opts.allow_download)
     device = pick_device(opts.device)
-    enc = load(encoder_params(preset), tensors, device=device, dtype=vae_dtype(device))
+    if getattr(module, "FILES_LOADER", False):  # representation encoders: a transformers folder (+ statistics)
+        enc = module.load(encoder_params(preset), paths, device=device, dtype=vae_dtype(device))
+    else:  # VAEs: one tensor file; diffusers-layout files are mapped on load
+        tensors, _ = read_state_dict(paths["vae"])
+        enc = module.load(encoder_params(preset), tensors, device=device, dtype=vae_dtype(device))
     enc.memory_budget = default_budget(device, gpu_share)  # whole images while they fit; tiles beyond
     return enc
 

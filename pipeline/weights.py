@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.model.presets import BUNDLED_DIR, HUB_REPO, Preset
+from pipeline.model.presets import BUNDLED_DIR, HUB_REPO, Preset, WeightFile
 
 LICENCE_NOTE = (
     "The PiD weights are released by NVIDIA under a non-commercial licence (https://huggingface.co/nvidia/PiD); "
@@ -24,15 +24,50 @@ class WeightsNotFound(FileNotFoundError):
     pass
 
 
-def _files(preset: Preset) -> list[str]:
-    files = [preset.checkpoint]
-    if preset.vae_checkpoint:
-        files.append(preset.vae_checkpoint)
-    return files
+def _wanted(preset: Preset) -> dict[str, WeightFile]:
+    """role -> what to find: the network checkpoint, then the preset's encoder files."""
+    return {"net": WeightFile("net", preset.checkpoint), **{f.role: f for f in preset.weight_files()}}
+
+
+def _present(root: Path | None, f: WeightFile) -> bool:
+    if root is None:
+        return False
+    path = root / f.local
+    return all((path / name).is_file() for name in f.files) if f.files else path.is_file()
+
+
+def _fetch(f: WeightFile, root: Path | None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    if f.files:  # a model folder: its files, side by side, in `local`
+        target = (root or Path.cwd()) / f.local
+        for name in f.files:
+            hf_hub_download(f.repo, name, local_dir=target)
+        return target
+    remote = f.remote or f.local
+    got = Path(hf_hub_download(f.repo, remote, local_dir=root))
+    if root is not None and remote != f.local:  # kept at the path the preset reads (the official layout)
+        (root / f.local).parent.mkdir(parents=True, exist_ok=True)
+        got.replace(root / f.local)
+        return root / f.local
+    return got
+
+
+def download_command(f: WeightFile) -> str:
+    """The shell command that puts `f` under DIR, the weights directory."""
+    if f.files:
+        return f"hf download {f.repo} {' '.join(f.files)} --local-dir DIR/{f.local}"
+    if f.remote and f.remote != f.local:
+        parent = f.local.rsplit("/", 1)[0]
+        return (f"hf download {f.repo} {f.remote} --local-dir DIR/_dl && mkdir -p DIR/{parent} && "
+                f"mv DIR/_dl/{f.remote} DIR/{f.local}")
+    return f"hf download {f.repo} --local-dir DIR --include \"{f.local}\""
 
 
 def resolve(preset: Preset, root: str | Path | None = None, *, allow_download: bool | None = None) -> dict[str, Path]:
-    """Local paths of the preset's network (and VAE) weights: {"net": ..., "vae": ...}."""
+    """Local paths of everything the preset loads: {"net": ..., and per encoder file its role ("vae", "encoder",
+    "stats")}. Missing files are downloaded only when allowed; otherwise one error lists every missing file with
+    the command that gets it and the licence it comes under."""
     if preset.bundled:
         path = BUNDLED_DIR / preset.checkpoint
         if not path.is_file():
@@ -42,33 +77,25 @@ def resolve(preset: Preset, root: str | Path | None = None, *, allow_download: b
     root = Path(root).expanduser().resolve() if root else None
     if allow_download is None:
         allow_download = os.environ.get(ENV_ALLOW_DOWNLOAD, "") in ("1", "true", "yes")
-    wanted = dict(zip(("net", "vae"), _files(preset)))
-    found: dict[str, Path] = {}
-    missing: list[str] = []
-    for role, rel in wanted.items():
-        if root is not None and (root / rel).exists():
-            found[role] = root / rel
-        else:
-            missing.append(rel)
+    wanted = _wanted(preset)
+    found = {role: root / f.local for role, f in wanted.items() if _present(root, f)}
+    missing = [f for role, f in wanted.items() if role not in found]
     if not missing:
         return found
     if allow_download:
-        from huggingface_hub import hf_hub_download, snapshot_download
-
-        for role, rel in wanted.items():
-            if role in found:
-                continue
-            if rel.endswith((".pth", ".safetensors")):
-                found[role] = Path(hf_hub_download(HUB_REPO, rel, local_dir=root))
-            else:  # a folder (RAE encoders)
-                base = snapshot_download(HUB_REPO, allow_patterns=[rel + "/*"], local_dir=root)
-                found[role] = Path(base) / rel
+        for f in missing:
+            found[f.role] = _fetch(f, root)
         return found
     where = f"under {root}" if root else f"(no weights directory given: pass --weights DIR or set {ENV_ROOT})"
+    ours = [f.local for f in missing if f.repo == HUB_REPO and not f.files]
+    cmds = ([f"hf download {HUB_REPO} --local-dir DIR --include " + " ".join(f'"{m}"' for m in ours)] if ours else [])
+    cmds += [download_command(f) for f in missing if f.repo != HUB_REPO or f.files]
+    licences = sorted({f"{f.repo}: {f.licence}" for f in missing if f.repo != HUB_REPO})
     raise WeightsNotFound(
-        f"preset {preset.name!r} needs {len(missing)} file(s) not found {where}: {', '.join(missing)}. "
-        f"Get them with: hf download {HUB_REPO} --local-dir DIR --include "
-        + " ".join(f'"{m}"' for m in missing)
+        f"preset {preset.name!r} needs {len(missing)} file(s) not found {where}: "
+        + ", ".join(f.local + (f"/{{{','.join(f.files)}}}" if f.files else "") for f in missing)
+        + ". Get them with: " + " ; ".join(cmds)
         + f" — then pass --weights DIR; or allow pidray to download them (--allow-download or "
-        f"{ENV_ALLOW_DOWNLOAD}=1). {LICENCE_NOTE}"
+        f"{ENV_ALLOW_DOWNLOAD}=1). " + (LICENCE_NOTE if ours else "")
+        + (" Licences: " + "; ".join(licences) + "." if licences else "")
     )

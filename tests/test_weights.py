@@ -52,3 +52,29 @@ def test_job_preflight_fails_before_any_worker(tmp_path):
          "--weights", str(weights)], capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 2 and "--text-encoder DIR" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["dinov2-2k", "siglip-sr8x-2k"])
+def test_representation_presets_name_their_encoder_sources(tmp_path, monkeypatch, name):
+    """The RAE presets load their encoder from its own hub repository (and DINOv2 its latent statistics from the
+    RAE release), as the official tokenizers do: offline, one error names every missing file with the command that
+    gets it and each licence; laid out locally, they resolve to the folder and the file."""
+    monkeypatch.delenv("PIDRAY_ALLOW_DOWNLOAD", raising=False)
+    p = get_preset(name)
+    repo = {"dinov2-2k": "facebook/dinov2-with-registers-base", "siglip-sr8x-2k": "google/siglip2-so400m-patch14-224"}
+    with pytest.raises(WeightsNotFound) as e:
+        resolve(p, tmp_path)
+    msg = str(e.value)
+    assert p.checkpoint in msg and "hf download nvidia/PiD" in msg and "non-commercial" in msg
+    assert f"hf download {repo[name]} config.json model.safetensors --local-dir DIR/encoders/" in msg
+    assert f"{repo[name]}: Apache-2.0" in msg
+    assert ("nyu-visionx/RAE-collections" in msg) == (name == "dinov2-2k")
+    (tmp_path / p.checkpoint).parent.mkdir(parents=True)
+    (tmp_path / p.checkpoint).write_bytes(b"x")
+    for f in p.encoder_files:
+        for rel in [f"{f.local}/{n}" for n in f.files] or [f.local]:
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / rel).write_bytes(b"x")
+    got = resolve(p, tmp_path)
+    assert got["net"] == tmp_path / p.checkpoint and got["encoder"].is_dir() and "vae" not in got
+    assert ("stats" in got) == (name == "dinov2-2k")

@@ -1,7 +1,8 @@
-"""What every LQ encoder (VAE latent or plain RGB) offers the pipeline.
+"""What every LQ encoder (VAE latent, representation grid or plain RGB) offers the pipeline.
 
-Flux1/SD3 are implemented; Flux2's 128-channel BN VAE, SDXL and Qwen-Image plug in here by
-implementing the same three members.
+The VAEs (flux_vae.py: Flux1/SD3/SDXL/Flux2; qwen_vae.py: Qwen-Image) implement `_encode` and inherit the
+memory-bounded whole/tiled `encode`; the representation encoders (rae.py: DINOv2/SigLIP) encode whole images to one
+fixed grid (`global_latent`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class LatentEncoder:
     """
 
     memory_budget: int | None = None  # bytes the encode may use; None: always whole
+    global_latent: bool = False  # True: one fixed grid for the whole image, not a latent per pixel block
     margin_px: int = 128  # context around a tile: covers a Flux-style encoder's convolutions (~100 input pixels)
 
     @property

@@ -14,6 +14,24 @@ from pipeline.model.config import PidConfig
 
 HUB_REPO = "nvidia/PiD"
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets"
+GLOBAL_ENCODERS = ("dinov2", "siglip")  # one latent grid for the whole image (pipeline/encoders/rae.py)
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One thing a preset loads besides its network, and where it comes from.
+
+    role: "vae" (the LQ encoder's weights), "encoder" (a transformers model folder), "stats" (latent statistics);
+    local: its path under the weights directory; repo: the hub repository it is downloaded from; files: for a
+    folder, the files to fetch into it (else `local` is also the file's path in `repo`, unless `remote` says
+    otherwise); licence: what the user accepts by downloading it."""
+
+    role: str
+    local: str
+    repo: str = HUB_REPO
+    files: tuple[str, ...] = ()
+    remote: str | None = None
+    licence: str = "NVIDIA non-commercial licence (https://huggingface.co/nvidia/PiD)"
 
 
 @dataclass(frozen=True)
@@ -36,6 +54,28 @@ class Preset:
     # overlapping x0 estimates every step, so the seam needs no wider ramp), which keeps the pixels diffused within
     # 1.15x of the output for 2K/4K tilings (8 would be 1.20x at 2048² -> 8192²); the small model: 8 = 32 pixels.
     tile_overlap: int = 5
+    # Weights the encoder loads from repositories other than the network's (representation encoders).
+    encoder_files: tuple[WeightFile, ...] = ()
+
+    @property
+    def global_latent(self) -> bool:
+        """The LQ encoder gives one fixed grid for the whole image (DINOv2/SigLIP), not a latent per pixel block."""
+        return self.vae in GLOBAL_ENCODERS
+
+    @property
+    def lq_unit(self) -> int:
+        """Input pixels per latent pixel of the tile plan: 1 for RGB, the VAE factor, or for a global encoder one
+        latent pixel per network patch (its grid is spread over the patch grid, as the network aligns it)."""
+        if self.vae == "rgb":
+            return 1
+        if self.global_latent:
+            return self.config.patch_size // self.config.sr_scale
+        return self.config.latent_spatial_down_factor
+
+    def weight_files(self) -> list[WeightFile]:
+        """Everything besides the network checkpoint that the preset loads."""
+        out = [WeightFile("vae", self.vae_checkpoint)] if self.vae_checkpoint else []
+        return out + list(self.encoder_files)
 
     @property
     def scale(self) -> int:
@@ -85,12 +125,35 @@ _VAE_ENCODERS = {
         "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
                         1.5579, 1.6382, 1.1253, 2.8251, 1.9160],
     },
+    # Representation encoders (pipeline/encoders/rae.py): DINOv2-with-registers-base at 448 with RAE statistics,
+    # SigLIP-2 So400M/14 at 224 with an affine-free token LayerNorm.
+    "dinov2": {"family": "dinov2", "latent_channels": 768, "resize": 448, "antialias": False,
+               "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "latent_stats": True},
+    "siglip": {"family": "siglip", "latent_channels": 1152, "resize": 224, "antialias": True,
+               "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "latent_stats": False, "token_norm_eps": 1e-6},
+}  # fmt: skip
+
+_APACHE = "Apache-2.0 (see the model card of {})"
+# Where the official tokenizers load them from: the encoders from their hub ids, the RAE statistics from the RAE
+# release (`hf download nyu-visionx/RAE-collections`, kept at the official `checkpoints/rae/...` path).
+_RAE_FILES = {
+    "dinov2": (
+        WeightFile("encoder", "encoders/dinov2-with-registers-base", "facebook/dinov2-with-registers-base",
+                   ("config.json", "model.safetensors"), licence=_APACHE.format("facebook/dinov2-with-registers-base")),
+        WeightFile("stats", "checkpoints/rae/stats/dinov2/wReg_base/imagenet1k_512/stat.pt",
+                   "nyu-visionx/RAE-collections", remote="stats/dinov2/wReg_base/imagenet1k_512/stat.pt",
+                   licence="see the model card of nyu-visionx/RAE-collections"),
+    ),
+    "siglip": (
+        WeightFile("encoder", "encoders/siglip2-so400m-patch14-224", "google/siglip2-so400m-patch14-224",
+                   ("config.json", "model.safetensors"), licence=_APACHE.format("google/siglip2-so400m-patch14-224")),
+    ),
 }  # fmt: skip
 
 
 def _released(name, cfg, exp, vae, variant, vae_ckpt, envelope, **kw) -> Preset:
     return Preset(name, cfg, _ckpt(exp), vae, variant, vae_ckpt, envelope=envelope,
-                  encoder=dict(_VAE_ENCODERS.get(vae, {})), **kw)  # fmt: skip
+                  encoder=dict(_VAE_ENCODERS.get(vae, {})), encoder_files=_RAE_FILES.get(vae, ()), **kw)  # fmt: skip
 
 
 _R = dataclasses.replace
@@ -106,9 +169,9 @@ PRESETS: dict[str, Preset] = {
         _released("sd3-2k", _V1, "PiD_res2k_sr4x_official_sd3_distill_4step", "sd3", "2k",
                   "checkpoints/sd3_vae/vae/diffusion_pytorch_model.safetensors", _2K),
         _released("dinov2-2k", _R(_V1, lq_latent_channels=768, latent_spatial_down_factor=16),
-                  "PiD_res2k_sr4x_official_dinov2_distill_4step", "dinov2", "2k", "checkpoints/rae", _2K),
+                  "PiD_res2k_sr4x_official_dinov2_distill_4step", "dinov2", "2k", None, _2K, tile_overlap=10),
         _released("siglip-sr8x-2k", _R(_V1, lq_latent_channels=1152, latent_spatial_down_factor=16, sr_scale=8),
-                  "PiD_res2k_sr8x_official_siglip_distill_4step", "siglip", "2k", "checkpoints/scale_rae", _2K),
+                  "PiD_res2k_sr8x_official_siglip_distill_4step", "siglip", "2k", None, _2K, tile_overlap=10),
         _released("sd3-2kto4k", _V1, "PiD_res2kto4k_sr4x_official_sd3_distill_4step", "sd3", "2kto4k",
                   "checkpoints/sd3_vae/vae/diffusion_pytorch_model.safetensors", _4K),
         _released("sdxl-2kto4k", _R(_V1, lq_latent_channels=4), "PiD_res2kto4k_sr4x_official_sdxl_distill_4step",

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.errors import Cancelled
 from pipeline.imageio import quantize
@@ -118,7 +119,7 @@ class DiffuseStage:
         if self.device.type == "cpu" and not force:
             return False
         cfg, side = self.net.cfg, self.preset.envelope[1]
-        lat = side // (cfg.sr_scale * (1 if self.preset.vae == "rgb" else cfg.latent_spatial_down_factor))
+        lat = side // (cfg.sr_scale * self.preset.lq_unit)
         channels = 3 if self.preset.vae == "rgb" else cfg.lq_latent_channels
         plan = TilePlan((lat, lat), 1, side // lat, cfg.sr_scale, (lat, lat), (lat, lat), (1, 1))
         y = torch.zeros(cfg.txt_max_length, cfg.txt_embed_dim)
@@ -149,6 +150,15 @@ class DiffuseStage:
     # ------------------------------------------------------------------ tensors
     def _lq_tiles(self, latent: torch.Tensor, plan: TilePlan, seed: int, sigma: float) -> torch.Tensor:
         th, tw = plan.tile
+        if self.preset.global_latent:  # one grid for the whole image (DINOv2/SigLIP): the official order is
+            # degrade noise on the grid itself (randn of its shape from the seeded generator), then the network's
+            # nearest resize to the patch grid — here to the plan's canvas, one latent pixel per patch, so every
+            # tile gets its part of the one resize and the tiles' own alignment is the identity
+            if sigma > 0:
+                eps = torch.randn(latent[None].shape, generator=torch.Generator().manual_seed(seed))
+                latent = degrade_latent(latent[None], sigma, eps, variance_preserving=False)[0]
+            latent = F.interpolate(latent[None], size=plan.lat_hw, mode="nearest")[0]
+            return torch.stack([latent[:, y : y + th, x : x + tw] for y, x in plan.origins()])
         crops = torch.stack([latent[:, y : y + th, x : x + tw] for y, x in plan.origins()])
         if sigma > 0 and self.preset.vae != "rgb":
             vp = self.preset.latent_noise == "vp"
@@ -189,7 +199,7 @@ class DiffuseStage:
         lq, ys, sigmas, noises, spans = [], [], [], [], []
         start = 0
         for it in items:
-            if tuple(it.latent.shape[1:]) != it.plan.lat_hw:
+            if tuple(it.latent.shape[1:]) != it.plan.lat_hw and not self.preset.global_latent:
                 raise ValueError(f"latent {tuple(it.latent.shape[1:])} does not match the tile plan {it.plan.lat_hw}")
             lq.append(self._lq_tiles(it.latent.float(), it.plan, it.seed, it.sigma))
             n = it.plan.n_tiles

@@ -18,7 +18,7 @@ def plan_for(preset, options: UpscaleOptions, in_hw) -> TilePlan:
     cfg = preset.config
     return plan_tiles(
         tuple(in_hw),
-        unit=1 if preset.vae == "rgb" else cfg.latent_spatial_down_factor,
+        unit=preset.lq_unit,
         sr_scale=cfg.sr_scale,
         patch=cfg.patch_size,
         tile_out=options.tile or preset.envelope[1],

@@ -50,6 +50,10 @@ class JobConfig:
     verbose: bool = False  # let Ray's own start-up and worker messages through to the terminal
     concurrency: dict[str, int] = field(default_factory=dict)  # stage name -> actors (model stages)
     progress: bool = True
+    workflow: str = "upscale"  # or "decode": SRC holds latent files (pidray decode)
+    latent_format: str | None = None  # decode: what the latents are (flux, zimage, sd3, sdxl, flux2, qwenimage)
+    out_size: tuple[int, int] | None = None  # decode: an explicit output size (H, W) instead of latent × factors
+    sigma: float | None = None  # decode: the latents are captured x_t at this scheduler sigma
 
 
 @dataclass
@@ -126,7 +130,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _graph(cfg: JobConfig, plan: Plan) -> StageGraph:
-    return StageGraph(cfg.model, cfg.options).with_io(plan.src, plan.dst)
+    return StageGraph(cfg.model, cfg.options, cfg.workflow, cfg.latent_format).with_io(plan.src, plan.dst)
 
 
 def _iter_local(cfg: JobConfig, plan: Plan, rows: list[dict]) -> Iterator[dict]:
@@ -187,10 +191,19 @@ def preflight(cfg: JobConfig) -> None:
     from pipeline.model.presets import get_preset
     from pipeline.runtime import check_device, check_encoder, net_path
     from pipeline.stages.encode import plan_for
-    from pipeline.weights import WeightsNotFound
+    from pipeline.weights import WeightsNotFound, resolve
 
     preset = get_preset(cfg.model.preset)
-    check_encoder(preset)  # "not implemented" before asking for weights the preset cannot use anyway
+    decode = cfg.workflow == "decode"
+    if decode:  # latents replace the LQ encoder: the preset must take them, in the format named
+        from pipeline.latents import check_format
+
+        if preset.vae == "rgb" or preset.global_latent:
+            raise SetupError(f"preset {preset.name!r} has no latent decoder ({preset.vae} conditioning): pidray decode "
+                             "takes a VAE preset (flux-2k, sd3-2k, sdxl-2kto4k, flux2-2k, qwenimage-2kto4k-v1.5, ...)")
+        check_format(cfg.latent_format, preset)
+    else:
+        check_encoder(preset)  # "not implemented" before asking for weights the preset cannot use anyway
     side = preset.envelope[1] * 3 // max(1, preset.scale)  # an input that needs several tiles checks --overlap
     plan_for(preset, replace(cfg.options, max_output_side=1 << 30), (side, side))
     if cfg.local or not os.environ.get("RAY_ADDRESS"):  # a remote cluster's workers have their own devices
@@ -200,6 +213,9 @@ def preflight(cfg: JobConfig) -> None:
         Location(cfg.dst, cfg.s3).check_writable()
     missing = []  # everything the preset needs that is not here, said at once: the network + VAE, the captioner
     try:
+        if not decode and not preset.bundled and not str(cfg.model.weights or "").endswith((".safetensors", ".pth")):
+            # the network and the LQ encoder's files, all missing ones at once (a decode job needs no encoder)
+            resolve(preset, cfg.model.weights, allow_download=cfg.model.allow_download)
         path = net_path(cfg.model)
         if not os.path.isfile(path):
             missing.append(f"checkpoint not found: {path}")

@@ -12,6 +12,7 @@ The rules that keep user data safe live here:
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pathlib import PurePosixPath
 from jobs.manifest import MANIFEST_NAME, load_manifest, manifest_row
 from pipeline.errors import SetupError
 from pipeline.imageio import EXTENSIONS, FORMATS, probe
+from pipeline.latents import LATENT_EXTENSIONS, header_ids, is_latent_key, npz_ids
 from pipeline.noise import file_seed
 from pipeline.stages.common import resolve
 from pipeline.storage import Entry, Location, display, key_problem
@@ -95,13 +97,55 @@ def _row(entry: Entry, status: str, cfg, **kw) -> dict:
     return manifest_row({"key": entry.key, "status": status, "in_bytes": entry.size, **kw}, cfg.model.preset)
 
 
+def _batch_name(key: str, latent_id: str) -> str:
+    """The name an output of one latent of a batch file is made from: the file's stem, then the id made safe for a
+    file name (`a.npz` id `x/y` -> `a.x_y`); `output_stems` then makes every name in the job unique."""
+    p = PurePosixPath(key)
+    safe = re.sub(r"[^\w.-]+", "_", latent_id).strip("._")[:80] or "latent"
+    parent = "" if str(p.parent) == "." else f"{p.parent}/"
+    return f"{parent}{p.stem}.{safe}.latent"
+
+
+def _latent_inputs(src: Location, entries: list[Entry]):
+    """([(entry, key, latent id)], [(entry, reason)]): the latents of each file, read from the safetensors header
+    alone (a ranged read), from an .npz's member names, or one per .npy; a file whose latents cannot be listed is
+    refused with the reason, and the job goes on."""
+
+    def ids(e: Entry) -> list[str]:
+        name = e.key.lower()
+        if name.endswith(".npz"):
+            return npz_ids(src.read(e.key))
+        if name.endswith(".safetensors"):
+            got = header_ids(e.key, src.read(e.key, 1 << 16))
+            return got if got is not None else header_ids(e.key, src.read(e.key))
+        return [""]
+
+    def one(e: Entry):
+        try:
+            return e, ids(e), None
+        except Exception as err:
+            return e, None, str(err)
+
+    inputs, bad = [], []
+    with ThreadPoolExecutor(8) as pool:
+        for e, got, why in pool.map(one, entries):
+            if why is not None:
+                bad.append((e, why))
+            else:
+                inputs += [(e, f"{e.key}#{i}" if i else e.key, i) for i in got]
+    return inputs, bad
+
+
 def plan_job(cfg) -> Plan:
     """List SRC, name every output, apply --resume; nothing is read or written beyond listings."""
     src, dst, single = locations(cfg)
     plan = Plan(src, dst, single=single)
-    listed = [single] if single is not None else src.list(exclude=dst, hidden=cfg.include_hidden)
+    decode = getattr(cfg, "workflow", "upscale") == "decode"
+    accept = is_latent_key if decode else None
+    listed = [single] if single is not None else src.list(exclude=dst, hidden=cfg.include_hidden, accept=accept)
     if not listed:
-        raise SetupError(f"no images found under {cfg.src} (looked for {', '.join(sorted(set(FORMATS)))})")
+        looked = ", ".join(LATENT_EXTENSIONS) if decode else ", ".join(sorted(set(FORMATS)))
+        raise SetupError(f"no {'latent files' if decode else 'images'} found under {cfg.src} (looked for {looked})")
     in_place_outputs = set()
     if cfg.in_place:  # earlier outputs sit beside the inputs: they are not inputs
         in_place_outputs = {e.key for e in listed if PurePosixPath(e.key).stem.endswith(cfg.suffix)}
@@ -114,25 +158,36 @@ def plan_job(cfg) -> Plan:
             plan.skipped.append(_row(e, "skipped", cfg, error=reason, error_kind="skipped"))
     overlap = (not src.is_s3 and not dst.is_s3) or src.below(dst) or dst.below(src)  # local: links can overlap too
     protected = {src.identity(e.key) for e in listed if e.key not in in_place_outputs} if overlap else set()
-    stems = output_stems([e.key for e in candidates], cfg.suffix)
+    # (entry, input key, latent id): one per image, or one per latent of a latent file (a batch file: several)
+    inputs = [(e, e.key, "") for e in candidates]
+    if decode:
+        inputs, unreadable = _latent_inputs(src, candidates)
+        plan.rejected += [_row(e, "failed", cfg, error=f"plan: {why}", error_kind="bad_input") for e, why in unreadable]
+    names = {k: (_batch_name(e.key, i) if i else e.key) for e, k, i in inputs}
+    stems = output_stems(list(names.values()), cfg.suffix)
     existing, previous = _existing_outputs(cfg, dst)
     unknown = []  # (row, input key, output key) of outputs found by --resume whose sizes are not on record
-    for e in candidates:
-        seed = file_seed(cfg.options.seed, e.key)
-        row = {"key": e.key, "seed": seed, "in_bytes": e.size, "output_stem": stems[e.key]}
+    for e, key, latent_id in inputs:
+        seed = file_seed(cfg.options.seed, key)
+        stem = stems[names[key]]
+        row = {"key": key, "seed": seed, "in_bytes": e.size, "output_stem": stem}
+        if latent_id:
+            row.update(src_key=e.key, latent_id=latent_id)
+        if decode:
+            row.update({k: v for k, v in (("out_size", cfg.out_size), ("sigma", cfg.sigma)) if v is not None})
         if e.note:
             row["notes"] = [e.note]
-        if e.key in cfg.captions:
-            row["caption"] = cfg.captions[e.key]
+        if key in cfg.captions:
+            row["caption"] = cfg.captions[key]
         row["opts"] = resolve(cfg.options, row)  # the row's options, once, where it enters the job
-        reason = _refusal(e, stems[e.key], cfg, dst, protected)
+        reason = _refusal(e, stem, cfg, dst, protected)
         if reason:
-            plan.rejected.append(_row(e, "failed", cfg, error=f"plan: {reason[1]}", error_kind=reason[0]))
+            plan.rejected.append(_row(e, "failed", cfg, key=key, error=f"plan: {reason[1]}", error_kind=reason[0]))
             continue
-        hit = next((c for c in output_candidates(stems[e.key], cfg.options.format) if c in existing), None)
+        hit = next((c for c in output_candidates(stem, cfg.options.format) if c in existing), None)
         if hit:
-            prev = previous.get(e.key)
-            base = prev if prev and prev.get("status") == "ok" else _row(e, "skipped", cfg, seed=row["seed"])
+            prev = previous.get(key)
+            base = prev if prev and prev.get("status") == "ok" else _row(e, "skipped", cfg, key=key, seed=row["seed"])
             done = {**base, "status": "skipped", "error": "", "error_kind": "", "output_key": display(hit)}
             plan.skipped.append(done)
             if done["out_h"] < 0:

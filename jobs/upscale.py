@@ -65,13 +65,47 @@ def suffix_arg(text: str) -> str:
     return text
 
 
+def size_arg(text: str) -> tuple[int, int]:
+    """WxH -> (H, W)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 2048x1536, got {text!r}") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return h, w
+
+
 def add_upscale_parser(sub, parents=()) -> None:
     p = sub.add_parser("upscale", parents=list(parents),
                        help="upscale a file, a folder or an s3:// prefix into DST (same relative keys)")  # fmt: skip
     p.add_argument("src", help="file, folder or s3://bucket/prefix")
     p.add_argument("dst", help="folder or s3://bucket/prefix")
+    _job_arguments(p, default_preset="small")
+    p.set_defaults(fn=cmd_upscale, workflow="upscale")
+
+
+def add_decode_parser(sub, parents=()) -> None:
+    from pipeline.latents import FORMATS
+
+    p = sub.add_parser("decode", parents=list(parents),
+                       help="decode latent files (.safetensors/.npy/.npz: a generator's latents) with PiD into DST")
+    p.add_argument("src", help="latent file, folder or s3://bucket/prefix")
+    p.add_argument("dst", help="folder or s3://bucket/prefix")
+    d = p.add_argument_group("latents")
+    d.add_argument("--latent-format", default=None, choices=sorted(FORMATS),
+                   help="what the files hold (default: the file's metadata, else the preset's VAE)")
+    d.add_argument("--size", type=size_arg, default=None,
+                   help="output WIDTHxHEIGHT (default: latent size x the VAE factor x the preset's scale)")
+    d.add_argument("--sigma", type=float, default=None,
+                   help="the latents are x_t captured at this scheduler sigma (default: the file's, else clean)")
+    _job_arguments(p, default_preset="flux-2k")
+    p.set_defaults(fn=cmd_upscale, workflow="decode")  # fmt: skip
+
+
+def _job_arguments(p, default_preset: str) -> None:
     m = p.add_argument_group("model")
-    m.add_argument("-m", "--model", "--preset", dest="preset", default="small", help="preset (pidray presets)")
+    m.add_argument("-m", "--model", "--preset", dest="preset", default=default_preset, help="preset (pidray presets)")
     m.add_argument("--weights", default=None, help="hub-layout weights folder, or a checkpoint file")
     m.add_argument("--text-encoder", default=None, help="local Gemma-2-2B-it folder (released presets)")
     m.add_argument("--allow-download", action="store_true", help="download released weights (NVIDIA licence)")
@@ -123,7 +157,6 @@ def add_upscale_parser(sub, parents=()) -> None:
     j.add_argument("--s3-profile", default=None)
     j.add_argument("--s3-retry-mode", default="standard", choices=["legacy", "standard", "adaptive"])
     j.add_argument("--no-progress", action="store_true")
-    p.set_defaults(fn=cmd_upscale)
 
 
 def config_from_args(args) -> JobConfig:
@@ -144,7 +177,9 @@ def config_from_args(args) -> JobConfig:
         include_hidden=args.include_hidden, captions=read_captions(args.captions) if args.captions else {},
         resume=args.resume, dry_run=args.dry_run, local=args.local,
         concurrency={k: v for k, v in (("encode", args.encode_actors), ("diffuse", args.diffuse_actors)) if v},
-        progress=not args.no_progress, verbose=args.verbose,
+        progress=not args.no_progress, verbose=args.verbose, workflow=getattr(args, "workflow", "upscale"),
+        latent_format=getattr(args, "latent_format", None), out_size=getattr(args, "size", None),
+        sigma=getattr(args, "sigma", None),
     )  # fmt: skip
 
 

@@ -128,11 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_args(p)
     p.set_defaults(fn=_cmd_doctor)
 
-    from jobs.upscale import add_upscale_parser
+    from jobs.upscale import add_decode_parser, add_upscale_parser
     from pidray.bench import add_bench_parser
     from serve.run import add_serve_parser
 
     add_upscale_parser(sub, parents=[common])
+    add_decode_parser(sub, parents=[common])
     add_bench_parser(sub)
     add_serve_parser(sub, parents=[common])
     return ap

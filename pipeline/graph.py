@@ -19,6 +19,7 @@ from pipeline.model.presets import get_preset
 from pipeline.runtime import ModelOptions, encode_bytes, pick_device, pick_dtype
 from pipeline.stages import DecodeStage, DiffuseStage, EncodeStage, MergeStage, ReadStage, WriteStage, run_stage
 from pipeline.stages.common import UpscaleOptions, resolve
+from pipeline.stages.latent import LatentStage
 from pipeline.stages.encode import plan_for
 
 
@@ -53,19 +54,43 @@ def hidden_gpu_env() -> dict:
     return {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
 
 
+WORKFLOWS = ("upscale", "decode")
+
+
 class StageGraph:
-    def __init__(self, model: ModelOptions | None = None, options: UpscaleOptions | None = None):
+    """workflow "upscale": image files -> PiD; "decode": latent files (a generator's latents, captured x_t) -> PiD,
+    the latent taking the VAE encoder's place (`latent_format` names what the files hold; None: the preset's)."""
+
+    def __init__(self, model: ModelOptions | None = None, options: UpscaleOptions | None = None,
+                 workflow: str = "upscale", latent_format: str | None = None):  # fmt: skip
+        if workflow not in WORKFLOWS:
+            raise ValueError(f"workflow must be one of {WORKFLOWS}, got {workflow!r}")
         self.model = model or ModelOptions()
         self.options = options or UpscaleOptions()
         self.preset = get_preset(self.model.preset)
+        self.workflow = workflow
         m, o = dataclasses.asdict(self.model), self.options.to_dict()
         latent_vae = self.preset.vae != "rgb"
         # On a GPU cluster each GPU hosts one actor of every GPU stage: the shares of one GPU add up to 1.
         vae_share = 0.25 if latent_vae else 0.0
+        if workflow == "decode":  # no VAE: the encode stage only plans and embeds the caption
+            captioned = self.preset.text_encoder != "none"
+            vae_share = 0.1 if captioned else 0.0
+            first = [
+                StageSpec("latent", LatentStage, {"preset": self.model.preset, "latent_format": latent_format,
+                                                  "options": o}, False, False),
+                StageSpec("encode", EncodeStage, {"model": m, "options": o, "gpu_share": vae_share or 1.0,
+                                                  "lq": False}, captioned, captioned, batch_rows=8,
+                          gpu_share=vae_share),
+            ]
+        else:
+            first = [
+                StageSpec("decode", DecodeStage, {"max_pixels": self.options.max_pixels}, False, False),
+                StageSpec("encode", EncodeStage, {"model": m, "options": o, "gpu_share": vae_share or 1.0},
+                          latent_vae, latent_vae, batch_rows=8, gpu_share=vae_share),
+            ]
         self.stages = [
-            StageSpec("decode", DecodeStage, {"max_pixels": self.options.max_pixels}, False, False),
-            StageSpec("encode", EncodeStage, {"model": m, "options": o, "gpu_share": vae_share or 1.0}, latent_vae,
-                      latent_vae, batch_rows=8, gpu_share=vae_share),
+            *first,
             StageSpec("diffuse", DiffuseStage, {"model": m, "options": o, "gpu_share": 1.0 - vae_share}, True, True,
                       batch_rows=16, gpu_share=1.0 - vae_share),
             StageSpec("merge", MergeStage, {"options": o}, False, False),

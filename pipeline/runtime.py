@@ -81,7 +81,8 @@ def net_path(opts: ModelOptions) -> str:
     """The network checkpoint: `weights` itself when it names a file, else resolved from the preset."""
     if opts.weights and str(opts.weights).endswith((".safetensors", ".pth")):
         return str(opts.weights)
-    return str(resolve(get_preset(opts.preset), opts.weights, allow_download=opts.allow_download)["net"])
+    preset = get_preset(opts.preset)
+    return str(resolve(preset, opts.weights, allow_download=opts.allow_download, only=("net",))["net"])
 
 
 def load_net(opts: ModelOptions) -> tuple[Preset, PidNet]:

@@ -206,15 +206,18 @@ class Location:
         return None
 
     # ------------------------------------------------------------------ listing
-    def list(self, images_only: bool = True, exclude: Location | None = None, hidden: bool = False) -> list[Entry]:
+    def list(self, images_only: bool = True, exclude: Location | None = None, hidden: bool = False,
+             accept=None) -> list[Entry]:  # fmt: skip
         """Every file below the location (sorted by key), leaving out `exclude` when it lies inside.
 
         Hidden files (a path segment starting with '.') and symbolic links (unless followed) are listed with a
-        `skip` reason, so a caller can record them rather than drop them silently.
+        `skip` reason, so a caller can record them rather than drop them silently. accept: which keys are inputs
+        (default: images; latent files for `pidray decode`).
         """
         out = self._list_s3(exclude) if self.is_s3 else self._list_local(exclude)
+        accept = accept or is_image_key
         if images_only:  # an unreadable folder stays listed: it is reported, not silently left out
-            out = [e for e in out if (is_image_key(e.key) and not e.key.startswith(RESERVED_PREFIX)) or e.folder]
+            out = [e for e in out if (accept(e.key) and not e.key.startswith(RESERVED_PREFIX)) or e.folder]
         for e in out if not hidden else ():
             if not e.skip and is_hidden(e.key):
                 e.skip = "hidden file (a name in its path starts with '.'); --include-hidden processes it"

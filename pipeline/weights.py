@@ -29,10 +29,17 @@ def _wanted(preset: Preset) -> dict[str, WeightFile]:
     return {"net": WeightFile("net", preset.checkpoint), **{f.role: f for f in preset.weight_files()}}
 
 
+def _path(root: Path | None, f: WeightFile) -> Path | None:
+    """Where `f` is: an absolute path as it is (a preset file may name its checkpoint), else under the root."""
+    if Path(f.local).is_absolute():
+        return Path(f.local)
+    return root / f.local if root is not None else None
+
+
 def _present(root: Path | None, f: WeightFile) -> bool:
-    if root is None:
+    path = _path(root, f)
+    if path is None:
         return False
-    path = root / f.local
     return all((path / name).is_file() for name in f.files) if f.files else path.is_file()
 
 
@@ -64,7 +71,9 @@ def download_command(f: WeightFile) -> str:
     return f"hf download {f.repo} --local-dir DIR --include \"{f.local}\""
 
 
-def resolve(preset: Preset, root: str | Path | None = None, *, allow_download: bool | None = None) -> dict[str, Path]:
+def resolve(
+    preset: Preset, root: str | Path | None = None, *, allow_download: bool | None = None, only: tuple = ()
+) -> dict[str, Path]:
     """Local paths of everything the preset loads: {"net": ..., and per encoder file its role ("vae", "encoder",
     "stats")}. Missing files are downloaded only when allowed; otherwise one error lists every missing file with
     the command that gets it and the licence it comes under."""
@@ -77,8 +86,8 @@ def resolve(preset: Preset, root: str | Path | None = None, *, allow_download: b
     root = Path(root).expanduser().resolve() if root else None
     if allow_download is None:
         allow_download = os.environ.get(ENV_ALLOW_DOWNLOAD, "") in ("1", "true", "yes")
-    wanted = _wanted(preset)
-    found = {role: root / f.local for role, f in wanted.items() if _present(root, f)}
+    wanted = {r: f for r, f in _wanted(preset).items() if not only or r in only}  # only: the roles a use needs
+    found = {role: _path(root, f) for role, f in wanted.items() if _present(root, f)}
     missing = [f for role, f in wanted.items() if role not in found]
     if not missing:
         return found

@@ -37,6 +37,7 @@ from pipeline.model.presets import PRESETS, get_preset
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions, run_stage
 from pipeline.stages.common import resolve
+from pipeline.stages.latent import LatentStage
 from pipeline.stages.encode import plan_for
 from pipeline.tiling import TilePlan, check_output_side, target_size
 from serve.metrics import ServeMetrics
@@ -111,9 +112,12 @@ def _error(kind: str, message: str, headers: dict | None = None) -> JSONResponse
     return JSONResponse({"error": message, "kind": kind}, status_code=HTTP_STATUS[kind], headers=headers)
 
 
-def parse_params(params: dict, preset, options: UpscaleOptions, s3_configured: bool) -> dict:
+DECODE_PARAMS = ("latent_format", "id", "sigma", "size")  # /v1/decode only
+
+
+def parse_params(params: dict, preset, options: UpscaleOptions, s3_configured: bool, extra: tuple = ()) -> dict:
     """A request's parameters -> row overrides, validated by the job's own rules; BadParameter (422) otherwise."""
-    unknown = sorted(set(params) - set(ROW_PARAMS) - {"preset", "store", "timeout"})
+    unknown = sorted(set(params) - set(ROW_PARAMS) - {"preset", "store", "timeout"} - set(extra))
     if unknown:
         raise BadParameter(f"unknown parameter(s): {unknown}")
     if params.get("preset") and get_preset(params["preset"]).name != preset.name:
@@ -133,7 +137,38 @@ def parse_params(params: dict, preset, options: UpscaleOptions, s3_configured: b
     resolve(options, row)  # validated by the same rules as the job (the seed's range included), before any work
     if "format" in row:
         output_format(None, row["format"])
+    if params.get("id"):
+        row["latent_id"] = str(params["id"])
+    if params.get("sigma") not in (None, ""):
+        try:
+            row["sigma"] = float(params["sigma"])
+        except ValueError:
+            raise BadParameter(f"sigma must be a number, got {params['sigma']!r}") from None
+        if not 0.0 <= row["sigma"] < 1e3:
+            raise BadParameter(f"sigma must be >= 0, got {params['sigma']!r}")
+    if params.get("size"):
+        try:
+            w, h = (int(v) for v in str(params["size"]).lower().split("x"))
+        except ValueError:
+            raise BadParameter(f"size must be WIDTHxHEIGHT, got {params['size']!r}") from None
+        row["out_size"] = [h, w]
+    if params.get("latent_format"):
+        from pipeline.latents import check_format
+
+        check_format(params["latent_format"], preset)
+        row["latent_format"] = params["latent_format"]
     return row
+
+
+def latent_name(data: bytes) -> str:
+    """A file name for a latent body from its first bytes (safetensors, .npy, .npz), else a 400."""
+    if data[:6] == b"\x93NUMPY":
+        return "request.npy"
+    if data[:4] == b"PK\x03\x04":
+        return "request.npz"
+    if len(data) > 9 and data[8:9] == b"{":
+        return "request.safetensors"
+    raise Refused("bad_input", "the body is not a latent file (.safetensors, .npy or .npz)")
 
 
 @app.exception_handler(Exception)
@@ -155,6 +190,12 @@ class Ingress:
         # right here in the ingress replica, off the event loop, instead of costing a hop.
         graph = StageGraph(args.model_options(), UpscaleOptions.from_dict(args.options))
         self.chain = [(s.name, handles[s.name] if s.holds_model else s.build()) for s in graph.stages]
+        # /v1/decode: the same deployments from the encode stage on (the encode replica plans and embeds the caption
+        # of a given latent without its VAE); the latent stage runs here. Presets without a latent decoder: none.
+        self.decode_chain = None
+        if graph.preset.vae != "rgb" and not graph.preset.global_latent:
+            dg = StageGraph(args.model_options(), UpscaleOptions.from_dict(args.options), workflow="decode")
+            self.decode_chain = [(s.name, handles[s.name] if s.name in handles else s.build()) for s in dg.stages]
         self.probe_handle = handles[graph.model_stages()[-1].name]  # /healthz: the last model stage is loaded
         self.args, self.preset, self.options = args, graph.preset, graph.options
         self.max_bytes, self.timeout_s, self.body_timeout_s = args.max_bytes, args.timeout_s, args.body_timeout_s
@@ -208,15 +249,17 @@ class Ingress:
             body += chunk
         return body
 
-    async def _read_image(self, request: Request) -> tuple[bytes, dict]:
+    async def _read_image(self, request: Request, field: str = "image") -> tuple[bytes, dict]:
         ctype = request.headers.get("content-type", "").lower()
         body = await self._read_body(request)
         if not ctype.startswith("multipart/form-data"):
-            if not ctype.startswith(RAW_TYPES):
+            raw = RAW_TYPES if field == "image" else ("application/octet-stream",)
+            if not ctype.startswith(raw):
+                what = "image/* or application/octet-stream" if field == "image" else "application/octet-stream"
                 raise Refused(
                     "unsupported_media",
-                    f"Content-Type {ctype or '(none)'!r}: send the image as image/* or application/octet-stream, or "
-                    "as the multipart field 'image'",
+                    f"Content-Type {ctype or '(none)'!r}: send the {field} as {what}, or as the multipart field "
+                    f"'{field}'",
                 )
             return body, {}
         request._body = body  # Starlette parses the form from the bounded body we already hold
@@ -224,11 +267,11 @@ class Ingress:
             form = await request.form(max_files=1, max_fields=32)
         except Exception as e:  # malformed multipart: a 400 with our shape, not the framework's
             raise Refused("bad_input", f"malformed multipart body: {e}") from None
-        upload = form.get("image")
+        upload = form.get(field)
         if upload is None or isinstance(upload, str):
-            raise Refused("bad_input", "multipart request needs a file field named 'image'")
+            raise Refused("bad_input", f"multipart request needs a file field named '{field}'")
         data = await upload.read()
-        return data, {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
+        return data, {k: v for k, v in form.items() if k != field and isinstance(v, str)}
 
     def _timeout(self, params: dict) -> float:
         if params.get("timeout") in (None, ""):
@@ -255,9 +298,9 @@ class Ingress:
                 "fewer steps, or use the bulk job (pidray upscale)"
             )
 
-    async def _pipeline(self, row: dict) -> dict:
+    async def _pipeline(self, row: dict, chain=None) -> dict:
         """The row through the graph: local stages in a thread (a few at a time), model stages through handles."""
-        for name, target in self.chain:
+        for name, target in chain or self.chain:
             if isinstance(target, DeploymentHandle):
                 row = await target.remote(row)
             else:
@@ -270,13 +313,20 @@ class Ingress:
     # -------------------------------------------------------------------------------- routes
     @app.post("/v1/upscale")
     async def upscale(self, request: Request):
+        return await self._handle(self._upscale, request)
+
+    @app.post("/v1/decode")
+    async def decode(self, request: Request):
+        return await self._handle(self._decode, request)
+
+    async def _handle(self, fn, request: Request):
         t0 = time.perf_counter()
         status = 500
         self.in_flight += 1
         self.metrics.queue(self.in_flight)
         try:
             try:
-                resp = await self._upscale(request)
+                resp = await fn(request)
             except Exception as e:  # typed refusals and errors: status from the kind, message without a trace
                 kind = kind_of(e)
                 resp = _error(kind, str(e) if kind != "internal" else f"internal error: {type(e).__name__}")
@@ -314,6 +364,48 @@ class Ingress:
             row = await asyncio.wait_for(self._pipeline(row), timeout=timeout)
         except asyncio.TimeoutError:
             return _error("cancelled", f"upscale did not finish within {timeout:g}s; its work was stopped")
+        return await self._respond(row, params)
+
+    async def _decode(self, request: Request):
+        """A latent file in (raw application/octet-stream, or the multipart field 'latent'), the decoded image out."""
+        if not self._authorized(request):
+            return _error("unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+        self._check_site(request)
+        if self.decode_chain is None:
+            return _error("bad_parameter", f"preset {self.preset.name!r} has no latent decoder ({self.preset.vae} "
+                          "conditioning); serve a VAE preset to decode latents")  # fmt: skip
+        if self.in_flight > self.max_in_flight:
+            return _error("busy", f"the endpoint is busy ({self.max_in_flight} requests in progress); retry shortly",
+                          {"Retry-After": "2"})  # fmt: skip
+        try:
+            data, fields = await asyncio.wait_for(self._read_image(request, "latent"), timeout=self.body_timeout_s)
+        except asyncio.TimeoutError:
+            return _error("slow_client", f"the request body did not arrive within {self.body_timeout_s:g}s")
+        params = {**dict(request.query_params), **fields}
+        row = {"key": latent_name(bytes(data[:16])), "bytes": bytes(data),
+               **parse_params(params, self.preset, self.options, bool(self.output_s3), DECODE_PARAMS)}  # fmt: skip
+        row["opts"] = resolve(self.options, row)
+        timeout = self._timeout(params)
+        first, rest = self.decode_chain[0], self.decode_chain[1:]
+        if row.get("latent_format"):
+            first = (first[0], LatentStage(self.preset.name, row.pop("latent_format"), self.options))
+        async with self.local_slots:  # parse + check the latent here, before it costs any model time
+            row = (await asyncio.to_thread(run_stage, first[1], first[0], [row]))[0]
+        if row.get("status") == "failed":
+            return _error(row.get("error_kind") or "internal", row.get("error", "failed"))
+        size = row.get("out_size")
+        unit, sr = self.preset.lq_unit, self.preset.scale
+        lat = row["latent"]
+        in_hw = (int(size[0]) // sr, int(size[1]) // sr) if size else (lat.shape[1] * unit, lat.shape[2] * unit)
+        self._admit(in_hw, row)
+        row.update(request_id=uuid.uuid4().hex, deadline=time.time() + timeout)
+        try:
+            row = await asyncio.wait_for(self._pipeline(row, rest), timeout=timeout)
+        except asyncio.TimeoutError:
+            return _error("cancelled", f"decode did not finish within {timeout:g}s; its work was stopped")
+        return await self._respond(row, params)
+
+    async def _respond(self, row: dict, params: dict) -> Response:
         if row.get("status") != "ok":
             return _error(row.get("error_kind") or "internal", row.get("error", "failed"))
         headers = {

@@ -334,7 +334,7 @@ def test_f8_single_s3_object_as_src(s3_server, bicubic_weights, tmp_path):
     [(["--overlap", "1000"], "--overlap 1000 must be"), (["-t", "8"], "--tile"),
      (["--device", "bogus"], "unknown device"), (["--diffuse-actors", "0"], "must be at least 1"),
      (["--seed", str(2**64)], "2\\^63"),
-     (["-m", "dinov2-2k"], "dinov2-with-registers-base config.json model.safetensors")],
+     (["-m", "nope"], "unknown preset .nope.")],
 )  # fmt: skip
 def test_f8_bad_flags_are_refused_up_front(tmp_path, args, message):
     import re

@@ -203,7 +203,46 @@ PRESETS: dict[str, Preset] = {
 ALIASES = {"default": "small", "flux": "flux-2k", "sd3": "sd3-2k", "sdxl": "sdxl-2kto4k", "flux2": "flux2-2k"}
 
 
+def preset_from_dict(d: dict, where: str = "preset") -> Preset:
+    """A preset written as data (`Preset.describe()`'s shape): for your own checkpoints of these architectures — a
+    fine-tune, a tiny model for tests — without changing pidray. Unknown fields are refused."""
+    names = {f.name for f in dataclasses.fields(Preset)}
+    d = {k: v for k, v in d.items() if k != "scale"}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown preset field(s) {unknown}")
+    try:
+        cfg_fields = {f.name for f in dataclasses.fields(PidConfig)}
+        bad = sorted(set(d.get("config", {})) - cfg_fields)
+        if bad:
+            raise ValueError(f"unknown config field(s) {bad}")
+        kw = dict(d)
+        kw["config"] = PidConfig(**d["config"])
+        for k in ("envelope",):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        kw["encoder_files"] = tuple(WeightFile(**{**f, "files": tuple(f.get("files", ()))})
+                                    for f in kw.get("encoder_files", ()))  # fmt: skip
+        if "t2i" in kw:
+            kw["t2i"] = dict(kw["t2i"])
+        return Preset(**kw)
+    except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"{where}: not a valid preset ({e})") from None
+
+
 def get_preset(name: str) -> Preset:
+    """A named preset, or a preset file (`*.json`, `Preset.describe()`'s shape; its `checkpoint` a path or a file
+    name under --weights)."""
+    if str(name).endswith(".json"):
+        import json
+
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ValueError(f"preset file not found: {name}")
+        try:
+            return preset_from_dict(json.loads(path.read_text()), str(path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
     key = ALIASES.get(name, name)
     if key not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))} (aliases: {sorted(ALIASES)})")

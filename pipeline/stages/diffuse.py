@@ -54,6 +54,7 @@ class DiffuseItem:
     seed: int
     sigma: float  # degrade_sigma
     steps: int
+    noised: bool = False  # the latent is a captured x_t already at `sigma`: condition on it, add no noise
 
 
 class DiffuseStage:
@@ -145,11 +146,22 @@ class DiffuseStage:
             seed=o.seed,
             sigma=float(o.degrade_sigma),
             steps=o.steps,
+            noised=bool(row.get("noised")),
         )
 
     # ------------------------------------------------------------------ tensors
-    def _lq_tiles(self, latent: torch.Tensor, plan: TilePlan, seed: int, sigma: float) -> torch.Tensor:
+    def _lq_tiles(
+        self, latent: torch.Tensor, plan: TilePlan, seed: int, sigma: float, noised: bool = False
+    ) -> torch.Tensor:
         th, tw = plan.tile
+        if noised:  # a captured x_t: PiD conditions on it at its sigma as it is (the official from_ldm path)
+            sigma = 0.0
+        if tuple(latent.shape[1:]) != plan.lat_hw and not self.preset.global_latent:
+            # a latent decoded to an explicit output size: onto the plan's latent grid with the network's own rule
+            # (nearest when a latent pixel spans several patches, as in every released layout; else bilinear)
+            nearest = self.net.lq_proj.z_ratio > 1
+            latent = F.interpolate(latent[None], size=plan.lat_hw, mode="nearest" if nearest else "bilinear",
+                                   **({} if nearest else {"align_corners": False}))[0]  # fmt: skip
         if self.preset.global_latent:  # one grid for the whole image (DINOv2/SigLIP): the official order is
             # degrade noise on the grid itself (randn of its shape from the seeded generator), then the network's
             # nearest resize to the patch grid — here to the plan's canvas, one latent pixel per patch, so every
@@ -199,9 +211,7 @@ class DiffuseStage:
         lq, ys, sigmas, noises, spans = [], [], [], [], []
         start = 0
         for it in items:
-            if tuple(it.latent.shape[1:]) != it.plan.lat_hw and not self.preset.global_latent:
-                raise ValueError(f"latent {tuple(it.latent.shape[1:])} does not match the tile plan {it.plan.lat_hw}")
-            lq.append(self._lq_tiles(it.latent.float(), it.plan, it.seed, it.sigma))
+            lq.append(self._lq_tiles(it.latent.float(), it.plan, it.seed, it.sigma, it.noised))
             n = it.plan.n_tiles
             ys.append(it.y[None].expand(n, -1, -1))
             sigmas.append(torch.full((n,), float(it.sigma)))

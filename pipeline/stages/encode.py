@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from pipeline.errors import BadParameter
 from pipeline.runtime import ModelOptions, load_caption_encoder, load_lq_encoder, pick_device
 from pipeline.stages.common import UpscaleOptions, options_of
 from pipeline.stages.rows import DecodedRow, EncodedRow
@@ -29,14 +30,18 @@ def plan_for(preset, options: UpscaleOptions, in_hw) -> TilePlan:
 
 
 class EncodeStage:
+    """Decoded rows -> plan + LQ latent + caption embedding. With `lq=False` (the latent-decode workflow) the rows
+    bring their latent (`LatentStage`) and only the plan and the caption are made here: no LQ encoder is loaded."""
+
     def __init__(self, model: ModelOptions | dict | None = None, options: UpscaleOptions | dict | None = None,
-                 gpu_share: float = 1.0):  # fmt: skip
+                 gpu_share: float = 1.0, lq: bool = True):  # fmt: skip
         from pipeline.model.presets import get_preset
 
         self.model = model if isinstance(model, ModelOptions) else ModelOptions(**(model or {}))
         self.options = options if isinstance(options, UpscaleOptions) else UpscaleOptions(**(options or {}))
         self.preset = get_preset(self.model.preset)
-        self.encoder = load_lq_encoder(self.model, gpu_share)  # its memory budget: the graph's share of a GPU
+        # its memory budget: the graph's share of a GPU
+        self.encoder = load_lq_encoder(self.model, gpu_share) if lq else None
         self.captioner = load_caption_encoder(self.model)
         self.device = pick_device(self.model.device)
 
@@ -55,6 +60,9 @@ class EncodeStage:
         out = []
         for row in rows:
             row = dict(row)
+            if "latent" in row:  # a given latent (pidray decode): its plan, padded to it
+                out.append(self._given_latent(row))
+                continue
             img = row.pop("image")
             o = options_of(row, self.options)
             plan = plan_for(self.preset, o, img.size)
@@ -66,6 +74,34 @@ class EncodeStage:
             row["src"] = dataclasses.replace(img, rgb=img.rgb[:0, :0])
             out.append(row)
         captions = [options_of(r, self.options).caption for r in out]
+        if not captions:
+            return out
         for row, emb in zip(out, self.captioner.encode(captions)):
             row["caption_emb"] = emb.float().numpy()
         return out
+
+    def _given_latent(self, row: dict) -> dict:
+        """The tile plan of a given latent: the output it stands for (latent × the VAE factor × scale), or an explicit
+        `out_size`; the latent padded (reflected) to the plan's canvas like an image, or, for an explicit size, left
+        as it is for the diffuse stage to align with the network's rule."""
+        lat = row["latent"]
+        o = options_of(row, self.options)
+        unit, sr = self.preset.lq_unit, self.preset.scale
+        size = row.get("out_size")
+        if size:
+            if int(size[0]) % sr or int(size[1]) % sr or min(size) < sr:
+                raise BadParameter(f"output size {size[1]}x{size[0]} must be positive multiples of the preset's scale "
+                                   f"{sr}")  # fmt: skip
+            in_hw = (int(size[0]) // sr, int(size[1]) // sr)
+        else:
+            in_hw = (lat.shape[1] * unit, lat.shape[2] * unit)
+        plan = plan_for(self.preset, o, in_hw)
+        check_output_side(target_size(plan.in_hw, plan.sr_scale, o.scale), o.max_output_side)
+        if not size and tuple(lat.shape[1:]) != plan.lat_hw:
+            ph, pw = plan.lat_hw[0] - lat.shape[1], plan.lat_hw[1] - lat.shape[2]
+            mode = "reflect" if ph < lat.shape[1] and pw < lat.shape[2] else "symmetric"
+            lat = np.pad(lat, ((0, 0), (0, ph), (0, pw)), mode=mode)
+        row["latent"] = np.ascontiguousarray(lat, dtype=np.float32)
+        row["plan"] = plan.to_dict()
+        row["in_hw"] = list(plan.in_hw)
+        return row

@@ -8,16 +8,23 @@ from pipeline.storage import Location
 
 
 class ReadStage:
-    """row["key"] -> row["bytes"] from SRC."""
+    """row["key"] (or `src_key`: the file of one latent of a batch file) -> row["bytes"] from SRC. The last file
+    read is kept, so the rows of one batch file, which travel together, read it once."""
 
     def __init__(self, src: Location):
         self.src = src
+        self._last: tuple[str, bytes] | None = None
 
     def process(self, row: ReadRow) -> ReadRow:
-        try:
-            data = self.src.read(row["key"])
-        except Exception as e:  # missing object, permissions, a file swapped for a link, network after retries
-            raise BadInput(f"{type(e).__name__}: {e}") from e
+        key = row.get("src_key") or row["key"]
+        if self._last is not None and self._last[0] == key:
+            data = self._last[1]
+        else:
+            try:
+                data = self.src.read(key)
+            except Exception as e:  # missing object, permissions, a file swapped for a link, network after retries
+                raise BadInput(f"{type(e).__name__}: {e}") from e
+            self._last = (key, data) if row.get("src_key") else None
         return {**row, "bytes": data, "in_bytes": len(data)}
 
 

@@ -54,6 +54,8 @@ class JobConfig:
     latent_format: str | None = None  # decode: what the latents are (flux, zimage, sd3, sdxl, flux2, qwenimage)
     out_size: tuple[int, int] | None = None  # decode: an explicit output size (H, W) instead of latent × factors
     sigma: float | None = None  # decode: the latents are captured x_t at this scheduler sigma
+    gen: dict = field(default_factory=dict)  # generate: GenerateOptions fields (SRC is a prompt file)
+    upscale: ModelOptions | None = None  # generate: upscale each image with this PiD model
 
 
 @dataclass
@@ -130,7 +132,9 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _graph(cfg: JobConfig, plan: Plan) -> StageGraph:
-    return StageGraph(cfg.model, cfg.options, cfg.workflow, cfg.latent_format).with_io(plan.src, plan.dst)
+    src = None if cfg.workflow == "generate" else plan.src  # prompts enter as rows: nothing to read
+    graph = StageGraph(cfg.model, cfg.options, cfg.workflow, cfg.latent_format, gen=cfg.gen, upscale=cfg.upscale)
+    return graph.with_io(src, plan.dst)
 
 
 def _iter_local(cfg: JobConfig, plan: Plan, rows: list[dict]) -> Iterator[dict]:
@@ -195,6 +199,11 @@ def preflight(cfg: JobConfig) -> None:
 
     preset = get_preset(cfg.model.preset)
     decode = cfg.workflow == "decode"
+    if cfg.workflow == "generate":
+        _preflight_generate(cfg, preset)
+        return
+    if preset.task != "upscale":
+        raise SetupError(f"preset {preset.name!r} is a text-to-image model: use pidray generate")
     if decode:  # latents replace the LQ encoder: the preset must take them, in the format named
         from pipeline.latents import check_format
 
@@ -221,6 +230,40 @@ def preflight(cfg: JobConfig) -> None:
             missing.append(f"checkpoint not found: {path}")
     except WeightsNotFound as e:
         missing.append(str(e))
+    if preset.text_encoder != "none" and not cfg.model.text_encoder and not cfg.model.allow_download:
+        missing.append(
+            f"preset {preset.name!r} needs the Gemma-2-2B-it caption encoder: get it with `hf download "
+            "Efficient-Large-Model/gemma-2-2b-it --local-dir DIR` (Gemma's own terms apply) and pass "
+            "--text-encoder DIR, or --allow-download"
+        )
+    if missing:
+        head = f"{len(missing)} things are missing: " if len(missing) > 1 else ""
+        raise SetupError(head + " AND ".join(f"({i}) {m}" if len(missing) > 1 else m for i, m in enumerate(missing, 1)))
+
+
+def _preflight_generate(cfg: JobConfig, preset) -> None:
+    """A prompt job: the preset generates, its (and the upscaler's) weights and caption encoder are here, DST is
+    writable — each missing thing said at once."""
+    from pipeline.runtime import check_device, net_path
+    from pipeline.t2i import GenerateOptions
+    from pipeline.weights import WeightsNotFound
+
+    if preset.task != "t2i":
+        raise SetupError(f"preset {preset.name!r} does not generate images: pidray generate takes pixeldit-2k (or a "
+                         "preset file with task 't2i')")  # fmt: skip
+    GenerateOptions.from_dict(cfg.gen).resolved(preset)  # size, steps, ... fit the preset
+    if cfg.local or not os.environ.get("RAY_ADDRESS"):
+        check_device(cfg.model.device)
+    if not cfg.dry_run:
+        Location(cfg.dst, cfg.s3).check_writable()
+    missing = []
+    for model in [cfg.model] + ([cfg.upscale] if cfg.upscale else []):
+        try:
+            path = net_path(model)
+            if not os.path.isfile(path):
+                missing.append(f"checkpoint not found: {path}")
+        except WeightsNotFound as e:
+            missing.append(str(e))
     if preset.text_encoder != "none" and not cfg.model.text_encoder and not cfg.model.allow_download:
         missing.append(
             f"preset {preset.name!r} needs the Gemma-2-2B-it caption encoder: get it with `hf download "

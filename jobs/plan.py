@@ -138,6 +138,8 @@ def _latent_inputs(src: Location, entries: list[Entry]):
 
 def plan_job(cfg) -> Plan:
     """List SRC, name every output, apply --resume; nothing is read or written beyond listings."""
+    if getattr(cfg, "workflow", "upscale") == "generate":
+        return _plan_prompts(cfg)
     src, dst, single = locations(cfg)
     plan = Plan(src, dst, single=single)
     decode = getattr(cfg, "workflow", "upscale") == "decode"
@@ -239,3 +241,123 @@ def _fill_sizes(items: list[tuple[dict, str, str]], src: Location, dst: Location
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(fill, items))
+
+
+# ------------------------------------------------------------------------------------------------ prompt files
+PROMPT_FIELDS = ("prompt", "seed", "size", "steps", "shift", "cfg_scale", "negative_prompt", "name")
+MAX_PROMPTS = 1_000_000
+
+
+def read_prompts(name: str, text: str) -> list[tuple[int, dict | str]]:
+    """(line number, fields) per prompt, or (line number, reason) for a line that cannot be one. Text: one prompt a
+    line; CSV: a `prompt` column (+ seed, size, steps, shift, cfg_scale, negative_prompt, name); JSONL: objects with
+    those keys."""
+    import csv
+    import io
+    import json
+
+    ext = PurePosixPath(name).suffix.lower()
+    out: list[tuple[int, dict | str]] = []
+    if ext in (".jsonl", ".json"):
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError as e:
+                out.append((n, f"not JSON ({e})"))
+                continue
+            if not isinstance(item, dict):
+                out.append((n, "expected a JSON object with a prompt"))
+                continue
+            unknown = sorted(set(item) - set(PROMPT_FIELDS))
+            out.append((n, f"unknown field(s) {unknown}" if unknown else item))
+    elif ext == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or "prompt" not in reader.fieldnames:
+            raise SetupError(f"{name}: a CSV prompt file needs a 'prompt' column; got {reader.fieldnames}")
+        unknown = sorted(set(reader.fieldnames) - set(PROMPT_FIELDS))
+        if unknown:
+            raise SetupError(f"{name}: unknown CSV column(s) {unknown}; known: {', '.join(PROMPT_FIELDS)}")
+        for n, r in enumerate(reader, 2):
+            out.append((n, {k: v for k, v in r.items() if v not in (None, "")}))
+    else:
+        out = [(n, {"prompt": line.strip()}) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if len(out) > MAX_PROMPTS:
+        raise SetupError(f"{name}: {len(out):,} prompts, over the limit of {MAX_PROMPTS:,} per job")
+    return out
+
+
+def _gen_fields(item: dict) -> dict:
+    """A prompt line's settings as GenerateOptions fields (size 'WxH' -> (H, W)); ValueError when malformed."""
+    gen = {}
+    for k in ("seed", "steps"):
+        if k in item:
+            gen[k] = int(item[k])
+    for k in ("shift", "cfg_scale"):
+        if k in item:
+            gen[k] = float(item[k])
+    if "negative_prompt" in item:
+        gen["negative_prompt"] = str(item["negative_prompt"])
+    if "size" in item:
+        size = item["size"]
+        w, h = (int(v) for v in (size.lower().split("x") if isinstance(size, str) else size))
+        gen["size"] = (h, w)
+    return gen
+
+
+def _plan_prompts(cfg) -> Plan:
+    from pipeline.model.presets import get_preset
+    from pipeline.t2i import GenerateOptions
+
+    src, dst, single = locations(cfg)
+    if single is None:
+        raise SetupError(f"{cfg.src}: pidray generate --prompts takes a prompt file (.txt, .csv or .jsonl)")
+    if single.size > 64 << 20:
+        raise SetupError(f"{cfg.src}: prompt file is {single.size:,} bytes, over the limit of {64 << 20:,}")
+    try:
+        text = src.read(single.key).decode("utf-8")
+    except UnicodeDecodeError:
+        raise SetupError(f"{cfg.src}: the prompt file is not UTF-8 text") from None
+    plan = Plan(src, dst, single=single)
+    preset = get_preset(cfg.model.preset)
+    base = GenerateOptions.from_dict(cfg.gen)
+    entries = read_prompts(single.key, text)
+    names = {}
+    for n, item in entries:
+        if isinstance(item, dict):
+            label = str(item.get("name") or item.get("prompt", ""))
+            slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:48] or "image"
+            names[n] = f"{n:06d}-{slug}" if not item.get("name") else re.sub(r"[^\w.-]+", "_", label)[:96]
+    stems = output_stems([f"{v}.prompt" for v in names.values()], cfg.suffix)
+    existing, previous = _existing_outputs(cfg, dst)
+    for n, item in entries:
+        key = f"{single.key}:{n}"
+        if isinstance(item, str):
+            plan.rejected.append(manifest_row({"key": key, "status": "failed", "error": f"plan: line {n}: {item}",
+                                               "error_kind": "bad_input"}, cfg.model.preset))  # fmt: skip
+            continue
+        try:
+            prompt = item.get("prompt")
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError("no prompt")
+            gen = _gen_fields(item)
+            gen.setdefault("seed", file_seed(base.seed, key))
+            GenerateOptions.from_dict({**base.to_dict(), **gen}).resolved(preset)
+        except (ValueError, TypeError) as e:
+            plan.rejected.append(manifest_row({"key": key, "status": "failed", "error": f"plan: line {n}: {e}",
+                                               "error_kind": "bad_parameter"}, cfg.model.preset))  # fmt: skip
+            continue
+        stem = stems[f"{names[n]}.prompt"]
+        row = {"key": key, "prompt": prompt, "gen": gen, "seed": gen["seed"], "output_stem": stem, "in_bytes": 0}
+        row["opts"] = resolve(cfg.options, {"seed": gen["seed"]})
+        hit = next((c for c in output_candidates(stem, cfg.options.format) if c in existing), None)
+        if hit:
+            prev = previous.get(key)
+            done = prev if prev and prev.get("status") == "ok" else manifest_row({**row, "status": "skipped"},
+                                                                                 cfg.model.preset)  # fmt: skip
+            plan.skipped.append({**done, "status": "skipped", "error": "", "error_kind": "",
+                                 "output_key": display(hit)})  # fmt: skip
+            continue
+        plan.todo.append(row)
+    return plan

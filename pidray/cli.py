@@ -6,13 +6,17 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def _cmd_golden(args) -> int:
     from pipeline.golden import verify
 
     worst = 0
-    for path in args.files:
+    files = []
+    for path in args.files:  # a folder: every fixture in it
+        files += sorted(str(f) for f in Path(path).glob("*.safetensors")) if Path(path).is_dir() else [path]
+    for path in files:
         rep = verify(path)
         print("\n".join(rep.lines()))
         worst = max(worst, 0 if rep.ok else 1)
@@ -23,10 +27,15 @@ def _cmd_presets(args) -> int:
     from pipeline.model.presets import ALIASES, PRESETS
     from pipeline.runtime import LQ_ENCODERS
 
-    print(f"{'preset':24s} {'variant':13s} scale  {'encoder':10s} latent_ch  images  checkpoint")
+    print(f"{'preset':24s} {'variant':13s} scale  {'encoder':10s} latent_ch  {'does':14s} checkpoint")
     for name, p in PRESETS.items():
-        works = "yes" if p.vae in LQ_ENCODERS else "no"  # "no": the encoder is not implemented yet
-        print(f"{name:24s} {p.variant:13s} x{p.scale}     {p.vae:10s} {p.latent_channels:<9d}  {works:6s}  "
+        if p.task == "t2i":
+            does = "text->image"
+        else:  # upscales images when its encoder is implemented; decodes latents when it takes a VAE latent
+            does = "+".join(w for w, ok in (("images", p.vae in LQ_ENCODERS),
+                                            ("latents", p.vae != "rgb" and not p.global_latent)) if ok) or "no"
+        scale = f"x{p.scale}" if p.task == "upscale" else "-"
+        print(f"{name:24s} {p.variant:13s} {scale:6s} {p.vae:10s} {p.latent_channels:<9d}  {does:14s} "
               f"{p.checkpoint}")  # fmt: skip
     print("aliases:", ", ".join(f"{a}->{b}" for a, b in ALIASES.items()))
     return 0
@@ -134,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_upscale_parser(sub, parents=[common])
     add_decode_parser(sub, parents=[common])
+    from jobs.generate import add_generate_parser
+
+    add_generate_parser(sub, parents=[common])
     add_bench_parser(sub)
     add_serve_parser(sub, parents=[common])
     return ap

@@ -130,7 +130,7 @@ def _check_vae(t: dict, meta: dict, rep: FixtureReport, device=None) -> None:
 def _check_t2i(t: dict, meta: dict, rep: FixtureReport, device=None) -> None:
     from pipeline.model.config import PidConfig
     from pipeline.model.loading import load_network, network_tensors
-    from pipeline.model.t2i_sampler import dpm_solver_pp
+    from pipeline.t2i import generate
 
     cfg = PidConfig.from_official(json.loads(meta["config"]), defaults="pixeldit_t2i")
     net = _on(device, load_network(cfg, network_tensors(t)))
@@ -145,20 +145,11 @@ def _check_t2i(t: dict, meta: dict, rep: FixtureReport, device=None) -> None:
     if odd or int(s.get("order", 0)) not in (1, 2) or float(meta.get("timescale", 1000.0)) != 1000.0:
         rep.checks.append(Check("expected.sample", None, f"sampler settings not supported: {odd or s}"))
         return
-    y, B = t["input.y"], t["input.y"].shape[0]
-    y_null = t["input.y_null"].expand(B, -1, -1)
-    cfg_scale = float(s.get("cfg_scale", 1.0))
-    y_in = y if cfg_scale == 1.0 else torch.cat([y_null, y])  # one batch [uncond; cond], as the official wrapper
-    with torch.inference_mode():
-        sample = dpm_solver_pp(
-            lambda x, tt: net(x, tt, y_in),
-            t["input.noise"],
-            steps=int(s["steps"]),
-            shift=float(s.get("flow_shift", 1.0)),
-            cfg_scale=cfg_scale,
-            order=int(s["order"]),
-        )
-    rep.checks.append(Check("expected.sample", _max_err(sample.clamp(-1, 1), t["expected.sample"])))
+    # the same call `pidray generate`, the job and /v1/generate make (pipeline/t2i.py)
+    sample = generate(net, t["input.y"], t["input.y_null"], t["input.noise"], steps=int(s["steps"]),
+                      shift=float(s.get("flow_shift", 1.0)), cfg_scale=float(s.get("cfg_scale", 1.0)),
+                      order=int(s["order"]))  # fmt: skip
+    rep.checks.append(Check("expected.sample", _max_err(sample, t["expected.sample"])))
 
 
 CHECKERS = {"pid": _check_pid, "flux_vae": _check_vae, "pixeldit_t2i": _check_t2i}

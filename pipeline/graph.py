@@ -54,21 +54,27 @@ def hidden_gpu_env() -> dict:
     return {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
 
 
-WORKFLOWS = ("upscale", "decode")
+WORKFLOWS = ("upscale", "decode", "generate")
 
 
 class StageGraph:
     """workflow "upscale": image files -> PiD; "decode": latent files (a generator's latents, captured x_t) -> PiD,
-    the latent taking the VAE encoder's place (`latent_format` names what the files hold; None: the preset's)."""
+    the latent taking the VAE encoder's place (`latent_format` names what the files hold; None: the preset's);
+    "generate": prompts -> PixelDiT (`model` is the text-to-image preset, `gen` its settings), then, when `upscale`
+    names a PiD model, that preset's encode and diffuse stages on the generated image."""
 
     def __init__(self, model: ModelOptions | None = None, options: UpscaleOptions | None = None,
-                 workflow: str = "upscale", latent_format: str | None = None):  # fmt: skip
+                 workflow: str = "upscale", latent_format: str | None = None, gen=None,
+                 upscale: ModelOptions | None = None):  # fmt: skip
         if workflow not in WORKFLOWS:
             raise ValueError(f"workflow must be one of {WORKFLOWS}, got {workflow!r}")
         self.model = model or ModelOptions()
         self.options = options or UpscaleOptions()
         self.preset = get_preset(self.model.preset)
         self.workflow = workflow
+        if workflow == "generate":
+            self._generate_stages(gen, upscale)
+            return
         m, o = dataclasses.asdict(self.model), self.options.to_dict()
         latent_vae = self.preset.vae != "rgb"
         # On a GPU cluster each GPU hosts one actor of every GPU stage: the shares of one GPU add up to 1.
@@ -96,6 +102,32 @@ class StageGraph:
             StageSpec("merge", MergeStage, {"options": o}, False, False),
         ]  # fmt: skip
 
+    def _generate_stages(self, gen, upscale: ModelOptions | None) -> None:
+        from pipeline.stages.generate import GenerateStage
+        from pipeline.t2i import GenerateOptions
+
+        gen = gen if isinstance(gen, GenerateOptions) else GenerateOptions.from_dict(gen or {})
+        g = {"model": dataclasses.asdict(self.model), "options": gen.to_dict(), "emit": "image" if upscale else "pixels"}
+        o = self.options.to_dict()
+        self.upscale = upscale
+        if upscale is None:
+            self.stages = [StageSpec("generate", GenerateStage, g, True, True, batch_rows=4, gpu_share=1.0),
+                           StageSpec("merge", MergeStage, {"options": o}, False, False)]  # fmt: skip
+            return
+        up = get_preset(upscale.preset)
+        if up.task != "upscale":
+            raise ValueError(f"--upscale takes a PiD preset, not {up.name!r}")
+        u = dataclasses.asdict(upscale)
+        vae = up.vae != "rgb"
+        self.stages = [
+            StageSpec("generate", GenerateStage, g, True, True, batch_rows=4, gpu_share=0.5),
+            StageSpec("encode", EncodeStage, {"model": u, "options": o, "gpu_share": 0.1 if vae else 1.0}, vae, vae,
+                      batch_rows=8, gpu_share=0.1 if vae else 0.0),
+            StageSpec("diffuse", DiffuseStage, {"model": u, "options": o, "gpu_share": 0.4}, True, True,
+                      batch_rows=16, gpu_share=0.4),
+            StageSpec("merge", MergeStage, {"options": o}, False, False),
+        ]  # fmt: skip
+
     def actors(self, gpus: int, requested: dict[str, int] | None = None) -> dict[str, int]:
         """Actors per model stage on a cluster with `gpus` GPUs: as requested, else one per GPU (one if none)."""
         requested = requested or {}
@@ -109,8 +141,8 @@ class StageGraph:
         """This graph with the bulk job's read (from `src`) and write (to `dst`) stages at its ends."""
         g = object.__new__(StageGraph)
         g.__dict__.update(self.__dict__)
-        g.stages = [StageSpec("read", ReadStage, {"src": src}, False, False), *self.stages,
-                    StageSpec("write", WriteStage, {"dst": dst}, False, False)]  # fmt: skip
+        read = [StageSpec("read", ReadStage, {"src": src}, False, False)] if src is not None else []  # prompts: none
+        g.stages = [*read, *self.stages, StageSpec("write", WriteStage, {"dst": dst}, False, False)]  # fmt: skip
         return g
 
     def __getitem__(self, name: str) -> StageSpec:

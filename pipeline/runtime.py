@@ -145,8 +145,8 @@ def load_lq_encoder(opts: ModelOptions, gpu_share: float = 1.0) -> LatentEncoder
 
 
 @functools.lru_cache(maxsize=4)
-def _gemma(path: str, allow_download: bool, device: str):
-    return CaptionEncoder.from_pretrained(path, local_only=not allow_download, device=device)
+def _gemma(path: str, allow_download: bool, device: str, max_length: int = 300):
+    return CaptionEncoder.from_pretrained(path, local_only=not allow_download, device=device, max_length=max_length)
 
 
 def load_caption_encoder(opts: ModelOptions):
@@ -156,4 +156,4 @@ def load_caption_encoder(opts: ModelOptions):
         return NullCaptionEncoder(cfg.txt_max_length, cfg.txt_embed_dim)
     from pipeline.encoders.text import HUB_ID
 
-    return _gemma(opts.text_encoder or HUB_ID, opts.allow_download, str(pick_device(opts.device)))
+    return _gemma(opts.text_encoder or HUB_ID, opts.allow_download, str(pick_device(opts.device)), cfg.txt_max_length)

@@ -96,3 +96,61 @@ def s3_server():
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+WORDS = "a cat sleeping on warm sunny windowsill busy city street dog red flowers the of and in".split()
+
+
+def make_tiny_gemma(d):
+    """A tiny random Gemma-2 with a small word-level tokenizer, saved like the hub's folder (the caption encoder's
+    real classes; nothing downloads). Hidden size 16."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import Gemma2Config, Gemma2Model, PreTrainedTokenizerFast
+
+    from pipeline.encoders.text import CHI_PROMPT
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for w in WORDS + sorted(set(CHI_PROMPT.replace("\n", " ").split())):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")  # fmt: skip
+    cfg = Gemma2Config(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+                       sliding_window=64, pad_token_id=0, bos_token_id=2, eos_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    model = Gemma2Model(cfg).eval()
+    fast.save_pretrained(d)
+    model.save_pretrained(d)
+    return d
+
+
+def make_tiny_t2i(d, cfg_scale: float = 3.0):
+    """A tiny random PixelDiT (PiD's network without its LQ branch) saved as our safetensors, and a preset file that
+    names it: task t2i, the tiny Gemma's width, 3 steps at 32x48 by default."""
+    import json
+
+    import torch
+
+    from pipeline.model.config import PidConfig
+    from pipeline.model.loading import save_safetensors
+    from pipeline.model.network import PidNet
+    from pipeline.model.presets import Preset
+
+    cfg = PidConfig(hidden_size=64, num_groups=4, pixel_hidden_size=8, pixel_attn_hidden_size=48, pixel_num_groups=4,
+                    patch_depth=3, pixel_depth=2, patch_size=16, txt_embed_dim=16, txt_max_length=12,
+                    rope_mode="original", lq_in_channels=0, lq_latent_channels=0, lq_interval=1)  # fmt: skip
+    torch.manual_seed(0)
+    net = PidNet(cfg)
+    with torch.no_grad():  # zero-initialised output layers would make every image the same
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_safetensors(net, d / "net.safetensors", cfg)
+    preset = Preset("tiny-t2i", cfg, str(d / "net.safetensors"), "none", "t2i", None, task="t2i", envelope=(32, 64),
+                    t2i={"steps": 3, "shift": 4.0, "cfg_scale": cfg_scale, "size": [32, 48],
+                         "negative_prompt": "blurry"})  # fmt: skip
+    (d / "preset.json").write_text(json.dumps(preset.describe()))
+    return d / "preset.json"

@@ -5,31 +5,14 @@ import torch
 
 from pipeline.encoders.text import CHI_PROMPT, CaptionEncoder
 
-WORDS = "a cat sleeping on warm sunny windowsill busy city street dog red flowers the of and in".split()
+from conftest import WORDS  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
 def gemma_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import Gemma2Config, Gemma2Model, PreTrainedTokenizerFast
+    from conftest import make_tiny_gemma
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
-    for w in WORDS + sorted(set(CHI_PROMPT.replace("\n", " ").split())):
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")  # fmt: skip
-    cfg = Gemma2Config(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
-                       sliding_window=64, pad_token_id=0, bos_token_id=2, eos_token_id=1)  # fmt: skip
-    torch.manual_seed(0)
-    model = Gemma2Model(cfg).eval()
-    d = tmp_path_factory.mktemp("gemma")
-    fast.save_pretrained(d)
-    model.save_pretrained(d)
-    return d
+    return make_tiny_gemma(tmp_path_factory.mktemp("gemma"))
 
 
 def test_loads_locally_and_keeps_bos_plus_last_tokens(gemma_dir):

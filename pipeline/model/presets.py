@@ -56,6 +56,9 @@ class Preset:
     tile_overlap: int = 5
     # Weights the encoder loads from repositories other than the network's (representation encoders).
     encoder_files: tuple[WeightFile, ...] = ()
+    # "upscale": PiD (an LQ input); "t2i": PixelDiT text-to-image, with its sampler defaults in `t2i`
+    task: str = "upscale"
+    t2i: dict = field(default_factory=dict)
 
     @property
     def global_latent(self) -> bool:
@@ -134,6 +137,12 @@ _VAE_ENCODERS = {
 }  # fmt: skip
 
 _APACHE = "Apache-2.0 (see the model card of {})"
+# PixelDiT's official inference defaults (`PixelDiTModelConfig`, the 2K fine-tune experiment's overrides)
+T2I_DEFAULTS = {
+    "steps": 50, "shift": 6.0, "cfg_scale": 2.75, "size": [2048, 2048],
+    "negative_prompt": "low quality, worst quality, over-saturated, three legs, six fingers, cartoon, anime, cgi, "
+                       "low res, blurry, deformed, distortion, duplicated limbs, plastic skin, jpeg artifacts, watermark",
+}  # fmt: skip
 # Where the official tokenizers load them from: the encoders from their hub ids, the RAE statistics from the RAE
 # release (`hf download nyu-visionx/RAE-collections`, kept at the official `checkpoints/rae/...` path).
 _RAE_FILES = {
@@ -184,6 +193,16 @@ PRESETS: dict[str, Preset] = {
                   "checkpoints/flux2_ae.safetensors", _4K),
         _released("qwenimage-2kto4k-v1.5", _V1PT5, "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_distill_4step",
                   "qwenimage", "2kto4k_v1pt5", "checkpoints/QwenImage_VAE_2d.pth", _4K),
+        # PixelDiT text-to-image, the 2K fine-tune released with PiD (PixDiT_T2I, `pixeldit_h1536_d14p2` with
+        # original RoPE; no LQ branch) and the official inference defaults of its experiment.
+        Preset(
+            "pixeldit-2k",
+            PidConfig(rope_mode="original", rope_ref_h=2048, rope_ref_w=2048, lq_in_channels=0, lq_latent_channels=0,
+                      lq_interval=1),
+            "checkpoints/PixelDiT_finetune_2kto4k/model_ema_bf16.pth", "none", "t2i", None, envelope=(1024, 3840),
+            task="t2i", t2i=dict(T2I_DEFAULTS), tile_overlap=0,
+            notes="PixelDiT 1.3B text-to-image (2K fine-tune); pair with --upscale PRESET for 4K",
+        ),
         # Our own model: conditioned on the LQ RGB image, no VAE, no caption encoder. Trained by jobs/train_small.py.
         Preset(
             "small",

@@ -1,0 +1,127 @@
+"""`pidray generate`: PixelDiT text-to-image, one prompt to a file or a prompt file to a folder (the bulk job), with
+an optional PiD upscale of each image."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from jobs.pipeline import JobConfig, run_job
+from jobs.upscale import seed_arg, size_arg
+from pipeline.errors import SetupError
+from pipeline.runtime import ModelOptions
+from pipeline.stages import UpscaleOptions
+from pipeline.storage import S3Settings
+
+
+def add_generate_parser(sub, parents=()) -> None:
+    p = sub.add_parser("generate", parents=list(parents),
+                       help="text-to-image with PixelDiT: PROMPT OUT_FILE, or --prompts FILE DST_FOLDER")  # fmt: skip
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (or use --prompts)")
+    p.add_argument("out", help="output file (one prompt) or folder / s3:// prefix (--prompts)")
+    p.add_argument("--prompts", default=None, help="prompt file: text (a prompt a line), CSV or JSONL with "
+                   "prompt, seed, size (WxH), steps, shift, cfg_scale, negative_prompt, name")  # fmt: skip
+    m = p.add_argument_group("model")
+    m.add_argument("-m", "--model", "--preset", dest="preset", default="pixeldit-2k", help="a text-to-image preset")
+    m.add_argument("--weights", default=None, help="hub-layout weights folder, or a checkpoint file")
+    m.add_argument("--text-encoder", default=None, help="local Gemma-2-2B-it folder")
+    m.add_argument("--allow-download", action="store_true", help="download released weights (NVIDIA licence)")
+    m.add_argument("--device", default="auto")
+    m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    g = p.add_argument_group("sampling (default: the preset's official settings)")
+    g.add_argument("--seed", type=seed_arg, default=0)
+    g.add_argument("--size", type=size_arg, default=None, help="WIDTHxHEIGHT, multiples of 16")
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--shift", type=float, default=None, help="flow shift")
+    g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (1: off)")
+    g.add_argument("--negative-prompt", default=None)
+    u = p.add_argument_group("upscale the result with PiD (the seed's recommended generate-then-upscale)")
+    u.add_argument("--upscale", default=None, metavar="PRESET", help="a PiD preset (e.g. flux-2kto4k-v1.5)")
+    u.add_argument("--upscale-weights", default=None, help="its weights folder (default: --weights)")
+    u.add_argument("--upscale-steps", type=int, default=4)
+    o = p.add_argument_group("output and job")
+    o.add_argument("-f", "--format", default="png", help="png, jpeg, webp, tiff")
+    o.add_argument("-q", "--quality", type=int, default=95)
+    run = o.add_mutually_exclusive_group()
+    run.add_argument("--local", dest="local", action="store_const", const=True, default=None)
+    run.add_argument("--ray", dest="local", action="store_const", const=False)
+    o.add_argument("--resume", action="store_true", help="skip prompts whose output is already there")
+    o.add_argument("--s3-endpoint", default=None)
+    o.add_argument("--s3-region", default=None)
+    o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--verbose", action="store_true")
+    p.set_defaults(fn=cmd_generate)
+
+
+def _config(args, src: str, dst: str) -> JobConfig:
+    gen = {k: v for k, v in (("seed", args.seed), ("size", args.size), ("steps", args.steps), ("shift", args.shift),
+                             ("cfg_scale", args.cfg_scale), ("negative_prompt", args.negative_prompt))
+           if v is not None}  # fmt: skip
+    from pipeline.t2i import GenerateOptions
+
+    GenerateOptions.from_dict(gen)  # ranges checked before anything starts
+    model = ModelOptions(args.preset, args.weights, args.text_encoder, args.allow_download, args.device, args.dtype)
+    up = None
+    if args.upscale:
+        up = ModelOptions(args.upscale, args.upscale_weights or args.weights, args.text_encoder, args.allow_download,
+                          args.device, args.dtype)  # fmt: skip
+    options = UpscaleOptions(steps=args.upscale_steps, seed=args.seed, format=args.format, quality=args.quality)
+    from pipeline.imageio import output_format
+
+    output_format(None, args.format)
+    return JobConfig(src=src, dst=dst, model=model, options=options, local=args.local, progress=not args.no_progress,
+                     verbose=args.verbose, resume=args.resume, workflow="generate", gen=gen, upscale=up,
+                     s3=S3Settings(args.s3_endpoint, args.s3_region))  # fmt: skip
+
+
+def cmd_generate(args) -> int:
+    if (args.prompt is None) == (args.prompts is None):
+        raise SetupError("give one PROMPT and an output file, or --prompts FILE and an output folder")
+    if args.prompts:
+        summary = run_job(_config(args, args.prompts, args.out))
+        for r in summary.rows:
+            if r["status"] == "failed":
+                print(f"failed  {r['key']}: {r['error']}", file=sys.stderr)
+        print(summary.line().replace("images/s", "prompts/s"))
+        if summary.interrupted:
+            return 128 + summary.interrupted
+        return 0 if summary.failed == 0 else 3
+    return _one(args)
+
+
+def _one(args) -> int:
+    """One prompt -> OUT, through the same graph (in this process); OUT is never overwritten."""
+    from pipeline.graph import StageGraph
+
+    out = os.path.abspath(args.out)
+    if os.path.exists(out):
+        raise SetupError(f"{args.out} exists: pidray never overwrites a file; choose another name")
+    ext = os.path.splitext(out)[1].lower().lstrip(".")
+    if ext:
+        args.format = {"jpg": "jpeg", "tif": "tiff"}.get(ext, ext)
+    cfg = _config(args, "-", out)
+    parent = os.path.dirname(out) or "."
+    if not os.path.isdir(parent):
+        raise SetupError(f"folder {parent} does not exist")
+    from jobs.pipeline import preflight
+
+    cfg.dry_run = True  # preflight without the DST probe (OUT is a file)
+    preflight(cfg)
+    graph = StageGraph(cfg.model, cfg.options, "generate", gen=cfg.gen, upscale=cfg.upscale)
+    (row,) = list(graph.run_local([{"key": "prompt", "prompt": args.prompt, "seed": args.seed}]))
+    if row.get("status") != "ok":
+        print(f"pidray generate: failed: {row.get('error')}", file=sys.stderr)
+        return 3
+    tmp = out + ".part"
+    with open(tmp, "xb") as f:
+        f.write(row["output"])
+    os.link(tmp, out)  # fails if OUT appeared meanwhile: never overwrite
+    os.unlink(tmp)
+    h, w = row["out_hw"]
+    print(f"wrote {args.out} ({w}x{h}, seed {row.get('seed', args.seed)}, "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in row.get("timings", {}).items()) + ")")  # fmt: skip
+    return 0
+
+
+__all__ = ["add_generate_parser", "cmd_generate", "argparse"]

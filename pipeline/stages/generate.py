@@ -1,0 +1,81 @@
+"""GenerateStage: prompts -> PixelDiT images (the `generate` workflow's model stage; GPU where there is one).
+
+A row carries `prompt` and may override seed, size, steps, shift, cfg_scale and negative_prompt. The caption encoder
+is the one PiD uses (Gemma-2-2B with its cache); the negative prompt is embedded once per distinct text. Images of
+one size are sampled together (each from its own seed's noise, so batching never changes an image). The output row
+is what the merge stage writes (`pixels`, a one-tile plan, a PNG source) and, for `--upscale`, what the upscale
+graph's encode stage takes (`image`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.errors import BadInput
+from pipeline.imageio import Decoded, quantize
+from pipeline.runtime import ModelOptions, load_caption_encoder, load_net
+from pipeline.stages.latent import latent_source
+from pipeline.t2i import GenerateOptions, generate, initial_noise, row_options
+from pipeline.tiling import TilePlan
+
+MAX_PROMPT_CHARS = 4000
+
+
+class GenerateStage:
+    def __init__(self, model: ModelOptions | dict | None = None, options: GenerateOptions | dict | None = None,
+                 emit: str = "pixels", batch: int = 4):  # fmt: skip
+        self.model = model if isinstance(model, ModelOptions) else ModelOptions(**(model or {}))
+        self.options = options if isinstance(options, GenerateOptions) else GenerateOptions.from_dict(options or {})
+        self.preset, self.net = load_net(self.model)
+        if self.preset.task != "t2i" or self.net.cfg.has_lq:
+            raise ValueError(f"preset {self.preset.name!r} is not a text-to-image model (pidray generate takes "
+                             "pixeldit-2k or a preset file with task 't2i')")  # fmt: skip
+        self.captioner = load_caption_encoder(self.model)
+        self.device = next(self.net.parameters()).device
+        self.emit, self.batch = emit, batch
+        self._null: dict[str, torch.Tensor] = {}
+
+    def _negative(self, text: str) -> torch.Tensor:
+        if text not in self._null:  # computed once per distinct negative prompt
+            self._null[text] = self.captioner.encode([text])
+        return self._null[text]
+
+    def process(self, row: dict) -> dict:
+        return self.process_batch([row])[0]
+
+    def process_batch(self, rows: list[dict]) -> list[dict]:
+        todo = []
+        for row in rows:
+            prompt = row.get("prompt")
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise BadInput("empty prompt")
+            if len(prompt) > MAX_PROMPT_CHARS:
+                raise BadInput(f"prompt is {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
+            todo.append(row_options(self.options, row).resolved(self.preset))
+        out: list[dict | None] = [None] * len(rows)
+        groups: dict[tuple, list[int]] = {}
+        for i, o in enumerate(todo):
+            groups.setdefault((o.size, o.steps, o.shift, o.cfg_scale), []).append(i)
+        for (size, steps, shift, cfg), idx in groups.items():
+            for start in range(0, len(idx), self.batch):
+                part = idx[start : start + self.batch]
+                y = self.captioner.encode([rows[i]["prompt"] for i in part])
+                y_null = torch.cat([self._negative(todo[i].negative_prompt) for i in part]) if cfg != 1.0 else None
+                noise = torch.cat([initial_noise(todo[i].seed, size) for i in part]).to(self.device)
+                imgs = generate(self.net, y.to(self.device), None if y_null is None else y_null.to(self.device),
+                                noise, steps=steps, shift=shift, cfg_scale=cfg)  # fmt: skip
+                for i, img in zip(part, imgs):
+                    out[i] = self._row(rows[i], todo[i], quantize(img, 8))
+        return out
+
+    def _row(self, row: dict, o: GenerateOptions, rgb) -> dict:
+        row = dict(row)
+        h, w = o.size
+        row.update(seed=o.seed, in_hw=[h, w])
+        if self.emit == "image":  # handed to the upscale graph's encode stage
+            row["image"] = Decoded(rgb=rgb, alpha=None, mode="RGB", format="PNG", gray=False)
+        else:
+            row["pixels"] = rgb
+            row["src"] = latent_source()
+            row["plan"] = TilePlan((h, w), 1, 1, 1, (h, w), (h, w), (1, 1)).to_dict()
+        return row

@@ -1,0 +1,117 @@
+"""PixelDiT text-to-image: the sampler call the CLI, the job, the endpoint and the golden check share.
+
+The official inference (facts from nv-tlabs/PiD `PixelDiTModel.generate_samples_from_batch`): Gaussian noise
+[B, 3, H, W] from the seed, the caption embedding and the negative prompt's embedding (computed once) as the
+unconditional branch, multistep DPM-Solver++ (order 2, `time_uniform_flow` with the flow shift) on the velocity
+prediction, classifier-free guidance on one [uncond; cond] batch, the sample clamped to [-1, 1].
+Our noise comes from a CPU generator seeded per image (batch-independent, the same on every device); the official
+script draws its batch from the CUDA generator, so seeds do not give the official script's exact images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+
+from pipeline.errors import BadParameter
+from pipeline.model.t2i_sampler import dpm_solver_pp
+
+MAX_STEPS = 200
+
+
+@torch.inference_mode()
+def generate(net, y: torch.Tensor, y_null: torch.Tensor | None, noise: torch.Tensor, *, steps: int, shift: float,
+             cfg_scale: float, order: int = 2) -> torch.Tensor:  # fmt: skip
+    """noise [B, 3, H, W]; y [B, L, D]; y_null [1 or B, L, D] (needed when cfg_scale != 1) -> images in [-1, 1]."""
+    B = noise.shape[0]
+    dtype = next(net.parameters()).dtype
+    if cfg_scale != 1.0:
+        if y_null is None:
+            raise ValueError("classifier-free guidance needs the negative (unconditional) embedding")
+        y = torch.cat([y_null.expand(B, -1, -1), y])  # one batch [uncond; cond], as the official wrapper
+    y = y.to(noise.device, dtype)
+
+    def velocity(x, t):
+        return net(x.to(dtype), t.to(dtype), y).float()
+
+    out = dpm_solver_pp(velocity, noise.float(), steps=steps, shift=shift, cfg_scale=cfg_scale, order=order)
+    return out.clamp(-1, 1)
+
+
+def initial_noise(seed: int, hw: tuple[int, int], device="cpu") -> torch.Tensor:
+    """[1, 3, H, W] from the image's own seed: the same image whatever it is batched with, on any device."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(1, 3, *hw, generator=g).to(device)
+
+
+@dataclass
+class GenerateOptions:
+    """Per-job (or per-request) text-to-image settings; None: the preset's official default."""
+
+    steps: int | None = None
+    shift: float | None = None
+    cfg_scale: float | None = None
+    size: tuple[int, int] | None = None  # (H, W); multiples of the network's patch size
+    negative_prompt: str | None = None
+    seed: int = 0
+    max_side: int = 4096
+
+    def __post_init__(self):
+        from pipeline.stages.common import check_seed
+
+        check_seed(self.seed)
+        if self.steps is not None and (not isinstance(self.steps, int) or not 2 <= self.steps <= MAX_STEPS):
+            raise BadParameter(f"steps must be an integer in 2..{MAX_STEPS}, got {self.steps!r}")
+        if self.shift is not None and not 0.1 <= float(self.shift) <= 100:
+            raise BadParameter(f"shift must be in [0.1, 100], got {self.shift}")
+        if self.cfg_scale is not None and not 0.0 <= float(self.cfg_scale) <= 50:
+            raise BadParameter(f"cfg_scale must be in [0, 50], got {self.cfg_scale}")
+        if self.size is not None:
+            h, w = (int(v) for v in self.size)
+            if min(h, w) < 16 or max(h, w) > self.max_side:
+                raise BadParameter(f"size {w}x{h} must be between 16 and {self.max_side} pixels a side")
+            self.size = (h, w)
+
+    def resolved(self, preset) -> GenerateOptions:
+        """Every unset field from the preset's defaults; the size checked against its patch size."""
+        d = preset.t2i
+        out = replace(
+            self,
+            steps=self.steps or int(d.get("steps", 50)),
+            shift=float(self.shift if self.shift is not None else d.get("shift", 4.0)),
+            cfg_scale=float(self.cfg_scale if self.cfg_scale is not None else d.get("cfg_scale", 1.0)),
+            size=tuple(self.size or d.get("size", (1024, 1024))),
+            negative_prompt=self.negative_prompt if self.negative_prompt is not None else d.get("negative_prompt", ""),
+        )
+        p = preset.config.patch_size
+        if out.size[0] % p or out.size[1] % p:
+            raise BadParameter(f"size {out.size[1]}x{out.size[0]} must be multiples of the patch size {p}")
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GenerateOptions:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise BadParameter(f"unknown option(s): {unknown}")
+        return cls(**d)
+
+
+GEN_OVERRIDES = ("seed", "steps", "shift", "cfg_scale", "size", "negative_prompt")
+
+
+def row_options(defaults: GenerateOptions, row: dict) -> GenerateOptions:
+    """A row's settings: its `gen` overrides (prompt files, requests) over the defaults; its seed from `gen` or the
+    row's own `seed` (the one the upscale of the image uses too)."""
+    gen = row.get("gen") or {}
+    over = {k: gen[k] for k in GEN_OVERRIDES if gen.get(k) is not None}
+    if "seed" not in over and row.get("seed") is not None:
+        over["seed"] = row["seed"]
+    return replace(defaults, **over) if over else defaults
+
+
+__all__ = ["generate", "initial_noise", "GenerateOptions", "row_options", "GEN_OVERRIDES", "field"]

@@ -22,7 +22,7 @@ MAX_STEPS = 200
 
 @torch.inference_mode()
 def generate(net, y: torch.Tensor, y_null: torch.Tensor | None, noise: torch.Tensor, *, steps: int, shift: float,
-             cfg_scale: float, order: int = 2) -> torch.Tensor:  # fmt: skip
+             cfg_scale: float, order: int = 2, should_stop=None) -> torch.Tensor:  # fmt: skip
     """noise [B, 3, H, W]; y [B, L, D]; y_null [1 or B, L, D] (needed when cfg_scale != 1) -> images in [-1, 1]."""
     B = noise.shape[0]
     dtype = next(net.parameters()).dtype
@@ -35,7 +35,8 @@ def generate(net, y: torch.Tensor, y_null: torch.Tensor | None, noise: torch.Ten
     def velocity(x, t):
         return net(x.to(dtype), t.to(dtype), y).float()
 
-    out = dpm_solver_pp(velocity, noise.float(), steps=steps, shift=shift, cfg_scale=cfg_scale, order=order)
+    out = dpm_solver_pp(velocity, noise.float(), steps=steps, shift=shift, cfg_scale=cfg_scale, order=order,
+                        should_stop=should_stop)
     return out.clamp(-1, 1)
 
 

@@ -192,6 +192,17 @@ class Ingress:
         self.chain = [(s.name, handles[s.name] if s.holds_model else s.build()) for s in graph.stages]
         # /v1/decode: the same deployments from the encode stage on (the encode replica plans and embeds the caption
         # of a given latent without its VAE); the latent stage runs here. Presets without a latent decoder: none.
+        self.gen_chain = self.gen_up_chain = None
+        gen_model = args.generate_model()
+        if gen_model is not None:
+            from pipeline.stages.merge import MergeStage
+            from pipeline.t2i import GenerateOptions
+
+            self.gen_preset = get_preset(gen_model.preset)
+            self.gen_defaults = GenerateOptions.from_dict((args.generate or {}).get("options", {}))
+            self.gen_chain = [("generate", handles["generate"]), ("merge", MergeStage(graph.options))]
+            if graph.preset.task == "upscale":  # then PiD: the upscale chain from its encode stage on
+                self.gen_up_chain = [("generate", handles["generate"])] + [c for c in self.chain if c[0] != "decode"]
         self.decode_chain = None
         if graph.preset.vae != "rgb" and not graph.preset.global_latent:
             dg = StageGraph(args.model_options(), UpscaleOptions.from_dict(args.options), workflow="decode")
@@ -278,7 +289,7 @@ class Ingress:
             return self.timeout_s
         try:
             t = float(params["timeout"])
-        except ValueError:
+        except (TypeError, ValueError):
             raise BadParameter(f"timeout must be a number of seconds, got {params['timeout']!r}") from None
         if not 0 < t <= self.timeout_s:
             raise BadParameter(f"timeout must be in (0, {self.timeout_s:g}] seconds, got {t:g}")
@@ -318,6 +329,88 @@ class Ingress:
     @app.post("/v1/decode")
     async def decode(self, request: Request):
         return await self._handle(self._decode, request)
+
+    @app.post("/v1/generate")
+    async def generate(self, request: Request):
+        return await self._handle(self._generate, request)
+
+    async def _generate(self, request: Request):
+        """JSON {"prompt", and optionally seed, size "WxH", steps, shift, cfg_scale, negative_prompt, upscale,
+        format, quality, timeout} -> the image (PixelDiT; with upscale, then the served PiD preset)."""
+        import json
+
+        from pipeline.stages.common import check_seed
+        from pipeline.stages.generate import MAX_PROMPT_CHARS
+        from pipeline.t2i import GenerateOptions
+
+        if not self._authorized(request):
+            return _error("unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+        self._check_site(request)
+        if self.gen_chain is None:
+            return _error("bad_parameter", "this endpoint does not generate images (start it with generate="
+                          "{preset: pixeldit-2k, ...})")  # fmt: skip
+        if self.in_flight > self.max_in_flight:
+            return _error("busy", f"the endpoint is busy ({self.max_in_flight} requests in progress); retry shortly",
+                          {"Retry-After": "2"})  # fmt: skip
+        if not request.headers.get("content-type", "").lower().startswith("application/json"):
+            return _error("unsupported_media", "send the request as application/json: {\"prompt\": ...}")
+        try:
+            body = await asyncio.wait_for(self._read_body(request), timeout=self.body_timeout_s)
+        except asyncio.TimeoutError:
+            return _error("slow_client", f"the request body did not arrive within {self.body_timeout_s:g}s")
+        try:
+            req = json.loads(bytes(body))
+        except ValueError as e:
+            return _error("bad_input", f"the body is not JSON ({e})")
+        if not isinstance(req, dict):
+            return _error("bad_input", "the body must be a JSON object with a prompt")
+        known = {"prompt", "seed", "size", "steps", "shift", "cfg_scale", "negative_prompt", "upscale", "format",
+                 "quality", "timeout"}  # fmt: skip
+        unknown = sorted(set(req) - known)
+        if unknown:
+            raise BadParameter(f"unknown field(s): {unknown}")
+        prompt = req.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BadParameter("prompt must be a non-empty string")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise TooLarge(f"prompt is {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
+        gen = {k: req[k] for k in ("steps", "shift", "cfg_scale", "negative_prompt") if req.get(k) is not None}
+        if req.get("size") is not None:
+            try:
+                w, h = (int(v) for v in str(req["size"]).lower().split("x"))
+            except ValueError:
+                raise BadParameter(f"size must be WIDTHxHEIGHT, got {req['size']!r}") from None
+            gen["size"] = (h, w)
+        try:
+            seed = check_seed(req.get("seed", self.options.seed))
+            o = GenerateOptions.from_dict({**self.gen_defaults.to_dict(), **gen, "seed": seed}).resolved(
+                self.gen_preset)
+        except (TypeError, ValueError) as e:
+            raise BadParameter(str(e)) from None
+        upscale = req.get("upscale", False)
+        if not isinstance(upscale, bool):
+            raise BadParameter(f"upscale must be true or false, got {upscale!r}")
+        if upscale and self.gen_up_chain is None:
+            raise BadParameter(f"this endpoint's preset {self.preset.name!r} cannot upscale the result")
+        over = {k: req[k] for k in ("format", "quality") if req.get(k) is not None}
+        row = {"key": "prompt", "prompt": prompt, "gen": {**gen, "seed": seed}, "seed": seed, **over}
+        row["opts"] = resolve(self.options, {"seed": seed, **over})
+        if "format" in over:
+            output_format(None, over["format"])
+        cost = o.size[0] * o.size[1] * o.steps * (2 if o.cfg_scale != 1.0 else 1) / 1e6
+        if cost > self.max_cost:
+            raise TooLarge(f"this request needs {cost:.1f} Mpx·steps of sampling, over this endpoint's limit of "
+                           f"{self.max_cost:g}; ask for a smaller size or fewer steps, or use pidray generate --prompts")
+        if upscale:
+            self._admit(tuple(o.size), row)
+        timeout = self._timeout({"timeout": req.get("timeout")})
+        row.update(request_id=uuid.uuid4().hex, deadline=time.time() + timeout)
+        chain = self.gen_up_chain if upscale else self.gen_chain
+        try:
+            row = await asyncio.wait_for(self._pipeline(row, chain), timeout=timeout)
+        except asyncio.TimeoutError:
+            return _error("cancelled", f"generate did not finish within {timeout:g}s; its work was stopped")
+        return await self._respond(row, {})
 
     async def _handle(self, fn, request: Request):
         t0 = time.perf_counter()
@@ -498,6 +591,19 @@ class AppArgs(BaseModel):
     allowed_origins: list[str] = Field(default_factory=list)
     allowed_hosts: list[str] = Field(default_factory=list)
     bind_host: str = ""
+    # /v1/generate: a text-to-image preset served beside the PiD one, e.g. {"preset": "pixeldit-2k", "weights": DIR,
+    # "text_encoder": DIR, "options": {GenerateOptions defaults}}; None: no text-to-image on this endpoint
+    generate: dict | None = None
+
+    def generate_model(self) -> ModelOptions | None:
+        if not self.generate:
+            return None
+        g = self.generate
+        unknown = sorted(set(g) - {"preset", "weights", "text_encoder", "options"})
+        if unknown or "preset" not in g:
+            raise ValueError(f"generate needs a preset and takes weights, text_encoder, options; got {sorted(g)}")
+        return ModelOptions(g["preset"], g.get("weights"), g.get("text_encoder") or self.text_encoder,
+                            self.allow_download, self.device, self.dtype, self.kernels)  # fmt: skip
 
     def model_options(self) -> ModelOptions:
         return ModelOptions(self.preset, self.weights, self.text_encoder, self.allow_download, self.device, self.dtype,
@@ -518,7 +624,23 @@ def build_app(args: dict | AppArgs | None = None):
     dep = {**DEFAULT_DEPLOYMENTS, **a.deployments}
     graph = StageGraph(a.model_options(), UpscaleOptions.from_dict(a.options))
     handles = {}
-    for spec in graph.model_stages():
+    specs = graph.model_stages()
+    gen_model = a.generate_model()
+    if gen_model is not None:  # text-to-image beside PiD: half of each GPU for each
+        from pipeline.stages.generate import GenerateStage
+        from pipeline.t2i import GenerateOptions
+
+        gen_opts = GenerateOptions.from_dict((a.generate or {}).get("options", {}))
+        gen_opts.resolved(get_preset(gen_model.preset))  # refused here, not in a replica
+        if get_preset(gen_model.preset).task != "t2i":
+            raise ValueError(f"generate.preset {gen_model.preset!r} is not a text-to-image preset")
+        import dataclasses as _dc
+
+        specs = [_dc.replace(s, gpu_share=s.gpu_share * 0.5) for s in specs]
+        specs.append(StageSpec("generate", GenerateStage, {"model": _dc.asdict(gen_model), "options":
+                                                           gen_opts.to_dict(), "emit": "both"}, True, True,
+                               batch_rows=4, gpu_share=0.5))  # fmt: skip
+    for spec in specs:
         conf = dict(dep.get(spec.name, DEFAULT_STAGE_DEPLOYMENT))
         if gpu:  # the graph's declaration: a GPU stage's share of a card; a CPU stage with CUDA hidden
             conf["ray_actor_options"] = {**conf.get("ray_actor_options", {}), **spec.ray_options(1)}

@@ -150,54 +150,61 @@ def test_each_implemented_vae_preset_fits_its_network(name):
     assert params.down_factor == p.config.latent_spatial_down_factor
 
 
+def build_stand_in(name: str, golden_dir, root):
+    """A released preset in miniature, written under `root` as the hub repository lays it out: its network config
+    with the golden fixture's small sizes (random weights), its encoder as a tiny model of the library class; also
+    `root/preset.json` (the preset as a file, for processes a monkeypatch does not reach: Ray workers, the CLI)."""
+    import dataclasses
+
+    real = get_preset(name)
+    _, meta = read_state_dict(golden_dir / "pid_v1_flux.safetensors")
+    small = PidConfig.from_official(json.loads(meta["config"]))
+    sizes = ("hidden_size", "num_groups", "pixel_hidden_size", "pixel_attn_hidden_size", "pixel_num_groups",
+             "patch_depth", "pixel_depth", "txt_embed_dim", "txt_max_length", "lq_hidden_dim",
+             "lq_num_res_blocks", "lq_interval", "rope_ref_h", "rope_ref_w")  # fmt: skip
+    if real.global_latent:  # the transformers folder (+ RAE statistics) where the preset's files say
+        files = {f.role: root / f.local for f in real.encoder_files}
+        encoder = save_tiny_rae(real.vae, files["encoder"], files.get("stats"))
+        vae, lat_ch = None, encoder["latent_channels"]
+    elif real.vae == "flux2":
+        vae, extra = tiny_flux2(), FLUX2_TINY
+    elif real.vae == "qwenimage":
+        vae, extra = tiny_qwen(), QWEN_TINY
+    else:
+        z = FluxEncoderParams.from_dict(real.encoder).z_channels
+        vae = tiny_autoencoder_kl(z, FluxEncoderParams.from_dict(real.encoder).quant_conv)
+        extra = {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1}
+    if vae is not None:
+        encoder = {**real.encoder, **extra}
+        lat_ch = 16 if real.vae == "qwenimage" else FluxEncoderParams.from_dict(encoder).latent_channels
+    cfg = dataclasses.replace(real.config, **{k: getattr(small, k) for k in sizes}, lq_latent_channels=lat_ch)
+    preset = dataclasses.replace(real, name=f"tiny-{name}", config=cfg, checkpoint=f"checkpoints/tiny-{name}.pth",
+                                 text_encoder="none", envelope=(128, 128), encoder=encoder)  # fmt: skip
+    (root / preset.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    net = PidNet(cfg)
+    torch.save({f"net.{to_official(k)}": v for k, v in net.state_dict().items()}, root / preset.checkpoint)
+    if vae is None:
+        pass
+    elif real.vae == "qwenimage":  # the official 2D file: a plain state dict in its own layout
+        from pipeline.encoders.qwen_vae import from_diffusers
+
+        torch.save(from_diffusers(dict(vae.state_dict())), root / preset.vae_checkpoint)
+    else:
+        (root / preset.vae_checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(root / preset.vae_checkpoint))
+    (root / "preset.json").write_text(json.dumps(preset.describe()))
+    return preset
+
+
 @pytest.fixture
 def stand_in(golden_dir, tmp_path, monkeypatch):
-    """A released preset in miniature: its network config with the golden fixture's small sizes (random weights),
-    its VAE family as a tiny diffusers model, both saved where the hub repository keeps them."""
+    """`make(name)`: `build_stand_in` registered under its name for this test; returns its ModelOptions."""
 
     def make(name: str) -> ModelOptions:
-        import dataclasses
-
-        real = get_preset(name)
-        _, meta = read_state_dict(golden_dir / "pid_v1_flux.safetensors")
-        small = PidConfig.from_official(json.loads(meta["config"]))
-        sizes = ("hidden_size", "num_groups", "pixel_hidden_size", "pixel_attn_hidden_size", "pixel_num_groups",
-                 "patch_depth", "pixel_depth", "txt_embed_dim", "txt_max_length", "lq_hidden_dim",
-                 "lq_num_res_blocks", "lq_interval", "rope_ref_h", "rope_ref_w")  # fmt: skip
-        root = tmp_path / name
-        if real.global_latent:  # the transformers folder (+ RAE statistics) where the preset's files say
-            files = {f.role: root / f.local for f in real.encoder_files}
-            encoder = save_tiny_rae(real.vae, files["encoder"], files.get("stats"))
-            vae, lat_ch = None, encoder["latent_channels"]
-        elif real.vae == "flux2":
-            vae, extra = tiny_flux2(), FLUX2_TINY
-        elif real.vae == "qwenimage":
-            vae, extra = tiny_qwen(), QWEN_TINY
-        else:
-            z = FluxEncoderParams.from_dict(real.encoder).z_channels
-            vae = tiny_autoencoder_kl(z, FluxEncoderParams.from_dict(real.encoder).quant_conv)
-            extra = {"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1}
-        if vae is not None:
-            encoder = {**real.encoder, **extra}
-            lat_ch = 16 if real.vae == "qwenimage" else FluxEncoderParams.from_dict(encoder).latent_channels
-        cfg = dataclasses.replace(real.config, **{k: getattr(small, k) for k in sizes}, lq_latent_channels=lat_ch)
-        preset = dataclasses.replace(real, name=f"tiny-{name}", config=cfg, checkpoint=f"checkpoints/tiny-{name}.pth",
-                                     text_encoder="none", envelope=(128, 128), encoder=encoder)  # fmt: skip
-        (root / preset.checkpoint).parent.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(0)
-        net = PidNet(cfg)
-        torch.save({f"net.{to_official(k)}": v for k, v in net.state_dict().items()}, root / preset.checkpoint)
-        if vae is None:
-            pass
-        elif real.vae == "qwenimage":  # the official 2D file: a plain state dict in its own layout
-            from pipeline.encoders.qwen_vae import from_diffusers
-
-            torch.save(from_diffusers(dict(vae.state_dict())), root / preset.vae_checkpoint)
-        else:
-            (root / preset.vae_checkpoint).parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(root / preset.vae_checkpoint))
+        preset = build_stand_in(name, golden_dir, tmp_path / name)
         monkeypatch.setitem(PRESETS, preset.name, preset)
-        return ModelOptions(preset=preset.name, weights=str(root))
+        return ModelOptions(preset=preset.name, weights=str(tmp_path / name))
 
     return make
 

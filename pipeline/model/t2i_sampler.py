@@ -36,6 +36,7 @@ def dpm_solver_pp(
     cfg_scale: float = 1.0,
     uncond_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     order: int = 2,
+    should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Sample from noise x. velocity(x [2B or B, ...], t×1000 [2B or B]) runs the network.
 
@@ -73,6 +74,10 @@ def dpm_solver_pp(
 
     t_prev, m_prev = [ts[0]], [x0_of(x, ts[0])]
     for i in range(1, steps + 1):
+        if should_stop is not None and should_stop():
+            from pipeline.errors import Cancelled
+
+            raise Cancelled("stopped: the caller went away or its deadline passed")
         t = ts[i]
         step_order = min(order, i, steps + 1 - i)  # first step and last step are first order
         if step_order == 1:

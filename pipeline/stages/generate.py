@@ -9,6 +9,8 @@ graph's encode stage takes (`image`).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from pipeline.errors import BadInput
@@ -34,6 +36,16 @@ class GenerateStage:
         self.device = next(self.net.parameters()).device
         self.emit, self.batch = emit, batch
         self._null: dict[str, torch.Tensor] = {}
+        self.cancelled: dict[str, None] = {}
+
+    def cancel(self, request_id: str) -> None:
+        """The caller of `request_id` went away: a batch whose callers are all gone stops at the next step."""
+        self.cancelled[request_id] = None
+        while len(self.cancelled) > 10_000:
+            self.cancelled.pop(next(iter(self.cancelled)), None)
+
+    def _gone(self, row: dict) -> bool:
+        return row.get("request_id") in self.cancelled or time.time() > row.get("deadline", float("inf"))
 
     def _negative(self, text: str) -> torch.Tensor:
         if text not in self._null:  # computed once per distinct negative prompt
@@ -62,8 +74,10 @@ class GenerateStage:
                 y = self.captioner.encode([rows[i]["prompt"] for i in part])
                 y_null = torch.cat([self._negative(todo[i].negative_prompt) for i in part]) if cfg != 1.0 else None
                 noise = torch.cat([initial_noise(todo[i].seed, size) for i in part]).to(self.device)
+                mine = [rows[i] for i in part]
                 imgs = generate(self.net, y.to(self.device), None if y_null is None else y_null.to(self.device),
-                                noise, steps=steps, shift=shift, cfg_scale=cfg)  # fmt: skip
+                                noise, steps=steps, shift=shift, cfg_scale=cfg,
+                                should_stop=lambda: all(self._gone(r) for r in mine))  # fmt: skip
                 for i, img in zip(part, imgs):
                     out[i] = self._row(rows[i], todo[i], quantize(img, 8))
         return out
@@ -72,9 +86,9 @@ class GenerateStage:
         row = dict(row)
         h, w = o.size
         row.update(seed=o.seed, in_hw=[h, w])
-        if self.emit == "image":  # handed to the upscale graph's encode stage
+        if self.emit in ("image", "both"):  # handed to the upscale graph's encode stage
             row["image"] = Decoded(rgb=rgb, alpha=None, mode="RGB", format="PNG", gray=False)
-        else:
+        if self.emit in ("pixels", "both"):  # "both": the endpoint picks per request (upscaled or not)
             row["pixels"] = rgb
             row["src"] = latent_source()
             row["plan"] = TilePlan((h, w), 1, 1, 1, (h, w), (h, w), (1, 1)).to_dict()

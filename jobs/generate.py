@@ -23,7 +23,14 @@ def add_generate_parser(sub, parents=()) -> None:
     p.add_argument("--prompts", default=None, help="prompt file: text (a prompt a line), CSV or JSONL with "
                    "prompt, seed, size (WxH), steps, shift, cfg_scale, negative_prompt, name")  # fmt: skip
     m = p.add_argument_group("model")
-    m.add_argument("-m", "--model", "--preset", dest="preset", default="pixeldit-2k", help="a text-to-image preset")
+    m.add_argument(
+        "-m",
+        "--model",
+        "--preset",
+        dest="preset",
+        default=None,
+        help="a text-to-image preset (default pixeldit-2k); with --with, the PiD preset that decodes",
+    )
     m.add_argument("--weights", default=None, help="hub-layout weights folder, or a checkpoint file")
     m.add_argument("--text-encoder", default=None, help="local Gemma-2-2B-it folder")
     m.add_argument("--allow-download", action="store_true", help="download released weights (NVIDIA licence)")
@@ -36,6 +43,16 @@ def add_generate_parser(sub, parents=()) -> None:
     g.add_argument("--shift", type=float, default=None, help="flow shift")
     g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (1: off)")
     g.add_argument("--negative-prompt", default=None)
+    w = p.add_argument_group(
+        "generate-then-decode: a latent diffusion model's latent, decoded by PiD (-m: a PiD preset)"
+    )
+    w.add_argument(
+        "--with",
+        dest="with_",
+        default=None,
+        metavar="MODEL",
+        help="zimage-turbo, zimage, sd3, sdxl, or a local diffusers folder of one (pidray[generate])",
+    )
     u = p.add_argument_group("upscale the result with PiD (the seed's recommended generate-then-upscale)")
     u.add_argument("--upscale", default=None, metavar="PRESET", help="a PiD preset (e.g. flux-2kto4k-v1.5)")
     u.add_argument("--upscale-weights", default=None, help="its weights folder (default: --weights)")
@@ -61,7 +78,15 @@ def _config(args, src: str, dst: str) -> JobConfig:
     from pipeline.t2i import GenerateOptions
 
     GenerateOptions.from_dict(gen)  # ranges checked before anything starts
-    model = ModelOptions(args.preset, args.weights, args.text_encoder, args.allow_download, args.device, args.dtype)
+    preset = args.preset or "pixeldit-2k"
+    if args.with_ and not args.preset:  # the PiD preset for the model's latents
+        from pipeline.stages.ldm import ldm_spec
+
+        fmt = ldm_spec(args.with_)[0].latent_format
+        preset = {"zimage": "flux-2kto4k-v1.5", "sd3": "sd3-2kto4k", "sdxl": "sdxl-2kto4k"}[fmt]
+    model = ModelOptions(preset, args.weights, args.text_encoder, args.allow_download, args.device, args.dtype)
+    if args.with_ and args.upscale:
+        raise SetupError("--with decodes the latent with PiD already; --upscale is for PixelDiT images")
     up = None
     if args.upscale:
         up = ModelOptions(args.upscale, args.upscale_weights or args.weights, args.text_encoder, args.allow_download,
@@ -71,8 +96,8 @@ def _config(args, src: str, dst: str) -> JobConfig:
 
     output_format(None, args.format)
     return JobConfig(src=src, dst=dst, model=model, options=options, local=args.local, progress=not args.no_progress,
-                     verbose=args.verbose, resume=args.resume, workflow="generate", gen=gen, upscale=up,
-                     s3=S3Settings(args.s3_endpoint, args.s3_region))  # fmt: skip
+                     verbose=args.verbose, resume=args.resume, workflow="ldm" if args.with_ else "generate", gen=gen,
+                     upscale=up, ldm=args.with_, s3=S3Settings(args.s3_endpoint, args.s3_region))  # fmt: skip
 
 
 def cmd_generate(args) -> int:
@@ -108,7 +133,7 @@ def _one(args) -> int:
 
     cfg.dry_run = True  # preflight without the DST probe (OUT is a file)
     preflight(cfg)
-    graph = StageGraph(cfg.model, cfg.options, "generate", gen=cfg.gen, upscale=cfg.upscale)
+    graph = StageGraph(cfg.model, cfg.options, cfg.workflow, gen=cfg.gen, upscale=cfg.upscale, ldm=cfg.ldm)
     (row,) = list(graph.run_local([{"key": "prompt", "prompt": args.prompt, "seed": args.seed}]))
     if row.get("status") != "ok":
         print(f"pidray generate: failed: {row.get('error')}", file=sys.stderr)

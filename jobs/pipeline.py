@@ -56,6 +56,7 @@ class JobConfig:
     sigma: float | None = None  # decode: the latents are captured x_t at this scheduler sigma
     gen: dict = field(default_factory=dict)  # generate: GenerateOptions fields (SRC is a prompt file)
     upscale: ModelOptions | None = None  # generate: upscale each image with this PiD model
+    ldm: str | None = None  # generate-then-decode: the latent diffusion model (name or folder); `model` decodes
 
 
 @dataclass
@@ -132,8 +133,10 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _graph(cfg: JobConfig, plan: Plan) -> StageGraph:
-    src = None if cfg.workflow == "generate" else plan.src  # prompts enter as rows: nothing to read
-    graph = StageGraph(cfg.model, cfg.options, cfg.workflow, cfg.latent_format, gen=cfg.gen, upscale=cfg.upscale)
+    src = None if cfg.workflow in ("generate", "ldm") else plan.src  # prompts enter as rows: nothing to read
+    graph = StageGraph(
+        cfg.model, cfg.options, cfg.workflow, cfg.latent_format, gen=cfg.gen, upscale=cfg.upscale, ldm=cfg.ldm
+    )
     return graph.with_io(src, plan.dst)
 
 
@@ -199,7 +202,7 @@ def preflight(cfg: JobConfig) -> None:
 
     preset = get_preset(cfg.model.preset)
     decode = cfg.workflow == "decode"
-    if cfg.workflow == "generate":
+    if cfg.workflow in ("generate", "ldm"):
         _preflight_generate(cfg, preset)
         return
     if preset.task != "upscale":
@@ -208,8 +211,10 @@ def preflight(cfg: JobConfig) -> None:
         from pipeline.latents import check_format
 
         if preset.vae == "rgb" or preset.global_latent:
-            raise SetupError(f"preset {preset.name!r} has no latent decoder ({preset.vae} conditioning): pidray decode "
-                             "takes a VAE preset (flux-2k, sd3-2k, sdxl-2kto4k, flux2-2k, qwenimage-2kto4k-v1.5, ...)")
+            raise SetupError(
+                f"preset {preset.name!r} has no latent decoder ({preset.vae} conditioning): pidray decode "
+                "takes a VAE preset (flux-2k, sd3-2k, sdxl-2kto4k, flux2-2k, qwenimage-2kto4k-v1.5, ...)"
+            )
         check_format(cfg.latent_format, preset)
     else:
         check_encoder(preset)  # "not implemented" before asking for weights the preset cannot use anyway
@@ -248,10 +253,26 @@ def _preflight_generate(cfg: JobConfig, preset) -> None:
     from pipeline.t2i import GenerateOptions
     from pipeline.weights import WeightsNotFound
 
-    if preset.task != "t2i":
-        raise SetupError(f"preset {preset.name!r} does not generate images: pidray generate takes pixeldit-2k (or a "
-                         "preset file with task 't2i')")  # fmt: skip
-    GenerateOptions.from_dict(cfg.gen).resolved(preset)  # size, steps, ... fit the preset
+    if cfg.workflow == "ldm":  # generate-then-decode: a PiD preset that decodes the model's latents
+        from pipeline.latents import check_format
+        from pipeline.stages.ldm import ldm_spec
+
+        spec, _ = ldm_spec(cfg.ldm or "zimage-turbo")
+        if preset.task != "upscale":
+            raise SetupError(f"--with decodes with a PiD preset (-m), not {preset.name!r}")
+        try:
+            check_format(spec.latent_format, preset)
+        except ValueError as e:
+            raise SetupError(str(e)) from None
+        defaults = {"steps": spec.steps, "cfg_scale": spec.guidance, "size": list(spec.size)}
+        GenerateOptions.from_dict(cfg.gen).resolved(preset, defaults)
+    elif preset.task != "t2i":
+        raise SetupError(
+            f"preset {preset.name!r} does not generate images: pidray generate takes pixeldit-2k (or a "
+            "preset file with task 't2i'), or --with MODEL to decode a latent diffusion model's latents"
+        )
+    else:
+        GenerateOptions.from_dict(cfg.gen).resolved(preset)  # size, steps, ... fit the preset
     if cfg.local or not os.environ.get("RAY_ADDRESS"):
         check_device(cfg.model.device)
     if not cfg.dry_run:

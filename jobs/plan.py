@@ -138,7 +138,7 @@ def _latent_inputs(src: Location, entries: list[Entry]):
 
 def plan_job(cfg) -> Plan:
     """List SRC, name every output, apply --resume; nothing is read or written beyond listings."""
-    if getattr(cfg, "workflow", "upscale") == "generate":
+    if getattr(cfg, "workflow", "upscale") in ("generate", "ldm"):
         return _plan_prompts(cfg)
     src, dst, single = locations(cfg)
     plan = Plan(src, dst, single=single)
@@ -306,6 +306,15 @@ def _gen_fields(item: dict) -> dict:
     return gen
 
 
+def _ldm_defaults(cfg) -> dict | None:
+    if getattr(cfg, "workflow", "") != "ldm":
+        return None
+    from pipeline.stages.ldm import ldm_spec
+
+    spec, _ = ldm_spec(cfg.ldm or "zimage-turbo")
+    return {"steps": spec.steps, "cfg_scale": spec.guidance, "size": list(spec.size)}
+
+
 def _plan_prompts(cfg) -> Plan:
     from pipeline.model.presets import get_preset
     from pipeline.t2i import GenerateOptions
@@ -343,7 +352,7 @@ def _plan_prompts(cfg) -> Plan:
                 raise ValueError("no prompt")
             gen = _gen_fields(item)
             gen.setdefault("seed", file_seed(base.seed, key))
-            GenerateOptions.from_dict({**base.to_dict(), **gen}).resolved(preset)
+            GenerateOptions.from_dict({**base.to_dict(), **gen}).resolved(preset, _ldm_defaults(cfg))
         except (ValueError, TypeError) as e:
             plan.rejected.append(manifest_row({"key": key, "status": "failed", "error": f"plan: line {n}: {e}",
                                                "error_kind": "bad_parameter"}, cfg.model.preset))  # fmt: skip

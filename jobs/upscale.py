@@ -88,17 +88,32 @@ def add_upscale_parser(sub, parents=()) -> None:
 def add_decode_parser(sub, parents=()) -> None:
     from pipeline.latents import FORMATS
 
-    p = sub.add_parser("decode", parents=list(parents),
-                       help="decode latent files (.safetensors/.npy/.npz: a generator's latents) with PiD into DST")
+    p = sub.add_parser(
+        "decode",
+        parents=list(parents),
+        help="decode latent files (.safetensors/.npy/.npz: a generator's latents) with PiD into DST",
+    )
     p.add_argument("src", help="latent file, folder or s3://bucket/prefix")
     p.add_argument("dst", help="folder or s3://bucket/prefix")
     d = p.add_argument_group("latents")
-    d.add_argument("--latent-format", default=None, choices=sorted(FORMATS),
-                   help="what the files hold (default: the file's metadata, else the preset's VAE)")
-    d.add_argument("--size", type=size_arg, default=None,
-                   help="output WIDTHxHEIGHT (default: latent size x the VAE factor x the preset's scale)")
-    d.add_argument("--sigma", type=float, default=None,
-                   help="the latents are x_t captured at this scheduler sigma (default: the file's, else clean)")
+    d.add_argument(
+        "--latent-format",
+        default=None,
+        choices=sorted(FORMATS),
+        help="what the files hold (default: the file's metadata, else the preset's VAE)",
+    )
+    d.add_argument(
+        "--size",
+        type=size_arg,
+        default=None,
+        help="output WIDTHxHEIGHT (default: latent size x the VAE factor x the preset's scale)",
+    )
+    d.add_argument(
+        "--sigma",
+        type=float,
+        default=None,
+        help="the latents are x_t captured at this scheduler sigma (default: the file's, else clean)",
+    )
     _job_arguments(p, default_preset="flux-2k")
     p.set_defaults(fn=cmd_upscale, workflow="decode")  # fmt: skip
 

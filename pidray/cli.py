@@ -32,8 +32,14 @@ def _cmd_presets(args) -> int:
         if p.task == "t2i":
             does = "text->image"
         else:  # upscales images when its encoder is implemented; decodes latents when it takes a VAE latent
-            does = "+".join(w for w, ok in (("images", p.vae in LQ_ENCODERS),
-                                            ("latents", p.vae != "rgb" and not p.global_latent)) if ok) or "no"
+            does = (
+                "+".join(
+                    w
+                    for w, ok in (("images", p.vae in LQ_ENCODERS), ("latents", p.vae != "rgb" and not p.global_latent))
+                    if ok
+                )
+                or "no"
+            )
         scale = f"x{p.scale}" if p.task == "upscale" else "-"
         print(f"{name:24s} {p.variant:13s} {scale:6s} {p.vae:10s} {p.latent_channels:<9d}  {does:14s} "
               f"{p.checkpoint}")  # fmt: skip

@@ -19,8 +19,8 @@ from pipeline.model.presets import get_preset
 from pipeline.runtime import ModelOptions, encode_bytes, pick_device, pick_dtype
 from pipeline.stages import DecodeStage, DiffuseStage, EncodeStage, MergeStage, ReadStage, WriteStage, run_stage
 from pipeline.stages.common import UpscaleOptions, resolve
-from pipeline.stages.latent import LatentStage
 from pipeline.stages.encode import plan_for
+from pipeline.stages.latent import LatentStage
 
 
 @dataclass(frozen=True)
@@ -54,18 +54,19 @@ def hidden_gpu_env() -> dict:
     return {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
 
 
-WORKFLOWS = ("upscale", "decode", "generate")
+WORKFLOWS = ("upscale", "decode", "generate", "ldm")
 
 
 class StageGraph:
     """workflow "upscale": image files -> PiD; "decode": latent files (a generator's latents, captured x_t) -> PiD,
     the latent taking the VAE encoder's place (`latent_format` names what the files hold; None: the preset's);
     "generate": prompts -> PixelDiT (`model` is the text-to-image preset, `gen` its settings), then, when `upscale`
-    names a PiD model, that preset's encode and diffuse stages on the generated image."""
+    names a PiD model, that preset's encode and diffuse stages on the generated image; "ldm": prompts -> a latent
+    diffusion model's latent (`ldm`: its name or folder) -> PiD (`model`) decodes it instead of the model's VAE."""
 
     def __init__(self, model: ModelOptions | None = None, options: UpscaleOptions | None = None,
                  workflow: str = "upscale", latent_format: str | None = None, gen=None,
-                 upscale: ModelOptions | None = None):  # fmt: skip
+                 upscale: ModelOptions | None = None, ldm: str | None = None):  # fmt: skip
         if workflow not in WORKFLOWS:
             raise ValueError(f"workflow must be one of {WORKFLOWS}, got {workflow!r}")
         self.model = model or ModelOptions()
@@ -76,6 +77,23 @@ class StageGraph:
             self._generate_stages(gen, upscale)
             return
         m, o = dataclasses.asdict(self.model), self.options.to_dict()
+        if workflow == "ldm":
+            from pipeline.stages.ldm import LDMStage
+            from pipeline.t2i import GenerateOptions
+
+            g = gen.to_dict() if isinstance(gen, GenerateOptions) else dict(gen or {})
+            captioned = self.preset.text_encoder != "none"
+            self.stages = [
+                StageSpec("ldm", LDMStage, {"model": m, "ldm": ldm or "zimage-turbo", "options": g, "upscale": o},
+                          True, True, batch_rows=1, gpu_share=0.5),
+                StageSpec("encode", EncodeStage, {"model": m, "options": o, "gpu_share": 0.1 if captioned else 1.0,
+                                                  "lq": False}, captioned, captioned, batch_rows=8,
+                          gpu_share=0.1 if captioned else 0.0),
+                StageSpec("diffuse", DiffuseStage, {"model": m, "options": o, "gpu_share": 0.4}, True, True,
+                          batch_rows=16, gpu_share=0.4),
+                StageSpec("merge", MergeStage, {"options": o}, False, False),
+            ]  # fmt: skip
+            return
         latent_vae = self.preset.vae != "rgb"
         # On a GPU cluster each GPU hosts one actor of every GPU stage: the shares of one GPU add up to 1.
         vae_share = 0.25 if latent_vae else 0.0
@@ -83,17 +101,35 @@ class StageGraph:
             captioned = self.preset.text_encoder != "none"
             vae_share = 0.1 if captioned else 0.0
             first = [
-                StageSpec("latent", LatentStage, {"preset": self.model.preset, "latent_format": latent_format,
-                                                  "options": o}, False, False),
-                StageSpec("encode", EncodeStage, {"model": m, "options": o, "gpu_share": vae_share or 1.0,
-                                                  "lq": False}, captioned, captioned, batch_rows=8,
-                          gpu_share=vae_share),
+                StageSpec(
+                    "latent",
+                    LatentStage,
+                    {"preset": self.model.preset, "latent_format": latent_format, "options": o},
+                    False,
+                    False,
+                ),
+                StageSpec(
+                    "encode",
+                    EncodeStage,
+                    {"model": m, "options": o, "gpu_share": vae_share or 1.0, "lq": False},
+                    captioned,
+                    captioned,
+                    batch_rows=8,
+                    gpu_share=vae_share,
+                ),
             ]
         else:
             first = [
                 StageSpec("decode", DecodeStage, {"max_pixels": self.options.max_pixels}, False, False),
-                StageSpec("encode", EncodeStage, {"model": m, "options": o, "gpu_share": vae_share or 1.0},
-                          latent_vae, latent_vae, batch_rows=8, gpu_share=vae_share),
+                StageSpec(
+                    "encode",
+                    EncodeStage,
+                    {"model": m, "options": o, "gpu_share": vae_share or 1.0},
+                    latent_vae,
+                    latent_vae,
+                    batch_rows=8,
+                    gpu_share=vae_share,
+                ),
             ]
         self.stages = [
             *first,
@@ -107,7 +143,11 @@ class StageGraph:
         from pipeline.t2i import GenerateOptions
 
         gen = gen if isinstance(gen, GenerateOptions) else GenerateOptions.from_dict(gen or {})
-        g = {"model": dataclasses.asdict(self.model), "options": gen.to_dict(), "emit": "image" if upscale else "pixels"}
+        g = {
+            "model": dataclasses.asdict(self.model),
+            "options": gen.to_dict(),
+            "emit": "image" if upscale else "pixels",
+        }
         o = self.options.to_dict()
         self.upscale = upscale
         if upscale is None:

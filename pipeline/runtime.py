@@ -20,8 +20,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # The VAEs whose encoders are implemented: family -> module with its params class and loader (imported on use).
-_VAE_MODULES = {**dict.fromkeys(("flux1", "sd3", "sdxl", "flux2"), "flux_vae"), "qwenimage": "qwen_vae",
-                **dict.fromkeys(("dinov2", "siglip"), "rae")}
+_VAE_MODULES = {
+    **dict.fromkeys(("flux1", "sd3", "sdxl", "flux2"), "flux_vae"),
+    "qwenimage": "qwen_vae",
+    **dict.fromkeys(("dinov2", "siglip"), "rae"),
+}
 LQ_ENCODERS = ("rgb", *_VAE_MODULES)
 
 

@@ -35,8 +35,9 @@ def generate(net, y: torch.Tensor, y_null: torch.Tensor | None, noise: torch.Ten
     def velocity(x, t):
         return net(x.to(dtype), t.to(dtype), y).float()
 
-    out = dpm_solver_pp(velocity, noise.float(), steps=steps, shift=shift, cfg_scale=cfg_scale, order=order,
-                        should_stop=should_stop)
+    out = dpm_solver_pp(
+        velocity, noise.float(), steps=steps, shift=shift, cfg_scale=cfg_scale, order=order, should_stop=should_stop
+    )
     return out.clamp(-1, 1)
 
 
@@ -74,16 +75,18 @@ class GenerateOptions:
                 raise BadParameter(f"size {w}x{h} must be between 16 and {self.max_side} pixels a side")
             self.size = (h, w)
 
-    def resolved(self, preset) -> GenerateOptions:
-        """Every unset field from the preset's defaults; the size checked against its patch size."""
-        d = preset.t2i
+    def resolved(self, preset, defaults: dict | None = None) -> GenerateOptions:
+        """Every unset field from the preset's defaults (or `defaults`); the size checked against its patch size."""
+        d = defaults if defaults is not None else preset.t2i
         out = replace(
             self,
             steps=self.steps or int(d.get("steps", 50)),
             shift=float(self.shift if self.shift is not None else d.get("shift", 4.0)),
             cfg_scale=float(self.cfg_scale if self.cfg_scale is not None else d.get("cfg_scale", 1.0)),
             size=tuple(self.size or d.get("size", (1024, 1024))),
-            negative_prompt=self.negative_prompt if self.negative_prompt is not None else d.get("negative_prompt", ""),
+            negative_prompt=self.negative_prompt
+            if self.negative_prompt is not None
+            else d.get("negative_prompt") or "",
         )
         p = preset.config.patch_size
         if out.size[0] % p or out.size[1] % p:

@@ -66,9 +66,11 @@ def download_command(f: WeightFile) -> str:
         return f"hf download {f.repo} {' '.join(f.files)} --local-dir DIR/{f.local}"
     if f.remote and f.remote != f.local:
         parent = f.local.rsplit("/", 1)[0]
-        return (f"hf download {f.repo} {f.remote} --local-dir DIR/_dl && mkdir -p DIR/{parent} && "
-                f"mv DIR/_dl/{f.remote} DIR/{f.local}")
-    return f"hf download {f.repo} --local-dir DIR --include \"{f.local}\""
+        return (
+            f"hf download {f.repo} {f.remote} --local-dir DIR/_dl && mkdir -p DIR/{parent} && "
+            f"mv DIR/_dl/{f.remote} DIR/{f.local}"
+        )
+    return f'hf download {f.repo} --local-dir DIR --include "{f.local}"'
 
 
 def resolve(
@@ -97,14 +99,16 @@ def resolve(
         return found
     where = f"under {root}" if root else f"(no weights directory given: pass --weights DIR or set {ENV_ROOT})"
     ours = [f.local for f in missing if f.repo == HUB_REPO and not f.files]
-    cmds = ([f"hf download {HUB_REPO} --local-dir DIR --include " + " ".join(f'"{m}"' for m in ours)] if ours else [])
+    cmds = [f"hf download {HUB_REPO} --local-dir DIR --include " + " ".join(f'"{m}"' for m in ours)] if ours else []
     cmds += [download_command(f) for f in missing if f.repo != HUB_REPO or f.files]
     licences = sorted({f"{f.repo}: {f.licence}" for f in missing if f.repo != HUB_REPO})
     raise WeightsNotFound(
         f"preset {preset.name!r} needs {len(missing)} file(s) not found {where}: "
         + ", ".join(f.local + (f"/{{{','.join(f.files)}}}" if f.files else "") for f in missing)
-        + ". Get them with: " + " ; ".join(cmds)
+        + ". Get them with: "
+        + " ; ".join(cmds)
         + f" — then pass --weights DIR; or allow pidray to download them (--allow-download or "
-        f"{ENV_ALLOW_DOWNLOAD}=1). " + (LICENCE_NOTE if ours else "")
+        f"{ENV_ALLOW_DOWNLOAD}=1). "
+        + (LICENCE_NOTE if ours else "")
         + (" Licences: " + "; ".join(licences) + "." if licences else "")
     )

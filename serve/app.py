@@ -37,8 +37,8 @@ from pipeline.model.presets import PRESETS, get_preset
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions, run_stage
 from pipeline.stages.common import resolve
-from pipeline.stages.latent import LatentStage
 from pipeline.stages.encode import plan_for
+from pipeline.stages.latent import LatentStage
 from pipeline.tiling import TilePlan, check_output_side, target_size
 from serve.metrics import ServeMetrics
 from serve.run import TOKEN_ENV, is_loopback
@@ -353,7 +353,7 @@ class Ingress:
             return _error("busy", f"the endpoint is busy ({self.max_in_flight} requests in progress); retry shortly",
                           {"Retry-After": "2"})  # fmt: skip
         if not request.headers.get("content-type", "").lower().startswith("application/json"):
-            return _error("unsupported_media", "send the request as application/json: {\"prompt\": ...}")
+            return _error("unsupported_media", 'send the request as application/json: {"prompt": ...}')
         try:
             body = await asyncio.wait_for(self._read_body(request), timeout=self.body_timeout_s)
         except asyncio.TimeoutError:
@@ -384,7 +384,8 @@ class Ingress:
         try:
             seed = check_seed(req.get("seed", self.options.seed))
             o = GenerateOptions.from_dict({**self.gen_defaults.to_dict(), **gen, "seed": seed}).resolved(
-                self.gen_preset)
+                self.gen_preset
+            )
         except (TypeError, ValueError) as e:
             raise BadParameter(str(e)) from None
         upscale = req.get("upscale", False)
@@ -399,8 +400,10 @@ class Ingress:
             output_format(None, over["format"])
         cost = o.size[0] * o.size[1] * o.steps * (2 if o.cfg_scale != 1.0 else 1) / 1e6
         if cost > self.max_cost:
-            raise TooLarge(f"this request needs {cost:.1f} Mpx·steps of sampling, over this endpoint's limit of "
-                           f"{self.max_cost:g}; ask for a smaller size or fewer steps, or use pidray generate --prompts")
+            raise TooLarge(
+                f"this request needs {cost:.1f} Mpx·steps of sampling, over this endpoint's limit of "
+                f"{self.max_cost:g}; ask for a smaller size or fewer steps, or use pidray generate --prompts"
+            )
         if upscale:
             self._admit(tuple(o.size), row)
         timeout = self._timeout({"timeout": req.get("timeout")})

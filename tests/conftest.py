@@ -154,3 +154,49 @@ def make_tiny_t2i(d, cfg_scale: float = 3.0):
                          "negative_prompt": "blurry"})  # fmt: skip
     (d / "preset.json").write_text(json.dumps(preset.describe()))
     return d / "preset.json"
+
+
+def make_tiny_zimage(d):
+    """A tiny random diffusers ZImagePipeline (its real classes: ZImageTransformer2DModel, a Qwen3 text encoder with
+    a word-level tokenizer and a chat template, Flux's VAE layout with its scaling/shift, the flow scheduler), saved
+    as a diffusers folder. Nothing downloads."""
+    import diffusers
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for w in WORDS + "user assistant <|im_start|> <|im_end|>".split():
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")  # fmt: skip
+    te = Qwen3Model(Qwen3Config(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                max_position_embeddings=128)).eval()  # fmt: skip
+    tr = diffusers.ZImageTransformer2DModel(
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,
+        axes_dims=[4, 6, 6],
+        axes_lens=[64, 32, 32],
+    )
+    with torch.no_grad():  # zero-initialised output layers would give a zero latent
+        for p in tr.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64), scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+        use_post_quant_conv=False,
+    )  # fmt: skip
+    pipe = diffusers.ZImagePipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=te, tokenizer=fast, transformer=tr)  # fmt: skip
+    pipe.save_pretrained(str(d), safe_serialization=True)
+    return d

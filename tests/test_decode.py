@@ -1,4 +1,4 @@
-"""Latent decode (issue 14): a generator's latent -> PiD, through the same stage graph, job and endpoint as upscaling."""
+"""Latent decode (issue 14): a generator's latent -> PiD, through the same stage graph and job as upscaling."""
 
 import io
 import json
@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save as st_save
+from test_encoders import stand_in  # noqa: F401  (the fixture: released presets in miniature)
 
 from pipeline.graph import StageGraph
 from pipeline.stages import UpscaleOptions
 
 from conftest import png_bytes
-from test_encoders import stand_in  # noqa: F401  (the fixture: released presets in miniature)
 
 
 def _pixels(data: bytes) -> np.ndarray:
@@ -48,8 +48,10 @@ def test_decoding_our_own_latent_equals_upscaling_the_image(stand_in, name, hw):
 
 
 def _st(tensors: dict, **meta) -> bytes:
-    return st_save({k: torch.as_tensor(v).contiguous() for k, v in tensors.items()},
-                   metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()} or None)
+    return st_save(
+        {k: torch.as_tensor(v).contiguous() for k, v in tensors.items()},
+        metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()} or None,
+    )
 
 
 def _npy(a) -> bytes:
@@ -87,8 +89,10 @@ def test_decode_job_records_every_bad_latent_and_goes_on(stand_in, tmp_path):  #
         "huge.npy": _npy(lat(16, 40, 40)),
         "corrupt.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......",
         "wrongformat.safetensors": _st({"latent": lat(16, 4, 3)}, format="sdxl"),
-        "pickle.npy": b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, 'shape': (1,), }" + b" " * 52
-        + b"\n" + b"\x80\x04K\x01.",
+        "pickle.npy": b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
+        + b" " * 52
+        + b"\n"
+        + b"\x80\x04K\x01.",
         "notes.txt": b"not a latent",
     }
     buf = io.BytesIO()

@@ -179,7 +179,8 @@ def build_stand_in(name: str, golden_dir, root):
         lat_ch = 16 if real.vae == "qwenimage" else FluxEncoderParams.from_dict(encoder).latent_channels
     cfg = dataclasses.replace(real.config, **{k: getattr(small, k) for k in sizes}, lq_latent_channels=lat_ch)
     preset = dataclasses.replace(real, name=f"tiny-{name}", config=cfg, checkpoint=f"checkpoints/tiny-{name}.pth",
-                                 text_encoder="none", envelope=(128, 128), encoder=encoder)  # fmt: skip
+                                 text_encoder="none", envelope=(128, 128), encoder=encoder,
+                                 tile_overlap=1)  # fmt: skip
     (root / preset.checkpoint).parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     net = PidNet(cfg)

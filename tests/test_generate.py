@@ -64,7 +64,8 @@ def test_generate_then_upscale_with_pid(t2i):
     assert up["status"] == "ok", up.get("error")
     assert _px(up).shape == (128, 192, 3)
     (ref,) = StageGraph(ModelOptions("small"), UpscaleOptions(format="png", seed=3)).run_local(
-        [{"key": "x.png", "bytes": gen["output"]}])
+        [{"key": "x.png", "bytes": gen["output"]}]
+    )
     assert np.array_equal(_px(up), _px(ref))
 
 

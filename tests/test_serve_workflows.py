@@ -11,13 +11,13 @@ import requests
 import torch
 from PIL import Image
 from safetensors.torch import save as st_save
+from test_encoders import build_stand_in
 
 from pipeline.graph import StageGraph
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
 
 from conftest import free_port, make_tiny_gemma, make_tiny_t2i
-from test_encoders import build_stand_in
 
 pytestmark = pytest.mark.slow
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -107,8 +107,11 @@ def test_generate_seed_cfg_size_and_upscale(app):
     """/v1/generate: the preset's size, a seed reproduces, CFG off differs, a size of its own, and upscale=true is
     the generated image through the served PiD preset (4x); the same image the CLI's graph makes."""
     post = lambda **b: requests.post(app["url"] + "/v1/generate", json=b, timeout=120)  # noqa: E731
-    a, b, c = post(prompt="a cat sleeping", seed=3), post(prompt="a cat sleeping", seed=3), post(
-        prompt="a cat sleeping", seed=3, cfg_scale=1.0)
+    a, b, c = (
+        post(prompt="a cat sleeping", seed=3),
+        post(prompt="a cat sleeping", seed=3),
+        post(prompt="a cat sleeping", seed=3, cfg_scale=1.0),
+    )
     assert a.status_code == b.status_code == c.status_code == 200, a.text
     assert a.headers["X-Pidray-Size"] == "48x32" and a.content == b.content and a.content != c.content
     local = StageGraph(ModelOptions(app["t2i"], text_encoder=app["gemma"]), UpscaleOptions(), "generate")

@@ -141,7 +141,8 @@ _APACHE = "Apache-2.0 (see the model card of {})"
 T2I_DEFAULTS = {
     "steps": 50, "shift": 6.0, "cfg_scale": 2.75, "size": [2048, 2048],
     "negative_prompt": "low quality, worst quality, over-saturated, three legs, six fingers, cartoon, anime, cgi, "
-                       "low res, blurry, deformed, distortion, duplicated limbs, plastic skin, jpeg artifacts, watermark",
+                       "low res, blurry, deformed, distortion, duplicated limbs, plastic skin, jpeg artifacts, "
+                       "watermark",
 }  # fmt: skip
 # Where the official tokenizers load them from: the encoders from their hub ids, the RAE statistics from the RAE
 # release (`hf download nyu-visionx/RAE-collections`, kept at the official `checkpoints/rae/...` path).

@@ -133,7 +133,8 @@ def _check_t2i(t: dict, meta: dict, rep: FixtureReport, device=None) -> None:
     from pipeline.t2i import generate
 
     cfg = PidConfig.from_official(json.loads(meta["config"]), defaults="pixeldit_t2i")
-    net = _on(device, load_network(cfg, network_tensors(t)))
+    module = load_network(cfg, network_tensors(t))
+    net = _on(device, module)
     with torch.inference_mode():
         out = net(t["input.x"], t["input.t"], t["input.y"])
     rep.checks.append(Check("expected.forward", _max_err(out, t["expected.forward"])))
@@ -146,9 +147,10 @@ def _check_t2i(t: dict, meta: dict, rep: FixtureReport, device=None) -> None:
         rep.checks.append(Check("expected.sample", None, f"sampler settings not supported: {odd or s}"))
         return
     # the same call `pidray generate`, the job and /v1/generate make (pipeline/t2i.py)
-    sample = generate(net, t["input.y"], t["input.y_null"], t["input.noise"], steps=int(s["steps"]),
-                      shift=float(s.get("flow_shift", 1.0)), cfg_scale=float(s.get("cfg_scale", 1.0)),
-                      order=int(s["order"]))  # fmt: skip
+    dev = device or "cpu"  # on the device, as the CLI runs it
+    sample = generate(module.to(dev), t["input.y"].to(dev), t["input.y_null"].to(dev), t["input.noise"].to(dev),
+                      steps=int(s["steps"]), shift=float(s.get("flow_shift", 1.0)),
+                      cfg_scale=float(s.get("cfg_scale", 1.0)), order=int(s["order"])).float().cpu()  # fmt: skip
     rep.checks.append(Check("expected.sample", _max_err(sample, t["expected.sample"])))
 
 

@@ -172,26 +172,54 @@ def _read_safetensors(data: bytes) -> list[LatentItem]:
             for i, a in pairs]  # fmt: skip
 
 
-def _load_npy(data: bytes) -> np.ndarray:
+def _read_array(f, what: str) -> np.ndarray:
+    """One .npy stream: its header checked (no pickles, a size within the limit) before any data is allocated."""
+    from numpy.lib import format as npf
+
     try:
-        a = np.load(io.BytesIO(data), allow_pickle=False)
+        version = npf.read_magic(f)
+        read_header = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
+        shape, _, dtype = read_header(f)  # the header only: nothing allocated yet
     except Exception as e:
-        raise BadInput(f"not a readable .npy file ({type(e).__name__}: {e})") from None
-    if not isinstance(a, np.ndarray):
-        raise BadInput("not a single .npy array")
+        raise BadInput(f"not a readable {what} ({type(e).__name__}: {e})") from None
+    if dtype.hasobject:
+        raise BadInput(f"{what} holds Python objects (a pickle), which pidray never loads")
+    if math.prod(shape) > MAX_LATENT_ELEMS:
+        raise BadInput(f"{what} has {math.prod(shape):,} elements, over the limit of {MAX_LATENT_ELEMS:,}")
+    f.seek(0)
+    try:
+        return npf.read_array(f, allow_pickle=False)
+    except Exception as e:
+        raise BadInput(f"not a readable {what} ({type(e).__name__}: {e})") from None
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    a = _read_array(io.BytesIO(data), ".npy file")
     if a.ndim == 4 and a.shape[0] > 1:
         raise BadInput(f"a batch of {a.shape[0]} latents without ids: save an .npz with one named array per latent, "
                        "or one latent per file")  # fmt: skip
     return a
 
 
-def _read_npz(data: bytes) -> list[LatentItem]:
+def _npz_members(data: bytes):
+    import zipfile
+
     try:
-        z = np.load(io.BytesIO(data), allow_pickle=False)
-        names = list(z.files)
-        arrays = {k: z[k] for k in names}
+        z = zipfile.ZipFile(io.BytesIO(data))
+        names = [n for n in z.namelist() if n.endswith(".npy")]
     except Exception as e:
         raise BadInput(f"not a readable .npz file ({type(e).__name__}: {e})") from None
+    if len(names) > 100_000:
+        raise BadInput(f"the .npz holds {len(names):,} arrays, over the limit of 100,000")
+    return z, names
+
+
+def _read_npz(data: bytes) -> list[LatentItem]:
+    z, names = _npz_members(data)
+    arrays = {}
+    for n in names:
+        with z.open(n) as f:  # streamed: the header is checked before the member is inflated
+            arrays[n[: -len(".npy")]] = _read_array(f, f".npz member {n!r}")
     special = {k: arrays.pop(k) for k in list(arrays) if k.startswith("__")}
     if not arrays:
         raise BadInput("the .npz holds no latent")
@@ -202,11 +230,8 @@ def _read_npz(data: bytes) -> list[LatentItem]:
 
 
 def npz_ids(data: bytes) -> list[str]:
-    try:
-        names = np.load(io.BytesIO(data), allow_pickle=False).files
-    except Exception as e:
-        raise BadInput(f"not a readable .npz file ({type(e).__name__}: {e})") from None
-    ids = sorted(k for k in names if not k.startswith("__"))
+    _, names = _npz_members(data)
+    ids = sorted(n[: -len(".npy")] for n in names if not n.startswith("__"))
     if not ids:
         raise BadInput("the .npz holds no latent")
     return ids

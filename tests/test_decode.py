@@ -165,3 +165,28 @@ def test_explicit_output_size_aligns_the_latent(stand_in):  # noqa: F811
     assert [r["status"] for r in rows] == ["ok", "ok", "failed", "failed"], [r.get("error") for r in rows]
     assert [Image.open(io.BytesIO(r["output"])).size for r in rows[:2]] == [(64, 96), (120, 200)]
     assert "multiples of the preset's scale 4" in rows[2]["error"] and "over the limit" in rows[3]["error"]
+
+
+def test_hostile_latent_files_are_refused_before_allocating():
+    """A header that claims a huge array (.npy, or inside a compressed .npz: a zip bomb) is refused from the header
+    alone; object arrays (pickles) are never loaded; a safetensors header that lies about its length is refused."""
+    import struct
+    import zipfile
+
+    from pipeline.errors import BadInput
+    from pipeline.latents import read_latents
+
+    hdr = "{'descr': '<f4', 'fortran_order': False, 'shape': (100000, 100000, 100), }"
+    hdr = hdr + " " * (118 - len(hdr)) + "\n"
+    bomb = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(hdr)) + hdr.encode()
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("a.npy", bomb + b"\0" * 1000)
+    obj = io.BytesIO()
+    np.save(obj, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    cases = [("x.npy", bomb, "over the limit"), ("x.npz", zipped.getvalue(), "over the limit"),
+             ("x.npy", obj.getvalue(), "pickle"), ("x.safetensors", struct.pack("<Q", 1 << 40) + b"{}", "header"),
+             ("x.safetensors", b"", "shorter")]  # fmt: skip
+    for name, data, message in cases:
+        with pytest.raises(BadInput, match=message):
+            read_latents(name, data)

@@ -178,3 +178,52 @@ def test_f6_names_that_are_not_utf8_through_ray_data(ray_local, bicubic_weights,
     assert os.path.isfile(os.fsencode(dst) + b"/" + raw)
     rows = read_manifest(Location(str(dst)))
     assert sorted(r["key_bytes"] for r in rows) == sorted([raw, b"fine.png"])
+
+
+def test_decode_and_generate_jobs_on_ray_data_with_s3(ray_local, s3_server, golden_dir, tmp_path):
+    """The other two workflows as bulk jobs on Ray Data, the stage actors loading preset files (the stand-ins): latent
+    files from an S3 prefix decoded into another (a batch file split per latent, a bad latent failed alone), and a
+    prompt file generated into S3; the images equal the local loop's."""
+    import boto3
+    import numpy as np
+    import torch
+    from safetensors.torch import save as st_save
+    from test_encoders import build_stand_in
+
+    from conftest import make_tiny_gemma, make_tiny_t2i
+
+    build_stand_in("flux-2k", golden_dir, tmp_path / "flux")
+    pid = ModelOptions(str(tmp_path / "flux" / "preset.json"), weights=str(tmp_path / "flux"))
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    s3.create_bucket(Bucket="lat")
+    g = torch.Generator().manual_seed(0)
+    bad = torch.randn(16, 4, 3, generator=g)
+    bad[0, 0, 0] = float("inf")
+    s3.put_object(Bucket="lat", Key="in/one.safetensors", Body=st_save({"z": torch.randn(16, 4, 3, generator=g)}))
+    s3.put_object(Bucket="lat", Key="in/batch.safetensors",
+                  Body=st_save({"a": torch.randn(16, 2, 2, generator=g), "b": bad}))  # fmt: skip
+    settings = S3Settings(endpoint_url=s3_server, region="us-east-1")
+    opts = UpscaleOptions(overlap=1)
+    cfg = JobConfig("s3://lat/in", "s3://lat/out", pid, opts, s3=settings, progress=False, local=False,
+                    workflow="decode")  # fmt: skip
+    summary = run_job(cfg)
+    rows = {r["key"]: r for r in read_manifest(Location("s3://lat/out", settings))}
+    assert {k: r["status"] for k, r in rows.items()} == {"one.safetensors": "ok", "batch.safetensors#a": "ok",
+                                                         "batch.safetensors#b": "failed"}  # fmt: skip
+    assert "NaN or Inf" in rows["batch.safetensors#b"]["error"] and summary.runner == "Ray Data"
+    remote = s3.get_object(Bucket="lat", Key="out/one.png")["Body"].read()
+    local = run_job(JobConfig("s3://lat/in/one.safetensors", str(tmp_path / "loc"), pid, opts, s3=settings,
+                              progress=False, local=True, workflow="decode"))  # fmt: skip
+    assert local.ok == 1 and remote == (tmp_path / "loc" / "one.png").read_bytes()
+
+    t2i, gemma = make_tiny_t2i(tmp_path), make_tiny_gemma(tmp_path / "gemma")
+    (tmp_path / "p.txt").write_text("a cat sleeping\n\na red dog\n")
+    gen = ModelOptions(str(t2i), text_encoder=str(gemma))
+    cfg = JobConfig(str(tmp_path / "p.txt"), "s3://lat/gen", gen, UpscaleOptions(format="png"), s3=settings,
+                    progress=False, local=False, workflow="generate")  # fmt: skip
+    summary = run_job(cfg)
+    assert summary.ok == 2 and summary.runner == "Ray Data"
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="lat", Prefix="gen/")["Contents"])
+    assert keys == ["gen/000001-a-cat-sleeping.png", "gen/000003-a-red-dog.png", f"gen/{MANIFEST_NAME}"]
+    img = Image.open(io.BytesIO(s3.get_object(Bucket="lat", Key="gen/000003-a-red-dog.png")["Body"].read()))
+    assert img.size == (48, 32) and np.asarray(img).std() > 1

@@ -156,6 +156,8 @@ class DiffuseStage:
         th, tw = plan.tile
         if noised:  # a captured x_t: PiD conditions on it at its sigma as it is (the official from_ldm path)
             sigma = 0.0
+        if tuple(latent.shape[1:]) != plan.lat_hw and self.preset.vae == "rgb":
+            raise ValueError(f"LQ image {tuple(latent.shape[1:])} does not match the tile plan {plan.lat_hw}")
         if tuple(latent.shape[1:]) != plan.lat_hw and not self.preset.global_latent:
             # a latent decoded to an explicit output size: onto the plan's latent grid with the network's own rule
             # (nearest when a latent pixel spans several patches, as in every released layout; else bilinear)

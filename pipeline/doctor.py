@@ -556,9 +556,21 @@ def step_precision(c: Check, put) -> None:
     )
 
 
+def step_weights(c: Check, put) -> None:
+    """The weights a deployment will load are where it looks ($PIDRAY_PRESET, default small; $PIDRAY_WEIGHTS): the
+    image's health check, so a pod without its weights volume says so instead of failing at the first request."""
+    from pipeline.model.presets import get_preset
+    from pipeline.weights import resolve
+
+    preset = get_preset(os.environ.get("PIDRAY_PRESET", "small"))
+    put("preset", preset.name)
+    paths = resolve(preset, allow_download=False)  # raises, listing every missing file with its command
+    put("found", {k: str(v) for k, v in paths.items()})
+
+
 STEPS = {"versions": step_versions, "kernels": step_kernels, "forward": step_forward,
          "diffuse_loop": step_diffuse_loop, "golden": step_golden, "graph": step_graph,
-         "precision": step_precision}  # fmt: skip
+         "precision": step_precision, "weights": step_weights}  # fmt: skip
 
 
 def run(args) -> dict:

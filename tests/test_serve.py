@@ -228,7 +228,8 @@ def test_serve_config_yaml_is_valid():
 
     app = schema.applications[0]
     assert app.import_path == "serve.app:build_app"
-    assert {d.name for d in app.deployments} == set(deployment_names(app.args["preset"])) == {"ingress", "diffuse"}
+    names = {d.name for d in app.deployments}
+    assert names == set(deployment_names(app.args["preset"])) == {"ingress", "encode", "diffuse"}
 
 
 # ---------------------------------------------------------------------------------------------- issue 10: safety

@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 from pipeline.storage import display
 
 MANIFEST_NAME = "_pidray_manifest.parquet"
-STAGES = ("read", "decode", "encode", "diffuse", "merge", "write")
+STAGES = ("read", "decode", "encode", "diffuse", "merge", "write", "latent", "generate", "ldm")
 SCHEMA = pa.schema(
     [("key", pa.string()), ("key_bytes", pa.binary()), ("status", pa.string()), ("error", pa.string()),
      ("error_kind", pa.string()), ("output_key", pa.string()), ("in_bytes", pa.int64()), ("in_h", pa.int64()),
      ("in_w", pa.int64()), ("out_h", pa.int64()), ("out_w", pa.int64()), ("model", pa.string()),
-     ("seed", pa.int64()), ("notes", pa.string())]
+     ("seed", pa.int64()), ("notes", pa.string()), ("node", pa.string())]
     + [(f"t_{s}", pa.float64()) for s in STAGES]
 )  # fmt: skip
 
@@ -55,6 +55,7 @@ def manifest_row(row: dict, model: str) -> dict:
         "model": row.get("model", model),
         "seed": int(row.get("seed", -1)),
         "notes": notes if isinstance(notes, str) else "; ".join(notes),
+        "node": row.get("node", "") or "",  # the Ray node that diffused it (a Ray Data job); "" in the local loop
         **{f"t_{s}": float(timings.get(s, row.get(f"t_{s}", float("nan")))) for s in STAGES},
     }
 

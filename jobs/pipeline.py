@@ -86,9 +86,12 @@ class Summary:
 _INSTANCES: dict = {}
 
 
-def _apply(stage, name: str, batch: dict) -> dict:
-    """One Ray Data batch through the shared envelope; rows travel pickled (images, tensors: not Arrow data)."""
+def _apply(stage, name: str, batch: dict, node: str | None = None) -> dict:
+    """One Ray Data batch through the shared envelope; rows travel pickled (images, tensors: not Arrow data). node:
+    the Ray node of a model stage's actor, recorded on its rows (the manifest's `node`: who did the model work)."""
     rows = run_stage(stage, name, [pickle.loads(b) for b in batch["row"]])
+    if node:
+        rows = [{**r, "node": node} for r in rows]
     return {"i": batch["i"], "row": np.array([pickle.dumps(r) for r in rows], dtype=object)}
 
 
@@ -111,10 +114,13 @@ class StageActor:
         self.spec, self.stage = spec, spec.build()
         if hasattr(self.stage, "warmup"):
             self.stage.warmup()
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id()[:12]
 
     def __call__(self, batch: dict) -> dict:
         _set_threads(self.threads)  # OpenMP's thread count is per calling thread: Ray may call from another one
-        return _apply(self.stage, self.spec.name, batch)
+        return _apply(self.stage, self.spec.name, batch, self.node if self.spec.name == "diffuse" else None)
 
 
 def _set_threads(threads: int | None) -> None:
@@ -180,7 +186,9 @@ def _iter_ray(cfg: JobConfig, plan: Plan, rows: list[dict]) -> Iterator[dict]:
             threads = None if on_gpu else max(1, cpus // n)
             ds = ds.map_batches(
                 StageActor, fn_constructor_kwargs={"spec": spec, "threads": threads},
-                compute=ActorPoolStrategy(size=n), **common,
+                # one batch in flight per actor: a batch is already 16 rows, and one queued behind a busy actor
+                # would wait while another actor (maybe on another node) idles
+                compute=ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1), **common,
             )  # fmt: skip
         else:
             ds = ds.map_batches(stage_task, fn_kwargs={"spec": spec}, **common)

@@ -243,6 +243,11 @@ def preflight(cfg: JobConfig) -> None:
             missing.append(f"checkpoint not found: {path}")
     except WeightsNotFound as e:
         missing.append(str(e))
+    _raise_missing(missing, cfg, preset)
+
+
+def _raise_missing(missing: list[str], cfg: JobConfig, preset) -> None:
+    """One SetupError naming everything missing at once (weights, and the caption encoder), each with its command."""
     if preset.text_encoder != "none" and not cfg.model.text_encoder and not cfg.model.allow_download:
         missing.append(
             f"preset {preset.name!r} needs the Gemma-2-2B-it caption encoder: get it with `hf download "
@@ -293,15 +298,7 @@ def _preflight_generate(cfg: JobConfig, preset) -> None:
                 missing.append(f"checkpoint not found: {path}")
         except WeightsNotFound as e:
             missing.append(str(e))
-    if preset.text_encoder != "none" and not cfg.model.text_encoder and not cfg.model.allow_download:
-        missing.append(
-            f"preset {preset.name!r} needs the Gemma-2-2B-it caption encoder: get it with `hf download "
-            "Efficient-Large-Model/gemma-2-2b-it --local-dir DIR` (Gemma's own terms apply) and pass "
-            "--text-encoder DIR, or --allow-download"
-        )
-    if missing:
-        head = f"{len(missing)} things are missing: " if len(missing) > 1 else ""
-        raise SetupError(head + " AND ".join(f"({i}) {m}" if len(missing) > 1 else m for i, m in enumerate(missing, 1)))
+    _raise_missing(missing, cfg, preset)
 
 
 class Interrupted(BaseException):

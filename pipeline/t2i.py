@@ -10,7 +10,7 @@ script draws its batch from the CUDA generator, so seeds do not give the officia
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -98,11 +98,9 @@ class GenerateOptions:
 
     @classmethod
     def from_dict(cls, d: dict) -> GenerateOptions:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise BadParameter(f"unknown option(s): {unknown}")
-        return cls(**d)
+        from pipeline.stages.common import strict_from_dict
+
+        return strict_from_dict(cls, d)
 
 
 GEN_OVERRIDES = ("seed", "steps", "shift", "cfg_scale", "size", "negative_prompt")

@@ -200,3 +200,19 @@ def make_tiny_zimage(d):
                                     text_encoder=te, tokenizer=fast, transformer=tr)  # fmt: skip
     pipe.save_pretrained(str(d), safe_serialization=True)
     return d
+
+
+def wait_healthy(url: str, seconds: float = 180) -> None:
+    """Poll the endpoint's /healthz until it answers 200 (replicas loaded) or the time is up."""
+    import time
+
+    import requests
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if requests.get(url + "/healthz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)

@@ -18,7 +18,7 @@ from PIL import Image
 from pipeline.stages import run_stage
 
 import corpus
-from conftest import ROOT, free_port, png_bytes
+from conftest import ROOT, free_port, png_bytes, wait_healthy
 
 pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token"
@@ -50,14 +50,7 @@ def endpoint(s3_out):
         "body_timeout_s": BODY_TIMEOUT, "allowed_origins": ["http://allowed.example"], "max_bytes": MAX_BYTES,
     }  # fmt: skip
     url = start(args, port=free_port(), num_cpus=2)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if requests.get(url + "/healthz", timeout=5).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
+    wait_healthy(url, 180)
     yield url
     serve.shutdown()
     ray.shutdown()

@@ -3,7 +3,6 @@ file, so the replicas load it too) and a tiny PixelDiT + Gemma beside it. Marked
 
 import io
 import json
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from pipeline.graph import StageGraph
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
 
-from conftest import free_port, make_tiny_gemma, make_tiny_t2i
+from conftest import free_port, make_tiny_gemma, make_tiny_t2i, wait_healthy
 
 pytestmark = pytest.mark.slow
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -38,14 +37,7 @@ def app(tmp_path_factory, golden_dir):
     args = {"preset": pid.preset, "weights": pid.weights, "options": {"overlap": 1},
             "generate": {"preset": str(t2i), "text_encoder": str(gemma)}, "max_cost_mpx_steps": 4}  # fmt: skip
     url = start(args, port=free_port(), num_cpus=2)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        try:
-            if requests.get(url + "/healthz", timeout=5).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
+    wait_healthy(url, 240)
     yield {"url": url, "pid": pid, "t2i": str(t2i), "gemma": str(gemma)}
     serve.shutdown()
     ray.shutdown()

@@ -50,11 +50,15 @@ class UpscaleOptions:
 
     @classmethod
     def from_dict(cls, d: dict) -> UpscaleOptions:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise BadParameter(f"unknown option(s): {unknown}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
+
+
+def strict_from_dict(cls, d: dict):
+    """`cls(**d)` for an options dataclass, refusing unknown fields with their names (BadParameter)."""
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise BadParameter(f"unknown option(s): {unknown}")
+    return cls(**d)
 
 
 SEED_LIMIT = 1 << 63  # seeds are 63-bit: torch generators and our noise keys take them as they are

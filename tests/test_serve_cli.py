@@ -63,7 +63,7 @@ def test_read_token_from_file_or_env(tmp_path, monkeypatch):
 def test_f13_rayservice_never_starts_token_less(manifest):
     import yaml
 
-    svc = yaml.safe_load((ROOT / "k8s" / manifest).read_text())
+    svc = yaml.safe_load((ROOT / "k8s" / "base" / manifest).read_text())
     spec = svc["spec"]["rayClusterConfig"]
     pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
     for pod in pods:
@@ -87,7 +87,7 @@ def test_endpoint_arguments_are_a_typed_model():
     with pytest.raises(ValueError, match="unknown option"):
         build_app({"options": {"colour": "red"}, "gpu": False})
     conf = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
-    svc = yaml.safe_load((ROOT / "k8s" / "rayservice.yaml").read_text())
+    svc = yaml.safe_load((ROOT / "k8s" / "base" / "rayservice.yaml").read_text())
     for args in (
         conf["applications"][0]["args"],
         yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"],

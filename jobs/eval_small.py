@@ -3,7 +3,9 @@
 For each held-out photo: centre crop (--size) -> antialiased bicubic ÷4, 8-bit PNG (the LQ input) ->
 `pidray` 4× with the default sampler and seed -> PSNR on Y (BT.601, 4-pixel border shaved) and SSIM
 against the crop, beside bicubic 4× of the same LQ. Also times a 256×256 -> 1024×1024 upscale and
-writes side-by-side PNGs (nearest LQ | bicubic | pidray | original).
+writes side-by-side PNGs (nearest LQ | bicubic | pidray | original). Also the grid ratio (how visible the network's
+patch grid is: `pipeline.quality.grid_ratio`) and CPU seconds per output megapixel; `--compare OTHER` evaluates a
+second model in the same run.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from PIL import Image
 
 from pipeline.graph import StageGraph
-from pipeline.quality import HOLDOUT, bicubic_up, center_crop, load_photo, make_lq, psnr_y, ssim_y
+from pipeline.quality import HOLDOUT, bicubic_up, center_crop, grid_ratio, load_photo, make_lq, psnr_y, ssim_y
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
 
@@ -50,7 +52,8 @@ def evaluate(weights: str | None, size: int, runs: int, report: str | None, name
         bic = bicubic_up(lq[None])[0]
         rows.append(
             {"image": name, "psnr_y_model": psnr_y(out, hq), "psnr_y_bicubic": psnr_y(bic, hq),
-             "ssim_model": ssim_y(out, hq), "ssim_bicubic": ssim_y(bic, hq)}
+             "ssim_model": ssim_y(out, hq), "ssim_bicubic": ssim_y(bic, hq),
+             "grid_ratio": grid_ratio(out, lq, graph.preset.config.patch_size)}
         )  # fmt: skip
         nearest = torch.nn.functional.interpolate(lq[None], scale_factor=4, mode="nearest")[0]
         panels.append(torch.cat([nearest, bic, out, hq], dim=2))
@@ -64,7 +67,9 @@ def evaluate(weights: str | None, size: int, runs: int, report: str | None, name
         t0 = time.perf_counter()
         next(graph.run_local([{"key": "t", "bytes": data}], stages))
         times.append(time.perf_counter() - t0)
-    res = {"rows": rows, "mean": mean, "runtime_256_to_1024_s": {"median": statistics.median(times), "runs": times}}
+    med = statistics.median(times)
+    res = {"rows": rows, "mean": mean, "runtime_256_to_1024_s": {"median": med, "runs": times},
+           "cpu_s_per_output_mpx": med / (1024 * 1024 / 1e6), "threads": torch.get_num_threads()}  # fmt: skip
     if report:
         out_dir = Path(report)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,18 +79,38 @@ def evaluate(weights: str | None, size: int, runs: int, report: str | None, name
     return res
 
 
-def main(args) -> int:
-    res = evaluate(args.weights, args.size, args.runs, args.report)
-    print(f"{'image':12s} {'PSNR-Y pidray':>14s} {'PSNR-Y bicubic':>15s} {'SSIM pidray':>12s} {'SSIM bicubic':>13s}")
+def _print(label: str, res: dict) -> None:
+    print(f"== {label}")
+    print(f"{'image':12s} {'PSNR-Y model':>13s} {'PSNR-Y bicubic':>15s} {'SSIM model':>11s} {'SSIM bicubic':>13s} "
+          f"{'grid ratio':>11s}")  # fmt: skip
     for r in res["rows"]:
-        print(f"{r['image']:12s} {r['psnr_y_model']:14.2f} {r['psnr_y_bicubic']:15.2f} {r['ssim_model']:12.4f} "
-              f"{r['ssim_bicubic']:13.4f}")  # fmt: skip
+        print(f"{r['image']:12s} {r['psnr_y_model']:13.2f} {r['psnr_y_bicubic']:15.2f} {r['ssim_model']:11.4f} "
+              f"{r['ssim_bicubic']:13.4f} {r['grid_ratio']:11.3f}")  # fmt: skip
     m = res["mean"]
-    print(f"{'mean':12s} {m['psnr_y_model']:14.2f} {m['psnr_y_bicubic']:15.2f} {m['ssim_model']:12.4f} "
-          f"{m['ssim_bicubic']:13.4f}   gain {m['psnr_gain_db']:+.2f} dB")  # fmt: skip
+    print(f"{'mean':12s} {m['psnr_y_model']:13.2f} {m['psnr_y_bicubic']:15.2f} {m['ssim_model']:11.4f} "
+          f"{m['ssim_bicubic']:13.4f} {m['grid_ratio']:11.3f}   gain {m['psnr_gain_db']:+.2f} dB")  # fmt: skip
     rt = res["runtime_256_to_1024_s"]
-    print(f"256x256 -> 1024x1024 on {torch.get_num_threads()} CPU threads: median {rt['median']:.2f}s "
-          f"over {len(rt['runs'])} runs")  # fmt: skip
+    print(f"256x256 -> 1024x1024 on {res['threads']} CPU threads: median {rt['median']:.2f}s over {len(rt['runs'])} "
+          f"runs = {res['cpu_s_per_output_mpx']:.2f} s per output Mpx")  # fmt: skip
+
+
+def main(args) -> int:
+    """One run: the model (and, with --compare, another one: e.g. the previous bundled model), side by side."""
+    runs = [("model " + (args.weights or "bundled"), args.weights)]
+    if getattr(args, "compare", None):
+        runs.append(("compare " + args.compare, args.compare))
+    results = []
+    for i, (label, weights) in enumerate(runs):
+        report = args.report if i == 0 else (f"{args.report}/compare" if args.report else None)
+        res = evaluate(weights, args.size, args.runs, report)
+        results.append((label, res))
+        _print(label, res)
+    if len(results) == 2:
+        (_, a), (_, b) = results
+        print(f"== side by side: PSNR gain {a['mean']['psnr_gain_db']:+.2f} vs {b['mean']['psnr_gain_db']:+.2f} dB, "
+              f"SSIM {a['mean']['ssim_model']:.4f} vs {b['mean']['ssim_model']:.4f}, grid ratio "
+              f"{a['mean']['grid_ratio']:.3f} vs {b['mean']['grid_ratio']:.3f}, CPU "
+              f"{a['cpu_s_per_output_mpx']:.2f} vs {b['cpu_s_per_output_mpx']:.2f} s/Mpx")  # fmt: skip
     if args.report:
-        print(f"report: {args.report}/eval.json and side_by_side_*.png (nearest LQ | bicubic | pidray | original)")
+        print(f"report: {args.report}/eval.json and side_by_side_*.png (nearest LQ | bicubic | model | original)")
     return 0

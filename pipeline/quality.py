@@ -87,6 +87,22 @@ def ssim_y(a: torch.Tensor, b: torch.Tensor, shave: int = 4) -> float:
     return float(structural_similarity(ya, yb, data_range=255.0))
 
 
+def grid_ratio(out: torch.Tensor, lq: torch.Tensor, period: int, scale: int = 4, shave: int = 8) -> float:
+    """How visible a `period`-pixel grid is in `out` [3, H, W] (e.g. the network's patch size): the mean |horizontal
+    and vertical gradient| across the grid's lines ÷ the same everywhere else, measured on the luma of out minus
+    bicubic ×`scale` of its input `lq`, so the image's own content cancels. 1.0: no grid; a visible grid: > 1.2."""
+    d = _y255(quantize(out)) - _y255(quantize(bicubic_up(lq[None], scale)[0]))
+    if shave:
+        d = d[shave:-shave, shave:-shave]
+    gx, gy = np.abs(np.diff(d, axis=1)), np.abs(np.diff(d, axis=0))
+    # the difference between columns j-1 and j sits at index j-1; a grid line lies before every multiple of period
+    on_x = ((np.arange(gx.shape[1]) + 1 + shave) % period) == 0
+    on_y = ((np.arange(gy.shape[0]) + 1 + shave) % period) == 0
+    on = np.concatenate([gx[:, on_x].ravel(), gy[on_y, :].ravel()])
+    off = np.concatenate([gx[:, ~on_x].ravel(), gy[~on_y, :].ravel()])
+    return float(on.mean() / max(off.mean(), 1e-12))
+
+
 def center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
     _, h, w = img.shape
     size = min(size, h, w)

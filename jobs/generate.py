@@ -8,7 +8,7 @@ import os
 import sys
 
 from jobs.pipeline import JobConfig, run_job
-from jobs.upscale import seed_arg, size_arg
+from jobs.upscale import report, seed_arg, size_arg
 from pipeline.errors import SetupError
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
@@ -104,14 +104,7 @@ def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.prompts is None):
         raise SetupError("give one PROMPT and an output file, or --prompts FILE and an output folder")
     if args.prompts:
-        summary = run_job(_config(args, args.prompts, args.out))
-        for r in summary.rows:
-            if r["status"] == "failed":
-                print(f"failed  {r['key']}: {r['error']}", file=sys.stderr)
-        print(summary.line().replace("images/s", "prompts/s"))
-        if summary.interrupted:
-            return 128 + summary.interrupted
-        return 0 if summary.failed == 0 else 3
+        return report(run_job(_config(args, args.prompts, args.out)), per="prompts")
     return _one(args)
 
 

@@ -216,13 +216,12 @@ def preflight(cfg: JobConfig) -> None:
     if preset.task != "upscale":
         raise SetupError(f"preset {preset.name!r} is a text-to-image model: use pidray generate")
     if decode:  # latents replace the LQ encoder: the preset must take them, in the format named
-        from pipeline.latents import check_format
+        from pipeline.latents import check_decodes, check_format
 
-        if preset.vae == "rgb" or preset.global_latent:
-            raise SetupError(
-                f"preset {preset.name!r} has no latent decoder ({preset.vae} conditioning): pidray decode "
-                "takes a VAE preset (flux-2k, sd3-2k, sdxl-2kto4k, flux2-2k, qwenimage-2kto4k-v1.5, ...)"
-            )
+        try:
+            check_decodes(preset)
+        except ValueError as e:
+            raise SetupError(str(e)) from None
         check_format(cfg.latent_format, preset)
     else:
         check_encoder(preset)  # "not implemented" before asking for weights the preset cannot use anyway
@@ -277,8 +276,7 @@ def _preflight_generate(cfg: JobConfig, preset) -> None:
             check_format(spec.latent_format, preset)
         except ValueError as e:
             raise SetupError(str(e)) from None
-        defaults = {"steps": spec.steps, "cfg_scale": spec.guidance, "size": list(spec.size)}
-        GenerateOptions.from_dict(cfg.gen).resolved(preset, defaults)
+        GenerateOptions.from_dict(cfg.gen).resolved(preset, spec.defaults())
     elif preset.task != "t2i":
         raise SetupError(
             f"preset {preset.name!r} does not generate images: pidray generate takes pixeldit-2k (or a "

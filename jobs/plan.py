@@ -23,7 +23,7 @@ from pipeline.errors import SetupError
 from pipeline.imageio import EXTENSIONS, FORMATS, probe
 from pipeline.latents import LATENT_EXTENSIONS, header_ids, is_latent_key, npz_ids
 from pipeline.noise import file_seed
-from pipeline.stages.common import resolve
+from pipeline.stages.common import parse_size, resolve
 from pipeline.storage import Entry, Location, display, key_problem
 
 MAX_INPUT_BYTES = 1 << 30  # a file larger than this is refused before it is read (no image we take is that big)
@@ -97,11 +97,17 @@ def _row(entry: Entry, status: str, cfg, **kw) -> dict:
     return manifest_row({"key": entry.key, "status": status, "in_bytes": entry.size, **kw}, cfg.model.preset)
 
 
+def _safe_name(text: str) -> str:
+    """A user-given name (a latent id, a prompt's `name`) as one file-name segment: every run of characters other
+    than word characters, '.' and '-' becomes '_'."""
+    return re.sub(r"[^\w.-]+", "_", text)
+
+
 def _batch_name(key: str, latent_id: str) -> str:
     """The name an output of one latent of a batch file is made from: the file's stem, then the id made safe for a
     file name (`a.npz` id `x/y` -> `a.x_y`); `output_stems` then makes every name in the job unique."""
     p = PurePosixPath(key)
-    safe = re.sub(r"[^\w.-]+", "_", latent_id).strip("._")[:80] or "latent"
+    safe = _safe_name(latent_id).strip("._")[:80] or "latent"
     parent = "" if str(p.parent) == "." else f"{p.parent}/"
     return f"{parent}{p.stem}.{safe}.latent"
 
@@ -300,9 +306,7 @@ def _gen_fields(item: dict) -> dict:
     if "negative_prompt" in item:
         gen["negative_prompt"] = str(item["negative_prompt"])
     if "size" in item:
-        size = item["size"]
-        w, h = (int(v) for v in (size.lower().split("x") if isinstance(size, str) else size))
-        gen["size"] = (h, w)
+        gen["size"] = parse_size(item["size"])
     return gen
 
 
@@ -311,8 +315,7 @@ def _ldm_defaults(cfg) -> dict | None:
         return None
     from pipeline.stages.ldm import ldm_spec
 
-    spec, _ = ldm_spec(cfg.ldm or "zimage-turbo")
-    return {"steps": spec.steps, "cfg_scale": spec.guidance, "size": list(spec.size)}
+    return ldm_spec(cfg.ldm or "zimage-turbo")[0].defaults()
 
 
 def _plan_prompts(cfg) -> Plan:
@@ -337,7 +340,7 @@ def _plan_prompts(cfg) -> Plan:
         if isinstance(item, dict):
             label = str(item.get("name") or item.get("prompt", ""))
             slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:48] or "image"
-            names[n] = f"{n:06d}-{slug}" if not item.get("name") else re.sub(r"[^\w.-]+", "_", label)[:96]
+            names[n] = f"{n:06d}-{slug}" if not item.get("name") else _safe_name(label)[:96]
     stems = output_stems([f"{v}.prompt" for v in names.values()], cfg.suffix)
     existing, previous = _existing_outputs(cfg, dst)
     for n, item in entries:

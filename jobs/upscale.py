@@ -11,7 +11,7 @@ from pathlib import Path
 from jobs.pipeline import JobConfig, run_job
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
-from pipeline.stages.common import check_seed
+from pipeline.stages.common import check_seed, parse_size
 from pipeline.storage import S3Settings
 
 
@@ -68,12 +68,9 @@ def suffix_arg(text: str) -> str:
 def size_arg(text: str) -> tuple[int, int]:
     """WxH -> (H, W)."""
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 2048x1536, got {text!r}") from None
-    if w < 1 or h < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return h, w
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_upscale_parser(sub, parents=()) -> None:
@@ -209,10 +206,15 @@ def cmd_upscale(args) -> int:
         todo = sum(r["status"] == "planned" for r in summary.rows)
         print(f"dry run: {todo} to do, {summary.skipped} skipped, {summary.failed} refused")
         return 0
+    return report(summary)
+
+
+def report(summary, per: str = "images") -> int:
+    """A finished job for the terminal (failed inputs, the summary line, how to finish) -> the exit code."""
     for r in summary.rows:
         if r["status"] == "failed":
             print(f"failed  {r['key']}: {r['error']}", file=sys.stderr)
-    print(summary.line())
+    print(summary.line().replace("images/s", f"{per}/s"))
     if summary.interrupted:
         print("rerun the same command with --resume to finish", file=sys.stderr)
         return 128 + summary.interrupted  # 130 for Ctrl-C, 143 for SIGTERM

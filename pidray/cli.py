@@ -33,11 +33,7 @@ def _cmd_presets(args) -> int:
             does = "text->image"
         else:  # upscales images when its encoder is implemented; decodes latents when it takes a VAE latent
             does = (
-                "+".join(
-                    w
-                    for w, ok in (("images", p.vae in LQ_ENCODERS), ("latents", p.vae != "rgb" and not p.global_latent))
-                    if ok
-                )
+                "+".join(w for w, ok in (("images", p.vae in LQ_ENCODERS), ("latents", p.decodes_latents)) if ok)
                 or "no"
             )
         scale = f"x{p.scale}" if p.task == "upscale" else "-"

@@ -57,6 +57,19 @@ def hidden_gpu_env() -> dict:
 WORKFLOWS = ("upscale", "decode", "generate", "ldm")
 
 
+def _pid_stages(model: dict, options: dict, holds_encode: bool, encode_share: float, diffuse_share: float,
+                lq: bool = True) -> list[StageSpec]:  # fmt: skip
+    """PiD's stages, the same in every workflow: encode (the LQ encoder and the captioner; `lq=False`: the rows
+    bring their latent, only the plan and caption are made), diffuse, merge — with their shares of a GPU."""
+    encode_kw = {"model": model, "options": options, "gpu_share": encode_share or 1.0, **({} if lq else {"lq": False})}
+    return [
+        StageSpec("encode", EncodeStage, encode_kw, holds_encode, holds_encode, batch_rows=8, gpu_share=encode_share),
+        StageSpec("diffuse", DiffuseStage, {"model": model, "options": options, "gpu_share": diffuse_share}, True,
+                  True, batch_rows=16, gpu_share=diffuse_share),
+        StageSpec("merge", MergeStage, {"options": options}, False, False),
+    ]  # fmt: skip
+
+
 class StageGraph:
     """workflow "upscale": image files -> PiD; "decode": latent files (a generator's latents, captured x_t) -> PiD,
     the latent taking the VAE encoder's place (`latent_format` names what the files hold; None: the preset's);
@@ -73,72 +86,31 @@ class StageGraph:
         self.options = options or UpscaleOptions()
         self.preset = get_preset(self.model.preset)
         self.workflow = workflow
-        if workflow == "generate":
-            self._generate_stages(gen, upscale)
-            return
         m, o = dataclasses.asdict(self.model), self.options.to_dict()
-        if workflow == "ldm":
+        captioned = self.preset.text_encoder != "none"
+        # On a GPU cluster each GPU hosts one actor of every GPU stage: the shares of one GPU add up to 1.
+        if workflow == "generate":
+            self._generate_stages(gen, upscale, o)
+        elif workflow == "ldm":  # a latent diffusion model's latent, then PiD without its VAE
             from pipeline.stages.ldm import LDMStage
             from pipeline.t2i import GenerateOptions
 
             g = gen.to_dict() if isinstance(gen, GenerateOptions) else dict(gen or {})
-            captioned = self.preset.text_encoder != "none"
-            self.stages = [
-                StageSpec("ldm", LDMStage, {"model": m, "ldm": ldm or "zimage-turbo", "options": g, "upscale": o},
-                          True, True, batch_rows=1, gpu_share=0.5),
-                StageSpec("encode", EncodeStage, {"model": m, "options": o, "gpu_share": 0.1 if captioned else 1.0,
-                                                  "lq": False}, captioned, captioned, batch_rows=8,
-                          gpu_share=0.1 if captioned else 0.0),
-                StageSpec("diffuse", DiffuseStage, {"model": m, "options": o, "gpu_share": 0.4}, True, True,
-                          batch_rows=16, gpu_share=0.4),
-                StageSpec("merge", MergeStage, {"options": o}, False, False),
-            ]  # fmt: skip
-            return
-        latent_vae = self.preset.vae != "rgb"
-        # On a GPU cluster each GPU hosts one actor of every GPU stage: the shares of one GPU add up to 1.
-        vae_share = 0.25 if latent_vae else 0.0
-        if workflow == "decode":  # no VAE: the encode stage only plans and embeds the caption
-            captioned = self.preset.text_encoder != "none"
-            vae_share = 0.1 if captioned else 0.0
-            first = [
-                StageSpec(
-                    "latent",
-                    LatentStage,
-                    {"preset": self.model.preset, "latent_format": latent_format, "options": o},
-                    False,
-                    False,
-                ),
-                StageSpec(
-                    "encode",
-                    EncodeStage,
-                    {"model": m, "options": o, "gpu_share": vae_share or 1.0, "lq": False},
-                    captioned,
-                    captioned,
-                    batch_rows=8,
-                    gpu_share=vae_share,
-                ),
-            ]
+            ldm_kw = {"model": m, "ldm": ldm or "zimage-turbo", "options": g, "upscale": o}
+            self.stages = [StageSpec("ldm", LDMStage, ldm_kw, True, True, batch_rows=1, gpu_share=0.5),
+                           *_pid_stages(m, o, captioned, 0.1 if captioned else 0.0, 0.4, lq=False)]  # fmt: skip
+        elif workflow == "decode":  # no VAE: the encode stage only plans and embeds the caption
+            latent_kw = {"preset": self.model.preset, "latent_format": latent_format, "options": o}
+            share = 0.1 if captioned else 0.0
+            self.stages = [StageSpec("latent", LatentStage, latent_kw, False, False),
+                           *_pid_stages(m, o, captioned, share, 1.0 - share, lq=False)]  # fmt: skip
         else:
-            first = [
-                StageSpec("decode", DecodeStage, {"max_pixels": self.options.max_pixels}, False, False),
-                StageSpec(
-                    "encode",
-                    EncodeStage,
-                    {"model": m, "options": o, "gpu_share": vae_share or 1.0},
-                    latent_vae,
-                    latent_vae,
-                    batch_rows=8,
-                    gpu_share=vae_share,
-                ),
-            ]
-        self.stages = [
-            *first,
-            StageSpec("diffuse", DiffuseStage, {"model": m, "options": o, "gpu_share": 1.0 - vae_share}, True, True,
-                      batch_rows=16, gpu_share=1.0 - vae_share),
-            StageSpec("merge", MergeStage, {"options": o}, False, False),
-        ]  # fmt: skip
+            vae = self.preset.vae != "rgb"
+            share = 0.25 if vae else 0.0
+            self.stages = [StageSpec("decode", DecodeStage, {"max_pixels": self.options.max_pixels}, False, False),
+                           *_pid_stages(m, o, vae, share, 1.0 - share)]  # fmt: skip
 
-    def _generate_stages(self, gen, upscale: ModelOptions | None) -> None:
+    def _generate_stages(self, gen, upscale: ModelOptions | None, o: dict) -> None:
         from pipeline.stages.generate import GenerateStage
         from pipeline.t2i import GenerateOptions
 
@@ -148,7 +120,6 @@ class StageGraph:
             "options": gen.to_dict(),
             "emit": "image" if upscale else "pixels",
         }
-        o = self.options.to_dict()
         self.upscale = upscale
         if upscale is None:
             self.stages = [StageSpec("generate", GenerateStage, g, True, True, batch_rows=4, gpu_share=1.0),
@@ -157,16 +128,9 @@ class StageGraph:
         up = get_preset(upscale.preset)
         if up.task != "upscale":
             raise ValueError(f"--upscale takes a PiD preset, not {up.name!r}")
-        u = dataclasses.asdict(upscale)
         vae = up.vae != "rgb"
-        self.stages = [
-            StageSpec("generate", GenerateStage, g, True, True, batch_rows=4, gpu_share=0.5),
-            StageSpec("encode", EncodeStage, {"model": u, "options": o, "gpu_share": 0.1 if vae else 1.0}, vae, vae,
-                      batch_rows=8, gpu_share=0.1 if vae else 0.0),
-            StageSpec("diffuse", DiffuseStage, {"model": u, "options": o, "gpu_share": 0.4}, True, True,
-                      batch_rows=16, gpu_share=0.4),
-            StageSpec("merge", MergeStage, {"options": o}, False, False),
-        ]  # fmt: skip
+        self.stages = [StageSpec("generate", GenerateStage, g, True, True, batch_rows=4, gpu_share=0.5),
+                       *_pid_stages(dataclasses.asdict(upscale), o, vae, 0.1 if vae else 0.0, 0.4)]  # fmt: skip
 
     def actors(self, gpus: int, requested: dict[str, int] | None = None) -> dict[str, int]:
         """Actors per model stage on a cluster with `gpus` GPUs: as requested, else one per GPU (one if none)."""

@@ -286,11 +286,18 @@ def check_format(fmt: str | None, preset) -> None:
                        f"{preset.vae} latents ({', '.join(fits) or 'none'}); choose a preset for {family}")  # fmt: skip
 
 
+def check_decodes(preset) -> None:
+    """BadParameter unless the preset takes latents in place of its LQ encoder."""
+    if not preset.decodes_latents:
+        raise BadParameter(
+            f"preset {preset.name!r} has no latent decoder ({preset.vae} conditioning): pidray decode "
+            "takes a VAE preset (flux-2k, sd3-2k, sdxl-2kto4k, flux2-2k, qwenimage-2kto4k-v1.5, ...)"
+        )
+
+
 def check_latent(latent: np.ndarray, preset) -> None:
     want = preset.latent_channels
-    if preset.vae == "rgb" or preset.global_latent:
-        raise BadParameter(f"preset {preset.name!r} has no latent decoder ({preset.vae} conditioning); choose a VAE "
-                           "preset (flux-2k, sd3-2k, sdxl-2kto4k, flux2-2k, qwenimage-2kto4k-v1.5, ...)")  # fmt: skip
+    check_decodes(preset)
     if latent.shape[0] != want:
         hint = " (Flux2: the 128-channel patchified, batch-norm normalised latent)" if preset.vae == "flux2" else ""
         raise BadInput(f"latent has {latent.shape[0]} channels; preset {preset.name!r} ({preset.vae}) takes "

@@ -18,6 +18,18 @@ from pipeline.errors import BadParameter
 from pipeline.model.t2i_sampler import dpm_solver_pp
 
 MAX_STEPS = 200
+MAX_PROMPT_CHARS = 4000
+
+
+def check_prompt(prompt) -> str:
+    """A row's prompt, or BadInput: empty, or longer than MAX_PROMPT_CHARS."""
+    from pipeline.errors import BadInput
+
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadInput("empty prompt")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise BadInput(f"prompt is {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
+    return prompt
 
 
 @torch.inference_mode()

@@ -17,7 +17,9 @@ message, never a trace.
 # No `from __future__ import annotations`: FastAPI must see real types through Serve's ingress wrapper.
 
 import asyncio
+import dataclasses
 import hmac
+import json
 import os
 import time
 import uuid
@@ -36,9 +38,12 @@ from pipeline.imageio import output_format, probe
 from pipeline.model.presets import PRESETS, get_preset
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions, run_stage
-from pipeline.stages.common import resolve
-from pipeline.stages.encode import plan_for
+from pipeline.stages.common import check_seed, parse_size, resolve
+from pipeline.stages.encode import given_latent_in_hw, plan_for
+from pipeline.stages.generate import GenerateStage
 from pipeline.stages.latent import LatentStage
+from pipeline.stages.merge import MergeStage
+from pipeline.t2i import MAX_PROMPT_CHARS, GenerateOptions
 from pipeline.tiling import TilePlan, check_output_side, target_size
 from serve.metrics import ServeMetrics
 from serve.run import TOKEN_ENV, is_loopback
@@ -147,11 +152,7 @@ def parse_params(params: dict, preset, options: UpscaleOptions, s3_configured: b
         if not 0.0 <= row["sigma"] < 1e3:
             raise BadParameter(f"sigma must be >= 0, got {params['sigma']!r}")
     if params.get("size"):
-        try:
-            w, h = (int(v) for v in str(params["size"]).lower().split("x"))
-        except ValueError:
-            raise BadParameter(f"size must be WIDTHxHEIGHT, got {params['size']!r}") from None
-        row["out_size"] = [h, w]
+        row["out_size"] = list(parse_size(params["size"]))
     if params.get("latent_format"):
         from pipeline.latents import check_format
 
@@ -190,21 +191,19 @@ class Ingress:
         # right here in the ingress replica, off the event loop, instead of costing a hop.
         graph = StageGraph(args.model_options(), UpscaleOptions.from_dict(args.options))
         self.chain = [(s.name, handles[s.name] if s.holds_model else s.build()) for s in graph.stages]
-        # /v1/decode: the same deployments from the encode stage on (the encode replica plans and embeds the caption
-        # of a given latent without its VAE); the latent stage runs here. Presets without a latent decoder: none.
+        # /v1/generate: PixelDiT's deployment, then the merge here, or (upscale) the upscale chain from encode on
         self.gen_chain = self.gen_up_chain = None
         gen_model = args.generate_model()
         if gen_model is not None:
-            from pipeline.stages.merge import MergeStage
-            from pipeline.t2i import GenerateOptions
-
             self.gen_preset = get_preset(gen_model.preset)
             self.gen_defaults = GenerateOptions.from_dict((args.generate or {}).get("options", {}))
             self.gen_chain = [("generate", handles["generate"]), ("merge", MergeStage(graph.options))]
             if graph.preset.task == "upscale":  # then PiD: the upscale chain from its encode stage on
                 self.gen_up_chain = [("generate", handles["generate"])] + [c for c in self.chain if c[0] != "decode"]
+        # /v1/decode: the same deployments from the encode stage on (the encode replica plans and embeds the caption
+        # of a given latent without its VAE); the latent stage runs here. Presets without a latent decoder: none.
         self.decode_chain = None
-        if graph.preset.vae != "rgb" and not graph.preset.global_latent:
+        if graph.preset.decodes_latents:
             dg = StageGraph(args.model_options(), UpscaleOptions.from_dict(args.options), workflow="decode")
             self.decode_chain = [(s.name, handles[s.name] if s.name in handles else s.build()) for s in dg.stages]
         self.probe_handle = handles[graph.model_stages()[-1].name]  # /healthz: the last model stage is loaded
@@ -284,6 +283,17 @@ class Ingress:
         data = await upload.read()
         return data, {k: v for k, v in form.items() if k != field and isinstance(v, str)}
 
+    def _busy(self) -> JSONResponse:
+        return _error("busy", f"the endpoint is busy ({self.max_in_flight} requests in progress); retry shortly",
+                      {"Retry-After": "2"})  # fmt: skip
+
+    async def _within_body_timeout(self, read):
+        """The request body (`read`: a coroutine reading it), or a 408 refusal when it does not arrive in time."""
+        try:
+            return await asyncio.wait_for(read, timeout=self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise Refused("slow_client", f"the request body did not arrive within {self.body_timeout_s:g}s") from None
+
     def _timeout(self, params: dict) -> float:
         if params.get("timeout") in (None, ""):
             return self.timeout_s
@@ -337,27 +347,14 @@ class Ingress:
     async def _generate(self, request: Request):
         """JSON {"prompt", and optionally seed, size "WxH", steps, shift, cfg_scale, negative_prompt, upscale,
         format, quality, timeout} -> the image (PixelDiT; with upscale, then the served PiD preset)."""
-        import json
-
-        from pipeline.stages.common import check_seed
-        from pipeline.stages.generate import MAX_PROMPT_CHARS
-        from pipeline.t2i import GenerateOptions
-
-        if not self._authorized(request):
-            return _error("unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
-        self._check_site(request)
         if self.gen_chain is None:
             return _error("bad_parameter", "this endpoint does not generate images (start it with generate="
                           "{preset: pixeldit-2k, ...})")  # fmt: skip
         if self.in_flight > self.max_in_flight:
-            return _error("busy", f"the endpoint is busy ({self.max_in_flight} requests in progress); retry shortly",
-                          {"Retry-After": "2"})  # fmt: skip
+            return self._busy()
         if not request.headers.get("content-type", "").lower().startswith("application/json"):
             return _error("unsupported_media", 'send the request as application/json: {"prompt": ...}')
-        try:
-            body = await asyncio.wait_for(self._read_body(request), timeout=self.body_timeout_s)
-        except asyncio.TimeoutError:
-            return _error("slow_client", f"the request body did not arrive within {self.body_timeout_s:g}s")
+        body = await self._within_body_timeout(self._read_body(request))
         try:
             req = json.loads(bytes(body))
         except ValueError as e:
@@ -376,11 +373,7 @@ class Ingress:
             raise TooLarge(f"prompt is {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
         gen = {k: req[k] for k in ("steps", "shift", "cfg_scale", "negative_prompt") if req.get(k) is not None}
         if req.get("size") is not None:
-            try:
-                w, h = (int(v) for v in str(req["size"]).lower().split("x"))
-            except ValueError:
-                raise BadParameter(f"size must be WIDTHxHEIGHT, got {req['size']!r}") from None
-            gen["size"] = (h, w)
+            gen["size"] = parse_size(str(req["size"]))
         try:
             seed = check_seed(req.get("seed", self.options.seed))
             o = GenerateOptions.from_dict({**self.gen_defaults.to_dict(), **gen, "seed": seed}).resolved(
@@ -422,7 +415,11 @@ class Ingress:
         self.metrics.queue(self.in_flight)
         try:
             try:
-                resp = await fn(request)
+                if not self._authorized(request):  # every route: the token, then the site, before anything else
+                    resp = _error("unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+                else:
+                    self._check_site(request)
+                    resp = await fn(request)
             except Exception as e:  # typed refusals and errors: status from the kind, message without a trace
                 kind = kind_of(e)
                 resp = _error(kind, str(e) if kind != "internal" else f"internal error: {type(e).__name__}")
@@ -438,16 +435,9 @@ class Ingress:
                 self.refused[status] += 1
 
     async def _upscale(self, request: Request):
-        if not self._authorized(request):
-            return _error("unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
-        self._check_site(request)
         if self.in_flight > self.max_in_flight:
-            return _error("busy", f"the endpoint is busy ({self.max_in_flight} requests in progress); retry shortly",
-                          {"Retry-After": "2"})  # fmt: skip
-        try:
-            data, fields = await asyncio.wait_for(self._read_image(request), timeout=self.body_timeout_s)
-        except asyncio.TimeoutError:
-            return _error("slow_client", f"the request body did not arrive within {self.body_timeout_s:g}s")
+            return self._busy()
+        data, fields = await self._within_body_timeout(self._read_image(request))
         params = {**dict(request.query_params), **fields}
         row = {"key": "request", "bytes": data,
                **parse_params(params, self.preset, self.options, s3_configured=bool(self.output_s3))}  # fmt: skip
@@ -464,19 +454,12 @@ class Ingress:
 
     async def _decode(self, request: Request):
         """A latent file in (raw application/octet-stream, or the multipart field 'latent'), the decoded image out."""
-        if not self._authorized(request):
-            return _error("unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
-        self._check_site(request)
         if self.decode_chain is None:
             return _error("bad_parameter", f"preset {self.preset.name!r} has no latent decoder ({self.preset.vae} "
                           "conditioning); serve a VAE preset to decode latents")  # fmt: skip
         if self.in_flight > self.max_in_flight:
-            return _error("busy", f"the endpoint is busy ({self.max_in_flight} requests in progress); retry shortly",
-                          {"Retry-After": "2"})  # fmt: skip
-        try:
-            data, fields = await asyncio.wait_for(self._read_image(request, "latent"), timeout=self.body_timeout_s)
-        except asyncio.TimeoutError:
-            return _error("slow_client", f"the request body did not arrive within {self.body_timeout_s:g}s")
+            return self._busy()
+        data, fields = await self._within_body_timeout(self._read_image(request, "latent"))
         params = {**dict(request.query_params), **fields}
         row = {"key": latent_name(bytes(data[:16])), "bytes": bytes(data),
                **parse_params(params, self.preset, self.options, bool(self.output_s3), DECODE_PARAMS)}  # fmt: skip
@@ -489,11 +472,7 @@ class Ingress:
             row = (await asyncio.to_thread(run_stage, first[1], first[0], [row]))[0]
         if row.get("status") == "failed":
             return _error(row.get("error_kind") or "internal", row.get("error", "failed"))
-        size = row.get("out_size")
-        unit, sr = self.preset.lq_unit, self.preset.scale
-        lat = row["latent"]
-        in_hw = (int(size[0]) // sr, int(size[1]) // sr) if size else (lat.shape[1] * unit, lat.shape[2] * unit)
-        self._admit(in_hw, row)
+        self._admit(given_latent_in_hw(self.preset, row["latent"].shape[1:], row.get("out_size")), row)
         row.update(request_id=uuid.uuid4().hex, deadline=time.time() + timeout)
         try:
             row = await asyncio.wait_for(self._pipeline(row, rest), timeout=timeout)
@@ -630,17 +609,12 @@ def build_app(args: dict | AppArgs | None = None):
     specs = graph.model_stages()
     gen_model = a.generate_model()
     if gen_model is not None:  # text-to-image beside PiD: half of each GPU for each
-        from pipeline.stages.generate import GenerateStage
-        from pipeline.t2i import GenerateOptions
-
         gen_opts = GenerateOptions.from_dict((a.generate or {}).get("options", {}))
         gen_opts.resolved(get_preset(gen_model.preset))  # refused here, not in a replica
         if get_preset(gen_model.preset).task != "t2i":
             raise ValueError(f"generate.preset {gen_model.preset!r} is not a text-to-image preset")
-        import dataclasses as _dc
-
-        specs = [_dc.replace(s, gpu_share=s.gpu_share * 0.5) for s in specs]
-        specs.append(StageSpec("generate", GenerateStage, {"model": _dc.asdict(gen_model), "options":
+        specs = [dataclasses.replace(s, gpu_share=s.gpu_share * 0.5) for s in specs]
+        specs.append(StageSpec("generate", GenerateStage, {"model": dataclasses.asdict(gen_model), "options":
                                                            gen_opts.to_dict(), "emit": "both"}, True, True,
                                batch_rows=4, gpu_share=0.5))  # fmt: skip
     for spec in specs:

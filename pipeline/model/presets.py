@@ -66,6 +66,11 @@ class Preset:
         return self.vae in GLOBAL_ENCODERS
 
     @property
+    def decodes_latents(self) -> bool:
+        """It can take a generator's latent in place of its LQ encoder (`pidray decode`): a VAE-latent preset."""
+        return self.task == "upscale" and self.vae != "rgb" and not self.global_latent
+
+    @property
     def lq_unit(self) -> int:
         """Input pixels per latent pixel of the tile plan: 1 for RGB, the VAE factor, or for a global encoder one
         latent pixel per network patch (its grid is spread over the patch grid, as the network aligns it)."""

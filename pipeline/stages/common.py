@@ -64,6 +64,17 @@ def strict_from_dict(cls, d: dict):
 SEED_LIMIT = 1 << 63  # seeds are 63-bit: torch generators and our noise keys take them as they are
 
 
+def parse_size(value) -> tuple[int, int]:
+    """A size as users write it — "WIDTHxHEIGHT", or [width, height] — to (H, W); BadParameter otherwise."""
+    try:
+        w, h = (int(v) for v in (value.lower().split("x") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
+        raise BadParameter(f"size must be WIDTHxHEIGHT, e.g. 2048x1536, got {value!r}") from None
+    if w < 1 or h < 1:
+        raise BadParameter(f"sizes must be positive, got {value!r}")
+    return h, w
+
+
 def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise BadParameter(f"seed must be an integer in [0, 2^63), got {seed!r}")
@@ -132,3 +143,19 @@ def run_stage(stage, name: str, rows: list[dict]) -> list[dict]:
         except Exception as e:  # a bad input, or a bug that must cost one row, not the job
             out[i] = failed(rows[i], name, e)
     return out
+
+
+class Cancellable:
+    """For model stages that serve requests: `cancel(request_id)` (called from another thread when a caller goes
+    away) and `_gone(row)` (cancelled, or past its deadline), checked between steps of the stage's work."""
+
+    cancelled: dict[str, None]  # request ids whose callers went away (oldest first, capped); set in __init__
+
+    def cancel(self, request_id: str) -> None:
+        """The caller of `request_id` went away: its work stops at the next step (called from another thread)."""
+        self.cancelled[request_id] = None
+        while len(self.cancelled) > 10_000:  # ids cancelled after their batch ended
+            self.cancelled.pop(next(iter(self.cancelled)), None)
+
+    def _gone(self, row: dict) -> bool:
+        return row.get("request_id") in self.cancelled or time.time() > row.get("deadline", float("inf"))

@@ -15,7 +15,6 @@ blend is the output.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,7 @@ from pipeline.memory import batch_size_for, default_budget
 from pipeline.model.sampler import GeneratorNoise, degrade_latent, sample
 from pipeline.noise import CellNoise, TileNoise, mix
 from pipeline.runtime import ModelOptions, load_net
-from pipeline.stages.common import UpscaleOptions, failed, options_of
+from pipeline.stages.common import Cancellable, UpscaleOptions, failed, options_of
 from pipeline.stages.rows import DiffusedRow, EncodedRow
 from pipeline.tiling import TilePlan, blend, crop_tiles, tile_weights
 
@@ -57,7 +56,7 @@ class DiffuseItem:
     noised: bool = False  # the latent is a captured x_t already at `sigma`: condition on it, add no noise
 
 
-class DiffuseStage:
+class DiffuseStage(Cancellable):
     def __init__(
         self,
         model: ModelOptions | dict | None = None,
@@ -127,15 +126,6 @@ class DiffuseStage:
         self.diffuse_many([DiffuseItem(torch.zeros(channels, lat, lat), y, plan, 0, 0.0, 1)], steps=1)
         return True
 
-    def cancel(self, request_id: str) -> None:
-        """The caller of `request_id` went away: its work stops at the next step (called from another thread)."""
-        self.cancelled[request_id] = None
-        while len(self.cancelled) > 10_000:  # ids cancelled after their batch ended
-            self.cancelled.pop(next(iter(self.cancelled)), None)
-
-    def _gone(self, row: dict) -> bool:
-        return row.get("request_id") in self.cancelled or time.time() > row.get("deadline", float("inf"))
-
     def request(self, row: dict) -> DiffuseItem:
         """A row's sampler inputs; row values override the stage's options."""
         o = options_of(row, self.options)
@@ -156,9 +146,10 @@ class DiffuseStage:
         th, tw = plan.tile
         if noised:  # a captured x_t: PiD conditions on it at its sigma as it is (the official from_ldm path)
             sigma = 0.0
-        if tuple(latent.shape[1:]) != plan.lat_hw and self.preset.vae == "rgb":
+        aligned = tuple(latent.shape[1:]) == plan.lat_hw
+        if not aligned and self.preset.vae == "rgb":
             raise ValueError(f"LQ image {tuple(latent.shape[1:])} does not match the tile plan {plan.lat_hw}")
-        if tuple(latent.shape[1:]) != plan.lat_hw and not self.preset.global_latent:
+        if not aligned and not self.preset.global_latent:
             # a latent decoded to an explicit output size: onto the plan's latent grid with the network's own rule
             # (nearest when a latent pixel spans several patches, as in every released layout; else bilinear)
             nearest = self.net.lq_proj.z_ratio > 1

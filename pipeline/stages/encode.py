@@ -29,6 +29,18 @@ def plan_for(preset, options: UpscaleOptions, in_hw) -> TilePlan:
     )
 
 
+def given_latent_in_hw(preset, latent_hw, out_size=None) -> tuple[int, int]:
+    """The input size a given latent stands for: latent × the preset's input pixels per latent pixel, or an explicit
+    output size ÷ the preset's scale (which must divide it)."""
+    if out_size:
+        sr = preset.scale
+        h, w = (int(v) for v in out_size)
+        if h % sr or w % sr or min(h, w) < sr:
+            raise BadParameter(f"output size {w}x{h} must be positive multiples of the preset's scale {sr}")
+        return h // sr, w // sr
+    return latent_hw[0] * preset.lq_unit, latent_hw[1] * preset.lq_unit
+
+
 class EncodeStage:
     """Decoded rows -> plan + LQ latent + caption embedding. With `lq=False` (the latent-decode workflow) the rows
     bring their latent (`LatentStage`) and only the plan and the caption are made here: no LQ encoder is loaded."""
@@ -86,16 +98,8 @@ class EncodeStage:
         as it is for the diffuse stage to align with the network's rule."""
         lat = row["latent"]
         o = options_of(row, self.options)
-        unit, sr = self.preset.lq_unit, self.preset.scale
         size = row.get("out_size")
-        if size:
-            if int(size[0]) % sr or int(size[1]) % sr or min(size) < sr:
-                raise BadParameter(f"output size {size[1]}x{size[0]} must be positive multiples of the preset's scale "
-                                   f"{sr}")  # fmt: skip
-            in_hw = (int(size[0]) // sr, int(size[1]) // sr)
-        else:
-            in_hw = (lat.shape[1] * unit, lat.shape[2] * unit)
-        plan = plan_for(self.preset, o, in_hw)
+        plan = plan_for(self.preset, o, given_latent_in_hw(self.preset, lat.shape[1:], size))
         check_output_side(target_size(plan.in_hw, plan.sr_scale, o.scale), o.max_output_side)
         if not size and tuple(lat.shape[1:]) != plan.lat_hw:
             ph, pw = plan.lat_hw[0] - lat.shape[1], plan.lat_hw[1] - lat.shape[2]

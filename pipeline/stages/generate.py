@@ -9,21 +9,17 @@ graph's encode stage takes (`image`).
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from pipeline.errors import BadInput
 from pipeline.imageio import Decoded, quantize
 from pipeline.runtime import ModelOptions, load_caption_encoder, load_net
+from pipeline.stages.common import Cancellable
 from pipeline.stages.latent import latent_source
-from pipeline.t2i import GenerateOptions, generate, initial_noise, row_options
+from pipeline.t2i import GenerateOptions, check_prompt, generate, initial_noise, row_options
 from pipeline.tiling import TilePlan
 
-MAX_PROMPT_CHARS = 4000
 
-
-class GenerateStage:
+class GenerateStage(Cancellable):  # a batch whose callers are all gone stops at the next step
     def __init__(self, model: ModelOptions | dict | None = None, options: GenerateOptions | dict | None = None,
                  emit: str = "pixels", batch: int = 4):  # fmt: skip
         self.model = model if isinstance(model, ModelOptions) else ModelOptions(**(model or {}))
@@ -38,15 +34,6 @@ class GenerateStage:
         self._null: dict[str, torch.Tensor] = {}
         self.cancelled: dict[str, None] = {}
 
-    def cancel(self, request_id: str) -> None:
-        """The caller of `request_id` went away: a batch whose callers are all gone stops at the next step."""
-        self.cancelled[request_id] = None
-        while len(self.cancelled) > 10_000:
-            self.cancelled.pop(next(iter(self.cancelled)), None)
-
-    def _gone(self, row: dict) -> bool:
-        return row.get("request_id") in self.cancelled or time.time() > row.get("deadline", float("inf"))
-
     def _negative(self, text: str) -> torch.Tensor:
         if text not in self._null:  # computed once per distinct negative prompt
             self._null[text] = self.captioner.encode([text])
@@ -58,11 +45,7 @@ class GenerateStage:
     def process_batch(self, rows: list[dict]) -> list[dict]:
         todo = []
         for row in rows:
-            prompt = row.get("prompt")
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise BadInput("empty prompt")
-            if len(prompt) > MAX_PROMPT_CHARS:
-                raise BadInput(f"prompt is {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
+            check_prompt(row.get("prompt"))
             todo.append(row_options(self.options, row).resolved(self.preset))
         out: list[dict | None] = [None] * len(rows)
         groups: dict[tuple, list[int]] = {}

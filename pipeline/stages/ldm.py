@@ -24,7 +24,7 @@ from pipeline.model.presets import get_preset
 from pipeline.runtime import ModelOptions, pick_device
 from pipeline.stages.common import UpscaleOptions, options_of
 from pipeline.stages.latent import latent_source
-from pipeline.t2i import GenerateOptions, row_options
+from pipeline.t2i import GenerateOptions, check_prompt, row_options
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,10 @@ class LDM:
     steps: int
     guidance: float
     extra: tuple = ()  # (name, value) keyword arguments of the call
+
+    def defaults(self) -> dict:
+        """The model's own settings as GenerateOptions defaults (what `resolved` fills unset fields from)."""
+        return {"steps": self.steps, "cfg_scale": self.guidance, "size": list(self.size)}
 
 
 LDMS = {
@@ -113,16 +117,10 @@ class LDMStage:
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.to(self.device)
 
-    def defaults(self) -> dict:
-        s = self.spec
-        return {"steps": s.steps, "cfg_scale": s.guidance, "size": list(s.size), "negative_prompt": None}
-
     def process(self, row: dict) -> dict:
         row = dict(row)
-        prompt = row.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise BadInput("empty prompt")
-        o = row_options(self.options, row).resolved(self.preset, self.defaults())
+        prompt = check_prompt(row.get("prompt"))
+        o = row_options(self.options, row).resolved(self.preset, self.spec.defaults())
         h, w = o.size
         kw = dict(self.spec.extra)
         if o.negative_prompt and o.cfg_scale > 1:

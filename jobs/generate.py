@@ -3,7 +3,6 @@ an optional PiD upscale of each image."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -134,12 +133,16 @@ def _one(args) -> int:
     tmp = out + ".part"
     with open(tmp, "xb") as f:
         f.write(row["output"])
-    os.link(tmp, out)  # fails if OUT appeared meanwhile: never overwrite
-    os.unlink(tmp)
+    try:
+        os.link(tmp, out)  # fails if OUT appeared meanwhile: never overwrite
+    except FileExistsError:
+        raise SetupError(f"{args.out} appeared while generating: pidray never overwrites a file") from None
+    finally:
+        os.unlink(tmp)
     h, w = row["out_hw"]
     print(f"wrote {args.out} ({w}x{h}, seed {row.get('seed', args.seed)}, "
           + ", ".join(f"{k} {v:.1f}s" for k, v in row.get("timings", {}).items()) + ")")  # fmt: skip
     return 0
 
 
-__all__ = ["add_generate_parser", "cmd_generate", "argparse"]
+__all__ = ["add_generate_parser", "cmd_generate"]

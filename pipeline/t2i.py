@@ -10,7 +10,7 @@ script draws its batch from the CUDA generator, so seeds do not give the officia
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -128,4 +128,4 @@ def row_options(defaults: GenerateOptions, row: dict) -> GenerateOptions:
     return replace(defaults, **over) if over else defaults
 
 
-__all__ = ["generate", "initial_noise", "GenerateOptions", "row_options", "GEN_OVERRIDES", "field"]
+__all__ = ["generate", "initial_noise", "GenerateOptions", "row_options", "check_prompt", "GEN_OVERRIDES"]

@@ -34,13 +34,10 @@ class LatentStage:
         row = dict(row)
         want = row.get("latent_id")
         items = read_latents(row.get("src_key") or row["key"], row.pop("bytes"), want)
-        if want:
-            item = items[0]
-        elif len(items) > 1:
+        if not want and len(items) > 1:
             ids = ", ".join(repr(it.id) for it in items[:5]) + (", ..." if len(items) > 5 else "")
             raise BadInput(f"the file holds {len(items)} latents ({ids}): name one (id)")
-        else:
-            item = items[0]
+        item = items[0]
         check_format(self.format or item.format, self.preset)
         check_latent(item.latent, self.preset)
         o = options_of(row, self.options)

@@ -24,6 +24,7 @@ from pipeline.graph import StageGraph
 from pipeline.quality import HOLDOUT, bicubic_up, center_crop, grid_ratio, load_photo, make_lq, psnr_y, ssim_y
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
+from pipeline.stages.common import ensemble_shift
 
 
 def _to_png(x: torch.Tensor) -> bytes:
@@ -38,10 +39,34 @@ def _from_png(data: bytes) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
-def evaluate(weights: str | None, size: int, runs: int, report: str | None, names=HOLDOUT) -> dict:
-    graph = StageGraph(ModelOptions(weights=weights), UpscaleOptions())
+ASSETS = Path(__file__).resolve().parent.parent / "pipeline" / "assets"
+PREVIOUS = ASSETS / "previous" / "pidray_small_sr4x_v1.safetensors"  # the first bundled model (not in the wheel)
+
+
+def shipped_settings(weights: str | None) -> tuple[int, bool | None]:
+    """(sampler steps, ensemble) a small model is run with as shipped: a file that names its `sampler_steps` (the
+    second version on) runs those steps with the preset's ensemble; the first version ran 4 steps, no ensemble."""
+    from safetensors import safe_open
+
+    from pipeline.runtime import net_path
+
+    with safe_open(net_path(ModelOptions(weights=weights)), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "sampler_steps" in meta:
+        return int(meta["sampler_steps"]), None
+    return 4, False
+
+
+def evaluate(
+    weights: str | None, size: int, runs: int, report: str | None, names=HOLDOUT, steps: int | None = None
+) -> dict:
+    shipped_steps, ensemble = shipped_settings(weights)
+    steps = steps or shipped_steps
+    graph = StageGraph(ModelOptions(weights=weights), UpscaleOptions(steps=steps, ensemble=ensemble))
+    ensemble = ensemble_shift(graph.preset, graph.options) > 0
     stages = graph.build_all()
     rows, panels = [], []
+    p = graph.preset.config.patch_size
     for name in names:
         hq = center_crop(load_photo(name), size)
         lq = make_lq(hq[None])[0]
@@ -53,7 +78,7 @@ def evaluate(weights: str | None, size: int, runs: int, report: str | None, name
         rows.append(
             {"image": name, "psnr_y_model": psnr_y(out, hq), "psnr_y_bicubic": psnr_y(bic, hq),
              "ssim_model": ssim_y(out, hq), "ssim_bicubic": ssim_y(bic, hq),
-             "grid_ratio": grid_ratio(out, lq, graph.preset.config.patch_size)}
+             "grid_ratio": grid_ratio(out, lq, p), "grid_ratio_half": grid_ratio(out, lq, p, offset=p // 2)}
         )  # fmt: skip
         nearest = torch.nn.functional.interpolate(lq[None], scale_factor=4, mode="nearest")[0]
         panels.append(torch.cat([nearest, bic, out, hq], dim=2))
@@ -68,7 +93,8 @@ def evaluate(weights: str | None, size: int, runs: int, report: str | None, name
         next(graph.run_local([{"key": "t", "bytes": data}], stages))
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    res = {"rows": rows, "mean": mean, "runtime_256_to_1024_s": {"median": med, "runs": times},
+    res = {"steps": steps, "ensemble": ensemble, "rows": rows, "mean": mean,
+           "runtime_256_to_1024_s": {"median": med, "runs": times},
            "cpu_s_per_output_mpx": med / (1024 * 1024 / 1e6), "threads": torch.get_num_threads()}  # fmt: skip
     if report:
         out_dir = Path(report)
@@ -80,15 +106,16 @@ def evaluate(weights: str | None, size: int, runs: int, report: str | None, name
 
 
 def _print(label: str, res: dict) -> None:
-    print(f"== {label}")
+    print(f"== {label} ({res['steps']} sampler steps, shifted-grid ensemble {'on' if res['ensemble'] else 'off'})")
     print(f"{'image':12s} {'PSNR-Y model':>13s} {'PSNR-Y bicubic':>15s} {'SSIM model':>11s} {'SSIM bicubic':>13s} "
-          f"{'grid ratio':>11s}")  # fmt: skip
+          f"{'grid ratio':>11s} {'(half-patch)':>12s}")  # fmt: skip
     for r in res["rows"]:
         print(f"{r['image']:12s} {r['psnr_y_model']:13.2f} {r['psnr_y_bicubic']:15.2f} {r['ssim_model']:11.4f} "
-              f"{r['ssim_bicubic']:13.4f} {r['grid_ratio']:11.3f}")  # fmt: skip
+              f"{r['ssim_bicubic']:13.4f} {r['grid_ratio']:11.3f} {r['grid_ratio_half']:12.3f}")  # fmt: skip
     m = res["mean"]
     print(f"{'mean':12s} {m['psnr_y_model']:13.2f} {m['psnr_y_bicubic']:15.2f} {m['ssim_model']:11.4f} "
-          f"{m['ssim_bicubic']:13.4f} {m['grid_ratio']:11.3f}   gain {m['psnr_gain_db']:+.2f} dB")  # fmt: skip
+          f"{m['ssim_bicubic']:13.4f} {m['grid_ratio']:11.3f} {m['grid_ratio_half']:12.3f}   "
+          f"gain {m['psnr_gain_db']:+.2f} dB")  # fmt: skip
     rt = res["runtime_256_to_1024_s"]
     print(f"256x256 -> 1024x1024 on {res['threads']} CPU threads: median {rt['median']:.2f}s over {len(rt['runs'])} "
           f"runs = {res['cpu_s_per_output_mpx']:.2f} s per output Mpx")  # fmt: skip
@@ -98,11 +125,15 @@ def main(args) -> int:
     """One run: the model (and, with --compare, another one: e.g. the previous bundled model), side by side."""
     runs = [("model " + (args.weights or "bundled"), args.weights)]
     if getattr(args, "compare", None):
-        runs.append(("compare " + args.compare, args.compare))
+        other = str(PREVIOUS) if args.compare == "previous" else args.compare
+        if not Path(other).is_file():
+            print(f"pidray eval-small: --compare {args.compare}: no such file ({other})")
+            return 2
+        runs.append(("compare " + args.compare, other))
     results = []
     for i, (label, weights) in enumerate(runs):
         report = args.report if i == 0 else (f"{args.report}/compare" if args.report else None)
-        res = evaluate(weights, args.size, args.runs, report)
+        res = evaluate(weights, args.size, args.runs, report, steps=getattr(args, "steps", None))
         results.append((label, res))
         _print(label, res)
     if len(results) == 2:

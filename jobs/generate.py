@@ -55,7 +55,7 @@ def add_generate_parser(sub, parents=()) -> None:
     u = p.add_argument_group("upscale the result with PiD (the seed's recommended generate-then-upscale)")
     u.add_argument("--upscale", default=None, metavar="PRESET", help="a PiD preset (e.g. flux-2kto4k-v1.5)")
     u.add_argument("--upscale-weights", default=None, help="its weights folder (default: --weights)")
-    u.add_argument("--upscale-steps", type=int, default=4)
+    u.add_argument("--upscale-steps", type=int, default=None, help="default: the upscale preset's")
     o = p.add_argument_group("output and job")
     o.add_argument("-f", "--format", default="png", help="png, jpeg, webp, tiff")
     o.add_argument("-q", "--quality", type=int, default=95)

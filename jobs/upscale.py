@@ -125,7 +125,7 @@ def _job_arguments(p, default_preset: str) -> None:
     m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     o = p.add_argument_group("upscaling")
     o.add_argument("-s", "--scale", type=float, default=None, help="output scale (default: the model's native 4x)")
-    o.add_argument("--steps", type=int, default=4)
+    o.add_argument("--steps", type=int, default=None, help="sampler steps, 1..4 (default: the preset's; small: 1)")
     o.add_argument("--seed", type=seed_arg, default=0, help="run seed; each file's seed derives from it and its key")
     o.add_argument("--caption", default="", help="caption for every image")
     o.add_argument("--captions", default=None, help="per-file captions: CSV (key,caption) or JSONL")
@@ -139,6 +139,9 @@ def _job_arguments(p, default_preset: str) -> None:
         help="tile overlap in latent pixels (default: the preset's, 5 for released presets, 8 for small)",
     )
     o.add_argument("--no-fusion", action="store_true", help="blend tiles only at the end")
+    o.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with the prediction on a half-patch-shifted grid (default: the preset's; on for "
+                        "small, ~2x work; RGB-conditioned models only)")  # fmt: skip
     o.add_argument("-f", "--format", default=None, help="png, jpeg, webp, tiff (default: keep the input's)")
     o.add_argument("-q", "--quality", type=int, default=95)
     o.add_argument("--suffix", default="", type=suffix_arg, help="added to each output file name's stem")
@@ -175,6 +178,7 @@ def config_from_args(args) -> JobConfig:
     options = UpscaleOptions(
         scale=args.scale, steps=args.steps, seed=args.seed, caption=args.caption, degrade_sigma=args.degrade_sigma,
         sampler=args.sampler, tile=args.tile, overlap=args.overlap, fusion=not args.no_fusion, format=args.format,
+        ensemble=getattr(args, "ensemble", None),
         quality=args.quality, max_pixels=args.max_pixels, max_output_side=args.max_output_side,
     )  # fmt: skip
     if args.format:

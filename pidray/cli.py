@@ -130,7 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="HQ centre-crop size")
     p.add_argument("--runs", type=int, default=5, help="timed runs of the 256->1024 upscale")
     p.add_argument("--report", default="out/eval_small", help="folder for the side-by-side PNGs and JSON")
-    p.add_argument("--compare", default=None, help="another small-model safetensors, measured side by side")
+    p.add_argument(
+        "--compare",
+        default=None,
+        help="another small-model safetensors measured side by side; 'previous': the first bundled model",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="sampler steps (default: what each model was trained for, from its metadata)",
+    )
     p.set_defaults(fn=_cmd_eval_small)
 
     from pipeline import doctor

@@ -87,17 +87,20 @@ def ssim_y(a: torch.Tensor, b: torch.Tensor, shave: int = 4) -> float:
     return float(structural_similarity(ya, yb, data_range=255.0))
 
 
-def grid_ratio(out: torch.Tensor, lq: torch.Tensor, period: int, scale: int = 4, shave: int = 8) -> float:
+def grid_ratio(
+    out: torch.Tensor, lq: torch.Tensor, period: int, scale: int = 4, shave: int = 8, offset: int = 0
+) -> float:
     """How visible a `period`-pixel grid is in `out` [3, H, W] (e.g. the network's patch size): the mean |horizontal
     and vertical gradient| across the grid's lines ÷ the same everywhere else, measured on the luma of out minus
-    bicubic ×`scale` of its input `lq`, so the image's own content cancels. 1.0: no grid; a visible grid: > 1.2."""
+    bicubic ×`scale` of its input `lq`, so the image's own content cancels. 1.0: no grid; a visible grid: > 1.2.
+    `offset` moves the lines (e.g. period/2: the lines of a grid shifted by half a patch)."""
     d = _y255(quantize(out)) - _y255(quantize(bicubic_up(lq[None], scale)[0]))
     if shave:
         d = d[shave:-shave, shave:-shave]
     gx, gy = np.abs(np.diff(d, axis=1)), np.abs(np.diff(d, axis=0))
     # the difference between columns j-1 and j sits at index j-1; a grid line lies before every multiple of period
-    on_x = ((np.arange(gx.shape[1]) + 1 + shave) % period) == 0
-    on_y = ((np.arange(gy.shape[0]) + 1 + shave) % period) == 0
+    on_x = ((np.arange(gx.shape[1]) + 1 + shave - offset) % period) == 0
+    on_y = ((np.arange(gy.shape[0]) + 1 + shave - offset) % period) == 0
     on = np.concatenate([gx[:, on_x].ravel(), gy[on_y, :].ravel()])
     off = np.concatenate([gx[:, ~on_x].ravel(), gy[~on_y, :].ravel()])
     return float(on.mean() / max(off.mean(), 1e-12))
@@ -119,20 +122,25 @@ def upscale_tensor(net, lq: torch.Tensor, *, steps: int = 4, seed: int = 0) -> t
     B, _, h, w = lq.shape
     out_hw = (h * cfg.sr_scale, w * cfg.sr_scale)
     feats = net.encode_lq(out_hw, image=lq)
-    y = torch.zeros(B, cfg.txt_max_length, cfg.txt_embed_dim)
-    sigma = torch.zeros(B)
-    noise = GeneratorNoise((B, 3, *out_hw), torch.Generator().manual_seed(seed))
+    dev = lq.device
+    y = torch.zeros(B, cfg.txt_max_length, cfg.txt_embed_dim, device=dev)
+    sigma = torch.zeros(B, device=dev)
+    noise = GeneratorNoise((B, 3, *out_hw), torch.Generator(device=dev).manual_seed(seed), device=dev)
     return sample(lambda x, t: net(x, t, y, feats, sigma), noise, steps=steps, prediction=cfg.prediction_type)
 
 
-def evaluate_net(net, *, size: int = 128, seed: int = 0, names=HOLDOUT) -> dict:
+def _device(net) -> torch.device:
+    return next(net.parameters()).device
+
+
+def evaluate_net(net, *, size: int = 128, seed: int = 0, names=HOLDOUT, steps: int = 4) -> dict:
     """PSNR(Y)/SSIM of the model's 4× output and of bicubic on centre crops of held-out photos."""
     net.eval()
     rows = []
     for name in names:
         hq = center_crop(load_photo(name), size)[None]
         lq = make_lq(hq)
-        out = upscale_tensor(net, lq, seed=seed)[0]
+        out = upscale_tensor(net, lq.to(_device(net)), seed=seed, steps=steps)[0].cpu()
         bic = bicubic_up(lq)[0]
         rows.append(
             {
@@ -141,6 +149,7 @@ def evaluate_net(net, *, size: int = 128, seed: int = 0, names=HOLDOUT) -> dict:
                 "psnr_bicubic": psnr_y(bic, hq[0]),
                 "ssim_model": ssim_y(out, hq[0]),
                 "ssim_bicubic": ssim_y(bic, hq[0]),
+                "grid_ratio": grid_ratio(out, lq[0], net.cfg.patch_size),
             }
         )
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "image"}

@@ -96,7 +96,14 @@ def load_net(opts: ModelOptions) -> tuple[Preset, PidNet]:
     from pipeline.kernels import get_ops
 
     ops = get_ops(opts.kernels, device)
-    return preset, load_checkpoint(preset.config, path, device=device, dtype=dtype, ops=ops)
+    cfg = preset.config
+    if preset.bundled and path.endswith(".safetensors"):
+        # Our own small models describe themselves: an earlier version (e.g. `pidray eval-small --compare`) may have
+        # another head than the preset's current file. Released presets keep their fixed configuration.
+        from pipeline.model.loading import file_config
+
+        cfg = file_config(path) or cfg
+    return preset, load_checkpoint(cfg, path, device=device, dtype=dtype, ops=ops)
 
 
 def vae_dtype(device: torch.device) -> torch.dtype:

@@ -63,6 +63,9 @@ class PidConfig:
     prediction_type: str = "velocity"  # "velocity" | "x0"
     input_concat_lq: bool = False  # bicubic LQ image concatenated to the pixel input
     residual_lq: bool = False  # output added to the bicubic LQ image
+    # Hidden channels of a pixel-level conv head (3×3, GELU, 3×3) over the final pixel features, added to the
+    # per-pixel output; 0 = none. Unlike the per-patch pixel weights it sees across patch borders (no patch grid).
+    out_conv: int = 0
 
     def __post_init__(self):
         def bad(msg):
@@ -96,6 +99,8 @@ class PidConfig:
             bad(f"RGB LQ branch needs patch_size {self.patch_size} to be a multiple of sr_scale {self.sr_scale}")
         if (self.input_concat_lq or self.residual_lq) and not self.lq_in_channels:
             bad("input_concat_lq / residual_lq need the RGB LQ branch (lq_in_channels > 0)")
+        if self.out_conv < 0:
+            bad(f"out_conv must be >= 0, got {self.out_conv}")
 
     # --- derived sizes ---
     @property
@@ -159,3 +164,13 @@ class PidConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PidConfig:
+        """The inverse of to_dict; unknown keys are refused (a newer file's field would be silently dropped)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
+        bad = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if bad:
+            raise ValueError(f"unknown config field(s) {bad}")
+        return cls(**d)

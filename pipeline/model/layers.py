@@ -108,3 +108,17 @@ class FinalLayer(nn.Module):
 
     def forward(self, x):
         return self.linear(self.norm(x))
+
+
+class ConvHead(nn.Module):
+    """A pixel-level head over the whole feature map: 3×3 conv, GELU, 3×3 conv (replicate padding at the edges).
+    Its output starts at zero (the last conv is zero-initialised by the trainer) and is added to the per-pixel one."""
+
+    def __init__(self, dim: int, hidden: int, out_channels: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(padding=1, padding_mode="replicate", device=device, dtype=dtype)
+        self.conv1 = nn.Conv2d(dim, hidden, 3, **kw)
+        self.conv2 = nn.Conv2d(hidden, out_channels, 3, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, out, H, W]
+        return self.conv2(F.gelu(self.conv1(x)))

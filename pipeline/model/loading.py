@@ -135,6 +135,18 @@ def load_network(
     return net.eval().requires_grad_(False)
 
 
+def file_config(path: str | Path) -> PidConfig | None:
+    """The config a pidray-written safetensors file carries in its metadata (None when it has none)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "pidray-1" or "config" not in meta:
+        return None
+    try:
+        return PidConfig.from_dict(json.loads(meta["config"]))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its config metadata is invalid: {e}") from None
+
+
 def load_checkpoint(cfg: PidConfig, path: str | Path, **kw) -> PidNet:
     raw, _ = read_state_dict(path)
     return load_network(cfg, network_tensors(raw), **kw)

@@ -20,7 +20,7 @@ from torch import nn
 from pipeline.kernels import Ops, get_ops
 from pipeline.model.blocks import PatchBlock, PixelBlock
 from pipeline.model.config import PidConfig
-from pipeline.model.layers import FinalLayer, PixelEmbedder, TimestepEmbedder, TokenEmbedder
+from pipeline.model.layers import ConvHead, FinalLayer, PixelEmbedder, TimestepEmbedder, TokenEmbedder
 from pipeline.model.lq import LQProjection
 from pipeline.model.math import rope_1d, rope_2d
 
@@ -50,6 +50,18 @@ def unpatchify(px: torch.Tensor, gh: int, gw: int, p: int) -> torch.Tensor:
     return px.reshape(B, gh, gw, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, gh * p, gw * p)
 
 
+def check_shift(c: PidConfig, shift: int) -> None:
+    """A shift the shifted-grid ensemble can use: half a patch (the other grid's lines fall mid-patch), in whole LQ
+    pixels, on an RGB-conditioned model."""
+    if not c.lq_in_channels or c.lq_latent_channels:
+        raise ValueError("the shifted-grid ensemble needs an RGB-conditioned model (no VAE latent)")
+    if shift <= 0 or (2 * shift) % c.patch_size or shift % c.patch_size == 0 or shift % c.sr_scale:
+        raise ValueError(
+            f"ensemble shift {shift} must be an odd multiple of half the patch size {c.patch_size} "
+            f"and a multiple of the scale {c.sr_scale}"
+        )
+
+
 class PidNet(nn.Module):
     def __init__(self, cfg: PidConfig, ops: Ops | None = None, device=None, dtype=None):
         super().__init__()
@@ -68,6 +80,7 @@ class PidNet(nn.Module):
             for _ in range(cfg.pixel_depth)
         )
         self.final_layer = FinalLayer(cfg.pixel_hidden_size, cfg.in_channels, ops, **kw)
+        self.out_conv = ConvHead(cfg.pixel_hidden_size, cfg.out_conv, cfg.in_channels, **kw) if cfg.out_conv else None
         self.lq_proj = LQProjection(cfg, **kw) if cfg.has_lq else None
         self.pit_lq_gate = None
         if cfg.pit_lq_inject:
@@ -128,6 +141,26 @@ class PidNet(nn.Module):
             up = F.interpolate(image, size=tuple(out_hw), mode="bicubic", align_corners=False)
         return LQFeatures(heads, pit, up)
 
+    # ----------------------------------------------------------------- shifted-grid ensemble (RGB LQ models)
+    def check_shift(self, shift: int) -> None:
+        check_shift(self.cfg, shift)
+
+    def encode_lq_shifted(self, out_hw: tuple[int, int], image: torch.Tensor, shift: int) -> LQFeatures:
+        """LQ features for the shifted pass: the LQ image padded by shift/scale pixels (edge values) on every side,
+        so its patch grid lies `shift` output pixels off the plain one."""
+        check_shift(self.cfg, shift)
+        u = shift // self.cfg.sr_scale
+        padded = F.pad(image, (u, u, u, u), mode="replicate")
+        return self.encode_lq((out_hw[0] + 2 * shift, out_hw[1] + 2 * shift), image=padded)
+
+    def forward_shift_ensemble(self, x, t, y, lq: LQFeatures, lq_shifted: LQFeatures, degrade_sigma, shift: int):
+        """The mean of the plain prediction and the one on the grid shifted by `shift` pixels (cropped back): the
+        two patch grids' seams fall in each other's patch middles, so the patch grid averages away (~2.1x work)."""
+        a = self(x, t, y, lq, degrade_sigma)
+        s = shift
+        b = self(F.pad(x, (s, s, s, s), mode="replicate"), t, y, lq_shifted, degrade_sigma)[..., s:-s, s:-s]
+        return 0.5 * (a + b)
+
     # ----------------------------------------------------------------- forward
     def forward(
         self,
@@ -173,8 +206,13 @@ class PidNet(nn.Module):
         s = s.reshape(B * L, D)
         for block in self.pixel_blocks:
             px = block(px, s, B, rope_pix)
-        px = self.final_layer(px)  # -> [B·L, p², 3]
-        out = unpatchify(px.view(B, L, p * p, -1), gh, gw, p)  # -> [B, 3, H, W]
+        if self.out_conv is None:
+            px = self.final_layer(px)  # -> [B·L, p², 3]
+            out = unpatchify(px.view(B, L, p * p, -1), gh, gw, p)  # -> [B, 3, H, W]
+        else:
+            h = unpatchify(self.final_layer.norm(px).view(B, L, p * p, -1), gh, gw, p)  # -> [B, d, H, W]
+            out = F.conv2d(h, self.final_layer.linear.weight[:, :, None, None], self.final_layer.linear.bias)
+            out = out + self.out_conv(h)
         if c.residual_lq:
             out = out + lq.upsampled.to(out.dtype)
         return out

@@ -48,6 +48,8 @@ class Preset:
     bundled: bool = False
     notes: str = ""
     default_steps: int = field(default=4)
+    # Output pixels of the shifted-grid ensemble (PidNet.forward_shift_ensemble), 0 = off; RGB-conditioned models.
+    shift_ensemble: int = 0
     # The LQ encoder's parameters as data (the fields of its family's params dataclass; missing ones default).
     encoder: dict = field(default_factory=dict)
     # Default tile overlap in latent pixels (--overlap). Released presets: 5 = 160 output pixels (fusion blends the
@@ -216,12 +218,12 @@ PRESETS: dict[str, Preset] = {
                 hidden_size=128, num_groups=4, pixel_hidden_size=16, pixel_attn_hidden_size=128, pixel_num_groups=4,
                 patch_depth=4, pixel_depth=2, patch_size=8, txt_embed_dim=8, txt_max_length=1,
                 rope_mode="original", lq_in_channels=3, lq_latent_channels=0, lq_hidden_dim=64,
-                lq_num_res_blocks=2, lq_interval=1, sr_scale=4, prediction_type="x0",
-                input_concat_lq=True, residual_lq=True,
+                lq_num_res_blocks=8, lq_interval=1, sr_scale=4, prediction_type="x0",
+                input_concat_lq=True, residual_lq=True, out_conv=32,
             ),
             "pidray_small_sr4x.safetensors", "rgb", "pidray", None, text_encoder="none",
-            envelope=(128, 128), bundled=True, tile_overlap=8,
-            notes="pidray's own 4x model trained on scikit-image's bundled photos; runs on a CPU",
+            envelope=(128, 128), bundled=True, tile_overlap=8, default_steps=1, shift_ensemble=4,
+            notes="pidray's own 4x model (v2) trained on scikit-image's bundled photos; one step; runs on a CPU",
         ),
     ]
 }  # fmt: skip

@@ -15,11 +15,12 @@ class UpscaleOptions:
     """Per-job (or per-request) settings; a row may override caption, seed and degrade_sigma."""
 
     scale: float | None = None  # None: the preset's native factor; others resize the native result (Lanczos)
-    steps: int = 4
+    steps: int | None = None  # None: the preset's default_steps (4 for the released models, 1 for `small`)
     seed: int = 0
     caption: str = ""
     degrade_sigma: float = 0.0
     sampler: str = "sde"  # "sde" (official) | "ode"
+    ensemble: bool | None = None  # the shifted-grid ensemble; None: the preset's (on for `small`, ~2x work)
     tile: int | None = None  # tile side in output pixels; None: the preset's envelope
     overlap: int | None = None  # latent pixels; None: the preset's tile_overlap
     fusion: bool = True  # average overlapping x0 estimates every step (all tiles of an image in one process)
@@ -30,7 +31,7 @@ class UpscaleOptions:
 
     def __post_init__(self):
         check_seed(self.seed)
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= 4:
+        if self.steps is not None and (not isinstance(self.steps, int) or not 1 <= self.steps <= 4):
             raise BadParameter(f"steps must be an integer in 1..4, got {self.steps!r}")
         if not 0.0 <= float(self.degrade_sigma) <= 1.0:
             raise BadParameter(f"degrade_sigma must be in [0, 1], got {self.degrade_sigma}")
@@ -159,3 +160,28 @@ class Cancellable:
 
     def _gone(self, row: dict) -> bool:
         return row.get("request_id") in self.cancelled or time.time() > row.get("deadline", float("inf"))
+
+
+def ensemble_shift(preset, options: UpscaleOptions) -> int:
+    """The shifted-grid ensemble's shift in output pixels for these options (0: off); BadParameter when asked of a
+    model that cannot use it."""
+    from pipeline.model.network import check_shift
+
+    if options.ensemble is None:
+        return preset.shift_ensemble
+    if not options.ensemble:
+        return 0
+    shift = preset.shift_ensemble or preset.config.patch_size // 2
+    try:
+        check_shift(preset.config, shift)
+    except ValueError as e:
+        raise BadParameter(f"ensemble: {e}; preset {preset.name} runs without it (--no-ensemble)") from None
+    return shift
+
+
+def work_factor(preset, options: UpscaleOptions, tile_hw: tuple[int, int]) -> float:
+    """Pixels the network runs on per tile and step, relative to a plain pass: the ensemble adds its shifted pass,
+    `shift` pixels larger on every side."""
+    s = ensemble_shift(preset, options)
+    h, w = tile_hw
+    return 1.0 + (h + 2 * s) * (w + 2 * s) / (h * w) if s else 1.0

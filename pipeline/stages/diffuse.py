@@ -14,6 +14,7 @@ blend is the output.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from pipeline.memory import batch_size_for, default_budget
 from pipeline.model.sampler import GeneratorNoise, degrade_latent, sample
 from pipeline.noise import CellNoise, TileNoise, mix
 from pipeline.runtime import ModelOptions, load_net
-from pipeline.stages.common import Cancellable, UpscaleOptions, failed, options_of
+from pipeline.stages.common import Cancellable, UpscaleOptions, ensemble_shift, failed, options_of
 from pipeline.stages.rows import DiffusedRow, EncodedRow
 from pipeline.tiling import TilePlan, blend, crop_tiles, tile_weights
 
@@ -40,6 +41,8 @@ def _tensors(x) -> list[torch.Tensor]:
         return [t for v in x for t in _tensors(v)]
     if isinstance(x, dict):
         return [t for v in x.values() for t in _tensors(v)]
+    if dataclasses.is_dataclass(x):  # LQFeatures
+        return [t for f in dataclasses.fields(x) for t in _tensors(getattr(x, f.name))]
     return []
 
 
@@ -135,7 +138,7 @@ class DiffuseStage(Cancellable):
             plan=TilePlan.from_dict(row["plan"]),
             seed=o.seed,
             sigma=float(o.degrade_sigma),
-            steps=o.steps,
+            steps=o.steps or self.preset.default_steps,
             noised=bool(row.get("noised")),
         )
 
@@ -185,8 +188,12 @@ class DiffuseStage(Cancellable):
         self, latent: torch.Tensor, y: torch.Tensor, plan: TilePlan, seed: int, sigma: float, steps: int | None = None
     ) -> torch.Tensor:
         """latent [C, h, w] covering plan.lat_hw; y [L, D] -> the output canvas [3, H, W] in [-1, 1] (model device)."""
-        steps = steps or self.options.steps
+        steps = steps or self.options.steps or self.preset.default_steps
         return self.diffuse_many([DiffuseItem(latent, y, plan, seed, sigma, steps)], steps=steps)[0]
+
+    def ensemble_shift(self) -> int:
+        """The shifted-grid ensemble's shift in output pixels for this job (0: off)."""
+        return ensemble_shift(self.preset, self.options)
 
     @torch.inference_mode()
     def diffuse_many(self, items: list[DiffuseItem], steps: int, should_stop=None) -> list[torch.Tensor]:
@@ -217,9 +224,12 @@ class DiffuseStage(Cancellable):
         if dev.type == "cpu":  # measured: on a CPU larger calls only thrash the caches (batching pays on a GPU)
             b = min(b, CPU_TILES_PER_CALL)
         rgb = self.preset.vae == "rgb"
+        shift = self.ensemble_shift()
 
         def features(c):
             part = lq[c].to(dev, self.dtype)
+            if shift:
+                return net.encode_lq(out_hw, image=part), net.encode_lq_shifted(out_hw, part, shift)
             return net.encode_lq(out_hw, image=part) if rgb else net.encode_lq(out_hw, latent=part)
 
         chunks = [slice(i, min(i + b, N)) for i in range(0, N, b)]
@@ -233,7 +243,11 @@ class DiffuseStage(Cancellable):
                 if should_stop is not None and should_stop():
                     raise Cancelled("stopped: the request was cancelled or its deadline passed")
                 feats = cached[k] if cached is not None else features(c)
-                outs.append(net(x[c].to(self.dtype), t[c], ys[c], feats, sig[c]).float())
+                if shift:
+                    pred = net.forward_shift_ensemble(x[c].to(self.dtype), t[c], ys[c], *feats, sig[c], shift)
+                else:
+                    pred = net(x[c].to(self.dtype), t[c], ys[c], feats, sig[c])
+                outs.append(pred.float())
             return torch.cat(outs)
 
         def noise(draw: int) -> torch.Tensor:  # drawn on the host (reproducible generators), used on the device

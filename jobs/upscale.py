@@ -181,6 +181,11 @@ def config_from_args(args) -> JobConfig:
         ensemble=getattr(args, "ensemble", None),
         quality=args.quality, max_pixels=args.max_pixels, max_output_side=args.max_output_side,
     )  # fmt: skip
+    if options.ensemble:
+        from pipeline.model.presets import get_preset
+        from pipeline.stages.common import ensemble_shift
+
+        ensemble_shift(get_preset(args.preset), options)  # refused up front for a model that cannot shift
     if args.format:
         from pipeline.imageio import output_format
 

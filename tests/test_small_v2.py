@@ -116,3 +116,17 @@ def test_previous_bundled_model_still_loads_through_the_normal_path():
     assert old.out_conv is None and old.cfg.lq_num_res_blocks == 2
     assert new.cfg != old.cfg and new.out_conv is not None
     assert shipped_settings(str(PREVIOUS)) == (4, False) and shipped_settings(None) == (1, None)
+
+
+def test_ensemble_setting_per_preset_and_refused_where_it_cannot_work():
+    from pipeline.errors import BadParameter
+    from pipeline.model.presets import get_preset
+    from pipeline.stages.common import UpscaleOptions, ensemble_shift, work_factor
+
+    small, flux = get_preset("small"), get_preset("flux-2k")
+    assert ensemble_shift(small, UpscaleOptions()) == 4 and ensemble_shift(small, UpscaleOptions(ensemble=False)) == 0
+    assert ensemble_shift(flux, UpscaleOptions()) == 0
+    with pytest.raises(BadParameter, match="RGB-conditioned"):
+        ensemble_shift(flux, UpscaleOptions(ensemble=True))
+    assert work_factor(small, UpscaleOptions(), (128, 128)) == pytest.approx(1 + (136 / 128) ** 2)
+    assert work_factor(small, UpscaleOptions(ensemble=False), (128, 128)) == 1.0

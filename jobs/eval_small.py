@@ -46,12 +46,10 @@ PREVIOUS = ASSETS / "previous" / "pidray_small_sr4x_v1.safetensors"  # the first
 def shipped_settings(weights: str | None) -> tuple[int, bool | None]:
     """(sampler steps, ensemble) a small model is run with as shipped: a file that names its `sampler_steps` (the
     second version on) runs those steps with the preset's ensemble; the first version ran 4 steps, no ensemble."""
-    from safetensors import safe_open
-
+    from pipeline.model.loading import file_metadata
     from pipeline.runtime import net_path
 
-    with safe_open(net_path(ModelOptions(weights=weights)), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = file_metadata(net_path(ModelOptions(weights=weights)))
     if "sampler_steps" in meta:
         return int(meta["sampler_steps"]), None
     return 4, False

@@ -38,7 +38,7 @@ from pipeline.imageio import output_format, probe
 from pipeline.model.presets import PRESETS, get_preset
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions, run_stage
-from pipeline.stages.common import check_seed, parse_size, resolve, work_factor
+from pipeline.stages.common import check_seed, parse_size, resolve, sampler_steps, work_factor
 from pipeline.stages.encode import given_latent_in_hw, plan_for
 from pipeline.stages.generate import GenerateStage
 from pipeline.stages.latent import LatentStage
@@ -311,7 +311,7 @@ class Ingress:
         plan = plan_for(self.preset, opts, in_hw)
         check_output_side(target_size(plan.in_hw, plan.sr_scale, opts.scale), opts.max_output_side)
         th, tw = plan.tile_out
-        steps = opts.steps or self.preset.default_steps
+        steps = sampler_steps(self.preset, opts)
         cost = plan.n_tiles * th * tw * steps * work_factor(self.preset, opts, (th, tw)) / 1e6
         if cost > self.max_cost:
             raise TooLarge(

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.model.network import PidNet
+from pipeline.model.network import PidNet, check_shift
 from pipeline.quality import grid_ratio
 
 from conftest import tiny_config
@@ -69,10 +69,10 @@ def test_shift_ensemble_refuses_what_it_cannot_shift():
     net = PidNet(rgb_config())
     for bad in (0, 8, 2, 3):  # no shift, a whole patch (same grid), not whole LQ pixels
         with pytest.raises(ValueError, match="shift"):
-            net.check_shift(bad)
-    net.check_shift(4)
+            check_shift(net.cfg, bad)
+    check_shift(net.cfg, 4)
     with pytest.raises(ValueError, match="RGB-conditioned"):
-        PidNet(tiny_config()).check_shift(4)  # a VAE-latent model: no LQ pixel to shift by
+        check_shift(tiny_config(), 4)  # a VAE-latent model: no LQ pixel to shift by
 
 
 def test_conv_head_sees_across_patch_lines_and_starts_silent():

@@ -135,10 +135,15 @@ def load_network(
     return net.eval().requires_grad_(False)
 
 
+def file_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's metadata, without reading its tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
 def file_config(path: str | Path) -> PidConfig | None:
     """The config a pidray-written safetensors file carries in its metadata (None when it has none)."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = file_metadata(path)
     if meta.get("format") != "pidray-1" or "config" not in meta:
         return None
     try:

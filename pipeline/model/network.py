@@ -142,9 +142,6 @@ class PidNet(nn.Module):
         return LQFeatures(heads, pit, up)
 
     # ----------------------------------------------------------------- shifted-grid ensemble (RGB LQ models)
-    def check_shift(self, shift: int) -> None:
-        check_shift(self.cfg, shift)
-
     def encode_lq_shifted(self, out_hw: tuple[int, int], image: torch.Tensor, shift: int) -> LQFeatures:
         """LQ features for the shifted pass: the LQ image padded by shift/scale pixels (edge values) on every side,
         so its patch grid lies `shift` output pixels off the plain one."""

@@ -162,6 +162,11 @@ class Cancellable:
         return row.get("request_id") in self.cancelled or time.time() > row.get("deadline", float("inf"))
 
 
+def sampler_steps(preset, options: UpscaleOptions) -> int:
+    """The sampler steps these options ask of this preset: theirs, or the preset's default_steps."""
+    return options.steps or preset.default_steps
+
+
 def ensemble_shift(preset, options: UpscaleOptions) -> int:
     """The shifted-grid ensemble's shift in output pixels for these options (0: off); BadParameter when asked of a
     model that cannot use it."""

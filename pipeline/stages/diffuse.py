@@ -27,7 +27,7 @@ from pipeline.memory import batch_size_for, default_budget
 from pipeline.model.sampler import GeneratorNoise, degrade_latent, sample
 from pipeline.noise import CellNoise, TileNoise, mix
 from pipeline.runtime import ModelOptions, load_net
-from pipeline.stages.common import Cancellable, UpscaleOptions, ensemble_shift, failed, options_of
+from pipeline.stages.common import Cancellable, UpscaleOptions, ensemble_shift, failed, options_of, sampler_steps
 from pipeline.stages.rows import DiffusedRow, EncodedRow
 from pipeline.tiling import TilePlan, blend, crop_tiles, tile_weights
 
@@ -138,7 +138,7 @@ class DiffuseStage(Cancellable):
             plan=TilePlan.from_dict(row["plan"]),
             seed=o.seed,
             sigma=float(o.degrade_sigma),
-            steps=o.steps or self.preset.default_steps,
+            steps=sampler_steps(self.preset, o),
             noised=bool(row.get("noised")),
         )
 
@@ -188,12 +188,8 @@ class DiffuseStage(Cancellable):
         self, latent: torch.Tensor, y: torch.Tensor, plan: TilePlan, seed: int, sigma: float, steps: int | None = None
     ) -> torch.Tensor:
         """latent [C, h, w] covering plan.lat_hw; y [L, D] -> the output canvas [3, H, W] in [-1, 1] (model device)."""
-        steps = steps or self.options.steps or self.preset.default_steps
+        steps = steps or sampler_steps(self.preset, self.options)
         return self.diffuse_many([DiffuseItem(latent, y, plan, seed, sigma, steps)], steps=steps)[0]
-
-    def ensemble_shift(self) -> int:
-        """The shifted-grid ensemble's shift in output pixels for this job (0: off)."""
-        return ensemble_shift(self.preset, self.options)
 
     @torch.inference_mode()
     def diffuse_many(self, items: list[DiffuseItem], steps: int, should_stop=None) -> list[torch.Tensor]:
@@ -224,7 +220,7 @@ class DiffuseStage(Cancellable):
         if dev.type == "cpu":  # measured: on a CPU larger calls only thrash the caches (batching pays on a GPU)
             b = min(b, CPU_TILES_PER_CALL)
         rgb = self.preset.vae == "rgb"
-        shift = self.ensemble_shift()
+        shift = ensemble_shift(self.preset, self.options)
 
         def features(c):
             part = lq[c].to(dev, self.dtype)

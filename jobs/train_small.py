@@ -31,7 +31,7 @@ from pipeline.model.lq import ResBlock
 from pipeline.model.network import PidNet
 from pipeline.model.presets import get_preset
 from pipeline.model.sampler import DISTILLED_T, TIMESCALE, t_schedule
-from pipeline.quality import HOLDOUT, load_photos, make_lq
+from pipeline.quality import HOLDOUT, evaluate_net, load_photos, make_lq
 
 
 def pyramid(photos: list[torch.Tensor], scales: tuple[float, ...], min_size: int) -> list[list[torch.Tensor]]:
@@ -160,6 +160,12 @@ def main(argv=None) -> None:
     hq_size = (args.crop, args.crop)
     log, t0, ema_loss = [], time.time(), None
     done = args.steps
+
+    def record(at: int) -> None:  # held-out figures into the log (and the file's train_log)
+        res = evaluate_net(net, size=128, seed=0, steps=args.sampler_steps)
+        log.append({"step": at, "seconds": round(time.time() - t0), **res["mean"]})
+        print("eval", json.dumps(log[-1]), flush=True)
+
     for step in range(args.steps):
         if args.minutes and time.time() - t0 > 60 * args.minutes:
             done = step
@@ -196,19 +202,11 @@ def main(argv=None) -> None:
                 f"step {step + 1}/{args.steps} loss {ema_loss:.5f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s",
                 flush=True,
             )
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            from pipeline.quality import evaluate_net
-
-            res = evaluate_net(net, size=128, seed=0, steps=args.sampler_steps)
-            log.append({"step": step + 1, "seconds": round(time.time() - t0), **res["mean"]})
-            print("eval", json.dumps(log[-1]), flush=True)
+        if (step + 1) % args.eval_every == 0:
+            record(step + 1)
             net.train()
-    if not log or log[-1]["step"] != done:
-        from pipeline.quality import evaluate_net
-
-        res = evaluate_net(net, size=128, seed=0, steps=args.sampler_steps)
-        log.append({"step": done, "seconds": round(time.time() - t0), **res["mean"]})
-        print("eval", json.dumps(log[-1]), flush=True)
+    if not log or log[-1]["step"] != done:  # the last step, or where the time guard stopped
+        record(done)
     wall = time.time() - t0
     from pipeline.model.loading import save_safetensors
 

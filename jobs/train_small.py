@@ -67,6 +67,15 @@ def random_crops(photos: list[list[torch.Tensor]], n: int, size: int, rng: rando
     return torch.stack(out)
 
 
+def learning_rate(step: int, peak: float, warmup: int, steps: int, time_used: float = 0.0) -> float:
+    """Linear warmup, then a cosine to 0 at `steps` or when the time guard's budget is used (`time_used`, a share
+    of `--minutes`), whichever comes first: a run stopped by the guard still ends with its rate decayed."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    done = max((step - warmup) / max(1, steps - warmup), time_used)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+
+
 def seam_loss(pred: torch.Tensor, target: torch.Tensor, p: int) -> torch.Tensor:
     """Mean squared error of the gradient across the network's patch lines (every p-th column and row): the
     patch grid is exactly an error there, so this weighs it apart from the plain pixel error."""
@@ -83,11 +92,6 @@ def init_from(net: PidNet, path: str) -> list[str]:
     own = net.state_dict()
     src = network_tensors(read_state_dict(path)[0])
     take = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
-    head = "out_conv.conv1.weight"  # the conv head widened for the detail branch: old inputs kept, new ones at 0
-    if head in src and head in own and head not in take and src[head].shape[1] < own[head].shape[1]:
-        w = torch.zeros_like(own[head])
-        w[:, : src[head].shape[1]] = src[head]
-        take[head] = w
     net.load_state_dict(take, strict=False)
     return sorted(set(own) - set(take))
 
@@ -103,10 +107,6 @@ def init_weights(net: PidNet) -> None:
         if isinstance(m, ResBlock):
             torch.nn.init.zeros_(m.block[-1].weight)
             torch.nn.init.zeros_(m.block[-1].bias)
-    if net.lq_detail is not None:  # its residual blocks start small (EDSR's residual scaling)
-        for block in net.lq_detail.blocks:
-            block[-1].weight.data.mul_(0.1)
-            torch.nn.init.zeros_(block[-1].bias)
     if net.out_conv is not None:  # the conv head starts silent
         torch.nn.init.zeros_(net.out_conv.conv2.weight)
         torch.nn.init.zeros_(net.out_conv.conv2.bias)
@@ -127,9 +127,6 @@ def main(argv=None) -> None:
         help="train for this many sampler steps: its t values (1: the single step from t = 1)",
     )
     ap.add_argument("--out-conv", type=int, default=32, help="hidden channels of the pixel conv head (0: none)")
-    ap.add_argument("--detail-dim", type=int, default=0, help="channels of the LQ detail branch (0: none)")
-    ap.add_argument("--detail-blocks", type=int, default=0, help="residual blocks of the LQ detail branch")
-    ap.add_argument("--detail-out", type=int, default=8, help="detail channels per output pixel for the conv head")
     ap.add_argument("--lq-res-blocks", type=int, default=8, help="ResBlocks of the LQ branch (at the patch grid)")
     ap.add_argument("--scales", default="1,0.8,0.63,0.5", help="photo scales to crop from")
     ap.add_argument("--seam-weight", type=float, default=1.0, help="weight of seam_loss beside the MSE")
@@ -145,10 +142,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
     preset = get_preset("small")
-    cfg = dataclasses.replace(
-        preset.config, out_conv=args.out_conv, lq_num_res_blocks=args.lq_res_blocks,
-        lq_detail_dim=args.detail_dim, lq_detail_blocks=args.detail_blocks, lq_detail_out=args.detail_out,
-    )  # fmt: skip
+    cfg = dataclasses.replace(preset.config, out_conv=args.out_conv, lq_num_res_blocks=args.lq_res_blocks)
     scales = tuple(float(s) for s in args.scales.split(","))
     photos = pyramid(load_photos(exclude=HOLDOUT, min_size=args.crop), scales, args.crop)
     print(f"training photos: {len(photos)} at scales {scales}; held out: {HOLDOUT}")
@@ -164,13 +158,9 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     warmup = min(200, args.steps // 10)
 
-    def lr_at(step):  # warmup, then a cosine to 0 at --steps or at the time guard, whichever comes first
-        if step < warmup:
-            return args.lr * (step + 1) / warmup
-        done = (step - warmup) / max(1, args.steps - warmup)
-        if args.minutes:
-            done = max(done, (time.time() - t0) / (60 * args.minutes))
-        return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+    def lr_at(step):
+        used = (time.time() - t0) / (60 * args.minutes) if args.minutes else 0.0
+        return learning_rate(step, args.lr, warmup, args.steps, used)
 
     ts = t_schedule(args.sampler_steps, DISTILLED_T)[:-1]
     y = torch.zeros(args.batch, cfg.txt_max_length, cfg.txt_embed_dim, device=dev)
@@ -233,8 +223,7 @@ def main(argv=None) -> None:
         extra={"preset": "small", "steps": done, "sampler_steps": args.sampler_steps, "init": args.init or "",
                "scales": args.scales, "steps_planned": args.steps, "batch": args.batch, "crop": args.crop,
                "lr": args.lr, "seed": args.seed, "self_cond": args.self_cond, "seam_weight": args.seam_weight,
-               "out_conv": args.out_conv, "lq_res_blocks": args.lq_res_blocks, "detail_dim": args.detail_dim,
-               "detail_blocks": args.detail_blocks, "detail_out": args.detail_out, "wall_seconds": round(wall),
+               "out_conv": args.out_conv, "lq_res_blocks": args.lq_res_blocks, "wall_seconds": round(wall),
                "params": n_params,
                "train_log": json.dumps(log), "torch": torch.__version__, "numpy": np.__version__},
     )  # fmt: skip

@@ -132,45 +132,14 @@ def test_ensemble_setting_per_preset_and_refused_where_it_cannot_work():
     assert work_factor(small, UpscaleOptions(ensemble=False), (128, 128)) == 1.0
 
 
-def test_detail_branch_is_tile_local_and_refused_without_its_head():
-    """The LQ detail branch (conv stack at the LQ resolution, pixel-shuffled to the output) has no normalisation:
-    a feature depends only on LQ pixels within its receptive field, so a tile's features are the whole image's."""
-    from pipeline.model.config import PidConfig
+def test_learning_rate_decays_by_steps_or_by_the_time_guard_whichever_is_first():
+    from jobs.train_small import learning_rate
 
-    torch.manual_seed(0)
-    net = PidNet(rgb_config(out_conv=8, lq_detail_dim=8, lq_detail_blocks=1, lq_detail_out=4)).eval()
-    lq = torch.rand(1, 3, 24, 24) * 2 - 1
-    changed = lq.clone()
-    changed[..., 0, 0] = -changed[..., 0, 0]
-    with torch.no_grad():
-        a, b = net.lq_detail(lq, (96, 96)), net.lq_detail(changed, (96, 96))
-    assert a.shape == (1, 4, 96, 96)
-    # 1 block: 4 convs of radius 1 -> LQ radius 4 -> output pixels 0..19 may change, none from 20 on
-    assert (a - b)[..., :4, :4].abs().max() > 0
-    assert torch.equal(a[..., 20:, :], b[..., 20:, :]) and torch.equal(a[..., :, 20:], b[..., :, 20:])
-    with pytest.raises(ValueError, match="lq_detail_dim needs"):
-        PidConfig(**{**net.cfg.__dict__, "out_conv": 0})
-
-
-def test_detail_branch_starts_from_an_earlier_file_where_it_left_off(tmp_path):
-    """`train_small --init` from a file without the branch: every old tensor kept, the conv head widened with zero
-    weights for the new inputs, so the new network computes exactly the old one's output; those zero weights
-    then get gradient (the branch can learn)."""
-    from jobs.train_small import init_from, init_weights
-    from pipeline.model.loading import save_safetensors
-
-    torch.manual_seed(0)
-    old = PidNet(rgb_config(out_conv=8)).eval()
-    save_safetensors(old, tmp_path / "old.safetensors", old.cfg)
-    new = PidNet(rgb_config(out_conv=8, lq_detail_dim=8, lq_detail_blocks=1, lq_detail_out=4)).eval()
-    init_weights(new)
-    missing = init_from(new, str(tmp_path / "old.safetensors"))
-    assert missing and all(k.startswith("lq_detail.") for k in missing)
-    lq = torch.rand(1, 3, 8, 8) * 2 - 1
-    x, t, y, s = torch.randn(1, 3, 32, 32), torch.full((1,), 1000.0), torch.zeros(1, 1, 8), torch.zeros(1)
-    with torch.no_grad():
-        want = old(x, t, y, old.encode_lq((32, 32), image=lq), s)
-    got = new(x, t, y, new.encode_lq((32, 32), image=lq), s)
-    assert torch.allclose(got, want, atol=1e-6)
-    got.square().sum().backward()
-    assert new.out_conv.conv1.weight.grad[:, old.cfg.pixel_hidden_size :].abs().sum() > 0
+    assert learning_rate(0, 1.0, 10, 100) == pytest.approx(0.1)
+    assert learning_rate(10, 1.0, 10, 100) == pytest.approx(1.0)
+    assert learning_rate(55, 1.0, 10, 100) == pytest.approx(0.5)  # half the steps after warmup
+    assert learning_rate(100, 1.0, 10, 100) == pytest.approx(0.0, abs=1e-12)
+    # a GPU run planned for many steps but stopped by --minutes: the time used drives the cosine
+    assert learning_rate(20, 1.0, 10, 100_000, time_used=0.5) == pytest.approx(0.5)
+    assert learning_rate(20, 1.0, 10, 100_000, time_used=1.2) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(55, 1.0, 10, 100, time_used=0.1) == pytest.approx(0.5)  # steps ahead of the clock

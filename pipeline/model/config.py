@@ -66,12 +66,6 @@ class PidConfig:
     # Hidden channels of a pixel-level conv head (3×3, GELU, 3×3) over the final pixel features, added to the
     # per-pixel output; 0 = none. Unlike the per-patch pixel weights it sees across patch borders (no patch grid).
     out_conv: int = 0
-    # A conv branch at the LQ image's own resolution (`LQDetail`: `lq_detail_dim` channels, `lq_detail_blocks`
-    # residual blocks, pixel-shuffled to `lq_detail_out` channels per output pixel) feeding the conv head; 0 = none.
-    # The patch-grid LQ branch sees 2×2 LQ pixels per token; this one sees every LQ pixel where it lies.
-    lq_detail_dim: int = 0
-    lq_detail_blocks: int = 0
-    lq_detail_out: int = 8
 
     def __post_init__(self):
         def bad(msg):
@@ -107,10 +101,6 @@ class PidConfig:
             bad("input_concat_lq / residual_lq need the RGB LQ branch (lq_in_channels > 0)")
         if self.out_conv < 0:
             bad(f"out_conv must be >= 0, got {self.out_conv}")
-        if self.lq_detail_dim < 0 or self.lq_detail_blocks < 0 or self.lq_detail_out < 1:
-            bad("lq_detail_dim and lq_detail_blocks must be >= 0 and lq_detail_out >= 1")
-        if self.lq_detail_dim and not (self.out_conv and self.lq_in_channels):
-            bad("lq_detail_dim needs the conv head (out_conv > 0) and the RGB LQ branch (lq_in_channels > 0)")
 
     # --- derived sizes ---
     @property

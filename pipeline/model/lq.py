@@ -47,35 +47,6 @@ class ResBlock(nn.Module):
         return x + self.block(x)
 
 
-class LQDetail(nn.Module):
-    """The LQ RGB image at its own resolution: 3×3 conv, plain residual blocks (conv, ReLU, conv; no norm, so a
-    tile's features depend only on its pixels), 3×3 conv to `out · scale²` channels, pixel shuffle ->
-    [B, out, H·scale, W·scale] features for the conv head (a pidray extension)."""
-
-    def __init__(self, cfg: PidConfig, device=None, dtype=None):
-        super().__init__()
-        kw = dict(kernel_size=3, padding=1, padding_mode="replicate", device=device, dtype=dtype)
-        c, s = cfg.lq_detail_dim, cfg.sr_scale
-        self.scale = s
-        self.conv_in = nn.Conv2d(cfg.lq_in_channels, c, **kw)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, c, **kw), nn.ReLU(), nn.Conv2d(c, c, **kw)) for _ in range(cfg.lq_detail_blocks)
-        )
-        self.conv_out = nn.Conv2d(c, cfg.lq_detail_out * s * s, **kw)
-
-    def forward(self, image: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
-        s = self.scale
-        if image.shape[-2:] != (out_hw[0] // s, out_hw[1] // s):
-            image = F.interpolate(image, size=(out_hw[0] // s, out_hw[1] // s), mode="bilinear", align_corners=False)
-        h = self.conv_in(image)
-        for block in self.blocks:
-            h = h + block(h)
-        h = F.pixel_shuffle(self.conv_out(h), s)
-        if h.shape[-2:] != tuple(out_hw):  # an output size that is not a multiple of the scale
-            h = F.interpolate(h, size=tuple(out_hw), mode="bilinear", align_corners=False)
-        return h
-
-
 def _conv_stack(in_ch: int, hidden: int, n_res: int, padding_mode: str, device=None, dtype=None) -> nn.Sequential:
     conv = dict(kernel_size=3, padding=1, padding_mode=padding_mode, device=device, dtype=dtype)
     layers = [nn.Conv2d(in_ch, hidden, **conv), nn.SiLU(), nn.Conv2d(hidden, hidden, **conv)]

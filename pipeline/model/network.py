@@ -21,7 +21,7 @@ from pipeline.kernels import Ops, get_ops
 from pipeline.model.blocks import PatchBlock, PixelBlock
 from pipeline.model.config import PidConfig
 from pipeline.model.layers import ConvHead, FinalLayer, PixelEmbedder, TimestepEmbedder, TokenEmbedder
-from pipeline.model.lq import LQDetail, LQProjection
+from pipeline.model.lq import LQProjection
 from pipeline.model.math import rope_1d, rope_2d
 
 
@@ -32,7 +32,6 @@ class LQFeatures:
     heads: list[torch.Tensor]  # one [B, L, D] feature per injection point
     pit: torch.Tensor | None  # [B, L, D] PiT-level feature (v1.5)
     upsampled: torch.Tensor | None  # [B, 3, H, W] bicubic LQ image, for input_concat_lq / residual_lq
-    detail: torch.Tensor | None = None  # [B, lq_detail_out, H, W] for the conv head (LQDetail)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -81,9 +80,7 @@ class PidNet(nn.Module):
             for _ in range(cfg.pixel_depth)
         )
         self.final_layer = FinalLayer(cfg.pixel_hidden_size, cfg.in_channels, ops, **kw)
-        head_in = cfg.pixel_hidden_size + (cfg.lq_detail_out if cfg.lq_detail_dim else 0)
-        self.out_conv = ConvHead(head_in, cfg.out_conv, cfg.in_channels, **kw) if cfg.out_conv else None
-        self.lq_detail = LQDetail(cfg, **kw) if cfg.lq_detail_dim else None
+        self.out_conv = ConvHead(cfg.pixel_hidden_size, cfg.out_conv, cfg.in_channels, **kw) if cfg.out_conv else None
         self.lq_proj = LQProjection(cfg, **kw) if cfg.has_lq else None
         self.pit_lq_gate = None
         if cfg.pit_lq_inject:
@@ -142,12 +139,7 @@ class PidNet(nn.Module):
             if image is None:
                 raise ValueError("this preset needs the LQ RGB image")
             up = F.interpolate(image, size=tuple(out_hw), mode="bicubic", align_corners=False)
-        detail = None
-        if self.lq_detail is not None:
-            if image is None:
-                raise ValueError("this preset needs the LQ RGB image")
-            detail = self.lq_detail(image, tuple(out_hw))
-        return LQFeatures(heads, pit, up, detail)
+        return LQFeatures(heads, pit, up)
 
     # ----------------------------------------------------------------- shifted-grid ensemble (RGB LQ models)
     def encode_lq_shifted(self, out_hw: tuple[int, int], image: torch.Tensor, shift: int) -> LQFeatures:
@@ -217,10 +209,6 @@ class PidNet(nn.Module):
         else:
             h = unpatchify(self.final_layer.norm(px).view(B, L, p * p, -1), gh, gw, p)  # -> [B, d, H, W]
             out = F.conv2d(h, self.final_layer.linear.weight[:, :, None, None], self.final_layer.linear.bias)
-            if self.lq_detail is not None:
-                if lq is None or lq.detail is None:
-                    raise ValueError("this PiD model needs LQ features with its detail branch: call encode_lq")
-                h = torch.cat([h, lq.detail.to(h.dtype)], 1)
             out = out + self.out_conv(h)
         if c.residual_lq:
             out = out + lq.upsampled.to(out.dtype)

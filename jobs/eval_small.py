@@ -58,9 +58,9 @@ def shipped_settings(weights: str | None) -> tuple[int, bool | None]:
 def evaluate(
     weights: str | None, size: int, runs: int, report: str | None, names=HOLDOUT, steps: int | None = None
 ) -> dict:
-    shipped_steps, ensemble = shipped_settings(weights)
+    shipped_steps, shipped_ensemble = shipped_settings(weights)
     steps = steps or shipped_steps
-    graph = StageGraph(ModelOptions(weights=weights), UpscaleOptions(steps=steps, ensemble=ensemble))
+    graph = StageGraph(ModelOptions(weights=weights), UpscaleOptions(steps=steps, ensemble=shipped_ensemble))
     ensemble = ensemble_shift(graph.preset, graph.options) > 0
     stages = graph.build_all()
     rows, panels = [], []

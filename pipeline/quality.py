@@ -129,10 +129,6 @@ def upscale_tensor(net, lq: torch.Tensor, *, steps: int = 4, seed: int = 0) -> t
     return sample(lambda x, t: net(x, t, y, feats, sigma), noise, steps=steps, prediction=cfg.prediction_type)
 
 
-def _device(net) -> torch.device:
-    return next(net.parameters()).device
-
-
 def evaluate_net(net, *, size: int = 128, seed: int = 0, names=HOLDOUT, steps: int = 4) -> dict:
     """PSNR(Y)/SSIM of the model's 4× output and of bicubic on centre crops of held-out photos."""
     net.eval()
@@ -140,7 +136,7 @@ def evaluate_net(net, *, size: int = 128, seed: int = 0, names=HOLDOUT, steps: i
     for name in names:
         hq = center_crop(load_photo(name), size)[None]
         lq = make_lq(hq)
-        out = upscale_tensor(net, lq.to(_device(net)), seed=seed, steps=steps)[0].cpu()
+        out = upscale_tensor(net, lq.to(next(net.parameters()).device), seed=seed, steps=steps)[0].cpu()
         bic = bicubic_up(lq)[0]
         rows.append(
             {

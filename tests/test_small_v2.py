@@ -1,5 +1,7 @@
 """The second version of the bundled model: its conv head, the shifted-grid ensemble, the seam loss, old files."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -128,6 +130,8 @@ def test_ensemble_setting_per_preset_and_refused_where_it_cannot_work():
     assert ensemble_shift(flux, UpscaleOptions()) == 0
     with pytest.raises(BadParameter, match="RGB-conditioned"):
         ensemble_shift(flux, UpscaleOptions(ensemble=True))
+    with pytest.raises(BadParameter, match="RGB-conditioned"):  # a preset file's default is checked the same way
+        ensemble_shift(dataclasses.replace(flux, shift_ensemble=4), UpscaleOptions())
     assert work_factor(small, UpscaleOptions(), (128, 128)) == pytest.approx(1 + (136 / 128) ** 2)
     assert work_factor(small, UpscaleOptions(ensemble=False), (128, 128)) == 1.0
 

@@ -239,12 +239,8 @@ def preset_from_dict(d: dict, where: str = "preset") -> Preset:
     if unknown:
         raise ValueError(f"{where}: unknown preset field(s) {unknown}")
     try:
-        cfg_fields = {f.name for f in dataclasses.fields(PidConfig)}
-        bad = sorted(set(d.get("config", {})) - cfg_fields)
-        if bad:
-            raise ValueError(f"unknown config field(s) {bad}")
         kw = dict(d)
-        kw["config"] = PidConfig(**d["config"])
+        kw["config"] = PidConfig.from_dict(d["config"])
         for k in ("envelope",):
             if k in kw:
                 kw[k] = tuple(kw[k])

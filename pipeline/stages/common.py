@@ -172,9 +172,7 @@ def ensemble_shift(preset, options: UpscaleOptions) -> int:
     model that cannot use it."""
     from pipeline.model.network import check_shift
 
-    if options.ensemble is None:
-        return preset.shift_ensemble
-    if not options.ensemble:
+    if options.ensemble is False or (options.ensemble is None and not preset.shift_ensemble):
         return 0
     shift = preset.shift_ensemble or preset.config.patch_size // 2
     try:

@@ -459,7 +459,9 @@ def step_golden(c: Check, put) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
     for f in files:
         rep = verify(f, device=c.device)
-        put(f.name, {"kind": rep.kind, **{ch.name: ch.error if ch.error is not None else ch.note for ch in rep.checks},
+        put(f.name, {"kind": rep.kind, "ok": rep.ok,
+                     **{ch.name: ch.error if ch.error is not None else ch.note for ch in rep.checks},
+                     **{f"{ch.name} tolerance": ch.tolerance for ch in rep.checks},
                      **({"problem": rep.problem} if rep.problem else {})})  # fmt: skip
 
 
@@ -531,7 +533,7 @@ def step_precision(c: Check, put) -> None:
     folder = Path(c.golden) if c.golden else None
     for f in sorted(folder.glob("*.safetensors")) if folder and folder.is_dir() else []:
         t, meta = read_state_dict(f)
-        if fixture_kind(t) != "pid":
+        if fixture_kind(t) not in ("pid", "pid_teacher"):
             continue
         net = load_network(PidConfig.from_official(json.loads(meta["config"])), network_tensors(t)).to(c.device)
         names = {"x": "input.x", "t": "input.t", "y": "input.y", "latent": "input.lq_latent",

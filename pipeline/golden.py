@@ -3,7 +3,9 @@
 A fixture is a safetensors file with `config` JSON metadata, `net.*` (or `encoder.*`) weights,
 `input.*` tensors and `expected.*` tensors. Its kind is recognised from its tensors; each expected
 tensor is recomputed through the same loading path as a real checkpoint and compared by max abs
-error. A kind we do not know, or an expected tensor we cannot recompute ("not checked: expected.X"), fails the file.
+error, against the fixture's own `tolerance` metadata (JSON: expected tensor -> max abs error, `default` for the
+rest; 1e-4 when absent), which every report line prints. A kind we do not know, or an expected tensor we cannot
+recompute ("not checked: expected.X"), fails the file.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-TOLERANCE = 1e-4
+TOLERANCE = 1e-4  # the format's default max abs error (shared/golden/README.md)
 
 
 @dataclass
@@ -23,10 +25,34 @@ class Check:
     name: str
     error: float | None  # None: not computed
     note: str = ""
+    tolerance: float = TOLERANCE  # the fixture's stated bound for this tensor
 
     @property
     def ok(self) -> bool:
-        return self.error is not None and self.error <= TOLERANCE
+        return self.error is not None and self.error <= self.tolerance
+
+
+def tolerances(meta: dict) -> dict[str, float]:
+    """The fixture's `tolerance` metadata: expected tensor name (or `default`) -> max abs error. ValueError when it
+    is not a JSON object of finite, non-negative numbers."""
+    import math
+
+    raw = meta.get("tolerance")
+    if raw is None:
+        return {}
+    try:
+        table = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"`tolerance` metadata is not JSON ({e})") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"`tolerance` metadata must be a JSON object, got {type(table).__name__}")
+    out = {}
+    for name, value in table.items():
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        if not ok:
+            raise ValueError(f"`tolerance` for {name!r} must be a finite number >= 0, got {value!r}")
+        out[str(name)] = float(value)
+    return out
 
 
 @dataclass
@@ -49,7 +75,9 @@ class FixtureReport:
             if c.error is None:
                 out.append(f"  {c.name:28s} FAIL  {c.note}")
             else:
-                out.append(f"  {c.name:28s} max_abs_err={c.error:.3e}  {'ok' if c.ok else 'FAIL'} {c.note}".rstrip())
+                verdict = "ok" if c.ok else "FAIL"
+                line = f"  {c.name:28s} max_abs_err={c.error:.3e} (tolerance {c.tolerance:.0e})  {verdict} {c.note}"
+                out.append(line.rstrip())
         return out
 
 
@@ -77,6 +105,8 @@ def fixture_kind(tensors: dict[str, torch.Tensor]) -> str:
     if "expected.latent" in tensors and any(k.startswith("encoder.") for k in tensors):
         return "flux_vae"
     has_net = any(k.startswith("net.") for k in tensors)
+    if has_net and {"input.lq_latent", "input.noise", "input.y_null"} <= set(tensors):
+        return "pid_teacher"  # the undistilled checkpoints: guided DPM-Solver++ from given noise
     if has_net and "input.lq_latent" in tensors:
         return "pid"
     if has_net and "input.noise" in tensors and not any(k.startswith("net.lq_proj.") for k in tensors):
@@ -154,7 +184,60 @@ def _check_t2i(t: dict, meta: dict, rep: FixtureReport, device=None) -> None:
     rep.checks.append(Check("expected.sample", _max_err(sample, t["expected.sample"])))
 
 
-CHECKERS = {"pid": _check_pid, "flux_vae": _check_vae, "pixeldit_t2i": _check_t2i}
+_SOLVER = {"solver": "dpm-solver++", "method": "multistep", "skip_type": "time_uniform_flow", "model_type": "flow"}
+
+
+def _shift_of(s: dict, hw: tuple[int, int]) -> float:
+    """The flow shift a teacher fixture's sampler ran at: its dynamic rule applied to the sample's size (checked
+    against the `flow_shift` it records), or the given `flow_shift`."""
+    from pipeline.model.guided import dynamic_shift
+
+    rule = str(s.get("shift_rule", "dynamic" if "dynamic_shift" in s else "given"))
+    if not rule.startswith("dynamic"):
+        return float(s["flow_shift"])
+    d = s.get("dynamic_shift") or {}
+    shift = dynamic_shift(*hw, float(d.get("base_shift", 6.0)), int(d.get("base_image_size_for_shift_calc", 2048)))
+    if "flow_shift" in s and abs(float(s["flow_shift"]) - shift) > 1e-6 * max(1.0, shift):
+        raise ValueError(f"flow_shift {s['flow_shift']} disagrees with its dynamic rule, which gives {shift}")
+    return shift
+
+
+def _check_teacher(t: dict, meta: dict, rep: FixtureReport, device=None) -> None:
+    """The undistilled PiD checkpoints: the forward, then the guided sampler from the fixture's noise, through
+    `guided_sample` as the diffuse stage calls it."""
+    from pipeline.model.config import PidConfig
+    from pipeline.model.guided import Guidance, guided_sample
+    from pipeline.model.loading import load_network, network_tensors
+
+    cfg = PidConfig.from_official(json.loads(meta["config"]))
+    module = load_network(cfg, network_tensors(t))
+    net = _on(device, module)
+    dev = device or "cpu"
+    y, sigma, latent = t["input.y"], t["input.degrade_sigma"], t["input.lq_latent"].to(dev)
+    with torch.inference_mode():
+        if "input.x" in t:
+            lq = module.encode_lq(tuple(t["input.x"].shape[-2:]), latent=latent)
+            out = net(t["input.x"], t["input.t"], y, lq, sigma)
+            rep.checks.append(Check("expected.forward", _max_err(out, t["expected.forward"])))
+        if "expected.sample" not in t:
+            return
+        s = json.loads(meta.get("sampler", "{}"))
+        odd = {k: s.get(k) for k, v in _SOLVER.items() if s.get(k) != v}
+        steps = int(s.get("steps", 0))
+        if odd or steps < 1 or int(s.get("order", 0)) != min(steps, 2) or float(meta.get("timescale", 1000.0)) != 1e3:
+            rep.checks.append(Check("expected.sample", None, f"sampler settings not supported: {odd or s}"))
+            return
+        noise = t["input.noise"]
+        g = Guidance(steps, float(s.get("cfg_scale", 1.0)), _shift_of(s, tuple(noise.shape[-2:])))
+        lq = module.encode_lq(tuple(noise.shape[-2:]), latent=latent)
+        y_null = t["input.y_null"].expand(noise.shape[0], -1, -1)
+        sample = guided_sample(lambda x, tt: net(x, tt, y, lq, sigma), lambda x, tt: net(x, tt, y_null, lq, sigma),
+                               noise, g)  # fmt: skip
+        rep.checks.append(Check("expected.sample", _max_err(sample.float().cpu(), t["expected.sample"]),
+                                f"({steps} steps, cfg {g.cfg_scale:g}, shift {g.shift:.4f})"))  # fmt: skip
+
+
+CHECKERS = {"pid": _check_pid, "pid_teacher": _check_teacher, "flux_vae": _check_vae, "pixeldit_t2i": _check_t2i}
 
 
 def verify(path: str | Path, device: str | torch.device | None = None) -> FixtureReport:
@@ -174,10 +257,13 @@ def verify(path: str | Path, device: str | torch.device | None = None) -> Fixtur
         rep.problem = "fixture has no `config` metadata"
         return rep
     try:
+        bounds = tolerances(meta)
         CHECKERS[kind](tensors, meta, rep, device=device)
     except (ValueError, KeyError) as e:
         rep.problem = f"{type(e).__name__}: {e}"
         return rep
+    for c in rep.checks:
+        c.tolerance = bounds.get(c.name, bounds.get("default", TOLERANCE))
     done = {c.name for c in rep.checks}
     for name in sorted(k for k in tensors if k.startswith("expected.") and k not in done):
         rep.checks.append(Check(name, None, f"not checked: {name} (no verifier for it): the file fails"))

@@ -1,4 +1,5 @@
-"""Text-to-image sampler of the PixelDiT backbone: multistep DPM-Solver++ on the flow schedule, with CFG.
+"""Multistep DPM-Solver++ on the flow schedule, with CFG: PixelDiT's text-to-image sampler and, through
+`pipeline.model.guided`, the undistilled PiD checkpoints' sampler (one solver, two callers).
 
 Facts taken from the official sampler (formulas, not code): flow schedule alpha_t = 1 − t, sigma_t = t,
 lambda_t = log(alpha_t / sigma_t); time steps `time_uniform_flow`: u = linspace(t_start, t_end, N + 1),
@@ -37,11 +38,15 @@ def dpm_solver_pp(
     uncond_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     order: int = 2,
     should_stop: Callable[[], bool] | None = None,
+    on_x0: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sample from noise x. velocity(x [2B or B, ...], t×1000 [2B or B]) runs the network.
 
-    With cfg_scale != 1, `velocity` is called once on the batch [x, x] and must return [uncond; cond]
-    predictions (the caller concatenates the two caption embeddings the same way).
+    With cfg_scale != 1 and no `uncond_velocity`, `velocity` is called once on the batch [x, x] and must return
+    [uncond; cond] predictions (the caller concatenates the two caption embeddings the same way: PixelDiT); with
+    `uncond_velocity`, the conditional and unconditional predictions are two calls on x (the PiD teacher).
+    `on_x0(step, x0)` may replace each data prediction (the tiles of one image blend theirs there); the sample is
+    the last one, so the caller's last blend is the output.
     """
     if order not in (1, 2) or steps < order:
         raise ValueError(f"order must be 1 or 2 and steps >= order, got order={order}, steps={steps}")
@@ -49,14 +54,22 @@ def dpm_solver_pp(
     B = x.shape[0]
 
     def x0_of(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        tb = t.expand(B)
+        tb = t.expand(B) * TIMESCALE
         if cfg_scale == 1.0:
-            eps = (1 - t) * velocity(x, tb * TIMESCALE) + x
+            eps = (1 - t) * velocity(x, tb) + x
+        elif uncond_velocity is not None:
+            eps_u = (1 - t) * uncond_velocity(x, tb) + x
+            eps_c = (1 - t) * velocity(x, tb) + x
+            eps = eps_u + cfg_scale * (eps_c - eps_u)
         else:
-            v = velocity(torch.cat([x, x]), torch.cat([tb, tb]) * TIMESCALE)
+            v = velocity(torch.cat([x, x]), torch.cat([tb, tb]))
             eps_u, eps_c = ((1 - t) * v + torch.cat([x, x])).chunk(2)
             eps = eps_u + cfg_scale * (eps_c - eps_u)
         return (x - t * eps) / (1 - t)
+
+    def data(x: torch.Tensor, i: int) -> torch.Tensor:
+        m = x0_of(x, ts[i])
+        return on_x0(i, m) if on_x0 is not None else m
 
     def alpha(t):  # exp(log(1 − t)), as the reference solver evaluates it
         return torch.exp(torch.log(1 - t))
@@ -72,7 +85,7 @@ def dpm_solver_pp(
         phi = torch.expm1(-h)
         return (t / t0) * x - (alpha(t) * phi) * m0 - 0.5 * (alpha(t) * phi) * d1
 
-    t_prev, m_prev = [ts[0]], [x0_of(x, ts[0])]
+    t_prev, m_prev = [ts[0]], [data(x, 0)]
     for i in range(1, steps + 1):
         if should_stop is not None and should_stop():
             from pipeline.errors import Cancelled
@@ -86,5 +99,5 @@ def dpm_solver_pp(
             x = second(x, t_prev[-2:], m_prev[-2:], t)
         t_prev, m_prev = (t_prev + [t])[-order:], m_prev
         if i < steps:
-            m_prev = (m_prev + [x0_of(x, t)])[-order:]
+            m_prev = (m_prev + [data(x, i)])[-order:]
     return x

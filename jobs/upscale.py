@@ -125,7 +125,24 @@ def _job_arguments(p, default_preset: str) -> None:
     m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     o = p.add_argument_group("upscaling")
     o.add_argument("-s", "--scale", type=float, default=None, help="output scale (default: the model's native 4x)")
-    o.add_argument("--steps", type=int, default=None, help="sampler steps, 1..4 (default: the preset's; small: 1)")
+    o.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="sampler steps (default: the preset's: 4 distilled (at most 4), 25 undistilled, 1 small)",
+    )
+    o.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help="guidance scale of the undistilled presets (default: the preset's, 5)",
+    )
+    o.add_argument(
+        "--shift",
+        type=float,
+        default=None,
+        help="flow shift of the undistilled presets (default: dynamic, 6 x sqrt(sqrt(H*W)/2048))",
+    )
     o.add_argument("--seed", type=seed_arg, default=0, help="run seed; each file's seed derives from it and its key")
     o.add_argument("--caption", default="", help="caption for every image")
     o.add_argument("--captions", default=None, help="per-file captions: CSV (key,caption) or JSONL")
@@ -178,14 +195,16 @@ def config_from_args(args) -> JobConfig:
     options = UpscaleOptions(
         scale=args.scale, steps=args.steps, seed=args.seed, caption=args.caption, degrade_sigma=args.degrade_sigma,
         sampler=args.sampler, tile=args.tile, overlap=args.overlap, fusion=not args.no_fusion, format=args.format,
-        ensemble=getattr(args, "ensemble", None),
+        ensemble=getattr(args, "ensemble", None), cfg_scale=args.cfg_scale, shift=args.shift,
         quality=args.quality, max_pixels=args.max_pixels, max_output_side=args.max_output_side,
     )  # fmt: skip
-    if options.ensemble:
-        from pipeline.model.presets import get_preset
-        from pipeline.stages.common import ensemble_shift
+    from pipeline.model.presets import get_preset
+    from pipeline.stages.common import ensemble_shift, sampler_steps
 
-        ensemble_shift(get_preset(args.preset), options)  # refused up front for a model that cannot shift
+    preset = get_preset(args.preset)
+    sampler_steps(preset, options)  # steps, --cfg-scale and --shift refused up front where the sampler cannot
+    if options.ensemble:
+        ensemble_shift(preset, options)  # refused up front for a model that cannot shift
     if args.format:
         from pipeline.imageio import output_format
 

@@ -27,7 +27,8 @@ def _cmd_presets(args) -> int:
     from pipeline.model.presets import ALIASES, PRESETS
     from pipeline.runtime import LQ_ENCODERS
 
-    print(f"{'preset':24s} {'variant':13s} scale  {'encoder':10s} latent_ch  {'does':14s} checkpoint")
+    w = max(map(len, PRESETS))
+    print(f"{'preset':{w}s} {'variant':13s} scale  {'encoder':10s} latent_ch  {'does':14s} {'sampler':17s} checkpoint")
     for name, p in PRESETS.items():
         if p.task == "t2i":
             does = "text->image"
@@ -37,7 +38,13 @@ def _cmd_presets(args) -> int:
                 or "no"
             )
         scale = f"x{p.scale}" if p.task == "upscale" else "-"
-        print(f"{name:24s} {p.variant:13s} {scale:6s} {p.vae:10s} {p.latent_channels:<9d}  {does:14s} "
+        if p.task == "t2i":
+            sampler = f"guided, {p.t2i.get('steps')} steps"
+        elif p.sampler == "guided":
+            sampler = f"guided, {p.default_steps}x2 fwd"
+        else:
+            sampler = f"{p.default_steps} steps"
+        print(f"{name:{w}s} {p.variant:13s} {scale:6s} {p.vae:10s} {p.latent_channels:<9d}  {does:14s} {sampler:17s} "
               f"{p.checkpoint}")  # fmt: skip
     print("aliases:", ", ".join(f"{a}->{b}" for a, b in ALIASES.items()))
     return 0

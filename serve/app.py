@@ -50,7 +50,7 @@ from serve.run import TOKEN_ENV, is_loopback
 
 STATIC = Path(__file__).resolve().parent / "static"
 ROW_PARAMS = {"seed": int, "caption": str, "degrade_sigma": float, "format": str, "scale": float, "steps": int,
-              "quality": int}  # fmt: skip
+              "cfg_scale": float, "shift": float, "quality": int}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- stage deployments
@@ -312,12 +312,13 @@ class Ingress:
         check_output_side(target_size(plan.in_hw, plan.sr_scale, opts.scale), opts.max_output_side)
         th, tw = plan.tile_out
         steps = sampler_steps(self.preset, opts)
-        cost = plan.n_tiles * th * tw * steps * work_factor(self.preset, opts, (th, tw)) / 1e6
+        factor = work_factor(self.preset, opts, (th, tw))  # the ensemble's pass, or guidance's second forward
+        cost = plan.n_tiles * th * tw * steps * factor / 1e6
         if cost > self.max_cost:
             raise TooLarge(
                 f"this request needs {cost:.1f} Mpx·steps of diffusion ({plan.n_tiles} tiles of {tw}x{th} x "
-                f"{steps} steps), over this endpoint's limit of {self.max_cost:g}; send a smaller image or "
-                "fewer steps, or use the bulk job (pidray upscale)"
+                f"{steps} steps x {factor:.2f} passes), over this endpoint's limit of {self.max_cost:g}; send a "
+                "smaller image or fewer steps, or use the bulk job (pidray upscale)"
             )
 
     async def _pipeline(self, row: dict, chain=None) -> dict:

@@ -104,7 +104,9 @@ def test_auth_required(endpoint):
 
 @pytest.mark.parametrize(
     "query,message",
-    [("steps=9", "steps must be an integer in 1..4"), ("seed=abc", "seed must be int"),
+    [("steps=9", "steps must be in 1..4 for the distilled preset small"), ("seed=abc", "seed must be int"),
+     ("cfg_scale=5", "apply to the undistilled presets"), ("shift=1e400", r"shift must be in \[0.1, 100\]"),
+     ("cfg_scale=nan", r"cfg_scale must be in \[0, 50\]"), ("steps=201", r"steps must be an integer in 1..200"),
      ("degrade_sigma=2", r"degrade_sigma must be in \[0, 1\]"), ("preset=flux-2k", "serves preset 'small'"),
      ("format=gif2", "unknown output format"), ("colour=red", "unknown parameter")],
 )  # fmt: skip

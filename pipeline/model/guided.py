@@ -49,10 +49,12 @@ def guided_sample(
     *,
     on_x0: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    prediction: str = "velocity",
 ) -> torch.Tensor:
-    """noise [B, 3, H, W] -> samples in [-1, 1]. cond/uncond(x, t×1000) give the network's velocity with the caption
-    and with the null caption (both with the image's LQ condition); uncond is not called when cfg_scale is 1."""
+    """noise [B, 3, H, W] -> samples in [-1, 1]. cond/uncond(x, t×1000) give the network's output (velocity, or x0
+    for an x0-prediction model, the official `x_start` type) with the caption and with the null caption, both with
+    the image's LQ condition; uncond is not called when cfg_scale is 1."""
     out = dpm_solver_pp(cond, noise.float(), steps=g.steps, shift=g.shift, cfg_scale=g.cfg_scale,
                         uncond_velocity=uncond, order=min(g.steps, 2), should_stop=should_stop,
-                        on_x0=on_x0)  # fmt: skip
+                        on_x0=on_x0, prediction=prediction)  # fmt: skip
     return out.clamp(-1, 1)

@@ -61,6 +61,15 @@ class Preset:
     # "upscale": PiD (an LQ input); "t2i": PixelDiT text-to-image, with its sampler defaults in `t2i`
     task: str = "upscale"
     t2i: dict = field(default_factory=dict)
+    # "distilled": the few-step sampler (DISTILLED_T); "guided": the undistilled checkpoints' DPM-Solver++ with
+    # classifier-free guidance, its defaults in `guidance` (cfg_scale; shift, None = dynamic from base_shift at
+    # base_size; the negative prompt whose embedding is the unconditional caption)
+    sampler: str = "distilled"
+    guidance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.sampler not in ("distilled", "guided"):
+            raise ValueError(f"preset {self.name}: sampler must be 'distilled' or 'guided', got {self.sampler!r}")
 
     @property
     def global_latent(self) -> bool:
@@ -151,6 +160,13 @@ T2I_DEFAULTS = {
                        "low res, blurry, deformed, distortion, duplicated limbs, plastic skin, jpeg artifacts, "
                        "watermark",
 }  # fmt: skip
+# The undistilled v1.5 checkpoints' sampling defaults (the teacher experiments' model config and the official docs:
+# cfg_scale 5, 25 steps, the dynamic shift 6.0 · sqrt(sqrt(H·W) / 2048); the null caption is PixelDiT's negative
+# prompt, the model config's default).
+GUIDED_DEFAULTS = {
+    "steps": 25, "cfg_scale": 5.0, "shift": None, "base_shift": 6.0, "base_size": 2048,
+    "negative_prompt": T2I_DEFAULTS["negative_prompt"],
+}  # fmt: skip
 # Where the official tokenizers load them from: the encoders from their hub ids, the RAE statistics from the RAE
 # release (`hf download nyu-visionx/RAE-collections`, kept at the official `checkpoints/rae/...` path).
 _RAE_FILES = {
@@ -175,6 +191,25 @@ def _released(name, cfg, exp, vae, variant, vae_ckpt, envelope, **kw) -> Preset:
 
 _R = dataclasses.replace
 _2K, _4K = (1536, 2688), (2048, 3840)
+_V1PT5_DISTILLED = [
+    _released("flux-2kto4k-v1.5", _V1PT5, "PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step", "flux1",
+              "2kto4k_v1pt5", "checkpoints/ae.safetensors", _4K),
+    _released("flux2-2kto4k-v1.5",
+              _R(_V1PT5, lq_latent_channels=128, latent_spatial_down_factor=16, lq_latent_unpatchify_factor=2),
+              "PiD_v1pt5_res2kto4k_sr4x_official_flux2_distill_4step", "flux2", "2kto4k_v1pt5",
+              "checkpoints/flux2_ae.safetensors", _4K),
+    _released("qwenimage-2kto4k-v1.5", _V1PT5, "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_distill_4step",
+              "qwenimage", "2kto4k_v1pt5", "checkpoints/QwenImage_VAE_2d.pth", _4K),
+]  # fmt: skip
+# The undistilled v1.5 checkpoints, the teachers of the 4-step students above: the same network and files beside
+# them (`..._undistilled/model_ema_bf16.pth`), sampled by guided DPM-Solver++ — the reference for quality.
+_V1PT5_UNDISTILLED = [
+    _R(d, name=f"{d.name}-undistilled", checkpoint=d.checkpoint.replace("_distill_4step/", "_undistilled/"),
+       sampler="guided", default_steps=GUIDED_DEFAULTS["steps"], guidance=dict(GUIDED_DEFAULTS),
+       notes=f"the undistilled {d.name}: {GUIDED_DEFAULTS['steps']} guided steps of 2 forwards (cfg "
+             f"{GUIDED_DEFAULTS['cfg_scale']:g}, dynamic shift)")
+    for d in _V1PT5_DISTILLED
+]  # fmt: skip
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -193,14 +228,8 @@ PRESETS: dict[str, Preset] = {
                   "checkpoints/sd3_vae/vae/diffusion_pytorch_model.safetensors", _4K),
         _released("sdxl-2kto4k", _R(_V1, lq_latent_channels=4), "PiD_res2kto4k_sr4x_official_sdxl_distill_4step",
                   "sdxl", "2kto4k", "checkpoints/sdxl_vae.safetensors", _4K, latent_noise="vp"),
-        _released("flux-2kto4k-v1.5", _V1PT5, "PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step", "flux1",
-                  "2kto4k_v1pt5", "checkpoints/ae.safetensors", _4K),
-        _released("flux2-2kto4k-v1.5",
-                  _R(_V1PT5, lq_latent_channels=128, latent_spatial_down_factor=16, lq_latent_unpatchify_factor=2),
-                  "PiD_v1pt5_res2kto4k_sr4x_official_flux2_distill_4step", "flux2", "2kto4k_v1pt5",
-                  "checkpoints/flux2_ae.safetensors", _4K),
-        _released("qwenimage-2kto4k-v1.5", _V1PT5, "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_distill_4step",
-                  "qwenimage", "2kto4k_v1pt5", "checkpoints/QwenImage_VAE_2d.pth", _4K),
+        *_V1PT5_DISTILLED,
+        *_V1PT5_UNDISTILLED,
         # PixelDiT text-to-image, the 2K fine-tune released with PiD (PixDiT_T2I, `pixeldit_h1536_d14p2` with
         # original RoPE; no LQ branch) and the official inference defaults of its experiment.
         Preset(

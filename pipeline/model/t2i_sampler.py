@@ -39,8 +39,12 @@ def dpm_solver_pp(
     order: int = 2,
     should_stop: Callable[[], bool] | None = None,
     on_x0: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    prediction: str = "velocity",
 ) -> torch.Tensor:
     """Sample from noise x. velocity(x [2B or B, ...], t×1000 [2B or B]) runs the network.
+
+    prediction: what the network returns, "velocity" (the reference solver's `flow` model type) or "x0" (its
+    `x_start`: turned into noise ε = (x − (1 − t)·x0) / t before guidance).
 
     With cfg_scale != 1 and no `uncond_velocity`, `velocity` is called once on the batch [x, x] and must return
     [uncond; cond] predictions (the caller concatenates the two caption embeddings the same way: PixelDiT); with
@@ -50,20 +54,25 @@ def dpm_solver_pp(
     """
     if order not in (1, 2) or steps < order:
         raise ValueError(f"order must be 1 or 2 and steps >= order, got order={order}, steps={steps}")
+    if prediction not in ("velocity", "x0"):
+        raise ValueError(f"prediction must be 'velocity' or 'x0', got {prediction!r}")
     ts = flow_timesteps(steps, shift, device=x.device)
     B = x.shape[0]
+
+    def noise_of(out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (1 - t) * out + x if prediction == "velocity" else (x - (1 - t) * out) / t
 
     def x0_of(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tb = t.expand(B) * TIMESCALE
         if cfg_scale == 1.0:
-            eps = (1 - t) * velocity(x, tb) + x
+            eps = noise_of(velocity(x, tb), x, t)
         elif uncond_velocity is not None:
-            eps_u = (1 - t) * uncond_velocity(x, tb) + x
-            eps_c = (1 - t) * velocity(x, tb) + x
+            eps_u = noise_of(uncond_velocity(x, tb), x, t)
+            eps_c = noise_of(velocity(x, tb), x, t)
             eps = eps_u + cfg_scale * (eps_c - eps_u)
         else:
-            v = velocity(torch.cat([x, x]), torch.cat([tb, tb]))
-            eps_u, eps_c = ((1 - t) * v + torch.cat([x, x])).chunk(2)
+            xx = torch.cat([x, x])
+            eps_u, eps_c = noise_of(velocity(xx, torch.cat([tb, tb])), xx, t).chunk(2)
             eps = eps_u + cfg_scale * (eps_c - eps_u)
         return (x - t * eps) / (1 - t)
 

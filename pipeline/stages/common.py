@@ -15,7 +15,9 @@ class UpscaleOptions:
     """Per-job (or per-request) settings; a row may override caption, seed and degrade_sigma."""
 
     scale: float | None = None  # None: the preset's native factor; others resize the native result (Lanczos)
-    steps: int | None = None  # None: the preset's default_steps (4 for the released models, 1 for `small`)
+    steps: int | None = None  # None: the preset's default_steps (4 distilled, 25 undistilled, 1 for `small`)
+    cfg_scale: float | None = None  # guidance scale of the undistilled presets; None: the preset's (5)
+    shift: float | None = None  # flow shift of the undistilled presets; None: the preset's (dynamic: by output size)
     seed: int = 0
     caption: str = ""
     degrade_sigma: float = 0.0
@@ -31,8 +33,12 @@ class UpscaleOptions:
 
     def __post_init__(self):
         check_seed(self.seed)
-        if self.steps is not None and (not isinstance(self.steps, int) or not 1 <= self.steps <= 4):
-            raise BadParameter(f"steps must be an integer in 1..4, got {self.steps!r}")
+        if self.steps is not None and (
+            isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS
+        ):
+            raise BadParameter(f"steps must be an integer in 1..{MAX_STEPS}, got {self.steps!r}")
+        self.cfg_scale = _number("cfg_scale", self.cfg_scale, 0.0, 50.0)
+        self.shift = _number("shift", self.shift, 0.1, 100.0)
         if not 0.0 <= float(self.degrade_sigma) <= 1.0:
             raise BadParameter(f"degrade_sigma must be in [0, 1], got {self.degrade_sigma}")
         if self.scale is not None and not 0.25 <= float(self.scale) <= 16:
@@ -52,6 +58,22 @@ class UpscaleOptions:
     @classmethod
     def from_dict(cls, d: dict) -> UpscaleOptions:
         return strict_from_dict(cls, d)
+
+
+MAX_STEPS = 200  # sampler steps a job or request may ask for (distilled presets: at most their schedule's)
+
+
+def _number(name: str, value, lo: float, hi: float) -> float | None:
+    """An optional finite number in [lo, hi] (bools and strings refused), as a float; BadParameter otherwise."""
+    import math
+
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadParameter(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise BadParameter(f"{name} must be in [{lo:g}, {hi:g}], got {value!r}")
+    return float(value)
 
 
 def strict_from_dict(cls, d: dict):
@@ -82,7 +104,7 @@ def check_seed(seed) -> int:
     return seed
 
 
-ROW_OVERRIDES = ("seed", "caption", "degrade_sigma", "steps", "scale", "format", "quality")
+ROW_OVERRIDES = ("seed", "caption", "degrade_sigma", "steps", "cfg_scale", "shift", "scale", "format", "quality")
 
 
 def resolve(defaults: UpscaleOptions, row: dict) -> UpscaleOptions:
@@ -163,8 +185,34 @@ class Cancellable:
 
 
 def sampler_steps(preset, options: UpscaleOptions) -> int:
-    """The sampler steps these options ask of this preset: theirs, or the preset's default_steps."""
-    return options.steps or preset.default_steps
+    """The sampler steps these options ask of this preset: theirs, or the preset's default_steps. BadParameter for
+    what the preset's sampler cannot do: more steps than a distilled schedule has, or guidance settings on it."""
+    steps = options.steps or preset.default_steps
+    if preset.sampler == "guided":
+        return steps
+    from pipeline.model.sampler import DISTILLED_T
+
+    most = len(DISTILLED_T) - 1
+    if steps > most:
+        raise BadParameter(f"steps must be in 1..{most} for the distilled preset {preset.name}, got {steps}")
+    given = [k for k in ("cfg_scale", "shift") if getattr(options, k) is not None]
+    if given:
+        raise BadParameter(f"{' and '.join(given)} apply to the undistilled presets (guided sampling); "
+                           f"{preset.name} is distilled and takes neither")  # fmt: skip
+    return steps
+
+
+def guidance_for(preset, options: UpscaleOptions, out_hw: tuple[int, int]):
+    """A guided preset's resolved settings for an output of out_hw pixels: steps, guidance scale and flow shift
+    (the options', else the preset's; a shift of None is the official dynamic rule for that size)."""
+    from pipeline.model.guided import Guidance, dynamic_shift
+
+    g = preset.guidance
+    shift = options.shift if options.shift is not None else g.get("shift")
+    if shift is None:
+        shift = dynamic_shift(*out_hw, float(g.get("base_shift", 6.0)), int(g.get("base_size", 2048)))
+    cfg = options.cfg_scale if options.cfg_scale is not None else float(g.get("cfg_scale", 1.0))
+    return Guidance(sampler_steps(preset, options), cfg, float(shift))
 
 
 def ensemble_shift(preset, options: UpscaleOptions) -> int:
@@ -184,7 +232,9 @@ def ensemble_shift(preset, options: UpscaleOptions) -> int:
 
 def work_factor(preset, options: UpscaleOptions, tile_hw: tuple[int, int]) -> float:
     """Pixels the network runs on per tile and step, relative to a plain pass: the ensemble adds its shifted pass,
-    `shift` pixels larger on every side."""
+    `shift` pixels larger on every side; guidance runs the network twice (with and without the caption)."""
+    if preset.sampler == "guided":
+        return float(guidance_for(preset, options, tile_hw).forwards_per_step)
     s = ensemble_shift(preset, options)
     h, w = tile_hw
     return 1.0 + (h + 2 * s) * (w + 2 * s) / (h * w) if s else 1.0

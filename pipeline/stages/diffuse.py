@@ -1,4 +1,9 @@
-"""DiffuseStage: the distilled sampler over images' tiles, batched across images, state kept on the model's device.
+"""DiffuseStage: the preset's sampler over images' tiles, batched across images, state kept on the model's device.
+
+The sampler is the distilled few-step one, or for the undistilled presets guided DPM-Solver++ (two forwards a
+step: the caption and the null caption, with the same LQ condition; `pipeline.model.guided`). Both blend the
+overlapping tiles' x0 estimates after every step and draw their noise the same way (the guided solver draws only
+its initial noise).
 
 Rows are grouped by (tile shape, steps); each group's tiles go through the network in memory-sized batches,
 whichever image they come from, while every image keeps its own noise and fusion. The sampler state (x, x0,
@@ -24,10 +29,19 @@ import torch.nn.functional as F
 from pipeline.errors import Cancelled
 from pipeline.imageio import quantize
 from pipeline.memory import batch_size_for, default_budget
+from pipeline.model.guided import Guidance, guided_sample
 from pipeline.model.sampler import GeneratorNoise, degrade_latent, sample
 from pipeline.noise import CellNoise, TileNoise, mix
 from pipeline.runtime import ModelOptions, load_net
-from pipeline.stages.common import Cancellable, UpscaleOptions, ensemble_shift, failed, options_of, sampler_steps
+from pipeline.stages.common import (
+    Cancellable,
+    UpscaleOptions,
+    ensemble_shift,
+    failed,
+    guidance_for,
+    options_of,
+    sampler_steps,
+)
 from pipeline.stages.rows import DiffusedRow, EncodedRow
 from pipeline.tiling import TilePlan, blend, crop_tiles, tile_weights
 
@@ -57,6 +71,8 @@ class DiffuseItem:
     sigma: float  # degrade_sigma
     steps: int
     noised: bool = False  # the latent is a captured x_t already at `sigma`: condition on it, add no noise
+    guidance: Guidance | None = None  # guided presets: steps, cfg scale, shift for this image
+    y_null: torch.Tensor | None = None  # guided presets: the null caption embedding [L, D]
 
 
 class DiffuseStage(Cancellable):
@@ -95,8 +111,8 @@ class DiffuseStage(Cancellable):
                 self.stopped += 1
                 out[i] = failed(rows[i], "diffuse", Cancelled("cancelled or past its deadline: not run"))
             else:
-                groups.setdefault((it.plan.tile, it.steps), []).append(i)
-        for (_, steps), idx in groups.items():
+                groups.setdefault((it.plan.tile, it.steps, it.guidance), []).append(i)
+        for (_, steps, _), idx in groups.items():
             stop = lambda idx=idx: all(self._gone(rows[i]) for i in idx)  # noqa: E731
             try:
                 canvases = self.diffuse_many([items[i] for i in idx], steps=steps, should_stop=stop)
@@ -126,20 +142,28 @@ class DiffuseStage(Cancellable):
         channels = 3 if self.preset.vae == "rgb" else cfg.lq_latent_channels
         plan = TilePlan((lat, lat), 1, side // lat, cfg.sr_scale, (lat, lat), (lat, lat), (1, 1))
         y = torch.zeros(cfg.txt_max_length, cfg.txt_embed_dim)
-        self.diffuse_many([DiffuseItem(torch.zeros(channels, lat, lat), y, plan, 0, 0.0, 1)], steps=1)
+        g = Guidance(1, 2.0, 1.0) if self.preset.sampler == "guided" else None  # both forwards of a guided step
+        self.diffuse_many([DiffuseItem(torch.zeros(channels, lat, lat), y, plan, 0, 0.0, 1, guidance=g, y_null=y)],
+                          steps=1)  # fmt: skip
         return True
 
     def request(self, row: dict) -> DiffuseItem:
         """A row's sampler inputs; row values override the stage's options."""
         o = options_of(row, self.options)
+        plan = TilePlan.from_dict(row["plan"])
+        guided = self.preset.sampler == "guided"
+        if guided and row.get("null_emb") is None:
+            raise ValueError("a guided preset's row needs the null caption embedding (null_emb) from the encode stage")
         return DiffuseItem(
             latent=torch.from_numpy(row["latent"]),
             y=torch.from_numpy(row["caption_emb"]),
-            plan=TilePlan.from_dict(row["plan"]),
+            plan=plan,
             seed=o.seed,
             sigma=float(o.degrade_sigma),
             steps=sampler_steps(self.preset, o),
             noised=bool(row.get("noised")),
+            guidance=guidance_for(self.preset, o, plan.out_hw) if guided else None,
+            y_null=torch.from_numpy(row["null_emb"]) if guided else None,
         )
 
     # ------------------------------------------------------------------ tensors
@@ -184,12 +208,19 @@ class DiffuseStage(Cancellable):
         origins = [(y * plan.out_per_lat, x * plan.out_per_lat) for y, x in plan.origins()]
         return TileNoise(seed, origins, plan.tile_out)
 
-    def diffuse(
-        self, latent: torch.Tensor, y: torch.Tensor, plan: TilePlan, seed: int, sigma: float, steps: int | None = None
-    ) -> torch.Tensor:
-        """latent [C, h, w] covering plan.lat_hw; y [L, D] -> the output canvas [3, H, W] in [-1, 1] (model device)."""
-        steps = steps or sampler_steps(self.preset, self.options)
-        return self.diffuse_many([DiffuseItem(latent, y, plan, seed, sigma, steps)], steps=steps)[0]
+    def diffuse(self, latent: torch.Tensor, y: torch.Tensor, plan: TilePlan, seed: int, sigma: float,
+                steps: int | None = None, y_null: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """latent [C, h, w] covering plan.lat_hw; y [L, D] (and for a guided preset the null caption y_null) -> the
+        output canvas [3, H, W] in [-1, 1] (model device)."""
+        o = dataclasses.replace(self.options, steps=steps) if steps else self.options
+        steps = sampler_steps(self.preset, o)
+        g = None
+        if self.preset.sampler == "guided":
+            if y_null is None:
+                raise ValueError(f"{self.preset.name} samples with guidance: pass the null caption embedding y_null")
+            g = guidance_for(self.preset, o, plan.out_hw)
+        return self.diffuse_many([DiffuseItem(latent, y, plan, seed, sigma, steps, guidance=g, y_null=y_null)],
+                                 steps=steps)[0]  # fmt: skip
 
     @torch.inference_mode()
     def diffuse_many(self, items: list[DiffuseItem], steps: int, should_stop=None) -> list[torch.Tensor]:
@@ -204,17 +235,24 @@ class DiffuseStage(Cancellable):
         if len(shapes) != 1:
             raise ValueError(f"diffuse_many needs one tile shape, got {sorted(shapes)}")
         out_hw = shapes.pop()
-        lq, ys, sigmas, noises, spans = [], [], [], [], []
+        guides = {it.guidance for it in items}
+        if len(guides) != 1:
+            raise ValueError(f"diffuse_many needs one guidance setting, got {guides}")
+        guidance = guides.pop()
+        lq, ys, ys_null, sigmas, noises, spans = [], [], [], [], [], []
         start = 0
         for it in items:
             lq.append(self._lq_tiles(it.latent.float(), it.plan, it.seed, it.sigma, it.noised))
             n = it.plan.n_tiles
             ys.append(it.y[None].expand(n, -1, -1))
+            if guidance is not None:
+                ys_null.append(it.y_null[None].expand(n, -1, -1))
             sigmas.append(torch.full((n,), float(it.sigma)))
             noises.append(self._noise(it.plan, it.seed))
             spans.append((slice(start, start + n), it.plan))
             start += n
         lq, ys, sig = torch.cat(lq), torch.cat(ys).to(dev, self.dtype), torch.cat(sigmas).to(dev)
+        ys_null = torch.cat(ys_null).to(dev, self.dtype) if ys_null else None
         N = start
         b = batch_size_for(cfg, out_hw, self.dtype, self.budget, n_tiles=N)
         if dev.type == "cpu":  # measured: on a CPU larger calls only thrash the caches (batching pays on a GPU)
@@ -233,16 +271,17 @@ class DiffuseStage(Cancellable):
         keep = len(chunks) * sum(t.numel() * t.element_size() for t in _tensors(first)) <= self.budget // 4
         cached = [first] + [features(c) for c in chunks[1:]] if keep else None  # else recomputed per step
 
-        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def predict(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor = ys) -> torch.Tensor:
             outs = []
             for k, c in enumerate(chunks):
                 if should_stop is not None and should_stop():
                     raise Cancelled("stopped: the request was cancelled or its deadline passed")
                 feats = cached[k] if cached is not None else features(c)
+                tc = t[c].to(self.dtype) if guidance is not None else t[c]  # guided: as the official teacher
                 if shift:
-                    pred = net.forward_shift_ensemble(x[c].to(self.dtype), t[c], ys[c], *feats, sig[c], shift)
+                    pred = net.forward_shift_ensemble(x[c].to(self.dtype), tc, y[c], *feats, sig[c], shift)
                 else:
-                    pred = net(x[c].to(self.dtype), t[c], ys[c], feats, sig[c])
+                    pred = net(x[c].to(self.dtype), tc, y[c], feats, sig[c])
                 outs.append(pred.float())
             return torch.cat(outs)
 
@@ -263,8 +302,13 @@ class DiffuseStage(Cancellable):
                     x0[sl] = crop_tiles(canvas, plan)
             return x0
 
-        out = sample(predict, noise, steps=steps, mode=self.options.sampler, prediction=cfg.prediction_type,
-                     on_x0=on_x0 if fused else None)  # fmt: skip
+        hook = on_x0 if fused else None
+        if guidance is not None:  # two forwards a step, caption and null caption, from the initial noise alone
+            out = guided_sample(predict, lambda x, t: predict(x, t, ys_null), noise(0), guidance, on_x0=hook,
+                                should_stop=should_stop, prediction=cfg.prediction_type)  # fmt: skip
+        else:
+            out = sample(predict, noise, steps=steps, mode=self.options.sampler, prediction=cfg.prediction_type,
+                         on_x0=hook)  # fmt: skip
         canvases = []
         for k, (sl, plan) in enumerate(spans):
             if k in final:

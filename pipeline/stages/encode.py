@@ -56,6 +56,7 @@ class EncodeStage:
         self.encoder = load_lq_encoder(self.model, gpu_share) if lq else None
         self.captioner = load_caption_encoder(self.model)
         self.device = pick_device(self.model.device)
+        self._null: np.ndarray | None = None
 
     def plan(self, in_hw):
         return plan_for(self.preset, self.options, in_hw)
@@ -88,9 +89,22 @@ class EncodeStage:
         captions = [options_of(r, self.options).caption for r in out]
         if not captions:
             return out
+        null = self.null_embedding()
         for row, emb in zip(out, self.captioner.encode(captions)):
             row["caption_emb"] = emb.float().numpy()
+            if null is not None:
+                row["null_emb"] = null
         return out
+
+    def null_embedding(self) -> np.ndarray | None:
+        """A guided preset's unconditional caption: its negative prompt's embedding [L, D], computed once per stage
+        (None for the distilled presets, which have no unconditional branch)."""
+        if self.preset.sampler != "guided":
+            return None
+        if self._null is None:
+            text = self.preset.guidance.get("negative_prompt") or ""
+            self._null = self.captioner.encode([text])[0].float().numpy()
+        return self._null
 
     def _given_latent(self, row: dict) -> dict:
         """The tile plan of a given latent: the output it stands for (latent × the VAE factor × scale), or an explicit

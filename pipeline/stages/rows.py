@@ -18,6 +18,8 @@ class Overrides(TypedDict, total=False):
     caption: str
     degrade_sigma: float
     steps: int
+    cfg_scale: float
+    shift: float
     scale: float
     format: str
     quality: int
@@ -50,6 +52,7 @@ class EncodedRow(ReadRow, total=False):
     plan: dict  # pipeline.tiling.TilePlan.to_dict()
     latent: np.ndarray  # [C, h, w] float32 (or the RGB image for RGB-conditioned presets)
     caption_emb: np.ndarray  # [L, D] float32
+    null_emb: np.ndarray  # [L, D] float32: the null caption (guided presets' unconditional branch)
     src: Any  # Decoded without pixels: mode, ICC, EXIF, alpha
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -45,6 +45,7 @@ from pipeline.stages.latent import LatentStage
 from pipeline.stages.merge import MergeStage
 from pipeline.t2i import MAX_PROMPT_CHARS, GenerateOptions
 from pipeline.tiling import TilePlan, check_output_side, target_size
+from serve.deployments import DeploymentArgs, check_drain, deployment_options
 from serve.metrics import ServeMetrics
 from serve.run import TOKEN_ENV, is_loopback
 
@@ -558,7 +559,7 @@ class AppArgs(BaseModel):
     dtype: str = "auto"
     kernels: str | None = None  # "auto" | "torch" | "triton"
     options: dict = Field(default_factory=dict)  # UpscaleOptions defaults for every request
-    deployments: dict[str, dict] = Field(default_factory=dict)  # per-deployment Serve options
+    deployments: dict[str, DeploymentArgs] = Field(default_factory=dict)  # per deployment: its Serve options
     gpu: bool | None = None  # None: whether the cluster has GPUs
     max_batch_tiles: int = 16
     batch_wait_s: float = 0.005
@@ -578,6 +579,11 @@ class AppArgs(BaseModel):
     # /v1/generate: a text-to-image preset served beside the PiD one, e.g. {"preset": "pixeldit-2k", "weights": DIR,
     # "text_encoder": DIR, "options": {GenerateOptions defaults}}; None: no text-to-image on this endpoint
     generate: dict | None = None
+
+    @model_validator(mode="after")
+    def _drain_covers_the_deadline(self):
+        check_drain(self.deployments, self.timeout_s)
+        return self
 
     def generate_model(self) -> ModelOptions | None:
         if not self.generate:
@@ -605,7 +611,6 @@ def build_app(args: dict | AppArgs | None = None):
     updates = {"gpu": gpu, "max_cost_mpx_steps": a.max_cost_mpx_steps or (1000.0 if gpu else 8.0),
                "threads": a.threads or (0 if gpu else os.cpu_count() or 1)}  # fmt: skip
     a = a.model_copy(update=updates)
-    dep = {**DEFAULT_DEPLOYMENTS, **a.deployments}
     graph = StageGraph(a.model_options(), UpscaleOptions.from_dict(a.options))
     handles = {}
     specs = graph.model_stages()
@@ -619,31 +624,22 @@ def build_app(args: dict | AppArgs | None = None):
         specs.append(StageSpec("generate", GenerateStage, {"model": dataclasses.asdict(gen_model), "options":
                                                            gen_opts.to_dict(), "emit": "both"}, True, True,
                                batch_rows=4, gpu_share=0.5))  # fmt: skip
+    unknown = sorted(set(a.deployments) - {"ingress", *(s.name for s in specs)})
+    if unknown:
+        raise ValueError(f"deployments: no deployment named {unknown} in this app (it has "
+                         f"{['ingress'] + [s.name for s in specs]})")  # fmt: skip
     for spec in specs:
-        conf = dict(dep.get(spec.name, DEFAULT_STAGE_DEPLOYMENT))
+        conf = deployment_options(spec.name, a.deployments, a.timeout_s)
         if gpu:  # the graph's declaration: a GPU stage's share of a card; a CPU stage with CUDA hidden
             conf["ray_actor_options"] = {**conf.get("ray_actor_options", {}), **spec.ray_options(1)}
         handles[spec.name] = StageDeployment.options(name=spec.name, **conf).bind(
             spec, max_batch_tiles=a.max_batch_tiles, batch_wait_s=a.batch_wait_s, threads=a.threads
         )
-    ingress = dict(dep["ingress"])
+    ingress = deployment_options("ingress", a.deployments, a.timeout_s)
     if gpu:  # decode and merge run in the ingress: never on a GPU
         opts = ingress.get("ray_actor_options", {})
         ingress["ray_actor_options"] = {**opts, "runtime_env": hidden_gpu_env()}
     return Ingress.options(**ingress).bind(handles, a)
-
-
-# Local defaults; serve/config.yaml carries the same for `serve deploy`, with autoscaling.
-# Fractional CPUs so the whole app fits a laptop-sized local cluster. The ingress admits `max_in_flight` upscale
-# requests itself (503 + Retry-After in our JSON shape past that); Serve's own limits sit above it as a backstop, so
-# /healthz and /v1/models still answer while the upscale queue is full.
-DEFAULT_DEPLOYMENTS = {
-    "ingress": {"max_ongoing_requests": 64, "max_queued_requests": 64, "ray_actor_options": {"num_cpus": 0.1},
-                "backpressure_config": {"status_code": 503, "retry_after_s": 2}},
-    "encode": {"max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.1}},
-    "diffuse": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.5}},
-}  # fmt: skip
-DEFAULT_STAGE_DEPLOYMENT = {"max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.1}}  # a stage added later
 
 
 def _has_gpu() -> bool:

@@ -263,3 +263,20 @@ def test_the_large_overlay_scales_and_fetches_weights_into_a_node_local_cache():
     init = job_group["template"]["spec"]["initContainers"][0]
     assert "pidray download flux-2k" in " ".join(init["command"]) and init["image"].startswith("ghcr.io/")
     assert {"name": "models", "emptyDir": {"sizeLimit": "80Gi"}} in job_group["template"]["spec"]["volumes"]
+
+
+def test_serve_config_deployment_options_are_typed_and_drain_within_the_deadline():
+    """serve/config.yaml's per-deployment overrides (Serve lays them over the builder's) pass the endpoint's typed
+    DeploymentArgs, which Serve's own schema does not do for autoscaling keys (a misspelt one is silently dropped),
+    and no drain window is shorter than the request deadline, so a scale-down lets in-flight requests finish."""
+    from serve.app import AppArgs, deployment_names
+    from serve.deployments import deployment_options
+
+    app = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())["applications"][0]
+    overrides = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]}
+    args = AppArgs.model_validate({**app["args"], "deployments": overrides})
+    assert set(args.deployments) == set(deployment_names(args.preset))
+    assert args.deployments["diffuse"].autoscaling_config["max_replicas"] > 1
+    for name in args.deployments:
+        drain = deployment_options(name, args.deployments, args.timeout_s)["graceful_shutdown_timeout_s"]
+        assert drain >= args.timeout_s, (name, drain)

@@ -45,7 +45,7 @@ def manifest_row(row: dict, model: str) -> dict:
         "key": display(row["key"]),
         "key_bytes": os.fsencode(row["key"]),
         "status": status,
-        "error": row.get("error", "") or "",
+        "error": _printable(row.get("error", "") or ""),
         "error_kind": row.get("error_kind", "") or ("internal" if status == "failed" else ""),
         "output_key": display(row.get("output_key", "")) if status in ("ok", "skipped") else "",
         "in_bytes": int(row.get("in_bytes", -1)),
@@ -55,10 +55,15 @@ def manifest_row(row: dict, model: str) -> dict:
         "out_w": int(out_hw[1]),
         "model": row.get("model", model),
         "seed": int(row.get("seed", -1)),
-        "notes": notes if isinstance(notes, str) else "; ".join(notes),
+        "notes": _printable(notes if isinstance(notes, str) else "; ".join(notes)),
         "node": row.get("node", "") or "",  # the Ray node that diffused it (a Ray Data job); "" in the local loop
         **{f"t_{s}": float(timings.get(s, row.get(f"t_{s}", float("nan")))) for s in STAGES},
     }
+
+
+def _printable(text: str) -> str:
+    """Text that Parquet can store: a lone surrogate (from a prompt, a message quoting one) shown as \\udXXX."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def manifest_bytes(rows: list[dict]) -> bytes:
@@ -90,7 +95,7 @@ def read_manifest(dst) -> list[dict]:
 STATUSES = ("ok", "failed", "skipped", "interrupted")
 # columns an older pidray did not write yet: filled in when missing; every other column must be there
 LATER_COLUMNS = {"key_bytes", "error_kind", "node", *(f"t_{s}" for s in STAGES)}
-MAX_MANIFEST_BYTES = 1 << 30
+MAX_MANIFEST_BYTES = 256 << 20  # ~2 M rows
 
 
 @dataclass
@@ -133,11 +138,12 @@ def read_previous(dst) -> Previous:
     (wrong types, nulls, a missing column, a file that is not Parquet at all) is set aside with the reason, so one
     damaged row or a foreign file never stops a job from writing its own manifest."""
     try:
-        if not dst.exists(MANIFEST_NAME):
+        size = dst.size(MANIFEST_NAME)
+        if size < 0:
             return Previous()
+        if size > MAX_MANIFEST_BYTES:  # from the listing: never read
+            return Previous(problem=f"it is {size:,} bytes, over the limit of {MAX_MANIFEST_BYTES:,}", set_aside=-1)
         data = dst.read(MANIFEST_NAME, MAX_MANIFEST_BYTES + 1)
-        if len(data) > MAX_MANIFEST_BYTES:
-            return Previous(problem=f"it is over {MAX_MANIFEST_BYTES:,} bytes", set_aside=-1)
         table = pq.read_table(io.BytesIO(data))
     except Exception as e:
         return Previous(problem=f"it cannot be read as a pidray manifest ({type(e).__name__}: {e})"[:300], set_aside=-1)

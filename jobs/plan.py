@@ -71,19 +71,19 @@ def output_stems(names: list[tuple[str, str]], suffix: str) -> dict[str, str]:
     """(id, name) pairs, in the order that decides clashes -> id -> output key without its extension, unique
     (ignoring case) across the job. `name` is what the output is named after (an input key; a batch latent's or a
     prompt's name); ids are unique, names need not be. Different names that would share a stem keep their own
-    extension (a.png, a.gif -> a.png.png, a.gif.png); any clash left gets ~2, ~3 in the order given (two prompts
-    both named pet -> pet, pet~2)."""
+    extension (a.png, a.gif -> a.png.png, a.gif.png); any clash left (same name, or only the case differs) gets ~2,
+    ~3 in the order given (two prompts both named pet -> pet, pet~2)."""
     plain = {}
     for i, k in names:
         p = PurePosixPath(k)
         parent = "" if str(p.parent) == "." else f"{p.parent}/"
         plain[i] = f"{parent}{p.stem}{suffix}"
-    groups = defaultdict(set)
+    groups = defaultdict(set)  # stem -> the extensions of the names on it
     for i, k in names:
-        groups[plain[i].casefold()].add(k)
+        groups[plain[i].casefold()].add(PurePosixPath(k).suffix.casefold())
     out, seen = {}, set()
     for i, k in names:
-        keep_ext = len(groups[plain[i].casefold()]) > 1  # several names on one stem: their extensions tell apart
+        keep_ext = len(groups[plain[i].casefold()]) > 1  # names on one stem that their extensions tell apart
         base = f"{plain[i]}.{PurePosixPath(k).suffix[1:]}" if keep_ext else plain[i]
         stem, n = base, 1
         while stem.casefold() in seen:
@@ -340,23 +340,23 @@ def read_prompts(name: str, text: str) -> list[tuple[int, dict | str]]:
     return out
 
 
-def _gen_fields(item: dict) -> dict:
+def _gen_fields(item: dict, text: bool = False) -> dict:
     """A prompt line's settings as GenerateOptions fields (size 'WxH' -> (H, W)), each checked for its type and
-    magnitude: a JSON value or a CSV string, never a bool, a fraction where a whole number is meant, NaN or inf.
-    BadParameter naming the field otherwise."""
+    magnitude: a JSON number (text: a CSV field's digits), never a bool, a fraction where a whole number is meant,
+    NaN or inf. BadParameter naming the field otherwise."""
     gen = {}
     for k in ("seed", "steps"):
         if k in item:
-            gen[k] = _whole(item[k], k)
+            gen[k] = _whole(item[k], k, text)
     for k in ("shift", "cfg_scale"):
         if k in item:
-            gen[k] = _number(item[k], k)
+            gen[k] = _number(item[k], k, text)
     if "negative_prompt" in item:
         gen["negative_prompt"] = _text(item["negative_prompt"], "negative_prompt")
     if "size" in item:
         size = item["size"]
         if isinstance(size, list) and len(size) == 2:
-            size = [_whole(v, "size") for v in size]
+            size = [_whole(v, "size", text) for v in size]
         elif not isinstance(size, str):
             raise BadParameter(f"size must be 'WIDTHxHEIGHT' or [width, height], got {_short(size)}")
         gen["size"] = parse_size(size)
@@ -368,16 +368,16 @@ def _short(value) -> str:
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
-def _whole(value, what: str) -> int:
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,19}\s*", value):
+def _whole(value, what: str, text: bool = False) -> int:
+    if text and isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,19}\s*", value):
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     raise BadParameter(f"{what} must be a whole number, got {_short(value)}")
 
 
-def _number(value, what: str) -> float:
-    if isinstance(value, str) and len(value) <= 40:
+def _number(value, what: str, text: bool = False) -> float:
+    if text and isinstance(value, str) and len(value) <= 40:
         try:
             value = float(value)
         except ValueError:
@@ -424,7 +424,7 @@ def _plan_prompts(cfg) -> Plan:
         raise SetupError(f"{cfg.src}: prompt file is {single.size:,} bytes, over the limit of "
                          f"{MAX_PROMPT_FILE_BYTES:,}")  # fmt: skip
     try:
-        text = src.read(single.key, MAX_PROMPT_FILE_BYTES + 1).decode("utf-8")
+        text = src.read(single.key, MAX_PROMPT_FILE_BYTES + 1).decode("utf-8-sig")  # a spreadsheet's BOM too
     except UnicodeDecodeError:
         raise SetupError(f"{cfg.src}: the prompt file is not UTF-8 text") from None
     plan = Plan(src, dst, single=single)
@@ -450,7 +450,7 @@ def _plan_prompts(cfg) -> Plan:
             _text(prompt, "prompt")
             if item.get("name") is not None:
                 _text(item["name"], "name")
-            gen = _gen_fields(item)
+            gen = _gen_fields(item, text=single.key.lower().endswith(".csv"))
             gen.setdefault("seed", file_seed(base.seed, key))
             GenerateOptions.from_dict({**base.to_dict(), **gen}).resolved(preset, _ldm_defaults(cfg))
         except (ValueError, TypeError, OverflowError) as e:

@@ -363,6 +363,17 @@ class Location:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def size(self, key: str) -> int:
+        """The size of the file or object `key` in bytes, -1 when there is none (from a stat / HEAD: nothing read)."""
+        if self.is_s3:
+            bucket, _ = self.bucket_prefix
+            try:
+                return int(self.client.head_object(Bucket=bucket, Key=self._s3_key(key))["ContentLength"])
+            except self.client.exceptions.ClientError:
+                return -1
+        path = Path(self.uri) / key
+        return path.stat().st_size if path.is_file() and not path.is_symlink() else -1
+
     def exists(self, key: str) -> bool:
         if self.is_s3:
             bucket, _ = self.bucket_prefix

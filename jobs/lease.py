@@ -1,7 +1,7 @@
 """One job per DST at a time: a lease at DST/.pidray-lock that the running job renews and that expires if it dies.
 
-The lease is a small JSON file created only if none exists (locally O_CREAT|O_EXCL, on S3 a PUT with
-`If-None-Match: *`), holding the job's id, host, pid and an expiry that a heartbeat thread pushes forward every
+The lease is a small JSON file created whole, only if none exists (locally a hard link of a finished file, on S3 a
+PUT with `If-None-Match: *`), holding the job's id, host, pid and an expiry that a heartbeat thread pushes forward every
 RENEW_EVERY_S. Another job finding a lease is refused up front (SetupError: exit 2, one line naming the holder)
 unless the lease is stale: its expiry has passed, or its holder ran on this host and that pid is gone. A stale lease
 is taken over atomically (S3: a PUT with `If-Match` on the stale version; locally under a short-lived guard file), and

@@ -408,8 +408,8 @@ class Location:
 
     # ------------------------------------------------------------------ conditional writes (the job's lease)
     def create_exclusive(self, key: str, data: bytes) -> str:
-        """Create `key` only if it does not exist (FileExistsError otherwise); returns a version token (the S3 ETag;
-        locally the content is the token)."""
+        """Create `key`, whole, only if it does not exist (FileExistsError otherwise); returns a version token (the S3
+        ETag; locally the content is the token)."""
         if self.is_s3:
             bucket, _ = self.bucket_prefix
             try:
@@ -420,9 +420,14 @@ class Location:
                 raise
             return got["ETag"]
         path = self._local_path(key)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(self.tag), suffix=".part")
+        try:  # complete before it appears: a reader never sees it half written
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.link(tmp, path)  # atomic, and fails if `key` exists (O_CREAT|O_EXCL, with the content in place)
+        finally:
+            os.unlink(tmp)
         return ""
 
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:

@@ -518,6 +518,45 @@ def test_a_lease_lost_to_another_job_stops_the_writer(tmp_path):
     assert not (tmp_path / ".pidray-lock").exists()
 
 
+def _race_for_the_lease(uri: str, owner: str, start: float, won) -> None:
+    from jobs.lease import Lease
+
+    while time.time() < start:
+        pass
+    try:
+        Lease(Location(uri), owner).acquire()
+    except SetupError:
+        return
+    won.put(owner)
+    time.sleep(1.0)  # keep holding (alive) while the others look
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_jobs_starting_at_once_get_one_lease(tmp_path, stale):
+    """Four processes race for a free lease, or to take over a stale one: exactly one wins each time (a lease file
+    is never seen half written, and a takeover happens once)."""
+    import json
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(3):
+        d = tmp_path / str(trial)
+        d.mkdir()
+        if stale:
+            (d / ".pidray-lock").write_text(json.dumps({"owner": "dead", "host": "x", "pid": 1, "expires": 0}))
+        won, start = ctx.Queue(), time.time() + 0.3
+        procs = [ctx.Process(target=_race_for_the_lease, args=(str(d), f"j{i}", start, won)) for i in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=30)
+        winners = []
+        while not won.empty():
+            winners.append(won.get())
+        assert len(winners) == 1, (trial, winners)
+        assert json.loads((d / ".pidray-lock").read_text())["owner"] == winners[0]
+
+
 @pytest.mark.slow
 def test_s3_lease_is_a_conditional_create_with_expiry(s3_server):
     import boto3

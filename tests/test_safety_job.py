@@ -642,3 +642,19 @@ def test_a_damaged_manifest_is_set_aside_and_a_new_one_written(bicubic_weights, 
     assert fresh.rows["a.png"]["status"] == "skipped" and fresh.rows["b.png"]["status"] == "ok"
     if damage == "null out_h":  # the one good row (b.png) was kept; a.png's was set aside
         assert "1 of 2 rows" in err
+
+
+@pytest.mark.slow
+def test_a_damaged_s3_manifest_is_kept_as_a_backup(s3_server):
+    import boto3
+
+    from jobs.manifest import read_previous, set_aside
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    s3.create_bucket(Bucket="damaged")
+    s3.put_object(Bucket="damaged", Key=f"out/{MANIFEST_NAME}", Body=b"not a manifest")
+    dst = Location("s3://damaged/out", S3Settings(endpoint_url=s3_server, region="us-east-1"))
+    prev = read_previous(dst)
+    assert prev.problem and not prev.rows
+    backup = set_aside(dst, prev)
+    assert s3.get_object(Bucket="damaged", Key=f"out/{backup}")["Body"].read() == b"not a manifest"

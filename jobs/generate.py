@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 from jobs.pipeline import JobConfig, run_job
 from jobs.upscale import report, seed_arg, size_arg
@@ -130,10 +131,11 @@ def _one(args) -> int:
     if row.get("status") != "ok":
         print(f"pidray generate: failed: {row.get('error')}", file=sys.stderr)
         return 3
-    tmp = out + ".part"
-    with open(tmp, "xb") as f:
-        f.write(row["output"])
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(out)}.", suffix=".pidray.part")  # our own
     try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(row["output"])
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an output is an ordinary file
         os.link(tmp, out)  # fails if OUT appeared meanwhile: never overwrite
     except FileExistsError:
         raise SetupError(f"{args.out} appeared while generating: pidray never overwrites a file") from None

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from jobs.manifest import MANIFEST_NAME, load_manifest, manifest_key, manifest_row, write_manifest
+from jobs.lease import Lease
+from jobs.manifest import MANIFEST_NAME, manifest_key, manifest_row, set_aside, write_manifest
 from jobs.plan import Plan, output_candidates, plan_job
 from pipeline.errors import SetupError
 from pipeline.graph import StageGraph, StageSpec
@@ -223,6 +224,7 @@ def preflight(cfg: JobConfig) -> None:
         except ValueError as e:
             raise SetupError(str(e)) from None
         check_format(cfg.latent_format, preset)
+        _check_decode_flags(cfg, preset)
     else:
         check_encoder(preset)  # "not implemented" before asking for weights the preset cannot use anyway
     side = preset.envelope[1] * 3 // max(1, preset.scale)  # an input that needs several tiles checks --overlap
@@ -243,6 +245,25 @@ def preflight(cfg: JobConfig) -> None:
     except WeightsNotFound as e:
         missing.append(str(e))
     _raise_missing(missing, cfg, preset)
+
+
+def _check_decode_flags(cfg: JobConfig, preset) -> None:
+    """`pidray decode --sigma` and `--size`, checked for the preset before any model loads (SetupError naming the
+    flag): every row would fail with them otherwise."""
+    from pipeline.latents import check_sigma
+    from pipeline.stages.encode import given_latent_in_hw
+
+    try:
+        if cfg.sigma is not None:
+            check_sigma(cfg.sigma, preset, "--sigma")
+        if cfg.out_size is not None:
+            h, w = cfg.out_size
+            if max(h, w) > cfg.options.max_output_side:
+                raise ValueError(f"output side {max(h, w)} is over --max-output-side {cfg.options.max_output_side}")
+            given_latent_in_hw(preset, None, cfg.out_size)
+    except ValueError as e:
+        flag = "" if str(e).startswith("--") else f"--size {cfg.out_size[1]}x{cfg.out_size[0]}: "
+        raise SetupError(f"{flag}{e}") from None
 
 
 def _raise_missing(missing: list[str], cfg: JobConfig, preset) -> None:
@@ -329,10 +350,46 @@ def _on_signals(handler):
 
 
 def run_job(cfg: JobConfig, on_row=None) -> Summary:
-    """Run the job; returns the summary. The manifest (Parquet) is written at DST whatever happens once planned."""
+    """Run the job; returns the summary. The manifest (Parquet) is written at DST whatever happens once planned.
+
+    A job holds DST's lease from before planning to after its manifest (a dry run writes nothing and takes none):
+    a DST in use by another live job is refused up front."""
     t0 = time.time()
     preflight(cfg)
+    if cfg.dry_run:
+        return _run(cfg, None, on_row, t0)
+    lease = Lease(Location(cfg.dst, cfg.s3))
+    lease.acquire()
+    try:
+        lease.start_heartbeat()
+        return _run(cfg, lease, on_row, t0)
+    finally:
+        lease.release()
+
+
+def _warn(message: str) -> None:
+    print(f"pidray: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _run(cfg: JobConfig, lease: Lease | None, on_row, t0: float) -> Summary:
     plan = plan_job(cfg)
+    if lease is not None:
+        plan.dst.tag = lease.owner  # its temporaries carry the job's id: it removes only its own
+        if lease.taken_over:
+            n = plan.dst.remove_temporaries(lease.taken_over)
+            _warn(f"took over DST's lease from job {lease.taken_over}, which is gone"
+                  + (f"; removed its {n} unfinished temporary file(s)" if n else ""))  # fmt: skip
+    if plan.previous.problem:
+        where = f"{plan.dst.uri.rstrip('/')}/{MANIFEST_NAME}"
+        kept = "it would be kept beside it as a backup"
+        if not cfg.dry_run:
+            try:
+                kept = f"it is kept as {set_aside(plan.dst, plan.previous)}"
+            except Exception as e:
+                kept = f"it could not be kept as a backup ({type(e).__name__}: {e})"
+        what = "its rows were" if plan.previous.set_aside < 0 else f"{plan.previous.set_aside} row(s) were"
+        _warn(f"the manifest {where} does not fit ({plan.previous.problem}): {what} set aside and {kept}; outputs "
+              "already in DST are still trusted, and a new manifest is written")  # fmt: skip
     todo = plan.todo
     summary = Summary(skipped=len(plan.skipped))
     if cfg.dry_run:
@@ -342,7 +399,7 @@ def run_job(cfg: JobConfig, on_row=None) -> Summary:
         summary.rows += plan.rejected + plan.skipped
         return summary
     results: dict[str, dict] = {}
-    previous = load_manifest(plan.dst) if cfg.resume else {}
+    previous = plan.previous.rows  # read once, checked row by row, by the plan (--resume, --in-place)
     fixed = {**{manifest_key(r): r for r in plan.skipped}, **{manifest_key(r): r for r in plan.rejected}}
 
     stopped_early = True  # until the loop has seen every row: a signal or an error that ends the job
@@ -368,6 +425,8 @@ def run_job(cfg: JobConfig, on_row=None) -> Summary:
                 bar.update(1)
                 if on_row:
                     on_row(row)
+                if lease is not None:
+                    lease.check()  # never two jobs writing one DST: stop if another job took the lease
                 if time.time() - last_flush > MANIFEST_EVERY_S:  # a crash keeps what was done so far on record
                     write_manifest(plan.dst, merged(final=False))
                     last_flush = time.time()
@@ -384,7 +443,7 @@ def run_job(cfg: JobConfig, on_row=None) -> Summary:
             summary.seconds = time.time() - t0
             summary.rows = merged(final=True)
             summary.manifest = write_manifest(plan.dst, summary.rows)
-            plan.dst.remove_stale_temporaries()
+            plan.dst.remove_temporaries(plan.dst.tag)  # this job's own, never another job's
     return summary
 
 

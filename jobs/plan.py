@@ -12,14 +12,15 @@ The rules that keep user data safe live here:
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from jobs.manifest import MANIFEST_NAME, load_manifest, manifest_row
-from pipeline.errors import SetupError
+from jobs.manifest import Previous, manifest_row, read_previous
+from pipeline.errors import BadParameter, SetupError
 from pipeline.imageio import EXTENSIONS, FORMATS, probe
 from pipeline.latents import LATENT_EXTENSIONS, header_ids, is_latent_key, npz_ids
 from pipeline.noise import file_seed
@@ -38,6 +39,7 @@ class Plan:
     skipped: list[dict] = field(default_factory=list)  # manifest rows: done already (--resume), hidden, links
     rejected: list[dict] = field(default_factory=list)  # manifest rows failed at planning, with the reason
     single: Entry | None = None  # SRC named one file/object: this entry of `src` is the whole listing
+    previous: Previous = field(default_factory=Previous)  # the manifest found at DST (--resume, --in-place)
 
 
 def locations(cfg) -> tuple[Location, Location, Entry | None]:
@@ -47,7 +49,8 @@ def locations(cfg) -> tuple[Location, Location, Entry | None]:
     entry = None
     if single is not None:
         src, entry = single
-    if dst.real == src.real:
+    prompts = getattr(cfg, "workflow", "upscale") in ("generate", "ldm")  # the input is one prompt file, not images
+    if dst.real == src.real and not prompts:  # a prompt file's own folder is a fine DST: outputs are named anew
         if not cfg.suffix:
             what, how = ("the folder of SRC", "--suffix _x4") if entry else ("SRC", "--in-place --suffix _x4")
             raise SetupError(
@@ -64,25 +67,30 @@ def locations(cfg) -> tuple[Location, Location, Entry | None]:
     return src, dst, entry
 
 
-def output_stems(keys: list[str], suffix: str) -> dict[str, str]:
-    """key -> output key without its extension, unique (ignoring case) across the job."""
+def output_stems(names: list[tuple[str, str]], suffix: str) -> dict[str, str]:
+    """(id, name) pairs, in the order that decides clashes -> id -> output key without its extension, unique
+    (ignoring case) across the job. `name` is what the output is named after (an input key; a batch latent's or a
+    prompt's name); ids are unique, names need not be. Different names that would share a stem keep their own
+    extension (a.png, a.gif -> a.png.png, a.gif.png); any clash left (same name, or only the case differs) gets ~2,
+    ~3 in the order given (two prompts both named pet -> pet, pet~2)."""
     plain = {}
-    for k in keys:
+    for i, k in names:
         p = PurePosixPath(k)
         parent = "" if str(p.parent) == "." else f"{p.parent}/"
-        plain[k] = f"{parent}{p.stem}{suffix}"
-    groups = defaultdict(list)
-    for k, s in plain.items():
-        groups[s.casefold()].append(k)
+        plain[i] = f"{parent}{p.stem}{suffix}"
+    groups = defaultdict(set)  # stem -> the extensions of the names on it
+    for i, k in names:
+        groups[plain[i].casefold()].add(PurePosixPath(k).suffix.casefold())
     out, seen = {}, set()
-    for k in sorted(keys):
-        base = plain[k] if len(groups[plain[k].casefold()]) == 1 else f"{plain[k]}.{PurePosixPath(k).suffix[1:]}"
+    for i, k in names:
+        keep_ext = len(groups[plain[i].casefold()]) > 1  # names on one stem that their extensions tell apart
+        base = f"{plain[i]}.{PurePosixPath(k).suffix[1:]}" if keep_ext else plain[i]
         stem, n = base, 1
         while stem.casefold() in seen:
             n += 1
             stem = f"{base}~{n}"
         seen.add(stem.casefold())
-        out[k] = stem
+        out[i] = stem
     return out
 
 
@@ -128,9 +136,15 @@ def _latent_inputs(src: Location, entries: list[Entry]):
 
     def one(e: Entry):
         try:
-            return e, ids(e), None
+            got = ids(e)
         except Exception as err:
             return e, None, str(err)
+        twice = sorted({i for i in got if got.count(i) > 1}) if len(set(got)) != len(got) else []
+        if twice:  # a crafted archive: two latents under one name would share a manifest row and an output
+            return e, None, f"the file holds latent id(s) {twice[:5]} more than once"
+        if len(got) > 1 and "" in got:
+            return e, None, "the file holds a latent with an empty name among others"
+        return e, got, None
 
     inputs, bad = [], []
     with ThreadPoolExecutor(8) as pool:
@@ -138,8 +152,16 @@ def _latent_inputs(src: Location, entries: list[Entry]):
             if why is not None:
                 bad.append((e, why))
             else:
-                inputs += [(e, f"{e.key}#{i}" if i else e.key, i) for i in got]
+                inputs += [(e, latent_key(e.key, i), i) for i in got]
     return inputs, bad
+
+
+def latent_key(file_key: str, latent_id: str = "") -> str:
+    """The manifest key of a latent: its file's key, then `#id` for one latent of a batch file. A '%' or '#' in the
+    file's own name is written %25 / %23, so the first '#' always starts the id and no file name can pass for a
+    latent of another file (`x.npz#b.npy`, a file, is `x.npz%23b.npy`; member `b.npy` of `x.npz` is `x.npz#b.npy`)."""
+    escaped = file_key.replace("%", "%25").replace("#", "%23")
+    return f"{escaped}#{latent_id}" if latent_id else escaped
 
 
 def plan_job(cfg) -> Plan:
@@ -154,16 +176,20 @@ def plan_job(cfg) -> Plan:
     if not listed:
         looked = ", ".join(LATENT_EXTENSIONS) if decode else ", ".join(sorted(set(FORMATS)))
         raise SetupError(f"no {'latent files' if decode else 'images'} found under {cfg.src} (looked for {looked})")
+    if cfg.resume or cfg.in_place:
+        plan.previous = read_previous(dst)
     in_place_outputs = set()
-    if cfg.in_place:  # earlier outputs sit beside the inputs: they are not inputs
-        in_place_outputs = {e.key for e in listed if PurePosixPath(e.key).stem.endswith(cfg.suffix)}
+    if cfg.in_place:  # earlier outputs sit beside the inputs: they are not inputs -- when a manifest says so
+        written = {r["output_key"] for r in plan.previous.rows.values() if r["status"] != "failed"}
+        in_place_outputs = {e.key for e in listed if PurePosixPath(e.key).stem.endswith(cfg.suffix)
+                            and display(e.key) in written}  # fmt: skip
     candidates = [e for e in listed if not e.skip and e.key not in in_place_outputs]
     for e in listed:
         if e.skip:
             plan.skipped.append(_row(e, "skipped", cfg, error=e.skip, error_kind="skipped"))
         elif e.key in in_place_outputs:
-            reason = f"name ends with --suffix {cfg.suffix!r}: taken as the output of an earlier in-place run"
-            plan.skipped.append(_row(e, "skipped", cfg, error=reason, error_kind="skipped"))
+            reason = f"name ends with --suffix {cfg.suffix!r}: the output of an earlier in-place run (in the manifest)"
+            plan.skipped.append(_row(e, "skipped", cfg, error=reason, error_kind="skipped", output_key=e.key))
     overlap = (not src.is_s3 and not dst.is_s3) or src.below(dst) or dst.below(src)  # local: links can overlap too
     protected = {src.identity(e.key) for e in listed if e.key not in in_place_outputs} if overlap else set()
     # (entry, input key, latent id): one per image, or one per latent of a latent file (a batch file: several)
@@ -172,15 +198,17 @@ def plan_job(cfg) -> Plan:
         inputs, unreadable = _latent_inputs(src, candidates)
         plan.rejected += [_row(e, "failed", cfg, error=f"plan: {why}", error_kind="bad_input") for e, why in unreadable]
     names = {k: (_batch_name(e.key, i) if i else e.key) for e, k, i in inputs}
-    stems = output_stems(list(names.values()), cfg.suffix)
-    existing, previous = _existing_outputs(cfg, dst)
+    stems = output_stems(sorted(((k, n) for k, n in names.items()), key=lambda kn: (kn[1], kn[0])), cfg.suffix)
+    existing, previous = _existing_outputs(cfg, dst), plan.previous.rows
     unknown = []  # (row, input key, output key) of outputs found by --resume whose sizes are not on record
     for e, key, latent_id in inputs:
         seed = file_seed(cfg.options.seed, key)
-        stem = stems[names[key]]
+        stem = stems[key]
         row = {"key": key, "seed": seed, "in_bytes": e.size, "output_stem": stem}
+        if key != e.key:  # a latent of a batch file, or a latent file's name written with escapes: the file to read
+            row["src_key"] = e.key
         if latent_id:
-            row.update(src_key=e.key, latent_id=latent_id)
+            row["latent_id"] = latent_id
         if decode:
             row.update({k: v for k, v in (("out_size", cfg.out_size), ("sigma", cfg.sigma)) if v is not None})
         if e.note:
@@ -219,15 +247,14 @@ def _refusal(e: Entry, stem: str, cfg, dst: Location, protected: set[str]) -> tu
     return None
 
 
-def _existing_outputs(cfg, dst: Location) -> tuple[set[str], dict[str, dict]]:
+def _existing_outputs(cfg, dst: Location) -> set[str]:
+    """--resume: every key at DST (an output found there is trusted: writes are atomic)."""
     if not cfg.resume:
-        return set(), {}
+        return set()
     try:
-        existing = {e.key for e in dst.list(images_only=False)}
+        return {e.key for e in dst.list(images_only=False)}
     except SetupError:  # DST does not exist yet: nothing done
-        return set(), {}
-    previous = load_manifest(dst) if MANIFEST_NAME in existing else {}
-    return existing, previous
+        return set()
 
 
 def _fill_sizes(items: list[tuple[dict, str, str]], src: Location, dst: Location) -> None:
@@ -252,6 +279,8 @@ def _fill_sizes(items: list[tuple[dict, str, str]], src: Location, dst: Location
 # ------------------------------------------------------------------------------------------------ prompt files
 PROMPT_FIELDS = ("prompt", "seed", "size", "steps", "shift", "cfg_scale", "negative_prompt", "name")
 MAX_PROMPTS = 1_000_000
+MAX_PROMPT_FILE_BYTES = 64 << 20
+MAX_FIELD_CHARS = 1 << 17  # a prompt, negative prompt or name longer than this fails its line
 
 
 def read_prompts(name: str, text: str) -> list[tuple[int, dict | str]]:
@@ -273,20 +302,37 @@ def read_prompts(name: str, text: str) -> list[tuple[int, dict | str]]:
             except ValueError as e:
                 out.append((n, f"not JSON ({e})"))
                 continue
+            except RecursionError:
+                out.append((n, "JSON nested too deeply"))
+                continue
             if not isinstance(item, dict):
                 out.append((n, "expected a JSON object with a prompt"))
                 continue
             unknown = sorted(set(item) - set(PROMPT_FIELDS))
             out.append((n, f"unknown field(s) {unknown}" if unknown else item))
     elif ext == ".csv":
+        csv.field_size_limit(max(csv.field_size_limit(), MAX_PROMPT_FILE_BYTES))  # a long field fails its line alone
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or "prompt" not in reader.fieldnames:
             raise SetupError(f"{name}: a CSV prompt file needs a 'prompt' column; got {reader.fieldnames}")
         unknown = sorted(set(reader.fieldnames) - set(PROMPT_FIELDS))
         if unknown:
             raise SetupError(f"{name}: unknown CSV column(s) {unknown}; known: {', '.join(PROMPT_FIELDS)}")
-        for n, r in enumerate(reader, 2):
-            out.append((n, {k: v for k, v in r.items() if v not in (None, "")}))
+        n = 1
+        try:
+            for r in reader:
+                n = reader.line_num  # the line the record ends on (a quoted field may span lines)
+                if None in r:
+                    out.append((n, f"{len(reader.fieldnames) + len(r[None])} fields, the header has "
+                                   f"{len(reader.fieldnames)}"))  # fmt: skip
+                    continue
+                long = [k for k, v in r.items() if v is not None and len(v) > MAX_FIELD_CHARS]
+                if long:
+                    out.append((n, f"field {long[0]!r} is over {MAX_FIELD_CHARS:,} characters"))
+                    continue
+                out.append((n, {k: v for k, v in r.items() if v not in (None, "")}))
+        except csv.Error as e:  # malformed quoting: the lines after it cannot be told apart
+            out.append((reader.line_num or n, f"not CSV from here on ({e})"))
     else:
         out = [(n, {"prompt": line.strip()}) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if len(out) > MAX_PROMPTS:
@@ -294,20 +340,69 @@ def read_prompts(name: str, text: str) -> list[tuple[int, dict | str]]:
     return out
 
 
-def _gen_fields(item: dict) -> dict:
-    """A prompt line's settings as GenerateOptions fields (size 'WxH' -> (H, W)); ValueError when malformed."""
+def _gen_fields(item: dict, text: bool = False) -> dict:
+    """A prompt line's settings as GenerateOptions fields (size 'WxH' -> (H, W)), each checked for its type and
+    magnitude: a JSON number (text: a CSV field's digits), never a bool, a fraction where a whole number is meant,
+    NaN or inf. BadParameter naming the field otherwise."""
     gen = {}
     for k in ("seed", "steps"):
         if k in item:
-            gen[k] = int(item[k])
+            gen[k] = _whole(item[k], k, text)
     for k in ("shift", "cfg_scale"):
         if k in item:
-            gen[k] = float(item[k])
+            gen[k] = _number(item[k], k, text)
     if "negative_prompt" in item:
-        gen["negative_prompt"] = str(item["negative_prompt"])
+        gen["negative_prompt"] = _text(item["negative_prompt"], "negative_prompt")
     if "size" in item:
-        gen["size"] = parse_size(item["size"])
+        size = item["size"]
+        if isinstance(size, list) and len(size) == 2:
+            size = [_whole(v, "size", text) for v in size]
+        elif not isinstance(size, str):
+            raise BadParameter(f"size must be 'WIDTHxHEIGHT' or [width, height], got {_short(size)}")
+        gen["size"] = parse_size(size)
     return gen
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _whole(value, what: str, text: bool = False) -> int:
+    if text and isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,19}\s*", value):
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise BadParameter(f"{what} must be a whole number, got {_short(value)}")
+
+
+def _number(value, what: str, text: bool = False) -> float:
+    if text and isinstance(value, str) and len(value) <= 40:
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadParameter(f"{what} must be a finite number, got {_short(value)}")
+    return float(value)
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise BadParameter(f"{what} must be text, got {_short(value)}")
+    if len(value) > MAX_FIELD_CHARS:
+        raise BadParameter(f"{what} is {len(value):,} characters, over the limit of {MAX_FIELD_CHARS:,}")
+    return value
+
+
+def _prompt_name(n: int, item: dict) -> str:
+    """What line n's output is named after: its `name` made safe for a file name, else its number and prompt."""
+    name = item.get("name")
+    if isinstance(name, str) and name.strip(" ._"):
+        return _safe_name(name).strip(" ._")[:96] or f"{n:06d}-image"
+    prompt = item.get("prompt") if isinstance(item.get("prompt"), str) else ""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt[:1000].lower()).strip("-")[:48] or "image"
+    return f"{n:06d}-{slug}"
 
 
 def _ldm_defaults(cfg) -> dict | None:
@@ -325,24 +420,23 @@ def _plan_prompts(cfg) -> Plan:
     src, dst, single = locations(cfg)
     if single is None:
         raise SetupError(f"{cfg.src}: pidray generate --prompts takes a prompt file (.txt, .csv or .jsonl)")
-    if single.size > 64 << 20:
-        raise SetupError(f"{cfg.src}: prompt file is {single.size:,} bytes, over the limit of {64 << 20:,}")
+    if single.size > MAX_PROMPT_FILE_BYTES:
+        raise SetupError(f"{cfg.src}: prompt file is {single.size:,} bytes, over the limit of "
+                         f"{MAX_PROMPT_FILE_BYTES:,}")  # fmt: skip
     try:
-        text = src.read(single.key).decode("utf-8")
+        text = src.read(single.key, MAX_PROMPT_FILE_BYTES + 1).decode("utf-8-sig")  # a spreadsheet's BOM too
     except UnicodeDecodeError:
         raise SetupError(f"{cfg.src}: the prompt file is not UTF-8 text") from None
     plan = Plan(src, dst, single=single)
     preset = get_preset(cfg.model.preset)
     base = GenerateOptions.from_dict(cfg.gen)
     entries = read_prompts(single.key, text)
-    names = {}
-    for n, item in entries:
-        if isinstance(item, dict):
-            label = str(item.get("name") or item.get("prompt", ""))
-            slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:48] or "image"
-            names[n] = f"{n:06d}-{slug}" if not item.get("name") else _safe_name(label)[:96]
-    stems = output_stems([f"{v}.prompt" for v in names.values()], cfg.suffix)
-    existing, previous = _existing_outputs(cfg, dst)
+    names = {n: _prompt_name(n, item) for n, item in entries if isinstance(item, dict)}
+    stems = output_stems([(n, f"{v}.prompt") for n, v in names.items()], cfg.suffix)  # in line order: pet, pet~2
+    protected = {src.identity(single.key)}  # the prompt file itself, when DST is its folder
+    if cfg.resume:
+        plan.previous = read_previous(dst)
+    existing, previous = _existing_outputs(cfg, dst), plan.previous.rows
     for n, item in entries:
         key = f"{single.key}:{n}"
         if isinstance(item, str):
@@ -353,14 +447,22 @@ def _plan_prompts(cfg) -> Plan:
             prompt = item.get("prompt")
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError("no prompt")
-            gen = _gen_fields(item)
+            _text(prompt, "prompt")
+            if item.get("name") is not None:
+                _text(item["name"], "name")
+            gen = _gen_fields(item, text=single.key.lower().endswith(".csv"))
             gen.setdefault("seed", file_seed(base.seed, key))
             GenerateOptions.from_dict({**base.to_dict(), **gen}).resolved(preset, _ldm_defaults(cfg))
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:
             plan.rejected.append(manifest_row({"key": key, "status": "failed", "error": f"plan: line {n}: {e}",
                                                "error_kind": "bad_parameter"}, cfg.model.preset))  # fmt: skip
             continue
-        stem = stems[f"{names[n]}.prompt"]
+        stem = stems[n]
+        if any(dst.identity(c) in protected for c in output_candidates(stem, cfg.options.format)):
+            plan.rejected.append(manifest_row({"key": key, "status": "failed", "error_kind": "bad_input",
+                                               "error": f"plan: line {n}: its output {display(stem)}.* would "
+                                                        "overwrite the prompt file"}, cfg.model.preset))  # fmt: skip
+            continue
         row = {"key": key, "prompt": prompt, "gen": gen, "seed": gen["seed"], "output_stem": stem, "in_bytes": 0}
         row["opts"] = resolve(cfg.options, {"seed": gen["seed"]})
         hit = next((c for c in output_candidates(stem, cfg.options.format) if c in existing), None)

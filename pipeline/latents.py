@@ -304,13 +304,22 @@ def check_latent(latent: np.ndarray, preset) -> None:
                        f"{want}{hint}")  # fmt: skip
 
 
+def check_sigma(sigma, preset, what: str = "sigma") -> float:
+    """A captured x_t's scheduler sigma, checked for the preset: a finite number >= 0, at most 1 for flow-matching
+    presets (SDXL's Euler sigma has no upper bound). BadParameter naming `what` (a flag, a field) otherwise."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+        raise BadParameter(f"{what} must be a finite number >= 0, got {sigma!r}")
+    if preset.latent_noise != "vp" and sigma > 1.0:
+        raise BadParameter(f"{what} {sigma} is outside [0, 1], the flow-matching range of preset {preset.name!r}")
+    return float(sigma)
+
+
 def to_training_frame(latent: np.ndarray, sigma: float | None, preset) -> tuple[np.ndarray, float | None]:
     """A captured x_t moved to the frame the checkpoint was trained in (identity for flow-matching presets)."""
     if sigma is None:
         return latent, None
+    sigma = check_sigma(sigma, preset)
     if preset.latent_noise == "vp":  # SDXL: Euler's x0 + σε -> VP sqrt(ᾱ)x0 + sqrt(1-ᾱ)ε
         d = math.sqrt(sigma * sigma + 1.0)
         return (latent / d).astype(np.float32), sigma / d
-    if sigma > 1.0:
-        raise BadInput(f"sigma {sigma} is outside [0, 1], the flow-matching range of preset {preset.name!r}")
     return latent, sigma

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -130,12 +131,13 @@ class Location:
     uri: str
     s3: S3Settings = field(default_factory=S3Settings)
     follow_symlinks: bool = False
+    tag: str = ""  # the writing job's id: in the name of its temporaries, so it removes only its own
 
     def __post_init__(self):
         self._client = None
 
     def __getstate__(self):
-        return {"uri": self.uri, "s3": self.s3, "follow_symlinks": self.follow_symlinks}
+        return {"uri": self.uri, "s3": self.s3, "follow_symlinks": self.follow_symlinks, "tag": self.tag}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -351,7 +353,7 @@ class Location:
         path = self._local_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local_path(key)  # again after creating folders: nothing swapped a folder for a link meanwhile
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pidray-", suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(self.tag), suffix=".part")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -360,6 +362,17 @@ class Location:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def size(self, key: str) -> int:
+        """The size of the file or object `key` in bytes, -1 when there is none (from a stat / HEAD: nothing read)."""
+        if self.is_s3:
+            bucket, _ = self.bucket_prefix
+            try:
+                return int(self.client.head_object(Bucket=bucket, Key=self._s3_key(key))["ContentLength"])
+            except self.client.exceptions.ClientError:
+                return -1
+        path = Path(self.uri) / key
+        return path.stat().st_size if path.is_file() and not path.is_symlink() else -1
 
     def exists(self, key: str) -> bool:
         if self.is_s3:
@@ -371,11 +384,96 @@ class Location:
                 return False
         return (Path(self.uri) / key).is_file()
 
-    def remove_stale_temporaries(self) -> int:
-        """Delete temporary files left by writers that died mid-write (local folders only)."""
-        if self.is_s3 or not Path(self.uri).is_dir():
+    def copy(self, key: str, new_key: str) -> None:
+        """A copy of `key` at `new_key` (a backup beside it; S3: a server-side copy)."""
+        if self.is_s3:
+            bucket, _ = self.bucket_prefix
+            self.client.copy_object(Bucket=bucket, Key=self._s3_key(new_key),
+                                    CopySource={"Bucket": bucket, "Key": self._s3_key(key)})  # fmt: skip
+            return
+        src, dst = self._local_path(key), self._local_path(new_key)
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f, open(dst, "xb") as out:
+            shutil.copyfileobj(f, out)
+
+    def remove_temporaries(self, tag: str) -> int:
+        """Delete the temporary files of job `tag` (this job's, or a dead job's whose lease was taken over) below a
+        local folder; another job's are never touched."""
+        if self.is_s3 or not tag or not Path(self.uri).is_dir():
             return 0
-        stale = list(Path(self.uri).rglob(".pidray-*.part"))
-        for p in stale:
+        mine = list(Path(self.uri).rglob(f"{temp_prefix(tag)}*.part"))
+        for p in mine:
             p.unlink(missing_ok=True)
-        return len(stale)
+        return len(mine)
+
+    # ------------------------------------------------------------------ conditional writes (the job's lease)
+    def create_exclusive(self, key: str, data: bytes) -> str:
+        """Create `key`, whole, only if it does not exist (FileExistsError otherwise); returns a version token (the S3
+        ETag; locally the content is the token)."""
+        if self.is_s3:
+            bucket, _ = self.bucket_prefix
+            try:
+                got = self.client.put_object(Bucket=bucket, Key=self._s3_key(key), Body=data, IfNoneMatch="*")
+            except self.client.exceptions.ClientError as e:
+                if _precondition_failed(e):
+                    raise FileExistsError(key) from None
+                raise
+            return got["ETag"]
+        path = self._local_path(key)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(self.tag), suffix=".part")
+        try:  # complete before it appears: a reader never sees it half written
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.link(tmp, path)  # atomic, and fails if `key` exists (O_CREAT|O_EXCL, with the content in place)
+        finally:
+            os.unlink(tmp)
+        return ""
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """(bytes, version token) of `key`, or None when it does not exist."""
+        if self.is_s3:
+            bucket, _ = self.bucket_prefix
+            try:
+                got = self.client.get_object(Bucket=bucket, Key=self._s3_key(key))
+            except self.client.exceptions.NoSuchKey:
+                return None
+            return got["Body"].read(1 << 20), got["ETag"]
+        try:
+            return self.read(key, 1 << 20), ""
+        except FileNotFoundError:
+            return None
+
+    def replace_versioned(self, key: str, data: bytes, token: str) -> str:
+        """Overwrite `key` only if it is still at version `token` (S3: If-Match; FileExistsError when it moved on);
+        locally an atomic replace, the caller holding the folder's guard. Returns the new token."""
+        if self.is_s3:
+            bucket, _ = self.bucket_prefix
+            try:
+                got = self.client.put_object(Bucket=bucket, Key=self._s3_key(key), Body=data, IfMatch=token)
+            except self.client.exceptions.ClientError as e:
+                if _precondition_failed(e) or e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    raise FileExistsError(key) from None
+                raise
+            return got["ETag"]
+        self.write(key, data)
+        return ""
+
+    def delete(self, key: str) -> None:
+        if self.is_s3:
+            bucket, _ = self.bucket_prefix
+            self.client.delete_object(Bucket=bucket, Key=self._s3_key(key))
+            return
+        self._local_path(key).unlink(missing_ok=True)
+
+
+def temp_prefix(tag: str) -> str:
+    """The name every temporary file of job `tag` starts with."""
+    return f".pidray-{tag}-" if tag else ".pidray-"
+
+
+def _precondition_failed(e) -> bool:
+    err = e.response.get("Error", {})
+    return err.get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") or e.response.get(
+        "ResponseMetadata", {}
+    ).get("HTTPStatusCode") in (409, 412)

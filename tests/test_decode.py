@@ -190,3 +190,64 @@ def test_hostile_latent_files_are_refused_before_allocating():
     for name, data, message in cases:
         with pytest.raises(BadInput, match=message):
             read_latents(name, data)
+
+
+def test_latent_keys_and_outputs_are_unambiguous_whatever_the_file_names(stand_in, tmp_path):  # noqa: F811
+    """`x.npz` holding member `b.npy` beside a file named `x.npz#b.npy`, a `%` in a name, members whose safe names
+    coincide (`p/q`, `p_q`) or differ only in case (`A`, `a`): every latent planned is decoded and recorded, each its
+    own manifest row and output; --resume finds them all again."""
+    from jobs.manifest import read_manifest
+    from jobs.pipeline import JobConfig, run_job
+    from pipeline.storage import Location
+
+    opts = stand_in("flux-2k")
+    g = np.random.default_rng(0)
+    lat = lambda: g.standard_normal((16, 2, 2)).astype(np.float32)  # noqa: E731
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for name, members in (("x.npz", {"b.npy": lat()}), ("m.npz", {"p/q": lat(), "p_q": lat(), "A": lat(), "a": lat()})):
+        buf = io.BytesIO()
+        np.savez(buf, **members)
+        (src / name).write_bytes(buf.getvalue())
+    (src / "x.npz#b.npy").write_bytes(_npy(lat()))
+    (src / "50%.npy").write_bytes(_npy(lat()))
+    (src / "50%25.npy").write_bytes(_npy(lat()))
+
+    def cfg(**kw):
+        return JobConfig(str(src), str(dst), model=opts, options=UpscaleOptions(overlap=1), local=True,
+                         workflow="decode", progress=False, **kw)  # fmt: skip
+
+    planned = run_job(cfg(dry_run=True))
+    assert sum(r["status"] == "planned" for r in planned.rows) == 8
+    summary = run_job(cfg())
+    rows = {r["key"]: r for r in read_manifest(Location(str(dst)))}
+    assert summary.ok == 8 and len(rows) == 8, sorted(rows)
+    assert {"x.npz#b.npy", "x.npz%23b.npy", "50%25.npy", "50%2525.npy", "m.npz#p/q", "m.npz#p_q", "m.npz#A",
+            "m.npz#a"} == set(rows)  # fmt: skip
+    outs = [r["output_key"] for r in rows.values()]
+    assert len({o.casefold() for o in outs}) == 8 and all((dst / o).is_file() for o in outs), outs
+    assert run_job(cfg(resume=True)).skipped == 8
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [(["--sigma", "-1"], "--sigma must be a finite number >= 0"), (["--sigma", "nan"], "--sigma must be a finite"),
+     (["--sigma", "5"], "--sigma 5.0 is outside \\[0, 1\\]"), (["--size", "97x64"], "--size 97x64: output size"),
+     (["--size", "64x99999"], "--size 64x99999: output side 99999 is over --max-output-side")],
+)  # fmt: skip
+def test_decode_flags_that_no_latent_can_take_are_refused_up_front(tmp_path, flags, message):
+    """Refused before any model loads (the weights named do not exist), exit 2, one line naming the flag."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.npy").write_bytes(_npy(np.zeros((16, 2, 2), np.float32)))
+    out = subprocess.run([sys.executable, "-m", "pidray.cli", "decode", str(tmp_path / "in"), str(tmp_path / "out"),
+                          "--weights", str(tmp_path / "none"), "--local", *flags], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)  # fmt: skip
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and re.search(message, lines[0]), out.stderr
+    assert "degrade_sigma" not in out.stderr and "none" not in lines[0]

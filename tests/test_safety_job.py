@@ -411,3 +411,250 @@ def test_f8_resume_reads_previous_manifest_rows(tmp_path):
     write_manifest(loc, [manifest_row({"key": os.fsdecode(b"x\xff.png"), "status": "ok", "in_hw": [3, 4]}, "small")])
     rows = load_manifest(loc)
     assert list(rows) == [os.fsdecode(b"x\xff.png")] and rows[os.fsdecode(b"x\xff.png")]["in_h"] == 3
+
+
+# ------------------------------------------------------------------------------ two jobs, earlier outputs, manifests
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _lease_file(dst: Path, **info) -> None:
+    import json
+    import socket
+
+    dst.mkdir(parents=True, exist_ok=True)
+    base = {"owner": "otherjob", "host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + 100}
+    (dst / ".pidray-lock").write_text(json.dumps({**base, **info}))
+
+
+def test_a_second_job_into_a_dst_in_use_is_refused_and_the_first_is_intact(bicubic_weights, tmp_path):
+    """`pidray upscale s1 dst & pidray upscale s2 dst &`: the second job is refused up front (one line naming the
+    job that holds DST) while the first runs on; the first's outputs and manifest are its own, nothing left over."""
+    s1, s2, dst = tmp_path / "s1", tmp_path / "s2", tmp_path / "dst"
+    for i in range(6):
+        _save(s1 / f"one{i}.png", color=(20 * i, 40, 40), size=(64, 64))
+        _save(s2 / f"two{i}.png", color=(20 * i, 90, 90), size=(64, 64))
+    _save(s1 / "common.png", color=(250, 10, 10), size=(64, 64))
+    _save(s2 / "common.png", color=(10, 10, 250), size=(64, 64))
+    cmd = [sys.executable, "-m", "pidray.cli", "upscale", str(s1), str(dst), "--local", "--weights", bicubic_weights]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (dst / ".pidray-lock").exists() and first.poll() is None:
+            time.sleep(0.02)
+        assert (dst / ".pidray-lock").exists(), "the first job never took DST's lease"
+        with pytest.raises(SetupError, match="in use by another pidray job") as refused:
+            run_job(_job(s2, dst, bicubic_weights))
+        assert first.poll() is None, "the first job ended before the second was refused: the test proves nothing"
+        message = str(refused.value)
+        assert "\n" not in message and f"pid {first.pid}" in message and "another DST" in message, message
+        stdout, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, stderr
+    assert "7 ok" in stdout
+    rows = _rows(dst)
+    assert set(rows) == {f"one{i}.png" for i in range(6)} | {"common.png"}
+    assert all(r["status"] == "ok" for r in rows.values())
+    red = np.asarray(Image.open(dst / "common.png").convert("RGB"), dtype=float).mean(axis=(0, 1))
+    assert red[0] > 200 and red[2] < 50, red  # job 1's common.png, not job 2's
+    assert not list(dst.rglob(".pidray-*")), "the lease and every temporary are gone"
+    assert not any(p.name.startswith("two") for p in dst.iterdir())
+
+
+def test_a_stale_lease_is_taken_over_and_only_its_own_temporaries_removed(bicubic_weights, tmp_path):
+    src, dst = tmp_path / "in", tmp_path / "out"
+    _save(src / "a.png")
+    _lease_file(dst, owner="deadjob", pid=_dead_pid())  # same host, its process gone
+    (dst / ".pidray-deadjob-x1.part").write_bytes(b"half")
+    (dst / ".pidray-livejob-x2.part").write_bytes(b"someone else's, in flight")
+    summary = run_job(_job(src, dst, bicubic_weights))
+    assert summary.ok == 1
+    assert not (dst / ".pidray-deadjob-x1.part").exists() and (dst / ".pidray-livejob-x2.part").exists()
+    assert not (dst / ".pidray-lock").exists()
+    _lease_file(dst, owner="farjob", host="another-host", pid=1, expires=time.time() - 5)  # expired
+    assert run_job(_job(src, dst, bicubic_weights)).ok == 1
+    assert (dst / ".pidray-livejob-x2.part").exists()
+    _lease_file(dst, owner="livejob", pid=os.getpid())  # alive, not expired: refused, DST untouched
+    before = _files(dst)
+    with pytest.raises(SetupError, match="in use by another pidray job livejob"):
+        run_job(_job(src, dst, bicubic_weights))
+    assert _files(dst) == before
+    assert run_job(_job(src, dst, bicubic_weights, dry_run=True)).rows  # a dry run writes nothing: no lease
+
+
+def test_a_lease_is_released_after_an_error_inside_the_job(bicubic_weights, tmp_path, monkeypatch):
+    import jobs.pipeline as jp
+
+    src, dst = tmp_path / "in", tmp_path / "out"
+    _save(src / "a.png")
+
+    def broken(cfg):
+        raise RuntimeError("planning broke")
+
+    monkeypatch.setattr(jp, "plan_job", broken)
+    with pytest.raises(RuntimeError):
+        run_job(_job(src, dst, bicubic_weights))
+    assert not (dst / ".pidray-lock").exists()
+
+
+def test_a_lease_lost_to_another_job_stops_the_writer(tmp_path):
+    from jobs.lease import Lease
+
+    dst = Location(str(tmp_path))
+    mine = Lease(dst, "mine", ttl=-1)  # expires at once: as if this job had stalled past its lease
+    mine.acquire()
+    theirs = Lease(dst, "theirs")
+    theirs.acquire()
+    mine.renew()
+    with pytest.raises(SetupError, match="another job .theirs. holds DST"):
+        mine.check()
+    mine.release()  # leaves the other job's lease alone
+    assert b"theirs" in (tmp_path / ".pidray-lock").read_bytes()
+    theirs.release()
+    assert not (tmp_path / ".pidray-lock").exists()
+
+
+def _race_for_the_lease(uri: str, owner: str, start: float, won) -> None:
+    from jobs.lease import Lease
+
+    while time.time() < start:
+        pass
+    try:
+        Lease(Location(uri), owner).acquire()
+    except SetupError:
+        return
+    won.put(owner)
+    time.sleep(1.0)  # keep holding (alive) while the others look
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_jobs_starting_at_once_get_one_lease(tmp_path, stale):
+    """Four processes race for a free lease, or to take over a stale one: exactly one wins each time (a lease file
+    is never seen half written, and a takeover happens once)."""
+    import json
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(3):
+        d = tmp_path / str(trial)
+        d.mkdir()
+        if stale:
+            (d / ".pidray-lock").write_text(json.dumps({"owner": "dead", "host": "x", "pid": 1, "expires": 0}))
+        won, start = ctx.Queue(), time.time() + 0.3
+        procs = [ctx.Process(target=_race_for_the_lease, args=(str(d), f"j{i}", start, won)) for i in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=30)
+        winners = []
+        while not won.empty():
+            winners.append(won.get())
+        assert len(winners) == 1, (trial, winners)
+        assert json.loads((d / ".pidray-lock").read_text())["owner"] == winners[0]
+
+
+@pytest.mark.slow
+def test_s3_lease_is_a_conditional_create_with_expiry(s3_server):
+    import boto3
+
+    from jobs.lease import LEASE_NAME, Lease
+
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="leased")
+    dst = Location("s3://leased/out", S3Settings(endpoint_url=s3_server, region="us-east-1"))
+    first = Lease(dst, "first")
+    first.acquire()
+    with pytest.raises(SetupError, match="in use by another pidray job first"):
+        Lease(dst, "second").acquire()
+    first.renew()
+    assert not first.lost
+    first.release()
+    assert not dst.exists(LEASE_NAME)
+    stale = Lease(dst, "stale", ttl=-1)
+    stale.acquire()
+    found = dst.read_versioned(LEASE_NAME)
+    a, b = Lease(dst, "a"), Lease(dst, "b")
+    assert a._take_over(found, a.parse(found[0]))  # If-Match on the stale version: one taker wins ...
+    assert not b._take_over(found, b.parse(found[0]))  # ... the other's version is gone
+    stale.renew()
+    assert "another job (a)" in stale.lost
+    with pytest.raises(SetupError, match="in use by another pidray job a"):
+        Lease(dst, "c").acquire()
+    a.release()
+    assert not dst.exists(LEASE_NAME)
+
+
+def test_in_place_never_takes_a_users_file_for_an_earlier_output(bicubic_weights, tmp_path):
+    """`--in-place --suffix _2` with the user's own photo_2.png: no manifest says pidray wrote it, so it is an input,
+    and photo.png, whose output would land on it, fails with the reason; nothing is overwritten."""
+    d = tmp_path / "d"
+    _save(d / "photo.png", color=(200, 0, 0))
+    _save(d / "photo_2.png", color=(0, 0, 200), size=(7, 5))
+    before = _files(d)
+    out = _cli("upscale", str(d), str(d), "--in-place", "--suffix", "_2", "--local", "--weights", bicubic_weights,
+               check_rc=3)  # fmt: skip
+    assert (d / "photo_2.png").read_bytes() == before["photo_2.png"] and "would overwrite an input" in out.stderr
+    rows = _rows(d)
+    assert rows["photo.png"]["status"] == "failed" and "photo_2.png" in rows["photo.png"]["error"]
+    assert rows["photo_2.png"]["status"] == "ok" and (d / "photo_2_2.png").is_file()
+    assert all(_files(d)[k] == v for k, v in before.items())
+
+
+@pytest.mark.parametrize("damage", ["string seed", "missing out_h", "null out_h", "not parquet", "foreign table"])
+def test_a_damaged_manifest_is_set_aside_and_a_new_one_written(bicubic_weights, tmp_path, capsys, damage):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.manifest import read_previous
+
+    src, dst = tmp_path / "in", tmp_path / "out"
+    _save(src / "a.png")
+    _save(src / "b.png", color=(1, 2, 3))
+    assert run_job(_job(src, dst, bicubic_weights)).ok == 2
+    (dst / "b.png").unlink()  # to be redone
+    table = pq.read_table(dst / MANIFEST_NAME)
+    if damage == "string seed":
+        table = table.set_column(table.schema.get_field_index("seed"), "seed", pa.array(["x"] * table.num_rows))
+    elif damage == "missing out_h":
+        table = table.drop_columns(["out_h"])
+    elif damage == "null out_h":
+        table = table.set_column(table.schema.get_field_index("out_h"), "out_h", pa.array([None, 4], pa.int64()))
+    elif damage == "foreign table":
+        table = pa.table({"name": ["a.png"], "size": [3]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    data = b"PAR1 not really" if damage == "not parquet" else buf.getvalue()
+    (dst / MANIFEST_NAME).write_bytes(data)
+    capsys.readouterr()
+    summary = run_job(_job(src, dst, bicubic_weights, resume=True))
+    err = capsys.readouterr().err
+    assert summary.skipped == 1 and summary.ok == 1, summary.line()  # a.png's output is trusted, b.png redone
+    assert err.count("warning:") == 1 and "set aside" in err, err
+    backups = list(dst.glob(f"{MANIFEST_NAME}.bad-*"))
+    assert len(backups) == 1 and backups[0].read_bytes() == data and backups[0].name in err
+    fresh = read_previous(Location(str(dst)))
+    assert not fresh.problem and set(fresh.rows) == {"a.png", "b.png"}
+    assert fresh.rows["a.png"]["status"] == "skipped" and fresh.rows["b.png"]["status"] == "ok"
+    if damage == "null out_h":  # the one good row (b.png) was kept; a.png's was set aside
+        assert "1 of 2 rows" in err
+
+
+@pytest.mark.slow
+def test_a_damaged_s3_manifest_is_kept_as_a_backup(s3_server):
+    import boto3
+
+    from jobs.manifest import read_previous, set_aside
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    s3.create_bucket(Bucket="damaged")
+    s3.put_object(Bucket="damaged", Key=f"out/{MANIFEST_NAME}", Body=b"not a manifest")
+    dst = Location("s3://damaged/out", S3Settings(endpoint_url=s3_server, region="us-east-1"))
+    prev = read_previous(dst)
+    assert prev.problem and not prev.rows
+    backup = set_aside(dst, prev)
+    assert s3.get_object(Bucket="damaged", Key=f"out/{backup}")["Body"].read() == b"not a manifest"

@@ -72,3 +72,13 @@ def test_negative_prompt_embeddings_are_kept_in_a_bounded_lru():
     assert len(stage._null) == GenerateStage.NEGATIVES_KEPT <= 8
     stage._negative("neg 149")
     assert len(calls) == 150  # the most recent one is still kept
+
+
+def test_invalid_s3_bucket_name_is_one_sentence():
+    from pipeline.errors import SetupError
+    from pipeline.storage import Location
+
+    with pytest.raises(SetupError) as e:
+        Location("s3://Bad Bucket!/x").bucket_prefix
+    assert "invalid S3 bucket name 'Bad Bucket!'" in str(e.value) and "\n" not in str(e.value)
+    assert "regex" not in str(e.value) and "^" not in str(e.value)

@@ -235,3 +235,29 @@ def test_malformed_safetensors_fail_their_row_with_a_sentence(data, message):
 def test_npz_special_and_typed_members_fail_with_a_sentence(arrays, message):
     (row,) = run_stage(LatentStage("flux-2k"), "latent", [{"key": "x.npz", "bytes": _npz(arrays), "latent_id": "a"}])
     assert row["status"] == "failed" and message in row["error"] and not PYTHON_SPEAK.search(row["error"]), row
+
+
+@pytest.mark.slow
+def test_s3_reads_are_bounded_and_npz_ids_come_from_ranged_reads(s3_server):
+    """On S3 too: an object over the limit is refused from its size; an .npz's ids are listed from ranged reads
+    of its zip directory (a few small GETs, never the whole object)."""
+    import boto3
+
+    from pipeline.latents import npz_ids
+    from pipeline.storage import S3Settings
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.create_bucket(Bucket="lat")
+    arrays = {f"id{i}": np.zeros((16, 64, 64), np.float32) for i in range(20)}
+    data = _npz(arrays, compressed=False)
+    client.put_object(Bucket="lat", Key="p/b.npz", Body=data)
+    loc = Location("s3://lat/p", S3Settings(endpoint_url=s3_server, region="us-east-1"))
+    with pytest.raises(TooLarge, match="over the limit of 1,000"):
+        loc.read("b.npz", limit=1000)
+    got = []
+    with loc.open("b.npz") as f:
+        real = f.readinto
+        f.readinto = lambda b: got.append(len(b)) or real(b)
+        assert npz_ids(f) == sorted(arrays)
+    assert sum(got) < len(data) // 50, got
+    assert loc.read_versioned("b.npz")[0] == data

@@ -315,6 +315,8 @@ def st_header_bytes(head: bytes) -> int:
 
 
 def _ids_of(names: list[str], shapes: dict[str, tuple], meta: dict) -> list[str]:
+    for k in names:  # ids become manifest keys and file names: text only
+        _caption(k, "a tensor name")
     if len(names) > 1:
         return sorted(names)
     if not names:
@@ -329,6 +331,8 @@ def _ids_of(names: list[str], shapes: dict[str, tuple], meta: dict) -> list[str]
             raise BadInput(f"metadata 'ids' must be a list of {shape[0]} non-empty strings")
         if len(set(ids)) != len(ids):
             raise BadInput("metadata 'ids' has duplicates")
+        for i in ids:
+            _caption(i, "an id in metadata 'ids'")
         return ids
     return [""]
 
@@ -362,6 +366,10 @@ def _caption(v, what: str) -> str | None:
         raise BadInput(f"{what} must be text, got {type(v).__name__}")
     if len(v) > MAX_CAPTION_CHARS:
         raise BadInput(f"{what} is {len(v):,} characters, over the limit of {MAX_CAPTION_CHARS:,}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput(f"{what} is not valid text (it holds a lone UTF-16 surrogate)") from None
     return v
 
 

@@ -89,7 +89,7 @@ class Lease:
                 return
             except FileExistsError:
                 pass
-            found = self.dst.read_versioned(LEASE_NAME)
+            found = self.dst.read_with_etag(LEASE_NAME)
             if found is None:
                 continue
             info = self.parse(found[0])
@@ -122,7 +122,7 @@ class Lease:
             time.sleep(0.05)
             return False
         try:
-            again = self.dst.read_versioned(LEASE_NAME)
+            again = self.dst.read_with_etag(LEASE_NAME)
             if again is None or again[0] != found[0]:  # released or renewed meanwhile
                 return False
             self.token = self.dst.replace_versioned(LEASE_NAME, self._body(), "")
@@ -135,7 +135,7 @@ class Lease:
         with self._lock:
             if self.token is None or self.lost:
                 return
-            found = self.dst.read_versioned(LEASE_NAME)
+            found = self.dst.read_with_etag(LEASE_NAME)
             holder = self.parse(found[0]) if found else {}
             if holder.get("owner") != self.owner:
                 self.lost = f"another job ({holder.get('owner', 'none')}) holds DST {self.dst.uri} now"
@@ -153,7 +153,7 @@ class Lease:
             if self.token is None:
                 return
             try:
-                found = self.dst.read_versioned(LEASE_NAME)
+                found = self.dst.read_with_etag(LEASE_NAME)
                 if found is not None and self.parse(found[0]).get("owner") == self.owner:
                     self.dst.delete(LEASE_NAME)
             except Exception:  # DST gone or unreachable: the lease expires on its own

@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from jobs.manifest import Previous, manifest_row, read_previous
-from pipeline.errors import BadParameter, SetupError
+from pipeline.errors import BadParameter, SetupError, TooLarge
 from pipeline.imageio import EXTENSIONS, FORMATS, probe
-from pipeline.latents import LATENT_EXTENSIONS, header_ids, is_latent_key, npz_ids
+from pipeline.latents import LATENT_EXTENSIONS, header_ids, is_latent_key, npz_ids, st_header_bytes
 from pipeline.noise import file_seed
 from pipeline.stages.common import parse_size, resolve
-from pipeline.storage import Entry, Location, display, key_problem
+from pipeline.storage import MAX_INPUT_BYTES, Entry, Location, display, key_problem
 
-MAX_INPUT_BYTES = 1 << 30  # a file larger than this is refused before it is read (no image we take is that big)
 OUTPUT_EXTENSIONS = sorted(set(EXTENSIONS.values()))
 
 
@@ -122,28 +121,33 @@ def _batch_name(key: str, latent_id: str) -> str:
 
 def _latent_inputs(src: Location, entries: list[Entry]):
     """([(entry, key, latent id)], [(entry, reason)]): the latents of each file, read from the safetensors header
-    alone (a ranged read), from an .npz's member names, or one per .npy; a file whose latents cannot be listed is
-    refused with the reason, and the job goes on."""
+    alone (ranged reads), from an .npz's zip directory, or one per .npy; a file whose latents cannot be listed (or
+    that is over the size limit, which is refused from the listing before anything is read) is refused with the
+    reason, and the job goes on."""
 
     def ids(e: Entry) -> list[str]:
         name = e.key.lower()
+        if e.size > MAX_INPUT_BYTES:
+            raise TooLarge(f"file is {e.size:,} bytes, over the limit of {MAX_INPUT_BYTES:,}")
         if name.endswith(".npz"):
-            return npz_ids(src.read(e.key))
+            with src.open(e.key) as f:
+                return npz_ids(f)
         if name.endswith(".safetensors"):
-            got = header_ids(e.key, src.read(e.key, 1 << 16))
-            return got if got is not None else header_ids(e.key, src.read(e.key))
+            head = src.read(e.key, 1 << 16)
+            got = header_ids(e.key, head, e.size)
+            return got if got is not None else header_ids(e.key, src.read(e.key, st_header_bytes(head)), e.size)
         return [""]
 
     def one(e: Entry):
         try:
             got = ids(e)
         except Exception as err:
-            return e, None, str(err)
+            return e, None, ("too_large" if isinstance(err, TooLarge) else "bad_input", str(err))
         twice = sorted({i for i in got if got.count(i) > 1}) if len(set(got)) != len(got) else []
         if twice:  # a crafted archive: two latents under one name would share a manifest row and an output
-            return e, None, f"the file holds latent id(s) {twice[:5]} more than once"
+            return e, None, ("bad_input", f"the file holds latent id(s) {twice[:5]} more than once")
         if len(got) > 1 and "" in got:
-            return e, None, "the file holds a latent with an empty name among others"
+            return e, None, ("bad_input", "the file holds a latent with an empty name among others")
         return e, got, None
 
     inputs, bad = [], []
@@ -196,7 +200,9 @@ def plan_job(cfg) -> Plan:
     inputs = [(e, e.key, "") for e in candidates]
     if decode:
         inputs, unreadable = _latent_inputs(src, candidates)
-        plan.rejected += [_row(e, "failed", cfg, error=f"plan: {why}", error_kind="bad_input") for e, why in unreadable]
+        plan.rejected += [
+            _row(e, "failed", cfg, error=f"plan: {why}", error_kind=kind) for e, (kind, why) in unreadable
+        ]
     names = {k: (_batch_name(e.key, i) if i else e.key) for e, k, i in inputs}
     stems = output_stems(sorted(((k, n) for k, n in names.items()), key=lambda kn: (kn[1], kn[0])), cfg.suffix)
     existing, previous = _existing_outputs(cfg, dst), plan.previous.rows

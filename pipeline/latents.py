@@ -23,7 +23,6 @@ variance-preserving frame the SDXL checkpoint was trained in: x / √(σ² + 1),
 from __future__ import annotations
 
 import io
-import json
 import math
 import struct
 from dataclasses import dataclass
@@ -31,14 +30,17 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
-from pipeline.errors import BadInput, BadParameter
+from pipeline.errors import BadInput, BadParameter, TooLarge
 
 LATENT_EXTENSIONS = (".safetensors", ".npy", ".npz")
 # --format name -> the VAE family whose presets decode it
 FORMATS = {"flux": "flux1", "zimage": "flux1", "flux1": "flux1", "sd3": "sd3", "sdxl": "sdxl", "flux2": "flux2",
            "qwenimage": "qwenimage"}  # fmt: skip
 MAX_LATENT_ELEMS = 1 << 28  # 1 GiB of fp32: far beyond any 16K output's latent
-MAX_HEADER = 16 << 20
+MAX_LATENT_BYTES = 1 << 30  # all the latents of one file, decompressed (the size limit of a job's input file)
+MAX_MEMBERS = 100_000  # latents (named tensors, .npz members) in one file
+MAX_HEADER = 16 << 20  # a safetensors header's JSON
+MAX_CAPTION_CHARS = 4000  # a caption in a latent file: as long as a prompt may be
 
 
 def is_latent_key(key: str) -> bool:
@@ -55,37 +57,266 @@ class LatentItem:
 
 
 # ------------------------------------------------------------------------------------------------ reading
+# safetensors dtype -> (numpy dtype, bytes per element); a latent must be one of the floating ones
+ST_DTYPES = {"F16": "<f2", "BF16": "<u2", "F32": "<f4", "F64": "<f8", "BOOL": "|b1", "U8": "|u1", "I8": "|i1",
+             "F8_E4M3": "|u1", "F8_E5M2": "|u1", "I16": "<i2", "U16": "<u2", "I32": "<i4", "U32": "<u4",
+             "I64": "<i8", "U64": "<u8"}  # fmt: skip
+ST_FLOATS = ("F16", "BF16", "F32", "F64")
+NPZ_SPECIAL = ("__caption__", "__sigma__", "__format__")
+
+
+class LatentFile:
+    """One latent file, indexed once: its ids from the safetensors header, the .npz's zip directory or the .npy's
+    header, and each latent read only when asked (`item`), so the rows of a batch file cost one index plus their own
+    latent each. Sizes are checked from the index before anything is allocated or inflated: every latent's elements
+    (MAX_LATENT_ELEMS), the bytes all of them take decompressed (`max_bytes`) and how many there are (`max_members`).
+
+    `data` is the file's bytes; an .npz may also be a seekable file object (planning lists its ids from the zip
+    directory without reading the members)."""
+
+    def __init__(self, name: str, data, max_bytes: int = MAX_LATENT_BYTES, max_members: int = MAX_MEMBERS):
+        self.name, self.max_bytes, self.max_members = name, max_bytes, max_members
+        self.ext = PurePosixPath(name).suffix.lower()
+        self.data = data
+        self.common: dict = {"caption": None, "sigma": None, "format": None}  # for every latent of the file
+        self.captions: dict = {}
+        self.sigmas: dict = {}
+        if self.ext == ".safetensors":
+            self._index_safetensors()
+        elif self.ext == ".npy":
+            self.ids = [""]
+        elif self.ext == ".npz":
+            self._index_npz()
+        else:
+            raise BadInput(f"not a latent file ({', '.join(LATENT_EXTENSIONS)}): {name}")
+
+    def item(self, id_: str = "") -> LatentItem:
+        """The latent `id_` ("" when the file holds one latent without an id), validated for shape and values."""
+        if id_ not in self.ids:
+            raise BadInput(f"no latent {id_!r} in the file" if id_ else "the file holds several latents: name one")
+        if self.ext == ".safetensors":
+            latent = self._st_array(id_)
+        elif self.ext == ".npy":
+            latent = _load_npy(self.data)
+        else:
+            latent = self._npz_array(id_)
+        caption = self.captions.get(id_, self.common["caption"])
+        sigma = self.sigmas[id_] if id_ in self.sigmas else self.common["sigma"]
+        return LatentItem(id_ or None, _as_chw(latent, id_ or None), caption, sigma, self.common["format"])
+
+    # ------------------------------------------------------------------ safetensors
+    def _index_safetensors(self) -> None:
+        header, n = _st_header(self.data)
+        self.entries = _st_entries(header, len(self.data) - 8 - n, self.max_members)
+        self.base = 8 + n
+        total = sum(e[3] - e[2] for e in self.entries.values())
+        if total > self.max_bytes:
+            raise TooLarge(f"the file's tensors take {total:,} bytes, over the limit of {self.max_bytes:,}")
+        meta = _st_meta(header)
+        self.ids = _ids_of(list(self.entries), {k: e[1] for k, e in self.entries.items()}, meta)
+        self.captions, self.sigmas = _id_captions(meta, "captions"), _id_sigmas(meta)
+        self.common = {"caption": _caption(meta.get("caption"), "caption"), "sigma": _float(meta.get("sigma"), "sigma"),
+                       "format": meta.get("format")}  # fmt: skip
+
+    def _st_array(self, id_: str) -> np.ndarray:
+        one = len(self.entries) == 1
+        name = next(iter(self.entries)) if one else id_
+        dtype, shape, begin, end = self.entries[name]
+        what = f"tensor {name!r}"
+        if dtype not in ST_FLOATS:
+            raise BadInput(f"{what} must be floating point ({', '.join(ST_FLOATS)}), got {dtype}")
+        a = np.frombuffer(self.data, ST_DTYPES[dtype], math.prod(shape), self.base + begin).reshape(shape)
+        if dtype == "BF16":  # the top half of a float32
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        if one and self.ids != [""]:  # one [N, C, h, w] tensor with its ids in the metadata
+            a = a[self.ids.index(id_)]
+        return a
+
+    # ------------------------------------------------------------------ npz
+    def _index_npz(self) -> None:
+        import zipfile
+
+        f = io.BytesIO(self.data) if isinstance(self.data, (bytes, bytearray, memoryview)) else self.data
+        claimed = _zip_entry_count(f)
+        if claimed is not None and claimed > self.max_members:  # from the end record, before the directory is parsed
+            raise TooLarge(f"the .npz holds {claimed:,} members, over the limit of {self.max_members:,}")
+        try:
+            self.zip = zipfile.ZipFile(f)  # reads the central directory only
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError):
+            raise BadInput("not a readable .npz file (its zip directory is damaged)") from None
+        infos = self.zip.infolist()
+        if len(infos) > self.max_members:
+            raise TooLarge(f"the .npz holds {len(infos):,} members, over the limit of {self.max_members:,}")
+        total = sum(i.file_size for i in infos)
+        if total > self.max_bytes:
+            raise TooLarge(f"the .npz would inflate to {total:,} bytes, over the limit of {self.max_bytes:,}")
+        self.members: dict[str, zipfile.ZipInfo] = {}
+        for i in infos:
+            if i.filename.endswith(".npy"):
+                key = i.filename[: -len(".npy")]
+                if key in self.members:
+                    raise BadInput(f"the .npz holds member {i.filename!r} twice")
+                self.members[key] = i
+        self.ids = sorted(k for k in self.members if not k.startswith("__"))
+        if not self.ids:
+            raise BadInput("the .npz holds no latent")
+
+    def npz_common(self) -> None:
+        """The .npz's `__caption__`, `__sigma__`, `__format__` arrays (each a single value), read once."""
+        caption, sigma, fmt = (self._npz_value(k) for k in NPZ_SPECIAL)
+        self.common = {"caption": _caption(caption, "__caption__"), "sigma": _float(sigma, "__sigma__"),
+                       "format": None if fmt is None else str(fmt)}  # fmt: skip
+
+    def _npz_value(self, key: str):
+        info = self.members.get(key)
+        if info is None:
+            return None
+        if info.file_size > 1 << 20:
+            raise TooLarge(f".npz member {info.filename!r} is {info.file_size:,} bytes; it holds one value")
+        kinds = "fiu" if key == "__sigma__" else "US"
+        a = self._npz_read(info, kinds)
+        if a.size != 1:
+            raise BadInput(f".npz member {info.filename!r} must hold one value, got {a.size} (shape {list(a.shape)})")
+        return a.reshape(()).item()
+
+    def _npz_array(self, id_: str) -> np.ndarray:
+        return self._npz_read(self.members[id_], "f")
+
+    def _npz_read(self, info, kinds: str) -> np.ndarray:
+        import zipfile
+        import zlib
+
+        what = f".npz member {info.filename!r}"
+        _check_local_header(self.zip.fp, info, what)
+        try:
+            with self.zip.open(info) as f:  # streamed: the array's header is checked before the member inflates
+                return _read_array(f, what, info.file_size, kinds)
+        except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError, OSError):
+            # zipfile inflates at most the declared size and checks the CRC: a member whose size lies ends here
+            raise BadInput(f"{what} is damaged: it does not inflate to the {info.file_size:,} bytes its zip "
+                           "directory declares") from None  # fmt: skip
+
+
+def _zip_entry_count(f) -> int | None:
+    """The member count a zip's end record claims (None: a zip64 file, or no end record where expected)."""
+    f.seek(0, 2)
+    size = f.tell()
+    if size < 22:
+        return None
+    f.seek(size - 22)
+    end = f.read(22)
+    if end[:4] != b"PK\x05\x06":
+        return None
+    (count,) = struct.unpack("<H", end[10:12])
+    return None if count == 0xFFFF else count
+
+
+def _check_local_header(fp, info, what: str) -> None:
+    """A member's local header must agree with the zip directory: its method, and its sizes and CRC, given in the
+    header or in the data descriptor after the data (zip64 or not)."""
+    fp.seek(info.header_offset)
+    head = fp.read(30)
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        raise BadInput(f"{what} is damaged: no local header where the zip directory says it starts")
+    flags, method, crc, csize, usize, nlen, elen = struct.unpack("<HHxxxxIIIHH", head[6:30])
+    want = (info.CRC, info.compress_size, info.file_size)
+    if flags & 0x08:  # the sizes follow the data: crc, then 4- or 8-byte sizes, maybe after a signature
+        fp.seek(info.header_offset + 30 + nlen + elen + info.compress_size)
+        tail = fp.read(24)
+        tail = tail[4:] if tail[:4] == b"PK\x07\x08" else tail
+        found = {struct.unpack("<III", tail[:12]) if len(tail) >= 12 else None,
+                 struct.unpack("<IQQ", tail[:20]) if len(tail) >= 20 else None}  # fmt: skip
+        agrees = want in found
+    else:
+        agrees = 0xFFFFFFFF in (csize, usize) or (crc, csize, usize) == want  # zip64: the sizes are in its extra
+    if method != info.compress_type or not agrees:
+        raise BadInput(f"{what} is damaged: its local header and the zip directory disagree about its size")
+
+
 def _st_header(data: bytes) -> tuple[dict, int]:
     if len(data) < 8:
         raise BadInput("not a safetensors file (shorter than its 8-byte header length)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER or 8 + n > len(data):
-        raise BadInput(f"not a readable safetensors file (header of {n} bytes)")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except ValueError as e:
-        raise BadInput(f"not a readable safetensors file (header: {e})") from None
+    (n,) = struct.unpack("<Q", bytes(data[:8]))
+    if n > MAX_HEADER:
+        raise TooLarge(f"the safetensors header is {n:,} bytes, over the limit of {MAX_HEADER:,}")
+    if 8 + n > len(data):
+        raise BadInput(f"not a readable safetensors file (its header claims {n:,} bytes; the file holds "
+                       f"{len(data) - 8:,} after the length)")  # fmt: skip
+    from pipeline.safejson import loads
+
+    header = loads(bytes(data[8 : 8 + n]), "the safetensors header", MAX_HEADER)
     if not isinstance(header, dict):
-        raise BadInput("not a readable safetensors file (header is not an object)")
+        raise BadInput("not a readable safetensors file (its header is not a JSON object)")
     return header, n
 
 
-def header_ids(name: str, head: bytes) -> list[str] | None:
-    """The latent ids of a file from its first bytes when they tell (a safetensors header), else None (read it all).
+def _st_entries(header: dict, data_size: int | None, max_members: int) -> dict[str, tuple]:
+    """name -> (dtype, shape, begin, end) for every tensor of a header, each checked against the spec and the data
+    (None: size unknown, only the header read)."""
+    names = [k for k in header if k != "__metadata__"]
+    if len(names) > max_members:
+        raise TooLarge(f"the file holds {len(names):,} tensors, over the limit of {max_members:,}")
+    out = {}
+    for k in names:
+        e = header[k]
+        what = f"tensor {k!r}"
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise BadInput(f"not a readable safetensors file: the header's entry for {what} must be an object with "
+                           "dtype, shape and data_offsets")  # fmt: skip
+        dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+            raise BadInput(f"{what} has an unknown dtype {str(dtype)[:40]!r} (known: {', '.join(ST_DTYPES)})")
+        if not _ints(shape, 8):
+            raise BadInput(f"{what} has a shape that is not a list of at most 8 integers >= 0: {str(shape)[:80]}")
+        if not _ints(offsets, 2) or len(offsets) != 2 or offsets[0] > offsets[1]:
+            raise BadInput(f"{what} has data_offsets that are not [begin, end]: {str(offsets)[:80]}")
+        elems = math.prod(shape)
+        if elems > MAX_LATENT_ELEMS:
+            raise TooLarge(f"{what} has {elems:,} elements, over the limit of {MAX_LATENT_ELEMS:,}")
+        nbytes = elems * np.dtype(ST_DTYPES[dtype]).itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise BadInput(f"{what}: its data_offsets span {offsets[1] - offsets[0]:,} bytes, but a {dtype} tensor of "
+                           f"shape {shape} takes {nbytes:,}")  # fmt: skip
+        if data_size is not None and offsets[1] > data_size:
+            raise BadInput(f"{what}: its data ends at byte {offsets[1]:,}, past the {data_size:,} the file holds")
+        out[k] = (dtype, tuple(shape), offsets[0], offsets[1])
+    return out
+
+
+def _ints(v, most: int) -> bool:
+    return isinstance(v, list) and len(v) <= most and all(type(x) is int and x >= 0 for x in v)
+
+
+def _st_meta(header: dict) -> dict:
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise BadInput("the safetensors metadata must be a JSON object of strings (name -> text)")
+    return meta
+
+
+def header_ids(name: str, head: bytes, size: int | None = None) -> list[str] | None:
+    """The latent ids of a file from its first bytes when they tell (a safetensors header), else None (read the
+    first `8 + header length` bytes and ask again). size: the whole file's, to check tensor offsets against.
     [""] means one latent without an id."""
     if not name.lower().endswith(".safetensors"):
         return None
     if len(head) >= 8:
         (n,) = struct.unpack("<Q", head[:8])
-        if 8 + n > len(head):
+        if n <= MAX_HEADER and 8 + n > len(head) and (size is None or 8 + n <= size):
             return None
-    header, _ = _st_header(head)
-    meta = header.get("__metadata__") or {}
-    tensors = [k for k in header if k != "__metadata__"]
-    return _ids_of(tensors, {k: header[k].get("shape", []) for k in tensors}, meta)
+    header, n = _st_header(head)
+    entries = _st_entries(header, None if size is None else size - 8 - n, MAX_MEMBERS)
+    return _ids_of(list(entries), {k: e[1] for k, e in entries.items()}, _st_meta(header))
 
 
-def _ids_of(names: list[str], shapes: dict[str, list], meta: dict) -> list[str]:
+def st_header_bytes(head: bytes) -> int:
+    """How many bytes a safetensors file's header takes (its length field plus the JSON)."""
+    return 8 + struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 8
+
+
+def _ids_of(names: list[str], shapes: dict[str, tuple], meta: dict) -> list[str]:
+    for k in names:  # ids become manifest keys and file names: text only
+        _caption(k, "a tensor name")
     if len(names) > 1:
         return sorted(names)
     if not names:
@@ -100,6 +331,8 @@ def _ids_of(names: list[str], shapes: dict[str, list], meta: dict) -> list[str]:
             raise BadInput(f"metadata 'ids' must be a list of {shape[0]} non-empty strings")
         if len(set(ids)) != len(ids):
             raise BadInput("metadata 'ids' has duplicates")
+        for i in ids:
+            _caption(i, "an id in metadata 'ids'")
         return ids
     return [""]
 
@@ -107,145 +340,109 @@ def _ids_of(names: list[str], shapes: dict[str, list], meta: dict) -> list[str]:
 def _meta_json(meta: dict, key: str):
     if key not in meta:
         return None
+    from pipeline.safejson import loads
+
+    return loads(meta[key].encode("utf-8", "surrogatepass"), f"metadata {key!r}", MAX_HEADER)
+
+
+def _id_captions(meta: dict, key: str) -> dict:
+    got = _meta_json(meta, key) or {}
+    if not isinstance(got, dict) or not all(isinstance(v, str) for v in got.values()):
+        raise BadInput(f"metadata {key!r} must be a JSON object of texts (id -> caption)")
+    return {k: _caption(v, f"caption of {k!r}") for k, v in got.items()}
+
+
+def _id_sigmas(meta: dict) -> dict:
+    got = _meta_json(meta, "sigmas") or {}
+    if not isinstance(got, dict):
+        raise BadInput("metadata 'sigmas' must be a JSON object of numbers (id -> sigma)")
+    return {k: _float(v, f"sigma of {k!r}") for k, v in got.items()}
+
+
+def _caption(v, what: str) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise BadInput(f"{what} must be text, got {type(v).__name__}")
+    if len(v) > MAX_CAPTION_CHARS:
+        raise BadInput(f"{what} is {len(v):,} characters, over the limit of {MAX_CAPTION_CHARS:,}")
     try:
-        return json.loads(meta[key])
-    except ValueError:
-        raise BadInput(f"metadata {key!r} is not JSON") from None
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput(f"{what} is not valid text (it holds a lone UTF-16 surrogate)") from None
+    return v
 
 
 def read_latents(name: str, data: bytes, want: str | None = None) -> list[LatentItem]:
     """The latents of a file — only the one with id `want` when given — validated for shape and values (not yet
-    against a preset): one bad latent of a batch file fails only itself."""
-    ext = PurePosixPath(name).suffix.lower()
-    if ext == ".safetensors":
-        items = _read_safetensors(data)
-    elif ext == ".npy":
-        items = [LatentItem(None, _load_npy(data))]
-    elif ext == ".npz":
-        items = _read_npz(data)
-    else:
-        raise BadInput(f"not a latent file ({', '.join(LATENT_EXTENSIONS)}): {name}")
-    if want:
-        items = [it for it in items if it.id == want]
-        if not items:
-            raise BadInput(f"no latent {want!r} in the file")
-    for it in items:
-        it.latent = _as_chw(it.latent, it.id)
-    return items
+    against a preset)."""
+    f = open_latents(name, data)
+    return [f.item(want)] if want else [f.item(i) for i in f.ids]
 
 
-def _read_safetensors(data: bytes) -> list[LatentItem]:
-    import torch
-    from safetensors.torch import load
-
-    header, _ = _st_header(data)
-    meta = header.get("__metadata__") or {}
-    names = [k for k in header if k != "__metadata__"]
-    ids = _ids_of(names, {k: header[k].get("shape", []) for k in names}, meta)
-    for k in names:
-        shape = header[k].get("shape", [])
-        if math.prod(shape) > MAX_LATENT_ELEMS:
-            raise BadInput(f"tensor {k!r} has {math.prod(shape):,} elements, over the limit of {MAX_LATENT_ELEMS:,}")
-    try:
-        tensors = load(bytes(data))
-    except Exception as e:
-        raise BadInput(f"not a readable safetensors file ({e})") from None
-    captions, sigmas = _meta_json(meta, "captions") or {}, _meta_json(meta, "sigmas") or {}
-    if not isinstance(captions, dict) or not isinstance(sigmas, dict):
-        raise BadInput("metadata 'captions' and 'sigmas' must be JSON objects (id -> value)")
-    common = {"caption": meta.get("caption"), "sigma": _float(meta.get("sigma"), "sigma"), "format": meta.get("format")}
-
-    def arr(t: torch.Tensor) -> np.ndarray:
-        if not t.is_floating_point():
-            raise BadInput(f"latents must be floating point, got {t.dtype}")
-        return t.float().numpy()
-
-    if len(names) == 1 and ids != [""]:  # one [N, C, h, w] tensor with ids in the metadata
-        batch = arr(tensors[names[0]])
-        pairs = [(i, batch[n]) for n, i in enumerate(ids)]
-    elif len(names) == 1:
-        pairs = [(None, arr(tensors[names[0]]))]
-    else:
-        pairs = [(k, arr(tensors[k])) for k in ids]
-    return [LatentItem(i, a, captions.get(i, common["caption"]) if i else common["caption"],
-                       _float(sigmas.get(i), "sigma") if i and i in sigmas else common["sigma"], common["format"])
-            for i, a in pairs]  # fmt: skip
+def open_latents(name: str, data, max_bytes: int = MAX_LATENT_BYTES, max_members: int = MAX_MEMBERS) -> LatentFile:
+    """The file indexed (LatentFile), with an .npz's file-wide values read."""
+    f = LatentFile(name, data, max_bytes, max_members)
+    if f.ext == ".npz" and isinstance(data, (bytes, bytearray, memoryview)):
+        f.npz_common()
+    return f
 
 
-def _read_array(f, what: str) -> np.ndarray:
-    """One .npy stream: its header checked (no pickles, a size within the limit) before any data is allocated."""
+def _read_array(f, what: str, limit: int, kinds: str = "f") -> np.ndarray:
+    """One .npy stream: its header checked (no pickles, an allowed dtype, a size within the limit and within the
+    `limit` bytes the stream holds) before any data is allocated."""
     from numpy.lib import format as npf
 
     try:
         version = npf.read_magic(f)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise ValueError
         read_header = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
-        shape, _, dtype = read_header(f)  # the header only: nothing allocated yet
-    except Exception as e:
-        raise BadInput(f"not a readable {what} ({type(e).__name__}: {e})") from None
+        shape, fortran, dtype = read_header(f)  # the header only: nothing allocated yet
+    except ValueError:  # numpy's reasons name its internals: ours says what the user can act on
+        raise BadInput(f"{what} is not a readable .npy array (its header is damaged)") from None
     if dtype.hasobject:
         raise BadInput(f"{what} holds Python objects (a pickle), which pidray never loads")
-    if math.prod(shape) > MAX_LATENT_ELEMS:
-        raise BadInput(f"{what} has {math.prod(shape):,} elements, over the limit of {MAX_LATENT_ELEMS:,}")
-    f.seek(0)
-    try:
-        return npf.read_array(f, allow_pickle=False)
-    except Exception as e:
-        raise BadInput(f"not a readable {what} ({type(e).__name__}: {e})") from None
+    if dtype.kind not in kinds or dtype.kind == "b":
+        want = "floating point" if kinds == "f" else "a number" if "f" in kinds else "text"
+        raise BadInput(f"{what} must be {want}, got {dtype}")
+    elems = math.prod(shape)
+    if elems > MAX_LATENT_ELEMS:
+        raise TooLarge(f"{what} has {elems:,} elements, over the limit of {MAX_LATENT_ELEMS:,}")
+    nbytes = elems * dtype.itemsize
+    if nbytes > limit:
+        raise BadInput(f"{what} claims {nbytes:,} bytes of data ({dtype}, shape {list(shape)}); it holds at most "
+                       f"{limit:,}")  # fmt: skip
+    buf = f.read(nbytes)
+    if len(buf) != nbytes:
+        raise BadInput(f"{what} is cut short: {len(buf):,} of its {nbytes:,} bytes of data")
+    return np.frombuffer(buf, dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def _load_npy(data: bytes) -> np.ndarray:
-    a = _read_array(io.BytesIO(data), ".npy file")
+    a = _read_array(io.BytesIO(data), ".npy file", len(data))
     if a.ndim == 4 and a.shape[0] > 1:
         raise BadInput(f"a batch of {a.shape[0]} latents without ids: save an .npz with one named array per latent, "
                        "or one latent per file")  # fmt: skip
     return a
 
 
-def _npz_members(data: bytes):
-    import zipfile
-
-    try:
-        z = zipfile.ZipFile(io.BytesIO(data))
-        names = [n for n in z.namelist() if n.endswith(".npy")]
-    except Exception as e:
-        raise BadInput(f"not a readable .npz file ({type(e).__name__}: {e})") from None
-    if len(names) > 100_000:
-        raise BadInput(f"the .npz holds {len(names):,} arrays, over the limit of 100,000")
-    return z, names
-
-
-def _read_npz(data: bytes) -> list[LatentItem]:
-    z, names = _npz_members(data)
-    arrays = {}
-    for n in names:
-        with z.open(n) as f:  # streamed: the header is checked before the member is inflated
-            arrays[n[: -len(".npy")]] = _read_array(f, f".npz member {n!r}")
-    special = {k: arrays.pop(k) for k in list(arrays) if k.startswith("__")}
-    if not arrays:
-        raise BadInput("the .npz holds no latent")
-    caption = str(special["__caption__"]) if "__caption__" in special else None
-    fmt = str(special["__format__"]) if "__format__" in special else None
-    sigma = _float(special["__sigma__"].item() if "__sigma__" in special else None, "__sigma__")
-    return [LatentItem(k, arrays[k], caption, sigma, fmt) for k in sorted(arrays)]
-
-
-def npz_ids(data: bytes) -> list[str]:
-    _, names = _npz_members(data)
-    ids = sorted(n[: -len(".npy")] for n in names if not n.startswith("__"))
-    if not ids:
-        raise BadInput("the .npz holds no latent")
-    return ids
+def npz_ids(data) -> list[str]:
+    """The latent ids of an .npz from its zip directory alone (bytes, or a seekable file: nothing else is read)."""
+    return LatentFile("x.npz", data).ids
 
 
 def _float(v, what: str) -> float | None:
     if v is None:
         return None
     try:
+        if isinstance(v, bool):
+            raise TypeError
         f = float(v)
-    except (TypeError, ValueError):
-        raise BadInput(f"{what} must be a number, got {v!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise BadInput(f"{what} must be a number, got {str(v)[:40]!r}") from None
     if not math.isfinite(f) or f < 0:
-        raise BadInput(f"{what} must be a finite number >= 0, got {v!r}")
+        raise BadInput(f"{what} must be a finite number >= 0, got {str(v)[:40]!r}")
     return f
 
 
@@ -267,6 +464,8 @@ def _as_chw(a: np.ndarray, id_: str | None) -> np.ndarray:
     if a.size > MAX_LATENT_ELEMS:
         raise BadInput(f"{what} has {a.size:,} elements, over the limit of {MAX_LATENT_ELEMS:,}")
     a = np.ascontiguousarray(a, dtype=np.float32)
+    if not a.flags.writeable:  # a view of the file's bytes: the latent is the row's own
+        a = a.copy()
     if not np.isfinite(a).all():
         raise BadInput(f"{what} contains NaN or Inf")
     return a

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import BadInput, SetupError
+from pipeline.errors import BadInput, SetupError, TooLarge
 
+MAX_INPUT_BYTES = 1 << 30  # a file larger than this is refused before it is read (no input we take is that big)
+BUCKET_NAME = re.compile(r"[a-zA-Z0-9._-]{1,255}")  # what S3 clients accept (AWS itself: 3-63 of [a-z0-9.-])
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 RESERVED_PREFIX = "_pidray"  # the manifest and probe objects at DST
 
@@ -102,8 +105,8 @@ def explain_storage_error(e: BaseException, action: str, uri: str, endpoint: str
             return f"{where}: {e}; check --s3-profile"
         if isinstance(e, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ConnectionClosedError)):
             return f"{where}: the S3 endpoint {endpoint or 'AWS'} cannot be reached; check --s3-endpoint and network"
-        if isinstance(e, bx.ParamValidationError):
-            return f"{where}: {e}"
+        if isinstance(e, bx.ParamValidationError):  # botocore's report is several lines and a regex: keep the first
+            return f"{where}: {str(e).splitlines()[0] if str(e) else 'invalid request parameters'}"
         if isinstance(e, bx.ClientError):
             err = e.response.get("Error", {})
             code, status = str(err.get("Code", "")), e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -154,6 +157,10 @@ class Location:
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise SetupError(f"invalid S3 URI {self.uri!r}: expected s3://bucket/prefix")
+        if not BUCKET_NAME.fullmatch(bucket):
+            raise SetupError(f"invalid S3 bucket name {bucket[:80]!r} in {display(self.uri)[:200]!r}: a bucket name is "
+                             "1 to 255 letters, digits, '.', '-' or '_' (AWS: 3 to 63 lowercase letters, digits, '.' "
+                             "and '-')")  # fmt: skip
         return bucket, prefix.strip("/")
 
     @property
@@ -319,16 +326,43 @@ class Location:
             raise SetupError(explain_storage_error(e, "write to", self.uri, self.s3.endpoint_url)) from e
 
     # ------------------------------------------------------------------ I/O
-    def read(self, key: str, n: int | None = None) -> bytes:
-        """The object's bytes, or only its first n (a ranged GET on S3): enough for an image header."""
+    def read(self, key: str, n: int | None = None, limit: int = MAX_INPUT_BYTES) -> bytes:
+        """The object's bytes, or only its first n (a ranged GET on S3): enough for an image header. A whole read
+        is bounded: an object over `limit` bytes is refused (TooLarge) from its size before it is read, and never
+        more than limit + 1 bytes are read (it may have grown since)."""
+        return self.read_versioned(key, n, limit)[0]
+
+    def read_versioned(self, key: str, n: int | None = None, limit: int = MAX_INPUT_BYTES) -> tuple[bytes, tuple]:
+        """`read`, and the version of the object read: (size, mtime in ns, inode) locally, (size, ETag) on S3."""
         if self.is_s3:
             bucket, _ = self.bucket_prefix
             extra = {"Range": f"bytes=0-{n - 1}"} if n else {}
-            return self.client.get_object(Bucket=bucket, Key=self._s3_key(key), **extra)["Body"].read()
+            got = self.client.get_object(Bucket=bucket, Key=self._s3_key(key), **extra)
+            size = int(got.get("ContentLength", 0))
+            if n is None and size > limit:
+                got["Body"].close()
+                raise TooLarge(f"file is {size:,} bytes, over the limit of {limit:,}")
+            data = got["Body"].read(n if n else limit + 1)
+            version = (size, got.get("ETag", ""))
+        else:
+            with self.open(key) as f:
+                st = os.fstat(f.fileno())
+                if n is None and st.st_size > limit:
+                    raise TooLarge(f"file is {st.st_size:,} bytes, over the limit of {limit:,}")
+                data = f.read(n if n else limit + 1)
+            version = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if n is None and len(data) > limit:  # it grew after its size was looked at
+            raise TooLarge(f"file is over the limit of {limit:,} bytes")
+        return data, version
+
+    def open(self, key: str):
+        """A seekable binary file of the object, for formats read by parts (a zip's directory): the local file, or
+        ranged GETs on S3."""
+        if self.is_s3:
+            bucket, _ = self.bucket_prefix
+            return _RangedObject(self.client, bucket, self._s3_key(key))
         flags = os.O_RDONLY | (0 if self.follow_symlinks else os.O_NOFOLLOW)  # a file swapped for a link is refused
-        fd = os.open(os.path.join(self.uri, key), flags)
-        with os.fdopen(fd, "rb") as f:
-            return f.read() if n is None else f.read(n)
+        return os.fdopen(os.open(os.path.join(self.uri, key), flags), "rb")
 
     def _local_path(self, key: str) -> Path:
         """The path for `key`, proven inside the location after resolving every existing symlink."""
@@ -430,7 +464,7 @@ class Location:
             os.unlink(tmp)
         return ""
 
-    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+    def read_with_etag(self, key: str) -> tuple[bytes, str] | None:
         """(bytes, version token) of `key`, or None when it does not exist."""
         if self.is_s3:
             bucket, _ = self.bucket_prefix
@@ -477,3 +511,34 @@ def _precondition_failed(e) -> bool:
     return err.get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") or e.response.get(
         "ResponseMetadata", {}
     ).get("HTTPStatusCode") in (409, 412)
+
+
+class _RangedObject(io.RawIOBase):
+    """An S3 object as a seekable read-only file: each read is one ranged GET (for a few reads by parts)."""
+
+    def __init__(self, client, bucket: str, key: str):
+        self.client, self.bucket, self.key, self.pos = client, bucket, key, 0
+        self.size = int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = max(0, offset + (0, self.pos, self.size)[whence])
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self.size - self.pos)
+        if n <= 0:
+            return 0
+        rng = f"bytes={self.pos}-{self.pos + n - 1}"
+        data = self.client.get_object(Bucket=self.bucket, Key=self.key, Range=rng)["Body"].read(n)
+        b[: len(data)] = data
+        self.pos += len(data)
+        return len(data)

@@ -29,7 +29,17 @@ def check_prompt(prompt) -> str:
         raise BadInput("empty prompt")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise BadInput(f"prompt is {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
+    if not _is_text(prompt):
+        raise BadInput("prompt is not valid text (it holds a lone UTF-16 surrogate)")
     return prompt
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @torch.inference_mode()
@@ -75,6 +85,12 @@ class GenerateOptions:
         from pipeline.stages.common import check_seed
 
         check_seed(self.seed)
+        if self.negative_prompt is not None:
+            if not isinstance(self.negative_prompt, str) or not _is_text(self.negative_prompt):
+                raise BadParameter(f"negative_prompt must be text, got {type(self.negative_prompt).__name__}")
+            if len(self.negative_prompt) > MAX_PROMPT_CHARS:
+                raise BadParameter(f"negative_prompt is {len(self.negative_prompt):,} characters, over the limit of "
+                                   f"{MAX_PROMPT_CHARS:,}")  # fmt: skip
         if self.steps is not None and (not isinstance(self.steps, int) or not 2 <= self.steps <= MAX_STEPS):
             raise BadParameter(f"steps must be an integer in 2..{MAX_STEPS}, got {self.steps!r}")
         if self.shift is not None and not 0.1 <= float(self.shift) <= 100:

@@ -19,7 +19,7 @@ message, never a trace.
 import asyncio
 import dataclasses
 import hmac
-import json
+import math
 import os
 import time
 import uuid
@@ -32,10 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from pipeline import safejson
 from pipeline.errors import HTTP_STATUS, BadParameter, Refused, TooLarge, kind_of
 from pipeline.graph import StageGraph, StageSpec, hidden_gpu_env
 from pipeline.imageio import output_format, probe
-from pipeline.model.presets import PRESETS, get_preset
+from pipeline.model.presets import ALIASES, PRESETS, get_preset
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions, run_stage
 from pipeline.stages.common import check_seed, parse_size, resolve, sampler_steps, work_factor
@@ -119,6 +120,8 @@ def _error(kind: str, message: str, headers: dict | None = None) -> JSONResponse
 
 
 DECODE_PARAMS = ("latent_format", "id", "sigma", "size")  # /v1/decode only
+LATENT_INFLATE_FACTOR = 4  # a latent body may inflate (an .npz) to this many times max_bytes
+MAX_LATENT_MEMBERS = 1024  # latents one body may hold: its zip directory or header is all that is parsed of others
 
 
 def parse_params(params: dict, preset, options: UpscaleOptions, s3_configured: bool, extra: tuple = ()) -> dict:
@@ -126,8 +129,9 @@ def parse_params(params: dict, preset, options: UpscaleOptions, s3_configured: b
     unknown = sorted(set(params) - set(ROW_PARAMS) - {"preset", "store", "timeout"} - set(extra))
     if unknown:
         raise BadParameter(f"unknown parameter(s): {unknown}")
-    if params.get("preset") and get_preset(params["preset"]).name != preset.name:
-        raise BadParameter(f"this endpoint serves preset {preset.name!r}, not {params['preset']!r}")
+    if params.get("preset") and params["preset"] != preset.name and ALIASES.get(params["preset"]) != preset.name:
+        # by name only: a preset *file* named by a client would read the server's disk
+        raise BadParameter(f"this endpoint serves preset {preset.name!r}, not {str(params['preset'])[:80]!r}")
     store = params.get("store") or None
     if store not in (None, "s3"):
         raise BadParameter(f"store must be 's3' (or absent), got {store!r}")
@@ -140,11 +144,13 @@ def parse_params(params: dict, preset, options: UpscaleOptions, s3_configured: b
                 row[name] = kind(params[name])
             except ValueError:
                 raise BadParameter(f"{name} must be {kind.__name__}, got {params[name]!r}") from None
+    if "caption" in row:
+        check_text(row["caption"], "caption")
     resolve(options, row)  # validated by the same rules as the job (the seed's range included), before any work
     if "format" in row:
         output_format(None, row["format"])
     if params.get("id"):
-        row["latent_id"] = str(params["id"])
+        row["latent_id"] = check_text(str(params["id"]), "id")
     if params.get("sigma") not in (None, ""):
         try:
             row["sigma"] = float(params["sigma"])
@@ -160,6 +166,51 @@ def parse_params(params: dict, preset, options: UpscaleOptions, s3_configured: b
         check_format(params["latent_format"], preset)
         row["latent_format"] = params["latent_format"]
     return row
+
+
+MAX_JSON_BYTES = 256 << 10  # a /v1/generate body: two prompts of MAX_PROMPT_CHARS, even \u-escaped, fit many times
+# /v1/generate's fields: the JSON types each may have (bool is never a number here)
+JSON_FIELDS = {"prompt": (str,), "negative_prompt": (str,), "seed": (int,), "steps": (int,), "quality": (int,),
+               "shift": (int, float), "cfg_scale": (int, float), "timeout": (int, float), "size": (str, list),
+               "upscale": (bool,), "format": (str,)}  # fmt: skip
+JSON_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    list: "[width, height]",
+    bool: "true or false",
+}
+
+
+def check_text(value: str, name: str) -> str:
+    """A prompt-like text: at most MAX_PROMPT_CHARS, and real text (no lone surrogates, which no encoder takes)."""
+    if len(value) > MAX_PROMPT_CHARS:
+        raise TooLarge(f"{name} is {len(value):,} characters, over the limit of {MAX_PROMPT_CHARS:,}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadParameter(f"{name} is not valid text (it holds a lone UTF-16 surrogate, e.g. an unpaired \\ud800)")
+    return value
+
+
+def check_json_fields(req: dict) -> dict:
+    """Every field of a /v1/generate body of its type and finite before anything uses it (BadParameter naming the
+    field and what it got); texts bounded and valid; a size list of two integers."""
+    for name, value in req.items():
+        if value is None:
+            continue
+        types = JSON_FIELDS[name]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            want = " or ".join(JSON_TYPE_NAMES[t] for t in types)
+            raise BadParameter(f"{name} must be {want}, got {type(value).__name__} {str(value)[:40]}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadParameter(f"{name} must be a finite number, got {value}")
+        if isinstance(value, str) and name in ("prompt", "negative_prompt", "format"):
+            check_text(value, name)
+        if name == "size" and isinstance(value, list):
+            if len(value) != 2 or not all(type(v) is int for v in value):
+                raise BadParameter(f'size must be "WIDTHxHEIGHT" or [width, height] integers, got {str(value)[:40]}')
+    return req
 
 
 def latent_name(data: bytes) -> str:
@@ -207,6 +258,7 @@ class Ingress:
         if graph.preset.decodes_latents:
             dg = StageGraph(args.model_options(), UpscaleOptions.from_dict(args.options), workflow="decode")
             self.decode_chain = [(s.name, handles[s.name] if s.name in handles else s.build()) for s in dg.stages]
+            self.decode_spec = dg.stages[0]
         self.probe_handle = handles[graph.model_stages()[-1].name]  # /healthz: the last model stage is loaded
         self.args, self.preset, self.options = args, graph.preset, graph.options
         self.max_bytes, self.timeout_s, self.body_timeout_s = args.max_bytes, args.timeout_s, args.body_timeout_s
@@ -218,6 +270,9 @@ class Ingress:
         # Bound to loopback, only loopback names are accepted as Host (DNS rebinding); elsewhere any Host unless listed.
         self.allowed_hosts = set(args.allowed_hosts) | (LOOPBACK_HOSTS if is_loopback(args.bind_host) else set())
         self.local_slots = asyncio.Semaphore(args.decode_concurrency)  # bounds decoded pixels in the ingress
+        self.latent_slots = asyncio.Semaphore(args.decode_concurrency)  # latent parsing: never an upscale's slot
+        if self.decode_chain is not None:
+            self.latent_stage = self._latent_stage(None)
         self.in_flight = 0
         self.refused: Counter = Counter()
         self.latencies: deque = deque(maxlen=2048)
@@ -244,19 +299,21 @@ class Ingress:
                 raise Refused("forbidden", f"cross-site request from Origin {origin!r} refused; an operator can allow "
                                            "it with allowed_origins")  # fmt: skip
 
-    async def _read_body(self, request: Request) -> bytearray:
-        """The body, counted while it streams in: over max_bytes stops reading at once, whatever the header said."""
+    async def _read_body(self, request: Request, limit: int | None = None) -> bytearray:
+        """The body, counted while it streams in: over the limit (max_bytes) stops reading at once, whatever the
+        header said."""
+        limit = limit or self.max_bytes
         length = request.headers.get("content-length")
         if length is None:  # chunked: Serve's proxy would queue the whole body before we could stop reading it
             raise Refused("length_required", "send the body with a Content-Length (chunked uploads are not accepted)")
         if not length.isdigit():
             raise Refused("bad_input", "Content-Length is not a number")
-        if int(length) > self.max_bytes:
-            raise TooLarge(f"request body is {int(length):,} bytes, over the limit of {self.max_bytes:,}")
+        if int(length) > limit:
+            raise TooLarge(f"request body is {int(length):,} bytes, over the limit of {limit:,}")
         body = bytearray()  # one buffer, no join copy
         async for chunk in request.stream():
-            if len(body) + len(chunk) > self.max_bytes:
-                raise TooLarge(f"request body is over the limit of {self.max_bytes:,} bytes")
+            if len(body) + len(chunk) > limit:
+                raise TooLarge(f"request body is over the limit of {limit:,} bytes")
             body += chunk
         return body
 
@@ -357,26 +414,22 @@ class Ingress:
             return self._busy()
         if not request.headers.get("content-type", "").lower().startswith("application/json"):
             return _error("unsupported_media", 'send the request as application/json: {"prompt": ...}')
-        body = await self._within_body_timeout(self._read_body(request))
-        try:
-            req = json.loads(bytes(body))
-        except ValueError as e:
-            return _error("bad_input", f"the body is not JSON ({e})")
+        body = await self._within_body_timeout(self._read_body(request, MAX_JSON_BYTES))
+        req = safejson.loads(bytes(body), "the body", MAX_JSON_BYTES, max_depth=4)
         if not isinstance(req, dict):
             return _error("bad_input", "the body must be a JSON object with a prompt")
         known = {"prompt", "seed", "size", "steps", "shift", "cfg_scale", "negative_prompt", "upscale", "format",
                  "quality", "timeout"}  # fmt: skip
         unknown = sorted(set(req) - known)
         if unknown:
-            raise BadParameter(f"unknown field(s): {unknown}")
+            raise BadParameter(f"unknown field(s): {[str(u)[:40] for u in unknown][:10]}")
+        req = check_json_fields(req)
         prompt = req.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise BadParameter("prompt must be a non-empty string")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise TooLarge(f"prompt is {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
         gen = {k: req[k] for k in ("steps", "shift", "cfg_scale", "negative_prompt") if req.get(k) is not None}
         if req.get("size") is not None:
-            gen["size"] = parse_size(str(req["size"]))
+            gen["size"] = parse_size(req["size"])
         try:
             seed = check_seed(req.get("seed", self.options.seed))
             o = GenerateOptions.from_dict({**self.gen_defaults.to_dict(), **gen, "seed": seed}).resolved(
@@ -440,6 +493,7 @@ class Ingress:
     async def _upscale(self, request: Request):
         if self.in_flight > self.max_in_flight:
             return self._busy()
+        arrived = time.time()
         data, fields = await self._within_body_timeout(self._read_image(request))
         params = {**dict(request.query_params), **fields}
         row = {"key": "request", "bytes": data,
@@ -448,9 +502,9 @@ class Ingress:
         timeout = self._timeout(params)
         in_hw = await asyncio.to_thread(probe, data, max_pixels=self.options.max_pixels)  # header only
         self._admit(in_hw, row)
-        row.update(request_id=uuid.uuid4().hex, deadline=time.time() + timeout)
+        row.update(request_id=uuid.uuid4().hex, deadline=arrived + timeout)  # from arrival, the body's time included
         try:
-            row = await asyncio.wait_for(self._pipeline(row), timeout=timeout)
+            row = await asyncio.wait_for(self._pipeline(row), timeout=max(0.0, arrived + timeout - time.time()))
         except asyncio.TimeoutError:
             return _error("cancelled", f"upscale did not finish within {timeout:g}s; its work was stopped")
         return await self._respond(row, params)
@@ -462,26 +516,49 @@ class Ingress:
                           "conditioning); serve a VAE preset to decode latents")  # fmt: skip
         if self.in_flight > self.max_in_flight:
             return self._busy()
+        arrived = time.time()
+        timeout = self._timeout(dict(request.query_params))
         data, fields = await self._within_body_timeout(self._read_image(request, "latent"))
         params = {**dict(request.query_params), **fields}
         row = {"key": latent_name(bytes(data[:16])), "bytes": bytes(data),
                **parse_params(params, self.preset, self.options, bool(self.output_s3), DECODE_PARAMS)}  # fmt: skip
         row["opts"] = resolve(self.options, row)
         timeout = self._timeout(params)
-        first, rest = self.decode_chain[0], self.decode_chain[1:]
+        deadline = arrived + timeout  # from arrival: the body and the latent's parsing count too
+        rest = self.decode_chain[1:]
+        stage = self.latent_stage
         if row.get("latent_format"):
-            first = (first[0], LatentStage(self.preset.name, row.pop("latent_format"), self.options))
-        async with self.local_slots:  # parse + check the latent here, before it costs any model time
-            row = (await asyncio.to_thread(run_stage, first[1], first[0], [row]))[0]
+            stage = self._latent_stage(row.pop("latent_format"))
+        try:  # parse + check the latent here, before it costs any model time, in slots of its own
+            row = await self._parse_latent(stage, row, deadline)
+        except asyncio.TimeoutError:
+            return _error("cancelled", f"decode did not finish within {timeout:g}s (reading the latent); stopped")
         if row.get("status") == "failed":
             return _error(row.get("error_kind") or "internal", row.get("error", "failed"))
         self._admit(given_latent_in_hw(self.preset, row["latent"].shape[1:], row.get("out_size")), row)
-        row.update(request_id=uuid.uuid4().hex, deadline=time.time() + timeout)
+        row.update(request_id=uuid.uuid4().hex, deadline=deadline)
         try:
-            row = await asyncio.wait_for(self._pipeline(row, rest), timeout=timeout)
+            row = await asyncio.wait_for(self._pipeline(row, rest), timeout=max(0.0, deadline - time.time()))
         except asyncio.TimeoutError:
             return _error("cancelled", f"decode did not finish within {timeout:g}s; its work was stopped")
         return await self._respond(row, params)
+
+    def _latent_stage(self, latent_format: str | None) -> LatentStage:
+        """The decode graph's latent stage with the endpoint's bounds: what one body may inflate to and hold."""
+        spec = self.decode_spec
+        kw = {**spec.kwargs, "max_bytes": LATENT_INFLATE_FACTOR * self.max_bytes, "max_members": MAX_LATENT_MEMBERS}
+        if latent_format is not None:
+            kw["latent_format"] = latent_format
+        return dataclasses.replace(spec, kwargs=kw).build()
+
+    async def _parse_latent(self, stage, row: dict, deadline: float) -> dict:
+        """The latent stage on a thread, at most decode_concurrency at a time in slots apart from the upscale
+        decode's; past the deadline the request is answered (504) while its slot stays held until the thread ends,
+        so a slow parse never lets more than the slots' worth run."""
+        await asyncio.wait_for(self.latent_slots.acquire(), timeout=max(0.0, deadline - time.time()))
+        work = asyncio.ensure_future(asyncio.to_thread(run_stage, stage, "latent", [row]))
+        work.add_done_callback(lambda _: self.latent_slots.release())
+        return (await asyncio.wait_for(asyncio.shield(work), timeout=max(0.0, deadline - time.time())))[0]
 
     async def _respond(self, row: dict, params: dict) -> Response:
         if row.get("status") != "ok":

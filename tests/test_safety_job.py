@@ -575,7 +575,7 @@ def test_s3_lease_is_a_conditional_create_with_expiry(s3_server):
     assert not dst.exists(LEASE_NAME)
     stale = Lease(dst, "stale", ttl=-1)
     stale.acquire()
-    found = dst.read_versioned(LEASE_NAME)
+    found = dst.read_with_etag(LEASE_NAME)
     a, b = Lease(dst, "a"), Lease(dst, "b")
     assert a._take_over(found, a.parse(found[0]))  # If-Match on the stale version: one taker wins ...
     assert not b._take_over(found, b.parse(found[0]))  # ... the other's version is gone

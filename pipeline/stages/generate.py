@@ -9,6 +9,8 @@ graph's encode stage takes (`image`).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from pipeline.imageio import Decoded, quantize
@@ -31,13 +33,20 @@ class GenerateStage(Cancellable):  # a batch whose callers are all gone stops at
         self.captioner = load_caption_encoder(self.model)
         self.device = next(self.net.parameters()).device
         self.emit, self.batch = emit, batch
-        self._null: dict[str, torch.Tensor] = {}
+        self._null: OrderedDict[str, torch.Tensor] = OrderedDict()  # the last few negative prompts' embeddings
         self.cancelled: dict[str, None] = {}
 
+    NEGATIVES_KEPT = 4  # a job has one negative prompt; an endpoint's clients each may send their own
+
     def _negative(self, text: str) -> torch.Tensor:
-        if text not in self._null:  # computed once per distinct negative prompt
-            self._null[text] = self.captioner.encode([text])
-        return self._null[text]
+        """The embedding of a negative prompt, computed once while it stays among the last few used (LRU)."""
+        if text in self._null:
+            self._null.move_to_end(text)
+            return self._null[text]
+        emb = self._null[text] = self.captioner.encode([text])
+        while len(self._null) > self.NEGATIVES_KEPT:
+            self._null.popitem(last=False)
+        return emb
 
     def process(self, row: dict) -> dict:
         return self.process_batch([row])[0]

@@ -2,30 +2,34 @@
 
 from __future__ import annotations
 
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, TooLarge
 from pipeline.stages.rows import MergedRow, ReadRow
 from pipeline.storage import Location
 
 
 class ReadStage:
-    """row["key"] (or `src_key`: the file of one latent of a batch file) -> row["bytes"] from SRC. The last file
-    read is kept, so the rows of one batch file, which travel together, read it once."""
+    """row["key"] (or `src_key`: the file of one latent of a batch file) -> row["bytes"] from SRC, and the version
+    read (`src_version`). The last file read is kept, so the rows of one batch file, which travel together, read it
+    once. A read is bounded: a file over the input limit (maybe swapped for a bigger one after planning) is refused
+    from its size, never read in full."""
 
     def __init__(self, src: Location):
         self.src = src
-        self._last: tuple[str, bytes] | None = None
+        self._last: tuple[str, bytes, tuple] | None = None
 
     def process(self, row: ReadRow) -> ReadRow:
         key = row.get("src_key") or row["key"]
         if self._last is not None and self._last[0] == key:
-            data = self._last[1]
+            data, version = self._last[1:]
         else:
             try:
-                data = self.src.read(key)
+                data, version = self.src.read_versioned(key)
+            except TooLarge:
+                raise
             except Exception as e:  # missing object, permissions, a file swapped for a link, network after retries
                 raise BadInput(f"{type(e).__name__}: {e}") from e
-            self._last = (key, data) if row.get("src_key") else None
-        return {**row, "bytes": data, "in_bytes": len(data)}
+            self._last = (key, data, version) if row.get("src_key") else None
+        return {**row, "bytes": data, "in_bytes": len(data), "src_version": version}
 
 
 class WriteStage:

@@ -2,17 +2,28 @@
 
 A row names its file (`key`, or `src_key` when the job split a batch file into one row per latent) and, for a batch
 file, the latent's `latent_id`. The file's caption and sigma apply unless the row (the user) gives its own.
+A batch file is indexed once for all its rows: the last few files' indexes are kept, keyed by the file and the
+version the read stage saw (`src_version`: size and mtime, or the S3 ETag), so a file replaced meanwhile is read anew.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import replace
 
 import numpy as np
 
 from pipeline.errors import BadInput
 from pipeline.imageio import Decoded
-from pipeline.latents import check_format, check_latent, read_latents, to_training_frame
+from pipeline.latents import (
+    MAX_LATENT_BYTES,
+    MAX_MEMBERS,
+    LatentFile,
+    check_format,
+    check_latent,
+    open_latents,
+    to_training_frame,
+)
 from pipeline.model.presets import get_preset
 from pipeline.stages.common import UpscaleOptions, options_of
 
@@ -24,20 +35,40 @@ def latent_source() -> Decoded:
 
 
 class LatentStage:
-    def __init__(self, preset: str, latent_format: str | None = None, options: UpscaleOptions | dict | None = None):
+    CACHED_FILES = 2  # indexes kept (each holds its file's bytes)
+
+    def __init__(self, preset: str, latent_format: str | None = None, options: UpscaleOptions | dict | None = None,
+                 max_bytes: int = MAX_LATENT_BYTES, max_members: int = MAX_MEMBERS):  # fmt: skip
+        """max_bytes, max_members: what one file may inflate to and hold (the endpoint sets tighter bounds)."""
         self.preset = get_preset(preset)
         self.format = latent_format
         self.options = options if isinstance(options, UpscaleOptions) else UpscaleOptions(**(options or {}))
+        self.max_bytes, self.max_members = max_bytes, max_members
         check_format(latent_format, self.preset)  # a --format that does not fit the preset: refused up front
+        self._files: OrderedDict[tuple, tuple[bytes, LatentFile]] = OrderedDict()
+
+    def _open(self, name: str, data: bytes, version) -> LatentFile:
+        """The file's index: from the cache when this version of it (or these very bytes) was indexed already."""
+        key = (name, version if version is not None else id(data))
+        hit = self._files.get(key)
+        if hit is not None and (version is not None or hit[0] is data):
+            self._files.move_to_end(key)
+            return hit[1]
+        f = open_latents(name, data, self.max_bytes, self.max_members)
+        self._files[key] = (data, f)
+        while len(self._files) > self.CACHED_FILES:
+            self._files.popitem(last=False)
+        return f
 
     def process(self, row: dict) -> dict:
         row = dict(row)
         want = row.get("latent_id")
-        items = read_latents(row.get("src_key") or row["key"], row.pop("bytes"), want)
-        if not want and len(items) > 1:
-            ids = ", ".join(repr(it.id) for it in items[:5]) + (", ..." if len(items) > 5 else "")
-            raise BadInput(f"the file holds {len(items)} latents ({ids}): name one (id)")
-        item = items[0]
+        version = row.get("src_version")
+        f = self._open(row.get("src_key") or row["key"], row.pop("bytes"), tuple(version) if version else None)
+        if not want and len(f.ids) > 1:
+            ids = ", ".join(repr(i) for i in f.ids[:5]) + (", ..." if len(f.ids) > 5 else "")
+            raise BadInput(f"the file holds {len(f.ids)} latents ({ids}): name one (id)")
+        item = f.item(want or f.ids[0])
         check_format(self.format or item.format, self.preset)
         check_latent(item.latent, self.preset)
         o = options_of(row, self.options)

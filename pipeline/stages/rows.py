@@ -35,6 +35,7 @@ class ReadRow(Overrides, FailedRow, total=False):
     key: str  # relative key (may hold surrogate-escaped bytes)
     bytes: bytes
     in_bytes: int
+    src_version: tuple  # the version of the file read: (size, mtime_ns, inode) locally, (size, ETag) on S3
     output_stem: str  # the job's planned output name without extension
     notes: list[str]
     timings: dict[str, float]

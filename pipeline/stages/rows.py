@@ -36,6 +36,7 @@ class ReadRow(Overrides, FailedRow, total=False):
     bytes: bytes
     in_bytes: int
     output_stem: str  # the job's planned output name without extension
+    replace: list[str]  # output keys this row may replace (--overwrite: outputs an earlier pidray job wrote)
     notes: list[str]
     timings: dict[str, float]
     request_id: str  # Serve: who to stop when the caller goes away

@@ -184,7 +184,7 @@ def plan_job(cfg) -> Plan:
         plan.previous = read_previous(dst)  # kept and added to: the record of what pidray wrote in DST
     in_place_outputs = set()
     if cfg.in_place:  # earlier outputs sit beside the inputs: they are not inputs -- when a manifest says so
-        written = {r["output_key"] for r in plan.previous.rows.values() if r["status"] != "failed"}
+        written = recorded_outputs(plan.previous)
         in_place_outputs = {e.key for e in listed if PurePosixPath(e.key).stem.endswith(cfg.suffix)
                             and display(e.key) in written}  # fmt: skip
     candidates = [e for e in listed if not e.skip and e.key not in in_place_outputs]

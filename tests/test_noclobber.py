@@ -112,11 +112,16 @@ def test_a_dry_run_shows_the_taken_name(bicubic_weights, tmp_path):
     assert rows["b.png"]["status"] == "planned" and (dst / "a.png").read_bytes() == USER
 
 
-@pytest.mark.parametrize("cmd", ["upscale", "decode"])
+@pytest.mark.parametrize("cmd", ["upscale", "decode", "generate"])
 def test_overwrite_with_resume_is_refused_up_front(bicubic_weights, tmp_path, cmd):
     src = _src(tmp_path)
-    out = _cli(cmd, str(src), str(tmp_path / "out"), "--local", "--weights", bicubic_weights, "--overwrite",
-               "--resume", check_rc=2)  # fmt: skip
+    if cmd == "generate":
+        (tmp_path / "p.txt").write_text("a cat\n")
+        args = ["generate", "--prompts", str(tmp_path / "p.txt")]
+    else:
+        args = [cmd, str(src)]
+    out = _cli(*args, str(tmp_path / "out"), "--local", "--weights", bicubic_weights, "--overwrite", "--resume",
+               check_rc=2)  # fmt: skip
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--overwrite and --resume" in lines[0], out.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

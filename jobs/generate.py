@@ -64,6 +64,11 @@ def add_generate_parser(sub, parents=()) -> None:
     run.add_argument("--local", dest="local", action="store_const", const=True, default=None)
     run.add_argument("--ray", dest="local", action="store_const", const=False)
     o.add_argument("--resume", action="store_true", help="skip prompts whose output is already there")
+    o.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--prompts: replace outputs already in DST, only those DST's manifest records as pidray's",
+    )
     o.add_argument("--s3-endpoint", default=None)
     o.add_argument("--s3-region", default=None)
     o.add_argument("--no-progress", action="store_true")
@@ -96,8 +101,9 @@ def _config(args, src: str, dst: str) -> JobConfig:
 
     output_format(None, args.format)
     return JobConfig(src=src, dst=dst, model=model, options=options, local=args.local, progress=not args.no_progress,
-                     verbose=args.verbose, resume=args.resume, workflow="ldm" if args.with_ else "generate", gen=gen,
-                     upscale=up, ldm=args.with_, s3=S3Settings(args.s3_endpoint, args.s3_region))  # fmt: skip
+                     verbose=args.verbose, resume=args.resume, overwrite=args.overwrite,
+                     workflow="ldm" if args.with_ else "generate", gen=gen, upscale=up, ldm=args.with_,
+                     s3=S3Settings(args.s3_endpoint, args.s3_region))  # fmt: skip
 
 
 def cmd_generate(args) -> int:
@@ -113,7 +119,9 @@ def _one(args) -> int:
     from pipeline.graph import StageGraph
 
     out = os.path.abspath(args.out)
-    if os.path.exists(out):
+    if args.overwrite:
+        raise SetupError("--overwrite is for --prompts jobs: a single image's OUT is never overwritten")
+    if os.path.exists(out) or os.path.islink(out):
         raise SetupError(f"{args.out} exists: pidray never overwrites a file; choose another name")
     ext = os.path.splitext(out)[1].lower().lstrip(".")
     if ext:

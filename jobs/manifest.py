@@ -77,7 +77,7 @@ def write_manifest(dst, rows: list[dict]) -> str:
     """Write the manifest at DST; when DST cannot take it, write it to the current folder. Returns where it went."""
     data = manifest_bytes(rows)
     try:
-        dst.write(MANIFEST_NAME, data)
+        dst.write(MANIFEST_NAME, data, overwrite=True)  # the job holds DST's lease: the manifest is its own
         return f"{dst.uri.rstrip('/')}/{MANIFEST_NAME}"
     except Exception:
         fallback = os.path.abspath(f"_pidray_manifest-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.parquet")

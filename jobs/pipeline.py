@@ -46,6 +46,7 @@ class JobConfig:
     include_hidden: bool = False  # process files whose path has a segment starting with '.'
     captions: dict[str, str] = field(default_factory=dict)  # key -> caption (from a manifest CSV/JSONL)
     resume: bool = False
+    overwrite: bool = False  # replace outputs already in DST -- only those DST's manifest records as pidray's own
     dry_run: bool = False
     local: bool | None = None  # True: the in-process loop; False: Ray Data; None: the loop for small jobs, no cluster
     verbose: bool = False  # let Ray's own start-up and worker messages through to the terminal
@@ -209,6 +210,9 @@ def preflight(cfg: JobConfig) -> None:
     from pipeline.stages.encode import plan_for
     from pipeline.weights import WeightsNotFound, resolve
 
+    if cfg.overwrite and cfg.resume:
+        raise SetupError("--overwrite and --resume contradict each other: --resume keeps the outputs already in DST, "
+                         "--overwrite replaces them; choose one")  # fmt: skip
     preset = get_preset(cfg.model.preset)
     decode = cfg.workflow == "decode"
     if cfg.workflow in ("generate", "ldm"):

@@ -7,7 +7,10 @@ The rules that keep user data safe live here:
 - no output may be an input: an input whose output could overwrite any listed input fails instead;
 - outputs are unique: inputs that would share a name (a.png, a.gif, a.bmp -> a.png) keep their source extension in
   the name (a.gif.png, a.bmp.png), and a leftover clash gets a counter; decided from the listing alone, so a
-  resumed run names every output the same way.
+  resumed run names every output the same way;
+- no output replaces a file already in DST: from one listing of DST, an input whose output name is taken fails with
+  the reason (--resume keeps the file as its output instead); --overwrite replaces only files that DST's pidray
+  manifest records as outputs of a pidray job, and the write itself refuses a file that appears after planning.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from jobs.manifest import Previous, manifest_row, read_previous
+from jobs.manifest import MANIFEST_NAME, Previous, manifest_row, read_previous
 from pipeline.errors import BadParameter, SetupError, TooLarge
 from pipeline.imageio import EXTENSIONS, FORMATS, probe
 from pipeline.latents import LATENT_EXTENSIONS, header_ids, is_latent_key, npz_ids, st_header_bytes
@@ -180,11 +183,12 @@ def plan_job(cfg) -> Plan:
     if not listed:
         looked = ", ".join(LATENT_EXTENSIONS) if decode else ", ".join(sorted(set(FORMATS)))
         raise SetupError(f"no {'latent files' if decode else 'images'} found under {cfg.src} (looked for {looked})")
-    if cfg.resume or cfg.in_place:
-        plan.previous = read_previous(dst)
+    existing = _existing_outputs(cfg, dst)
+    if cfg.resume or cfg.in_place or cfg.overwrite or MANIFEST_NAME in existing:
+        plan.previous = read_previous(dst)  # kept and added to: the record of what pidray wrote in DST
     in_place_outputs = set()
     if cfg.in_place:  # earlier outputs sit beside the inputs: they are not inputs -- when a manifest says so
-        written = {r["output_key"] for r in plan.previous.rows.values() if r["status"] != "failed"}
+        written = recorded_outputs(plan.previous)
         in_place_outputs = {e.key for e in listed if PurePosixPath(e.key).stem.endswith(cfg.suffix)
                             and display(e.key) in written}  # fmt: skip
     candidates = [e for e in listed if not e.skip and e.key not in in_place_outputs]
@@ -205,7 +209,7 @@ def plan_job(cfg) -> Plan:
         ]
     names = {k: (_batch_name(e.key, i) if i else e.key) for e, k, i in inputs}
     stems = output_stems(sorted(((k, n) for k, n in names.items()), key=lambda kn: (kn[1], kn[0])), cfg.suffix)
-    existing, previous = _existing_outputs(cfg, dst), plan.previous.rows
+    previous, recorded = plan.previous.rows, recorded_outputs(plan.previous)
     unknown = []  # (row, input key, output key) of outputs found by --resume whose sizes are not on record
     for e, key, latent_id in inputs:
         seed = file_seed(cfg.options.seed, key)
@@ -226,7 +230,14 @@ def plan_job(cfg) -> Plan:
         if reason:
             plan.rejected.append(_row(e, "failed", cfg, key=key, error=f"plan: {reason[1]}", error_kind=reason[0]))
             continue
-        hit = next((c for c in output_candidates(stem, cfg.options.format) if c in existing), None)
+        hits = [c for c in output_candidates(stem, cfg.options.format) if c in existing]
+        hit = hits[0] if hits and cfg.resume else None
+        if hits and not cfg.resume:
+            taken = _taken(hits, recorded, cfg)
+            if taken is not None:
+                plan.rejected.append(_exists_row(_row(e, "failed", cfg, key=key, seed=seed), taken, recorded))
+                continue
+            row["replace"] = hits  # --overwrite: each of these is an output a pidray job wrote
         if hit:
             prev = previous.get(key)
             base = prev if prev and prev.get("status") == "ok" else _row(e, "skipped", cfg, key=key, seed=row["seed"])
@@ -254,13 +265,48 @@ def _refusal(e: Entry, stem: str, cfg, dst: Location, protected: set[str]) -> tu
 
 
 def _existing_outputs(cfg, dst: Location) -> set[str]:
-    """--resume: every key at DST (an output found there is trusted: writes are atomic)."""
-    if not cfg.resume:
-        return set()
+    """Every key at DST, from one listing: --resume trusts an output found there (writes are atomic); otherwise an
+    output name that is taken is refused, or (--overwrite) replaced when it is pidray's own."""
     try:
         return {e.key for e in dst.list(images_only=False)}
     except SetupError:  # DST does not exist yet: nothing done
         return set()
+
+
+def recorded_outputs(previous: Previous) -> set[str]:
+    """The output keys (printable form) that DST's manifest records as written by a pidray job."""
+    return {r["output_key"] for r in previous.rows.values() if r.get("output_key")}
+
+
+def _taken(hits: list[str], recorded: set[str], cfg) -> tuple[str, str] | None:
+    """(the existing output name, why the input fails) when files at its output names may not be replaced; None
+    when --overwrite may replace them all (each one recorded by DST's manifest as a pidray output)."""
+    theirs = [h for h in hits if display(h) not in recorded]
+    name = display((theirs or hits)[0])
+    if not theirs and cfg.overwrite:
+        return None
+    if not theirs:
+        return name, (f"its output {name!r} already exists in DST (an earlier pidray job wrote it, as DST's manifest "
+                      "records): --resume keeps it, --overwrite replaces it")  # fmt: skip
+    if cfg.overwrite:
+        return name, (
+            f"its output {name!r} already exists in DST and DST's pidray manifest does not record it as a "
+            "pidray output, so --overwrite does not replace it (it replaces only pidray's own outputs): "
+            "--resume keeps it as this input's output; or move it away, or choose another DST or --suffix"
+        )
+    return name, (f"its output {name!r} already exists in DST (not written by pidray, as far as DST's manifest "
+                  "shows): it is kept; --resume keeps it as this input's output, or move it away, or choose another "
+                  "DST or --suffix (--overwrite replaces only outputs a pidray job wrote)")  # fmt: skip
+
+
+def _exists_row(row: dict, taken: tuple[str, str], recorded: set[str]) -> dict:
+    """The manifest row of an input refused because its output name is taken. When the file there is pidray's own
+    output, the row still names it, so the manifest keeps recording it as one (a later --overwrite may replace it)."""
+    name, reason = taken
+    row = {**row, "error": f"plan: {reason}", "error_kind": "bad_input"}
+    if name in recorded:
+        row["output_key"] = name
+    return row
 
 
 def _fill_sizes(items: list[tuple[dict, str, str]], src: Location, dst: Location) -> None:
@@ -440,9 +486,10 @@ def _plan_prompts(cfg) -> Plan:
     names = {n: _prompt_name(n, item) for n, item in entries if isinstance(item, dict)}
     stems = output_stems([(n, f"{v}.prompt") for n, v in names.items()], cfg.suffix)  # in line order: pet, pet~2
     protected = {src.identity(single.key)}  # the prompt file itself, when DST is its folder
-    if cfg.resume:
+    existing = _existing_outputs(cfg, dst)
+    if cfg.resume or cfg.overwrite or MANIFEST_NAME in existing:
         plan.previous = read_previous(dst)
-    existing, previous = _existing_outputs(cfg, dst), plan.previous.rows
+    previous, recorded = plan.previous.rows, recorded_outputs(plan.previous)
     for n, item in entries:
         key = f"{single.key}:{n}"
         if isinstance(item, str):
@@ -471,7 +518,15 @@ def _plan_prompts(cfg) -> Plan:
             continue
         row = {"key": key, "prompt": prompt, "gen": gen, "seed": gen["seed"], "output_stem": stem, "in_bytes": 0}
         row["opts"] = resolve(cfg.options, {"seed": gen["seed"]})
-        hit = next((c for c in output_candidates(stem, cfg.options.format) if c in existing), None)
+        hits = [c for c in output_candidates(stem, cfg.options.format) if c in existing]
+        hit = hits[0] if hits and cfg.resume else None
+        if hits and not cfg.resume:
+            taken = _taken(hits, recorded, cfg)
+            if taken is not None:
+                failed = manifest_row({"key": key, "status": "failed", "seed": gen["seed"]}, cfg.model.preset)
+                plan.rejected.append(_exists_row(failed, (taken[0], f"line {n}: {taken[1]}"), recorded))
+                continue
+            row["replace"] = hits
         if hit:
             prev = previous.get(key)
             done = prev if prev and prev.get("status") == "ok" else manifest_row({**row, "status": "skipped"},

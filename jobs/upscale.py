@@ -178,6 +178,11 @@ def _job_arguments(p, default_preset: str) -> None:
     run.add_argument("--ray", dest="local", action="store_const", const=False, help="Ray Data, whatever the size")
     j.add_argument("--verbose", action="store_true", help="let Ray's own messages through")
     j.add_argument("--resume", action="store_true", help="skip inputs whose output is already complete")
+    j.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace outputs already in DST, only those DST's manifest records as written by pidray",
+    )
     j.add_argument("--dry-run", action="store_true", help="list what would be done")
     j.add_argument("--in-place", action="store_true", help="DST is SRC: write beside the inputs (needs --suffix)")
     j.add_argument("--follow-symlinks", action="store_true", help="follow symbolic links in SRC (default: skip them)")
@@ -215,7 +220,7 @@ def config_from_args(args) -> JobConfig:
         s3=S3Settings(args.s3_endpoint, args.s3_region, args.s3_profile, args.s3_retry_mode),
         suffix=args.suffix, in_place=args.in_place, follow_symlinks=args.follow_symlinks,
         include_hidden=args.include_hidden, captions=read_captions(args.captions) if args.captions else {},
-        resume=args.resume, dry_run=args.dry_run, local=args.local,
+        resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run, local=args.local,
         concurrency={k: v for k, v in (("encode", args.encode_actors), ("diffuse", args.diffuse_actors)) if v},
         progress=not args.no_progress, verbose=args.verbose, workflow=getattr(args, "workflow", "upscale"),
         latent_format=getattr(args, "latent_format", None), out_size=getattr(args, "size", None),

@@ -25,6 +25,15 @@ class TooLarge(BadInput):
     kind = "too_large"
 
 
+class OutputExists(BadInput):
+    """A file is already at an output's name in DST and the job may not replace it (pidray never overwrites a file
+    it did not write): found at planning, or appeared before the write."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 class BadParameter(PidrayError, ValueError):
     """A parameter or option out of range or of the wrong type."""
 

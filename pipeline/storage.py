@@ -6,8 +6,11 @@ Safety rules, enforced here and relied on by the planner:
   symlinks, so nothing is ever written outside DST;
 - listings skip symbolic links unless asked to follow them, report hidden files instead of dropping them silently,
   and leave out DST when it lies inside SRC;
-- writes are atomic for readers: local files go to a temporary name and are renamed; S3 objects are one PUT (boto3's
-  managed upload completes a multipart upload only once every part is in).
+- writes are atomic for readers: local files go to a temporary name and are linked/renamed into place; S3 objects
+  are one PUT, or a multipart upload completed only once every part is in;
+- writes never replace an existing file unless asked (`overwrite=True`): locally the temporary is hard-linked to
+  the final name (which fails when the name exists), on S3 the PUT or the multipart completion carries
+  If-None-Match: * — so a file that appears between planning and writing is never clobbered.
 Clients are built lazily inside each worker from plain settings, so a `Location` pickles cheaply.
 """
 
@@ -22,12 +25,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import BadInput, SetupError, TooLarge
+from pipeline.errors import BadInput, OutputExists, SetupError, TooLarge
 
 MAX_INPUT_BYTES = 1 << 30  # a file larger than this is refused before it is read (no input we take is that big)
 BUCKET_NAME = re.compile(r"[a-zA-Z0-9._-]{1,255}")  # what S3 clients accept (AWS itself: 3-63 of [a-z0-9.-])
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 RESERVED_PREFIX = "_pidray"  # the manifest and probe objects at DST
+PART_BYTES = 8 << 20  # S3: an object above this goes up as a multipart upload, in parts of this size
 
 
 def display(key: str) -> str:
@@ -376,13 +380,14 @@ class Location:
             raise BadInput(f"refusing to write {display(key)!r}: it would land outside DST ({parent})")
         return path
 
-    def write(self, key: str, data: bytes) -> None:
+    def write(self, key: str, data: bytes, overwrite: bool = False) -> None:
+        """Write `key` whole. Unless `overwrite`, an existing file or object at `key` is never replaced: OutputExists
+        instead (checked by the storage itself at the moment the file lands, not by an earlier look)."""
         if self.is_s3:
             problem = key_problem(key, s3=True)
             if problem:
                 raise BadInput(problem)
-            bucket, _ = self.bucket_prefix
-            self.client.upload_fileobj(io.BytesIO(data), bucket, self._s3_key(key))
+            self._put_s3(key, data, overwrite)
             return
         path = self._local_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -392,9 +397,46 @@ class Location:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
-            os.replace(tmp, path)  # replaces a link at `path` itself, never what it points to
+            if overwrite:
+                os.replace(tmp, path)  # replaces a link at `path` itself, never what it points to
+                return
+            try:
+                os.link(tmp, path)  # atomic, and fails if anything (a file, a link) is at `path`
+            except FileExistsError:
+                raise OutputExists(key, _exists_message(key)) from None
+            os.unlink(tmp)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _put_s3(self, key: str, data: bytes, overwrite: bool) -> None:
+        """One PUT, or a multipart upload for a large object; unless `overwrite`, with If-None-Match: * on the PUT
+        or on the completion, so S3 itself refuses when the key exists."""
+        bucket, _ = self.bucket_prefix
+        full = self._s3_key(key)
+        cond = {} if overwrite else {"IfNoneMatch": "*"}
+        try:
+            if len(data) <= PART_BYTES:
+                self.client.put_object(Bucket=bucket, Key=full, Body=data, **cond)
+                return
+            upload = self.client.create_multipart_upload(Bucket=bucket, Key=full)["UploadId"]
+            try:
+                parts = []
+                for n, start in enumerate(range(0, len(data), PART_BYTES), 1):
+                    got = self.client.upload_part(Bucket=bucket, Key=full, UploadId=upload, PartNumber=n,
+                                                  Body=data[start : start + PART_BYTES])  # fmt: skip
+                    parts.append({"PartNumber": n, "ETag": got["ETag"]})
+                self.client.complete_multipart_upload(Bucket=bucket, Key=full, UploadId=upload,
+                                                      MultipartUpload={"Parts": parts}, **cond)  # fmt: skip
+            except BaseException:
+                try:
+                    self.client.abort_multipart_upload(Bucket=bucket, Key=full, UploadId=upload)
+                except Exception:  # the upload expires by the bucket's lifecycle rules, if any
+                    pass
+                raise
+        except self.client.exceptions.ClientError as e:
+            if not overwrite and _precondition_failed(e):
+                raise OutputExists(key, _exists_message(key)) from None
             raise
 
     def size(self, key: str) -> int:
@@ -490,7 +532,7 @@ class Location:
                     raise FileExistsError(key) from None
                 raise
             return got["ETag"]
-        self.write(key, data)
+        self.write(key, data, overwrite=True)
         return ""
 
     def delete(self, key: str) -> None:
@@ -504,6 +546,13 @@ class Location:
 def temp_prefix(tag: str) -> str:
     """The name every temporary file of job `tag` starts with."""
     return f".pidray-{tag}-" if tag else ".pidray-"
+
+
+def _exists_message(key: str) -> str:
+    return (
+        f"{display(key)!r} appeared in DST after the job was planned (another job, or a person, wrote it): it "
+        "is kept, not replaced"
+    )
 
 
 def _precondition_failed(e) -> bool:

@@ -102,8 +102,11 @@ def test_f1_local_writes_are_proven_inside_dst(tmp_path):
     (dst / "linked").symlink_to(outside)  # a folder inside DST that points elsewhere
     with pytest.raises(BadInput, match="outside DST"):
         loc.write("linked/x.png", b"data")
-    (dst / "out.png").symlink_to(outside / "target.png")  # an output name that is a link: replaced, not followed
-    loc.write("out.png", b"new")
+    (dst / "out.png").symlink_to(outside / "target.png")  # an output name that is a link: never followed; kept,
+    with pytest.raises(BadInput, match="appeared in DST"):  # as any file already there,
+        loc.write("out.png", b"new")
+    assert (dst / "out.png").is_symlink() and not (outside / "target.png").exists()
+    loc.write("out.png", b"new", overwrite=True)  # and replaced itself where overwriting is allowed
     assert not (outside / "target.png").exists() and (dst / "out.png").read_bytes() == b"new"
     assert list(outside.iterdir()) == []
 
@@ -126,7 +129,7 @@ def test_f2_dst_equal_to_src_is_refused_and_in_place_never_overwrites(bicubic_we
     after = _files(d)
     assert all(after[k] == v for k, v in before.items()), "an input was overwritten"
     assert {"a_x4.png", "sub/b_x4.jpg"} <= set(after)
-    _cli(*args, check_rc=0)  # again: the earlier outputs are not taken as inputs
+    _cli(*args, "--overwrite", check_rc=0)  # again: the earlier outputs are not taken as inputs (and are replaced)
     assert "_x4_x4" not in " ".join(_files(d))
     rows = _rows(d)
     assert rows["a_x4.png"]["status"] == "skipped" and "earlier in-place run" in rows["a_x4.png"]["error"]
@@ -151,8 +154,8 @@ def test_f3_dst_inside_src_is_never_read_back(bicubic_weights, tmp_path):
     src = tmp_path / "photos"
     for i in range(3):
         _save(src / f"p{i}.png", color=(i * 60, 20, 20))
-    for _ in range(2):
-        summary = run_job(_job(src, src / "upscaled", bicubic_weights))
+    for again in (False, True):
+        summary = run_job(_job(src, src / "upscaled", bicubic_weights, overwrite=again))
         assert summary.ok == 3 and summary.failed == 0
     assert not (src / "upscaled" / "upscaled").exists()
     assert set(_rows(src / "upscaled")) == {"p0.png", "p1.png", "p2.png"}
@@ -166,8 +169,8 @@ def test_f3_s3_dst_prefix_inside_src_prefix_is_left_out(s3_server, bicubic_weigh
     s3.create_bucket(Bucket="nested")
     s3.put_object(Bucket="nested", Key="raw/a.png", Body=png_bytes(Image.new("RGB", (8, 8))))
     settings = S3Settings(endpoint_url=s3_server, region="us-east-1")
-    for _ in range(2):
-        summary = run_job(_job("s3://nested/raw", "s3://nested/raw/4k", bicubic_weights, s3=settings))
+    for again in (False, True):
+        summary = run_job(_job("s3://nested/raw", "s3://nested/raw/4k", bicubic_weights, s3=settings, overwrite=again))
         assert summary.ok == 1
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="nested")["Contents"]}
     assert keys == {"raw/a.png", "raw/4k/a.png", f"raw/4k/{MANIFEST_NAME}"}
@@ -476,7 +479,7 @@ def test_a_stale_lease_is_taken_over_and_only_its_own_temporaries_removed(bicubi
     assert not (dst / ".pidray-deadjob-x1.part").exists() and (dst / ".pidray-livejob-x2.part").exists()
     assert not (dst / ".pidray-lock").exists()
     _lease_file(dst, owner="farjob", host="another-host", pid=1, expires=time.time() - 5)  # expired
-    assert run_job(_job(src, dst, bicubic_weights)).ok == 1
+    assert run_job(_job(src, dst, bicubic_weights, overwrite=True)).ok == 1
     assert (dst / ".pidray-livejob-x2.part").exists()
     _lease_file(dst, owner="livejob", pid=os.getpid())  # alive, not expired: refused, DST untouched
     before = _files(dst)

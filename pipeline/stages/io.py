@@ -33,7 +33,9 @@ class ReadStage:
 
 
 class WriteStage:
-    """row["output"] -> DST at the row's planned stem (made unique and safe by the plan) + the format's extension."""
+    """row["output"] -> DST at the row's planned stem (made unique and safe by the plan) + the format's extension.
+    An existing file there is never replaced (OutputExists: the row fails), unless the plan allowed it for that very
+    name (`replace`: outputs an earlier pidray job wrote, under --overwrite)."""
 
     def __init__(self, dst: Location):
         self.dst = dst
@@ -41,5 +43,6 @@ class WriteStage:
     def process(self, row: MergedRow) -> MergedRow:
         row = dict(row)
         row["output_key"] = row["output_stem"] + row["extension"]
-        self.dst.write(row["output_key"], row.pop("output"))
+        allowed = row["output_key"] in (row.get("replace") or ())
+        self.dst.write(row["output_key"], row.pop("output"), overwrite=allowed)
         return row

@@ -37,6 +37,7 @@ class ReadRow(Overrides, FailedRow, total=False):
     in_bytes: int
     src_version: tuple  # the version of the file read: (size, mtime_ns, inode) locally, (size, ETag) on S3
     output_stem: str  # the job's planned output name without extension
+    replace: list[str]  # output keys this row may replace (--overwrite: outputs an earlier pidray job wrote)
     notes: list[str]
     timings: dict[str, float]
     request_id: str  # Serve: who to stop when the caller goes away

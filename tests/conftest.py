@@ -216,3 +216,15 @@ def wait_healthy(url: str, seconds: float = 180) -> None:
         except requests.RequestException:
             pass
         time.sleep(1)
+
+
+def endpoint_stand_ins(d, golden_dir):
+    """The models of the endpoint tests, under `d`: a Flux-layout PiD stand-in as a preset file (so Serve's replicas
+    load it too), a tiny PixelDiT preset and a tiny Gemma. Returns (pid ModelOptions, t2i preset path, Gemma folder)."""
+    from test_encoders import build_stand_in
+
+    from pipeline.runtime import ModelOptions
+
+    build_stand_in("flux-2k", golden_dir, d / "flux")
+    t2i, gemma = make_tiny_t2i(d), make_tiny_gemma(d / "gemma")
+    return ModelOptions(str(d / "flux" / "preset.json"), weights=str(d / "flux")), t2i, gemma

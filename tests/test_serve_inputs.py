@@ -17,11 +17,8 @@ import requests
 import torch
 from PIL import Image
 from safetensors.torch import save as st_save
-from test_encoders import build_stand_in
 
-from pipeline.runtime import ModelOptions
-
-from conftest import free_port, make_tiny_gemma, make_tiny_t2i, wait_healthy
+from conftest import endpoint_stand_ins, free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -34,10 +31,7 @@ def app(tmp_path_factory, golden_dir):
 
     from serve.run import start
 
-    d = tmp_path_factory.mktemp("inputs")
-    build_stand_in("flux-2k", golden_dir, d / "flux")
-    t2i, gemma = make_tiny_t2i(d), make_tiny_gemma(d / "gemma")
-    pid = ModelOptions(str(d / "flux" / "preset.json"), weights=str(d / "flux"))
+    pid, t2i, gemma = endpoint_stand_ins(tmp_path_factory.mktemp("inputs"), golden_dir)
     here = str(Path(__file__).resolve().parent)
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
     ray.init(

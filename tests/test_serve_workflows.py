@@ -10,13 +10,12 @@ import requests
 import torch
 from PIL import Image
 from safetensors.torch import save as st_save
-from test_encoders import build_stand_in
 
 from pipeline.graph import StageGraph
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
 
-from conftest import free_port, make_tiny_gemma, make_tiny_t2i, wait_healthy
+from conftest import endpoint_stand_ins, free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -29,11 +28,7 @@ def app(tmp_path_factory, golden_dir):
 
     from serve.run import start
 
-    d = tmp_path_factory.mktemp("wf")
-    build_stand_in("flux-2k", golden_dir, d / "flux")
-    t2i = make_tiny_t2i(d)
-    gemma = make_tiny_gemma(d / "gemma")
-    pid = ModelOptions(str(d / "flux" / "preset.json"), weights=str(d / "flux"))
+    pid, t2i, gemma = endpoint_stand_ins(tmp_path_factory.mktemp("wf"), golden_dir)
     args = {"preset": pid.preset, "weights": pid.weights, "options": {"overlap": 1},
             "generate": {"preset": str(t2i), "text_encoder": str(gemma)}, "max_cost_mpx_steps": 4}  # fmt: skip
     url = start(args, port=free_port(), num_cpus=2)

@@ -314,3 +314,18 @@ def test_endpoint_serves_an_undistilled_stand_in(golden_dir, tmp_path):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.mark.parametrize("bad", [{"guidance": {"cfg_scale": "x"}}, {"guidance": {"cfg_scale": float("inf")}},
+                                 {"guidance": {"foo": 1}}, {"guidance": {"shift": True}}, {"sampler": "teacher"},
+                                 {"default_steps": 10**9}, {"guidance": {"negative_prompt": 3}}])  # fmt: skip
+def test_a_preset_file_with_bad_guidance_is_refused(bad):
+    from pipeline.model.presets import preset_from_dict
+
+    d = get_preset("flux-2kto4k-v1.5-undistilled").describe()
+    d = {**d, **bad, "guidance": {**d["guidance"], **bad.get("guidance", {})}}
+    with pytest.raises(ValueError, match="not a valid preset"):
+        preset_from_dict(d)
+    assert preset_from_dict(get_preset("flux-2kto4k-v1.5-undistilled").describe()) == get_preset(
+        "flux-2kto4k-v1.5-undistilled"
+    )

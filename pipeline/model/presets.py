@@ -68,8 +68,22 @@ class Preset:
     guidance: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        import math
+
         if self.sampler not in ("distilled", "guided"):
             raise ValueError(f"preset {self.name}: sampler must be 'distilled' or 'guided', got {self.sampler!r}")
+        steps = self.default_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 200:  # UpscaleOptions' bound
+            raise ValueError(f"preset {self.name}: default_steps must be an integer in 1..200, got {steps!r}")
+        unknown = sorted(set(self.guidance) - set(GUIDED_DEFAULTS))
+        if unknown:
+            raise ValueError(f"preset {self.name}: unknown guidance field(s) {unknown}")
+        for k, v in self.guidance.items():
+            ok = isinstance(v, str) if k == "negative_prompt" else v is None and k == "shift" or (
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0)  # fmt: skip
+            if not ok:
+                raise ValueError(f"preset {self.name}: guidance {k} must be "
+                                 f"{'text' if k == 'negative_prompt' else 'a positive number'}, got {v!r}")  # fmt: skip
 
     @property
     def global_latent(self) -> bool:

@@ -155,14 +155,11 @@ def test_files_over_the_limit_are_refused_from_their_size(tmp_path, monkeypatch)
     monkeypatch.setattr(Location, "open", lambda self, k: touched.append(k) or real_open(self, k))
     monkeypatch.setattr(Location, "read", lambda self, k, *a, **kw: touched.append(k) or real_read(self, k, *a, **kw))
 
-    from types import SimpleNamespace
+    from jobs.pipeline import JobConfig
+    from pipeline.runtime import ModelOptions
 
-    from pipeline.storage import S3Settings
-
-    cfg = SimpleNamespace(workflow="decode", src=str(src), dst=str(tmp_path / "d"), s3=S3Settings(), suffix="",
-                          follow_symlinks=False, in_place=False, include_hidden=False, resume=False, captions={},
-                          out_size=None, sigma=None, options=UpscaleOptions(),
-                          model=SimpleNamespace(preset="flux-2k"))  # fmt: skip
+    cfg = JobConfig(str(src), str(tmp_path / "d"), ModelOptions("flux-2k"), UpscaleOptions(), progress=False,
+                    workflow="decode")  # fmt: skip
     plan = plan_job(cfg)
     assert touched == []
     rejected = {r["key"]: r for r in plan.rejected}

@@ -31,7 +31,7 @@ browser() {
 case "${1:-}" in
   run)
     install
-    "$VENV/bin/pidray" upscale pipeline/assets/samples out  # Ray Data, local cluster started in-process
+    "$VENV/bin/pidray" upscale pipeline/assets/samples out --overwrite  # replaces its own earlier outputs
     ;;
   test)
     install

@@ -15,7 +15,6 @@ The rules that keep user data safe live here:
 
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from jobs.manifest import MANIFEST_NAME, Previous, manifest_row, read_previous
-from pipeline.errors import BadParameter, SetupError, TooLarge
+from pipeline.errors import BadParameter, SetupError, TooLarge, is_number
 from pipeline.imageio import EXTENSIONS, FORMATS, probe
 from pipeline.latents import LATENT_EXTENSIONS, header_ids, is_latent_key, npz_ids, st_header_bytes
 from pipeline.noise import file_seed
@@ -434,7 +433,7 @@ def _number(value, what: str, text: bool = False) -> float:
             value = float(value)
         except ValueError:
             pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_number(value):
         raise BadParameter(f"{what} must be a finite number, got {_short(value)}")
     return float(value)
 

@@ -34,6 +34,14 @@ class OutputExists(BadInput):
         self.key = key
 
 
+def is_number(value) -> bool:
+    """A finite int or float, and not a bool: what every numeric parameter, JSON field and metadata value must be
+    before its own range is checked."""
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class BadParameter(PidrayError, ValueError):
     """A parameter or option out of range or of the wrong type."""
 

@@ -35,7 +35,7 @@ class Check:
 def tolerances(meta: dict) -> dict[str, float]:
     """The fixture's `tolerance` metadata: expected tensor name (or `default`) -> max abs error. ValueError when it
     is not a JSON object of finite, non-negative numbers."""
-    import math
+    from pipeline.errors import is_number
 
     raw = meta.get("tolerance")
     if raw is None:
@@ -48,7 +48,7 @@ def tolerances(meta: dict) -> dict[str, float]:
         raise ValueError(f"`tolerance` metadata must be a JSON object, got {type(table).__name__}")
     out = {}
     for name, value in table.items():
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        ok = is_number(value) and value >= 0
         if not ok:
             raise ValueError(f"`tolerance` for {name!r} must be a finite number >= 0, got {value!r}")
         out[str(name)] = float(value)

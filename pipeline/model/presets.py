@@ -68,7 +68,7 @@ class Preset:
     guidance: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        import math
+        from pipeline.errors import is_number
 
         if self.sampler not in ("distilled", "guided"):
             raise ValueError(f"preset {self.name}: sampler must be 'distilled' or 'guided', got {self.sampler!r}")
@@ -79,8 +79,9 @@ class Preset:
         if unknown:
             raise ValueError(f"preset {self.name}: unknown guidance field(s) {unknown}")
         for k, v in self.guidance.items():
-            ok = isinstance(v, str) if k == "negative_prompt" else v is None and k == "shift" or (
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0)  # fmt: skip
+            ok = (
+                isinstance(v, str) if k == "negative_prompt" else v is None and k == "shift" or (is_number(v) and v > 0)
+            )
             if not ok:
                 raise ValueError(f"preset {self.name}: guidance {k} must be "
                                  f"{'text' if k == 'negative_prompt' else 'a positive number'}, got {v!r}")  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
-from pipeline.errors import BadParameter, kind_of
+from pipeline.errors import BadParameter, is_number, kind_of
 from pipeline.imageio import DEFAULT_MAX_PIXELS
 from pipeline.tiling import DEFAULT_MAX_OUTPUT_SIDE
 
@@ -65,13 +65,11 @@ MAX_STEPS = 200  # sampler steps a job or request may ask for (distilled presets
 
 def _number(name: str, value, lo: float, hi: float) -> float | None:
     """An optional finite number in [lo, hi] (bools and strings refused), as a float; BadParameter otherwise."""
-    import math
-
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadParameter(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
-    if not math.isfinite(value) or not lo <= value <= hi:
+    if not is_number(value) or not lo <= value <= hi:
         raise BadParameter(f"{name} must be in [{lo:g}, {hi:g}], got {value!r}")
     return float(value)
 

@@ -157,6 +157,10 @@ def _check_vae(t: dict, meta: dict, rep: FixtureReport, device=None) -> None:
         rep.checks.append(Check("expected.latent", _max_err(latent, t["expected.latent"])))
 
 
+# The sampler settings both DPM-Solver++ fixture kinds (PixelDiT, the PiD teacher) must state.
+_SOLVER = {"solver": "dpm-solver++", "method": "multistep", "skip_type": "time_uniform_flow", "model_type": "flow"}
+
+
 def _check_t2i(t: dict, meta: dict, rep: FixtureReport, device=None) -> None:
     from pipeline.model.config import PidConfig
     from pipeline.model.loading import load_network, network_tensors
@@ -171,8 +175,7 @@ def _check_t2i(t: dict, meta: dict, rep: FixtureReport, device=None) -> None:
     if "expected.sample" not in t:
         return
     s = json.loads(meta.get("sampler", "{}"))
-    wanted = {"solver": "dpm-solver++", "method": "multistep", "skip_type": "time_uniform_flow", "model_type": "flow"}
-    odd = {k: s.get(k) for k, v in wanted.items() if s.get(k) != v}
+    odd = {k: s.get(k) for k, v in _SOLVER.items() if s.get(k) != v}
     if odd or int(s.get("order", 0)) not in (1, 2) or float(meta.get("timescale", 1000.0)) != 1000.0:
         rep.checks.append(Check("expected.sample", None, f"sampler settings not supported: {odd or s}"))
         return
@@ -182,9 +185,6 @@ def _check_t2i(t: dict, meta: dict, rep: FixtureReport, device=None) -> None:
                       steps=int(s["steps"]), shift=float(s.get("flow_shift", 1.0)),
                       cfg_scale=float(s.get("cfg_scale", 1.0)), order=int(s["order"])).float().cpu()  # fmt: skip
     rep.checks.append(Check("expected.sample", _max_err(sample, t["expected.sample"])))
-
-
-_SOLVER = {"solver": "dpm-solver++", "method": "multistep", "skip_type": "time_uniform_flow", "model_type": "flow"}
 
 
 def _shift_of(s: dict, hw: tuple[int, int]) -> float:

@@ -181,14 +181,22 @@ def tile_weights(plan: TilePlan) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.stack(wy)).float(), torch.from_numpy(np.stack(wx)).float()
 
 
+def tile_origins(plan: TilePlan, device=None) -> torch.Tensor:
+    """Top-left output-pixel (y, x) of every tile, [N, 2] int64 on `device` (built once per image, not per step)."""
+    return torch.tensor([(y * plan.out_per_lat, x * plan.out_per_lat) for y, x in plan.origins()], device=device)
+
+
 def blend(tiles: torch.Tensor, plan: TilePlan, weights=None) -> torch.Tensor:
-    """Feathered accumulation of tiles [N, C, th, tw] into the canvas [C, CH, CW] (Triton on CUDA)."""
+    """Feathered accumulation of tiles [N, C, th, tw] into the canvas [C, CH, CW] (Triton on CUDA).
+
+    weights: (wy, wx) from `tile_weights`, optionally with the origins from `tile_origins` as a third element, all
+    on the tiles' device — what the sampler passes every step, so nothing is built or copied per step."""
     from pipeline.kernels import TorchOps, get_ops
 
-    wy, wx = weights if weights is not None else tile_weights(plan)
-    origins = torch.tensor([(y * plan.out_per_lat, x * plan.out_per_lat) for y, x in plan.origins()])
+    wy, wx, *rest = weights if weights is not None else tile_weights(plan)
+    origins = rest[0] if rest else tile_origins(plan, tiles.device)
     ops = get_ops(device=tiles.device) if tiles.is_cuda else TorchOps()  # by the tensor's device, never a global
-    return ops.tile_blend(tiles, wy.to(tiles.device), wx.to(tiles.device), origins, plan.canvas_hw)
+    return ops.tile_blend(tiles, wy.to(tiles.device), wx.to(tiles.device), origins.to(tiles.device), plan.canvas_hw)
 
 
 def crop_tiles(canvas: torch.Tensor, plan: TilePlan) -> torch.Tensor:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.noise import CellNoise, TileNoise, file_seed
+from pipeline.noise import CanvasNoise, TileNoise, file_seed
 from pipeline.tiling import blend, crop_tiles, plan_tiles, tile_weights
 
 
@@ -52,8 +52,8 @@ def test_blend_is_a_partition_of_unity():
     assert wy.shape == (plan.n_tiles, plan.tile_out[0]) and float(wy.min()) > 0 and float(wx.min()) > 0
 
 
-def test_cell_noise_is_keyed_to_global_coordinates():
-    cells = CellNoise(seed=5, channels=3)
+def test_canvas_noise_is_keyed_to_global_coordinates():
+    cells = CanvasNoise(seed=5, channels=3)
     whole = cells.region(1, 0, 0, 200, 150)
     part = cells.region(1, 70, 33, 90, 100)
     assert torch.equal(whole[:, 70:160, 33:133], part)

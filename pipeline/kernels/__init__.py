@@ -1,28 +1,47 @@
 """The seam between the PiD network and its memory-bound element-wise chains.
 
-The network calls these through an `Ops` object handed to its constructor, so the fused Triton
-backend replaces the torch reference without touching model code. `get_ops("auto")` picks Triton
-on CUDA when it is importable and the reference otherwise; `PIDRAY_KERNELS=torch|triton` forces one.
-Each kernel lives in `pipeline/kernels/<op>.py` with its host wrapper; `reference.py` holds the
-torch versions; `tests/kernels/test_<op>.py` compares them (on the CPU with TRITON_INTERPRET=1).
+The network calls these through an `Ops` object handed to its constructor, so the fused Triton backend replaces
+the torch reference without touching model code. `get_ops("auto")` picks Triton on CUDA when it is importable and
+the reference otherwise; `PIDRAY_KERNELS=torch|triton` forces one.
+
+One op per file, `pipeline/kernels/<op>.py`: its torch reference, its Triton kernel and host wrapper, and an `Op`
+record; `OPS` below is the one list that the backends, the AOT compile check (`aot.py`), the doctor and the tests
+iterate. A new kernel: its file, one line here, and `tests/kernels/test_<op>.py` comparing it with its reference.
 """
 
 from __future__ import annotations
 
 import os
 
-from pipeline.kernels.reference import TorchOps
+from pipeline.kernels import gated_residual, pit_mlp, qk_norm_rope, rms_norm_modulate, tile_blend
+from pipeline.kernels._common import HAVE_TRITON, Op
 
-Ops = TorchOps
+OPS: tuple[Op, ...] = (rms_norm_modulate.OP, gated_residual.OP, qk_norm_rope.OP, pit_mlp.OP, tile_blend.OP)
 BACKENDS = ("auto", "torch", "triton")
 
 
+def _backend(name: str, table: str) -> type:
+    methods = {m: staticmethod(f) for op in OPS for m, f in op.reference.items()}
+    if table == "fused":
+        methods.update({m: staticmethod(f) for op in OPS for m, f in op.fused.items()})
+    return type(f"{name.title()}Ops", (), {"name": name, **methods, "__doc__": f"The {name} backend of `Ops`."})
+
+
+TorchOps = _backend("torch", "reference")  # every method is the reference its fused twin is tested against
+TritonOps = _backend("triton", "fused")  # the fused kernels (launched only where triton is installed)
+Ops = TorchOps
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return HAVE_TRITON
+
+
+def tune_keys(name: str, *args, **kwargs) -> tuple | None:
+    """The autotune key a fused launch of Ops method `name` would use for these arguments (None: not autotuned)."""
+    for op in OPS:
+        if name in op.key:
+            return op.key[name](*args, **kwargs)
+    return None
 
 
 def get_ops(backend: str | None = None, device=None):
@@ -40,9 +59,7 @@ def get_ops(backend: str | None = None, device=None):
             return TorchOps()
     if not triton_available():
         raise ValueError("kernel backend 'triton' requested but triton is not installed")
-    from pipeline.kernels.triton_ops import TritonOps
-
     return TritonOps()
 
 
-__all__ = ["Ops", "TorchOps", "get_ops", "triton_available"]
+__all__ = ["OPS", "Ops", "TorchOps", "TritonOps", "get_ops", "triton_available", "tune_keys"]

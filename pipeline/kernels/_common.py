@@ -1,13 +1,52 @@
-"""Shared host-side helpers for the Triton kernels: launch configs, broadcast-row mapping."""
+"""Shared pieces of the ops: the `Op` record each op file ends with, launch configs, autotune keys, row mapping.
+
+Importable without triton (the CPU install has none): the op files define their kernels only when it is present.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
-import triton
 
+try:
+    import triton
+except ImportError:  # the torch references still work
+    triton = None
+
+HAVE_TRITON = triton is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op: its `Ops` methods as torch references and (where triton is present) as fused kernels.
+
+    key: the autotune key the launch would use, from the method's arguments (no launch, any device) — the same
+    tuple the kernel's `triton.autotune(key=...)` sees, plus the tensors' dtypes as Triton adds them.
+    kernel/candidates/aot_cases: what `pipeline.kernels.aot` compiles ahead of time (kernel name, constexprs, row
+    elements). cases(cfg, H, W, device, dtype): (label, fused, reference) closures at the network's shapes.
+    """
+
+    name: str
+    reference: dict[str, Callable]
+    fused: dict[str, Callable] = field(default_factory=dict)
+    key: dict[str, Callable] = field(default_factory=dict)
+    kernel: str | None = None
+    candidates: tuple | None = None
+    aot_cases: Callable | None = None
+    cases: Callable | None = None
+
+
+ROW_BUCKETS = (64, 4096, 1 << 18)  # rows per launch: < 64, < 4096, < 262144, more (patch tokens of any 2K tile
+# batch of 1–4 fall in one bucket, pixel rows in the last)
+
+
+def row_bucket(n_rows: int) -> int:
+    """The coarse row-count bucket the row kernels key their autotuning on (the row width is the other key)."""
+    return sum(n_rows >= b for b in ROW_BUCKETS)
 
 
 MAX_ELEMS_PER_THREAD = 16  # above this sm_90 may spill (pipeline.kernels.aot: 64 spilled on triton 3.9; 32 spilled
@@ -15,7 +54,7 @@ MAX_ELEMS_PER_THREAD = 16  # above this sm_90 may spill (pipeline.kernels.aot: 6
 MAX_CONFIGS = 4  # configs tried per autotune key: each one is a compile on a replica's first request
 
 
-def configs(block_rows: list[int], warps: list[int]) -> list[triton.Config]:
+def configs(block_rows: list[int], warps: list[int]) -> list:
     """Autotune candidates; one config under the CPU interpreter (tests), where tuning only costs time.
 
     Which candidates a launch may try depends on the row width: `prune(row_elems)` keeps at most MAX_CONFIGS of
@@ -28,15 +67,15 @@ def configs(block_rows: list[int], warps: list[int]) -> list[triton.Config]:
     return all_configs(block_rows, warps)
 
 
-def all_configs(block_rows: list[int], warps: list[int]) -> list[triton.Config]:
+def all_configs(block_rows: list[int], warps: list[int]) -> list:
     return [triton.Config({"BLOCK_R": r}, num_warps=w) for r in block_rows for w in warps]
 
 
-def elems_per_thread(cfg: triton.Config, row_elems: int) -> float:
+def elems_per_thread(cfg, row_elems: int) -> float:
     return cfg.kwargs["BLOCK_R"] * row_elems / (cfg.num_warps * 32)
 
 
-def tuning_space(candidates: list[triton.Config], row_elems: int) -> list[triton.Config]:
+def tuning_space(candidates: list, row_elems: int) -> list:
     """The configs a launch with rows of `row_elems` elements may try: none over MAX_ELEMS_PER_THREAD, the ones
     with the most work per thread first (fewest programs), at most MAX_CONFIGS; the lightest one if none fits."""
     fit = [c for c in candidates if elems_per_thread(c, row_elems) <= MAX_ELEMS_PER_THREAD]

@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pipeline.kernels import gated_residual, pit_mlp, qk_norm_rope, rms_norm_modulate
+from pipeline.kernels import OPS
 from pipeline.kernels._common import all_configs, tuning_space
 
 FLOAT_ARGS = {"eps"}
@@ -29,14 +29,11 @@ FP32_POINTERS = {"COS", "SIN"}
 
 
 def _cases():
-    """(name, module kernel, constexprs, row elements) at the widths the flux-2k and small networks use."""
-    p2 = triton.next_power_of_2
-    for d in (1536, 128, 16):  # patch tokens (flux-2k), patch tokens (small), pixel rows
-        yield "rms_norm_modulate", rms_norm_modulate, {"HAS_MOD": True, "BLOCK_D": p2(d)}, p2(d)
-        yield "gated_residual", gated_residual, {"BLOCK_D": p2(d)}, p2(d)
-    yield "pit_mlp", pit_mlp, {"BLOCK_C": 16, "BLOCK_H": 64, "IEEE": False}, 16 + 64
-    for hd in (128, 64):  # head dims
-        yield "qk_norm_rope", qk_norm_rope, {"BLOCK_P": p2(hd // 2)}, 2 * p2(hd // 2)
+    """(op, constexprs, row elements) for every autotuned op of `OPS`, at the widths the released networks use."""
+    for op in OPS:
+        if op.aot_cases is not None:
+            for constexprs, row_elems in op.aot_cases(triton.next_power_of_2):
+                yield op, constexprs, row_elems
 
 
 def _signature(fn, constexprs: dict) -> dict:
@@ -71,10 +68,10 @@ def _spills(ptx: str, arch: int) -> int:
 def compile_all(arch: int = 90, budget_s: float = 60.0) -> list[dict]:
     target = GPUTarget("cuda", arch, 32)
     results = []
-    for name, module, constexprs, row_elems in _cases():
-        kernel = getattr(module, f"_{name}_kernel")
-        fn = kernel.fn
-        space = tuning_space(all_configs(*module.CANDIDATES), row_elems)
+    for op, constexprs, row_elems in _cases():
+        name = op.name
+        fn = getattr(sys.modules[op.reference[next(iter(op.reference))].__module__], op.kernel).fn
+        space = tuning_space(all_configs(*op.candidates), row_elems)
         for cfg in space:
             t0 = time.time()
             src = ASTSource(fn, _signature(fn, constexprs), constexprs={**constexprs, **cfg.kwargs})

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.kernels.reference import apply_rope  # noqa: F401  (re-exported: one implementation)
+from pipeline.kernels.qk_norm_rope import apply_rope  # noqa: F401  (re-exported: one implementation)
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 

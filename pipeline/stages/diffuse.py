@@ -31,7 +31,7 @@ from pipeline.imageio import quantize
 from pipeline.memory import batch_size_for, default_budget
 from pipeline.model.guided import Guidance, guided_sample
 from pipeline.model.sampler import GeneratorNoise, degrade_latent, sample
-from pipeline.noise import CellNoise, TileNoise, mix
+from pipeline.noise import TileNoise, mix
 from pipeline.runtime import ModelOptions, load_net
 from pipeline.stages.common import (
     Cancellable,
@@ -43,7 +43,7 @@ from pipeline.stages.common import (
     sampler_steps,
 )
 from pipeline.stages.rows import DiffusedRow, EncodedRow
-from pipeline.tiling import TilePlan, blend, crop_tiles, tile_weights
+from pipeline.tiling import TilePlan, blend, crop_tiles, tile_origins, tile_weights
 
 CPU_TILES_PER_CALL = int(os.environ.get("PIDRAY_CPU_TILES_PER_CALL", "4"))
 
@@ -196,17 +196,22 @@ class DiffuseStage(Cancellable):
             vp = self.preset.latent_noise == "vp"
             if plan.n_tiles == 1:  # official: randn(latent.shape) from a generator seeded with the seed
                 eps = torch.randn(crops.shape, generator=torch.Generator().manual_seed(seed))
-            else:
-                cells = CellNoise(mix(seed, "latent"), latent.shape[0])
-                eps = torch.stack([cells.region(0, y, x, th, tw) for y, x in plan.origins()])
+            else:  # keyed to latent canvas coordinates, like the sampler's noise
+                eps = TileNoise(mix(seed, "latent"), plan.origins(), plan.tile, latent.shape[0])(0)
             crops = degrade_latent(crops, sigma, eps, variance_preserving=vp)
         return crops
 
     def _noise(self, plan: TilePlan, seed: int):
-        if plan.n_tiles == 1:  # the official order: initial noise, then one draw per re-noising
-            return GeneratorNoise((1, 3, *plan.tile_out), torch.Generator().manual_seed(seed))
+        """The image's noise source, drawing where the model runs. One tile: the official order (initial noise,
+        then one draw per re-noising) from a generator on the model's device — the CPU's is the one the golden
+        fixtures pin; the meta device (hot-path counting) has none and draws shapes only. Several tiles: noise keyed
+        to global canvas coordinates, computed on the device."""
+        dev = self.device
+        if plan.n_tiles == 1:
+            gen = None if dev.type == "meta" else torch.Generator(device=dev).manual_seed(seed)
+            return GeneratorNoise((1, 3, *plan.tile_out), gen, device=dev)
         origins = [(y * plan.out_per_lat, x * plan.out_per_lat) for y, x in plan.origins()]
-        return TileNoise(seed, origins, plan.tile_out)
+        return TileNoise(seed, origins, plan.tile_out, device=dev)
 
     def diffuse(self, latent: torch.Tensor, y: torch.Tensor, plan: TilePlan, seed: int, sigma: float,
                 steps: int | None = None, y_null: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
@@ -251,7 +256,8 @@ class DiffuseStage(Cancellable):
             noises.append(self._noise(it.plan, it.seed))
             spans.append((slice(start, start + n), it.plan))
             start += n
-        lq, ys, sig = torch.cat(lq), torch.cat(ys).to(dev, self.dtype), torch.cat(sigmas).to(dev)
+        # every input reaches the device once, before the first step
+        lq, ys, sig = torch.cat(lq).to(dev), torch.cat(ys).to(dev, self.dtype), torch.cat(sigmas).to(dev)
         ys_null = torch.cat(ys_null).to(dev, self.dtype) if ys_null else None
         N = start
         b = batch_size_for(cfg, out_hw, self.dtype, self.budget, n_tiles=N)
@@ -285,10 +291,11 @@ class DiffuseStage(Cancellable):
                 outs.append(pred.float())
             return torch.cat(outs)
 
-        def noise(draw: int) -> torch.Tensor:  # drawn on the host (reproducible generators), used on the device
-            return torch.cat([src(draw).reshape(-1, 3, *out_hw) for src in noises]).to(dev, non_blocking=True)
+        def noise(draw: int) -> torch.Tensor:  # every source draws on the device: nothing crosses per step
+            return torch.cat([src(draw).reshape(-1, 3, *out_hw) for src in noises])
 
-        weights = {k: tuple(w.to(dev) for w in tile_weights(plan)) for k, (_, plan) in enumerate(spans)}
+        weights = {k: (*(w.to(dev) for w in tile_weights(plan)), tile_origins(plan, dev))
+                   for k, (_, plan) in enumerate(spans)}  # fmt: skip
         fused = [k for k, (_, plan) in enumerate(spans) if plan.n_tiles > 1 and self.options.fusion]
         last, final = steps - 1, {}
 

@@ -55,11 +55,13 @@ print(_spills(k.asm["ptx"], 90))
 
 
 def test_tuning_space_is_small_and_fits_the_registers():
-    from pipeline.kernels import gated_residual, pit_mlp, qk_norm_rope, rms_norm_modulate
+    from pipeline.kernels import OPS
     from pipeline.kernels._common import MAX_ELEMS_PER_THREAD, all_configs, elems_per_thread, tuning_space
 
-    for module in (rms_norm_modulate, gated_residual, pit_mlp, qk_norm_rope):
+    tuned = [op for op in OPS if op.candidates]
+    assert {op.name for op in tuned} == {"rms_norm_modulate", "gated_residual", "pit_mlp", "qk_norm_rope"}
+    for op in tuned:
         for row in (16, 64, 80, 128, 2048, 8192):
-            space = tuning_space(all_configs(*module.CANDIDATES), row)
+            space = tuning_space(all_configs(*op.candidates), row)
             assert 1 <= len(space) <= 4
             assert len(space) == 1 or all(elems_per_thread(c, row) <= MAX_ELEMS_PER_THREAD for c in space)

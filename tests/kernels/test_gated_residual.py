@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from pipeline.kernels import reference
-from pipeline.kernels.gated_residual import gated_residual
+from pipeline.kernels.gated_residual import gated_residual, reference
 from tests.kernels.helpers import assert_close
 
 
@@ -12,7 +11,7 @@ def test_per_token_gate(shape, dtype):
     torch.manual_seed(0)
     x, y = torch.randn(*shape, dtype=dtype), torch.randn(*shape, dtype=dtype)
     gate = torch.randn(shape[0], 1, 6 * shape[2], dtype=dtype).chunk(6, -1)[2]
-    assert_close(gated_residual(x, gate, y), reference.gated_residual(x, gate, y), dtype)
+    assert_close(gated_residual(x, gate, y), reference(x, gate, y), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -21,4 +20,4 @@ def test_per_pixel_gate_strided_and_noncontiguous_y(dtype):
     x = torch.randn(6, 25, 3, dtype=dtype)
     gate = torch.randn(6, 25, 18, dtype=dtype).chunk(6, -1)[5]
     y = torch.randn(6, 3, 25, dtype=dtype).transpose(1, 2)  # non-contiguous
-    assert_close(gated_residual(x, gate, y), reference.gated_residual(x, gate, y), dtype)
+    assert_close(gated_residual(x, gate, y), reference(x, gate, y), dtype)

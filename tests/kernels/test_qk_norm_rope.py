@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from pipeline.kernels import reference
-from pipeline.kernels.qk_norm_rope import qk_norm_rope
+from pipeline.kernels.qk_norm_rope import qk_norm_rope, reference
 from pipeline.model.math import rope_2d
 from tests.kernels.helpers import assert_close
 
@@ -17,7 +16,7 @@ def test_qk_norm_rope_on_strided_qkv_views(B, gh, gw, H, hd, dtype):
     wq, wk = torch.randn(hd, dtype=dtype), torch.randn(hd, dtype=dtype)
     rope = rope_2d(hd, gh, gw, ntk_ref=(2, 2))
     gq, gk = qk_norm_rope(q, k, wq, wk, rope)
-    rq, rk = reference.qk_norm_rope(q, k, wq, wk, rope)
+    rq, rk = reference(q, k, wq, wk, rope)
     assert_close(gq, rq, dtype)
     assert_close(gk, rk, dtype)
 

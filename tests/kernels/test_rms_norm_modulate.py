@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from pipeline.kernels import reference
-from pipeline.kernels.rms_norm_modulate import rms_norm_modulate
+from pipeline.kernels.rms_norm_modulate import norm_modulate, rms_norm, rms_norm_modulate
 from tests.kernels.helpers import assert_close
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -17,7 +16,7 @@ def test_per_token_modulation(B, L, D, dtype):
     mod = torch.randn(B, 1, 6 * D, dtype=dtype)  # the patch block's modulation output
     shift, scale = mod.chunk(6, dim=-1)[:2]  # strided [B, 1, D] views
     got = rms_norm_modulate(x, w, shift, scale)
-    assert_close(got, reference.norm_modulate(x, w, shift, scale), dtype)
+    assert_close(got, norm_modulate(x, w, shift, scale), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -29,7 +28,7 @@ def test_per_pixel_modulation_on_strided_chunks(BL, P2, C, dtype):
     mod = torch.randn(BL, P2, 6 * C, dtype=dtype)  # PiT: [B·L, p², 6·d] -> chunks are strided
     shift, scale = mod.chunk(6, dim=-1)[3:5]
     assert not shift.is_contiguous()
-    assert_close(rms_norm_modulate(x, w, shift, scale), reference.norm_modulate(x, w, shift, scale), dtype)
+    assert_close(rms_norm_modulate(x, w, shift, scale), norm_modulate(x, w, shift, scale), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -38,7 +37,7 @@ def test_plain_rms_norm_and_noncontiguous_input(dtype):
     base = torch.randn(4, 10, 3, 2, 24, dtype=dtype)
     x = base[:, :, 1]  # non-contiguous [4, 10, 2, 24]
     w = torch.randn(24, dtype=dtype)
-    assert_close(rms_norm_modulate(x, w), reference.rms_norm(x, w), dtype)
+    assert_close(rms_norm_modulate(x, w), rms_norm(x, w), dtype)
 
 
 def test_block_limit_is_a_clear_error():

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from pipeline.kernels import reference
-from pipeline.kernels.tile_blend import tile_blend
+from pipeline.kernels.tile_blend import reference, tile_blend
 from pipeline.tiling import plan_tiles, tile_weights
 
 
@@ -15,5 +14,5 @@ def test_tile_blend_matches_reference(hw):
     wy, wx = tile_weights(plan)
     origins = torch.tensor([(y * plan.out_per_lat, x * plan.out_per_lat) for y, x in plan.origins()])
     got = tile_blend(tiles, wy, wx, origins, plan.canvas_hw)
-    ref = reference.tile_blend(tiles, wy, wx, origins, plan.canvas_hw)
+    ref = reference(tiles, wy, wx, origins, plan.canvas_hw)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

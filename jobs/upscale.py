@@ -123,6 +123,18 @@ def _job_arguments(p, default_preset: str) -> None:
     m.add_argument("--allow-download", action="store_true", help="download released weights (NVIDIA licence)")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    m.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp8"],
+        help="fp8: e4m3 matmuls with per-channel/per-token scales (H100/H200 run them at 2x bf16)",
+    )
+    m.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the network (default: on CUDA only; warmed per tile shape before work)",
+    )
     o = p.add_argument_group("upscaling")
     o.add_argument("-s", "--scale", type=float, default=None, help="output scale (default: the model's native 4x)")
     o.add_argument(
@@ -156,6 +168,9 @@ def _job_arguments(p, default_preset: str) -> None:
         help="tile overlap in latent pixels (default: the preset's, 5 for released presets, 8 for small)",
     )
     o.add_argument("--no-fusion", action="store_true", help="blend tiles only at the end")
+    o.add_argument("--tile-buckets", action="store_true",
+                   help="tile sides from three fixed sizes per model: few tile shapes (compile once each), more "
+                        "pixels diffused")  # fmt: skip
     o.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the prediction on a half-patch-shifted grid (default: the preset's; on for "
                         "small, ~2x work; RGB-conditioned models only)")  # fmt: skip
@@ -201,6 +216,7 @@ def config_from_args(args) -> JobConfig:
         scale=args.scale, steps=args.steps, seed=args.seed, caption=args.caption, degrade_sigma=args.degrade_sigma,
         sampler=args.sampler, tile=args.tile, overlap=args.overlap, fusion=not args.no_fusion, format=args.format,
         ensemble=getattr(args, "ensemble", None), cfg_scale=args.cfg_scale, shift=args.shift,
+        tile_buckets=getattr(args, "tile_buckets", False),
         quality=args.quality, max_pixels=args.max_pixels, max_output_side=args.max_output_side,
     )  # fmt: skip
     from pipeline.model.presets import get_preset
@@ -214,7 +230,16 @@ def config_from_args(args) -> JobConfig:
         from pipeline.imageio import output_format
 
         output_format(None, args.format)  # validates the name up front
-    model = ModelOptions(args.preset, args.weights, args.text_encoder, args.allow_download, args.device, args.dtype)
+    model = ModelOptions(
+        args.preset,
+        args.weights,
+        args.text_encoder,
+        args.allow_download,
+        args.device,
+        args.dtype,
+        precision=getattr(args, "precision", "auto"),
+        compile=getattr(args, "compile", None),
+    )
     return JobConfig(
         src=args.src, dst=args.dst, model=model, options=options,
         s3=S3Settings(args.s3_endpoint, args.s3_region, args.s3_profile, args.s3_retry_mode),

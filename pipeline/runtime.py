@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,15 @@ class ModelOptions:
     device: str | None = "auto"
     dtype: str | None = "auto"
     kernels: str | None = None  # "auto" (Triton on CUDA) | "torch" | "triton"; None: $PIDRAY_KERNELS or auto
+    precision: str = "auto"  # "auto": the dtype's matmuls; "fp8": e4m3 matmuls (pipeline.kernels.fp8)
+    compile: bool | None = None  # torch.compile the network; None: on CUDA only (warmed per tile bucket)
+
+
+PRECISIONS = ("auto", "fp8")
+
+
+def compiles(opts: ModelOptions, device: torch.device) -> bool:
+    return device.type == "cuda" if opts.compile is None else bool(opts.compile)
 
 
 def net_path(opts: ModelOptions) -> str:
@@ -95,7 +105,12 @@ def load_net(opts: ModelOptions) -> tuple[Preset, PidNet]:
     path = net_path(opts)
     from pipeline.kernels import get_ops
 
-    ops = get_ops(opts.kernels, device)
+    if opts.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {opts.precision!r}")
+    compiled = compiles(opts, device)
+    # compiled: the torch reference ops unless a backend is forced (inductor fuses those chains itself)
+    forced = opts.kernels or os.environ.get("PIDRAY_KERNELS")
+    ops = get_ops(forced or ("torch" if compiled else None), device)
     cfg = preset.config
     if preset.bundled and path.endswith(".safetensors"):
         # Our own small models describe themselves: an earlier version (e.g. `pidray eval-small --compare`) may have
@@ -103,7 +118,14 @@ def load_net(opts: ModelOptions) -> tuple[Preset, PidNet]:
         from pipeline.model.loading import file_config
 
         cfg = file_config(path) or cfg
-    return preset, load_checkpoint(cfg, path, device=device, dtype=dtype, ops=ops)
+    net = load_checkpoint(cfg, path, device=device, dtype=dtype, ops=ops)
+    if opts.precision == "fp8":
+        from pipeline.kernels.fp8 import quantize_fp8
+
+        quantize_fp8(net)
+    if compiled:
+        net.compile(dynamic=False)  # one graph per tile shape: DiffuseStage.warmup compiles each bucket
+    return preset, net
 
 
 def vae_dtype(device: torch.device) -> torch.dtype:

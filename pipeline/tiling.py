@@ -104,6 +104,7 @@ def plan_tiles(
     overlap: int = DEFAULT_OVERLAP,
     max_output_side: int = DEFAULT_MAX_OUTPUT_SIDE,
     tile_min_out: int | None = None,
+    buckets: bool = False,
 ) -> TilePlan:
     """Plan tiles for an input of in_hw pixels.
 
@@ -111,6 +112,10 @@ def plan_tiles(
     may be made (the envelope's minimum; default tile_out). An axis that needs several tiles gets the fewest that
     cover it, split evenly: every tile the same size, as small as covering allows (not below tile_min_out), so the
     pixels diffused stay close to the output's instead of padding the last tile out to the maximum.
+
+    buckets: tile sides come from the three of `bucket_sides` instead (so a long job sees a handful of tile shapes:
+    one compiled graph and warm-up each), each axis taking the side and count that diffuse the fewest pixels, the
+    tiles overlapping by at least `overlap`; the input is padded by reflection to what they cover.
     """
     h, w = in_hw
     if h <= 0 or w <= 0:
@@ -128,6 +133,10 @@ def plan_tiles(
         )
     ov = _round_up(overlap, m)
     lat = (-(-h // unit), -(-w // unit))
+    if buckets:
+        sides = bucket_sides(t_min * out_per_lat, t_full * out_per_lat, out_per_lat, m)
+        axes = [_bucket_axis(size, sides, ov) for size in lat]
+        return TilePlan((h, w), unit, out_per_lat, sr_scale, *(tuple(a[i] for a in axes) for i in range(3)))
     tile, stride, grid = [], [], []
     for size in lat:
         if _round_up(size, m) <= t_full:  # fits: one tile along this axis, at the image's own size
@@ -141,6 +150,28 @@ def plan_tiles(
             stride.append(t - ov)
             grid.append(n)
     return TilePlan((h, w), unit, out_per_lat, sr_scale, tuple(tile), tuple(stride), tuple(grid))
+
+
+BUCKET_PX = 256  # bucket sides are multiples of this many output pixels (and of whole patches), or the envelope's
+
+
+def bucket_sides(lo_px: int, hi_px: int, out_per_lat: int, m: int) -> list[int]:
+    """Tile sides in latent pixels for bucketed plans: the envelope's minimum and maximum, and the multiple of
+    BUCKET_PX nearest two thirds of the way between them (flux-2k: 1536, 2304, 2688 output pixels)."""
+    mid = round((lo_px + 2 * (hi_px - lo_px) / 3) / BUCKET_PX) * BUCKET_PX
+    return sorted({max(m, _round_up(v // out_per_lat, m)) for v in (lo_px, mid)} | {hi_px // out_per_lat})
+
+
+def _bucket_axis(size: int, sides: list[int], ov: int) -> tuple[int, int, int]:
+    """(tile, stride, count) along one axis of `size` latent pixels: the side and count covering it with the fewest
+    pixels (fewer tiles on a tie), overlaps of at least ov, the tiles spread evenly."""
+    options = []
+    for t in sides:
+        n = 1 if t >= size else 1 + -(-(size - t) // (t - ov))
+        options.append((n * t, n, t))
+    _, n, t = min(options)
+    stride = t if n == 1 else -(-(size - t) // (n - 1))
+    return t, stride, n
 
 
 def diffused_pixels(plan: TilePlan) -> int:

@@ -20,6 +20,7 @@ blend is the output.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -43,7 +44,7 @@ from pipeline.stages.common import (
     sampler_steps,
 )
 from pipeline.stages.rows import DiffusedRow, EncodedRow
-from pipeline.tiling import TilePlan, blend, crop_tiles, tile_origins, tile_weights
+from pipeline.tiling import TilePlan, blend, bucket_sides, crop_tiles, tile_origins, tile_weights
 
 CPU_TILES_PER_CALL = int(os.environ.get("PIDRAY_CPU_TILES_PER_CALL", "4"))
 
@@ -132,20 +133,37 @@ class DiffuseStage(Cancellable):
         return out
 
     def warmup(self, force: bool = False) -> bool:
-        """One step on a one-tile image of the envelope's size: loads kernels (Triton compiles and autotunes on a GPU)
-        before a replica reports ready or an actor takes work, so no request pays for it. On a CPU there is nothing
-        to compile and the step would only delay the first row: skipped unless `force`. True when it ran."""
+        """One step per tile shape this stage expects, before a replica reports ready or an actor takes work, so no
+        request pays for loading kernels (Triton compiles and autotunes on a GPU) or compiling the network: the
+        envelope's size, or with `tile_buckets` every bucket shape — each at one and two tiles a call when the
+        network is compiled (the second call makes the batch size dynamic, one graph for every batch). On a CPU
+        there is nothing to load and the step would only delay the first row: skipped unless `force`. True when
+        it ran."""
         if self.device.type == "cpu" and not force:
             return False
-        cfg, side = self.net.cfg, self.preset.envelope[1]
-        lat = side // (cfg.sr_scale * self.preset.lq_unit)
+        cfg = self.net.cfg
         channels = 3 if self.preset.vae == "rgb" else cfg.lq_latent_channels
-        plan = TilePlan((lat, lat), 1, side // lat, cfg.sr_scale, (lat, lat), (lat, lat), (1, 1))
         y = torch.zeros(cfg.txt_max_length, cfg.txt_embed_dim)
         g = Guidance(1, 2.0, 1.0) if self.preset.sampler == "guided" else None  # both forwards of a guided step
-        self.diffuse_many([DiffuseItem(torch.zeros(channels, lat, lat), y, plan, 0, 0.0, 1, guidance=g, y_null=y)],
-                          steps=1)  # fmt: skip
+        batches = (1, 2) if getattr(self.net, "_compiled_call_impl", None) is not None else (1,)
+        out_per_lat = cfg.sr_scale * self.preset.lq_unit
+        for th, tw in self.warm_shapes():
+            plan = TilePlan((th, tw), 1, out_per_lat, cfg.sr_scale, (th, tw), (th, tw), (1, 1))
+            for b in batches:
+                item = DiffuseItem(torch.zeros(channels, th, tw), y, plan, 0, 0.0, 1, guidance=g, y_null=y)
+                self.diffuse_many([item] * b, steps=1)
         return True
+
+    def warm_shapes(self) -> list[tuple[int, int]]:
+        """The tile shapes (latent pixels) warmup runs: every pair of bucket sides, or the envelope's square."""
+        cfg, (lo, hi) = self.net.cfg, self.preset.envelope
+        out_per_lat = cfg.sr_scale * self.preset.lq_unit
+        if self.options.tile_buckets:
+            m = cfg.patch_size // math.gcd(cfg.patch_size, out_per_lat)
+            sides = bucket_sides(lo, hi, out_per_lat, m)
+            return [(a, b) for a in sides for b in sides]
+        lat = hi // out_per_lat
+        return [(lat, lat)]
 
     def request(self, row: dict) -> DiffuseItem:
         """A row's sampler inputs; row values override the stage's options."""

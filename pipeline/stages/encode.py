@@ -26,6 +26,7 @@ def plan_for(preset, options: UpscaleOptions, in_hw) -> TilePlan:
         tile_min_out=min(options.tile or preset.envelope[1], preset.envelope[0]),
         overlap=preset.tile_overlap if options.overlap is None else options.overlap,
         max_output_side=options.max_output_side,
+        buckets=bool(options.tile_buckets),
     )
 
 

@@ -9,6 +9,8 @@ cropped back to exactly sr_scale × the input. An image that fits the envelope i
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -134,7 +136,7 @@ def plan_tiles(
     ov = _round_up(overlap, m)
     lat = (-(-h // unit), -(-w // unit))
     if buckets:
-        sides = bucket_sides(t_min * out_per_lat, t_full * out_per_lat, out_per_lat, m)
+        sides = bucket_sides(t_min * out_per_lat, t_full * out_per_lat, out_per_lat, m, unit, ov)
         axes = [_bucket_axis(size, sides, ov) for size in lat]
         return TilePlan((h, w), unit, out_per_lat, sr_scale, *(tuple(a[i] for a in axes) for i in range(3)))
     tile, stride, grid = [], [], []
@@ -152,14 +154,32 @@ def plan_tiles(
     return TilePlan((h, w), unit, out_per_lat, sr_scale, tuple(tile), tuple(stride), tuple(grid))
 
 
+MAX_BUCKET_SHAPES = 6
 BUCKET_PX = 256  # bucket sides are multiples of this many output pixels (and of whole patches), or the envelope's
+# 20 common input sizes (w, h) the buckets are chosen for: the Flux/SDXL generators' ~1 MP sizes in both orientations,
+# photo and screen sizes
+COMMON_SIZES = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+                (1536, 640), (640, 1536), (512, 512), (640, 480), (800, 600), (1024, 768), (1280, 720), (1280, 960),
+                (1920, 1080), (1080, 1350), (1080, 1920), (2048, 1536), (1000, 1500))  # fmt: skip
 
 
-def bucket_sides(lo_px: int, hi_px: int, out_per_lat: int, m: int) -> list[int]:
-    """Tile sides in latent pixels for bucketed plans: the envelope's minimum and maximum, and the multiple of
-    BUCKET_PX nearest two thirds of the way between them (flux-2k: 1536, 2304, 2688 output pixels)."""
-    mid = round((lo_px + 2 * (hi_px - lo_px) / 3) / BUCKET_PX) * BUCKET_PX
-    return sorted({max(m, _round_up(v // out_per_lat, m)) for v in (lo_px, mid)} | {hi_px // out_per_lat})
+@functools.lru_cache(maxsize=64)
+def bucket_sides(lo_px: int, hi_px: int, out_per_lat: int, m: int, unit: int, ov: int) -> tuple[int, ...]:
+    """Tile sides in latent pixels for bucketed plans: the envelope's maximum and the two multiples of BUCKET_PX
+    inside the envelope that, with it, diffuse the fewest pixels over COMMON_SIZES while giving them at most
+    MAX_BUCKET_SHAPES tile shapes (flux-2k: 1536, 2304 and 2688 output pixels; flux-2kto4k-v1.5: 2304, 2816,
+    3840)."""
+    hi = hi_px // out_per_lat // m * m
+    cands = sorted({_round_up(v // out_per_lat, m) for v in range(_round_up(lo_px, BUCKET_PX), hi_px, BUCKET_PX)})
+    cands = [c for c in cands if ov < c < hi] or [hi]
+    images = [tuple(-(-v // unit) for v in size) for size in COMMON_SIZES]
+
+    def cost(sides):  # (more than MAX_BUCKET_SHAPES shapes, pixels diffused)
+        plans = [[_bucket_axis(a, sides, ov) for a in img] for img in images]
+        shapes = {tuple(t for t, _, _ in axes) for axes in plans}
+        return len(shapes) > MAX_BUCKET_SHAPES, sum(math.prod(t * n for t, _, n in axes) for axes in plans)
+
+    return min((tuple(sorted({*pair, hi})) for pair in itertools.combinations_with_replacement(cands, 2)), key=cost)
 
 
 def _bucket_axis(size: int, sides: list[int], ov: int) -> tuple[int, int, int]:

@@ -160,7 +160,8 @@ class DiffuseStage(Cancellable):
         out_per_lat = cfg.sr_scale * self.preset.lq_unit
         if self.options.tile_buckets:
             m = cfg.patch_size // math.gcd(cfg.patch_size, out_per_lat)
-            sides = bucket_sides(lo, hi, out_per_lat, m)
+            ov = self.preset.tile_overlap if self.options.overlap is None else self.options.overlap
+            sides = bucket_sides(lo, hi, out_per_lat, m, self.preset.lq_unit, -(-ov // m) * m)
             return [(a, b) for a in sides for b in sides]
         lat = hi // out_per_lat
         return [(lat, lat)]

@@ -1,7 +1,7 @@
 """What a sampler step costs outside the network, measured without a GPU: the `hot_path` section of the report.
 
 - Per step, on the device path: host RNG draws, host-to-device copies and device-to-host syncs, counted by a torch
-  dispatch mode around the real diffuse stage (the tiny config) with its network stubbed on the meta device — the
+  function mode around the real diffuse stage (the tiny config) with its network stubbed on the meta device — the
   stand-in for an accelerator: any host tensor reaching it is a copy, any value read back a sync (and fails). The
   network's own calls are not counted; the per-step figure is (4-step run − 1-step run) / 3, for one and several
   tiles at batches 1, 2 and 4.
@@ -14,44 +14,46 @@
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 BUCKET_PRESETS = ("flux-2k", "flux-2kto4k-v1.5")
-RNG_OPS = {"randn", "rand", "randint", "randperm", "normal", "normal_", "uniform_", "bernoulli", "bernoulli_",
-           "multinomial", "exponential_", "random_", "randn_like", "rand_like"}  # fmt: skip
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "item"}
+RNG = {"randn", "rand", "randint", "randperm", "normal", "normal_", "uniform_", "bernoulli", "bernoulli_",
+       "multinomial", "exponential_", "random_", "randn_like", "rand_like"}  # fmt: skip
+MOVES = {"to", "cuda", "cpu", "copy_"}
+READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero", "equal"}
 
 
 def _dev(x) -> str | None:
     return x.device.type if isinstance(x, torch.Tensor) else None
 
 
-class HostTraffic(TorchDispatchMode):
-    """Counts host RNG draws, host→device copies and device→host reads among the aten ops run under it."""
+class HostTraffic(TorchFunctionMode):
+    """Counts host RNG draws, host→device copies and device→host reads among the torch calls made under it.
+
+    At the torch-function level (what Python code calls), so it sees `.to()` under inference mode too."""
 
     def __init__(self):
         super().__init__()
         self.paused = 0
         self.counts = {"host_rng_draws": 0, "host_to_device_copies": 0, "device_to_host_syncs": 0}
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if not self.paused and name in READS and _dev(first) not in ("cpu", None):
+            self.counts["device_to_host_syncs"] += 1  # counted first: on the meta device the read then fails
         out = func(*args, **kwargs)
         if self.paused:
             return out
-        name = func.overloadpacket.__name__
-        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        if name in RNG_OPS and _dev(out if isinstance(out, torch.Tensor) else first) == "cpu":
+        if name in RNG and _dev(out if isinstance(out, torch.Tensor) else first) == "cpu":
             self.counts["host_rng_draws"] += 1
-        elif name in ("_to_copy", "copy_", "copy"):
-            src = args[1] if name == "copy_" else args[0]
-            dst = out if isinstance(out, torch.Tensor) else args[0]
+        elif name in MOVES:
+            src, dst = (args[1], args[0]) if name == "copy_" else (first, out)
             if _dev(src) == "cpu" and _dev(dst) not in ("cpu", None):
                 self.counts["host_to_device_copies"] += 1
             elif _dev(src) not in ("cpu", None) and _dev(dst) == "cpu":
                 self.counts["device_to_host_syncs"] += 1
-        elif name in SYNC_OPS and _dev(first) not in ("cpu", None):
-            self.counts["device_to_host_syncs"] += 1
         return out
 
 
@@ -189,7 +191,10 @@ def autotune_key_sets(size: int = 2048, batches=(1, 2, 4)) -> dict:
     return {
         "autotune_key_sets": {k: len(v) for k, v in sets.items()},
         "autotune_keys_equal_across_batches": all(v == sets[str(batches[0])] for v in sets.values()),
-        "row_count_keys_before": {k: len(v) for k, v in old.items()},  # keyed on exact row counts, as they were
+        # the same launches keyed on the exact row count, as the row kernels were: new keys for every batch size
+        "row_count_keys_before": {k: len(v) for k, v in old.items()},
+        "row_count_keys_before_all_batches": len(set().union(*old.values())),
+        "autotune_keys_all_batches": len(set().union(*sets.values())),
     }
 
 

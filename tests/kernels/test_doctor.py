@@ -70,3 +70,14 @@ def test_doctor_budget_skips_and_still_reports(tmp_path):
     rep = doctor.run(args)
     assert rep["steps"]["forward"]["status"] == "skipped: time budget"
     assert json.loads((tmp_path / "doctor.json").read_text())["steps"]["forward"]["status"].startswith("skipped")
+
+
+def test_smoke_report_has_the_hot_path_section(tmp_path):
+    """`--smoke --out DIR` writes `hot_path` at the top of doctor.json with the goals met."""
+    rep = doctor.main(["--smoke", "--steps", "hot_path", "--out", str(tmp_path)])
+    assert rep == 0
+    hp = json.loads((tmp_path / "doctor.json").read_text())["hot_path"]
+    assert hp["host_rng_draws_per_step"] == hp["host_to_device_copies_per_step"] == 0
+    assert hp["device_to_host_syncs_per_step"] == 0
+    assert set(hp["autotune_key_sets"]) == {"1", "2", "4"} and len(set(hp["autotune_key_sets"].values())) == 1
+    assert all(n <= 6 for n in hp["distinct_tile_shapes"].values())

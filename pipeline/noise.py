@@ -3,7 +3,7 @@
 Tiles that overlap must see the same noise in the overlap, whichever process or device draws it, and an image must
 not depend on its tile plan or on the images batched beside it. `CanvasNoise` is counter-based: the value at
 (draw, channel, y, x) is a hash of (seed, draw, channel, y, x) turned into a normal by Box–Muller, computed with
-integer tensor ops wherever the tensors live (one vectorised pass per draw, no generator, no host round trip).
+int32 tensor ops wherever the tensors live (a few vectorised passes per draw, no generator, no host round trip).
 CPU and GPU give the same integers, so the same noise up to the last rounding of log/sqrt/cos.
 """
 
@@ -28,27 +28,55 @@ def file_seed(run_seed: int, key: str) -> int:
     return mix("pidray-file", int(run_seed), key) % (2**31)
 
 
-def hash32(x):
-    """A 32-bit integer mixer (xorshift-multiply rounds) on non-negative int64 tensors or Python ints < 2^32.
-
-    Products are masked back to 32 bits: int64 holds any product of two 32-bit values' low bits exactly mod 2^64.
-    """
-    x = x ^ (x >> 16)
+def hash32(x: int) -> int:
+    """A 32-bit integer mixer (two xorshift-multiply rounds) on Python ints < 2^32; `_hash32` is its tensor twin."""
+    x ^= x >> 16
     x = (x * 0x7FEB352D) & M32
-    x = x ^ (x >> 15)
+    x ^= x >> 15
     x = (x * 0x846CA68B) & M32
     return x ^ (x >> 16)
 
 
-def _normal(h: torch.Tensor) -> torch.Tensor:
-    """Standard normals from 32-bit hashes (two uniforms of 24 bits each, Box–Muller), float32."""
-    u1 = ((h >> 8) + 1).to(torch.float32) * 2.0**-24  # (0, 1]
-    u2 = (hash32(h ^ 0x68E31DA4) >> 8).to(torch.float32) * 2.0**-24  # [0, 1)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+def _s32(v: int) -> int:
+    """The int32 with the bits of unsigned v."""
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _lsr(h: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int32 bits (torch's >> is arithmetic)."""
+    return (h >> s) & ((1 << (32 - s)) - 1)
+
+
+def _xor_lsr_(h: torch.Tensor, s: int, tmp: torch.Tensor) -> torch.Tensor:
+    """h ^= h >>> s in place (tmp: scratch of h's shape)."""
+    torch.bitwise_right_shift(h, s, out=tmp)
+    return h.bitwise_xor_(tmp.bitwise_and_((1 << (32 - s)) - 1))
+
+
+def _hash32(h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """hash32 on int32 tensors holding 32-bit patterns: products wrap mod 2^32 on every device. In place on h when
+    `inplace` (the big per-pixel tensors: no temporaries beyond one scratch buffer)."""
+    h = h if inplace else h.clone()
+    tmp = torch.empty_like(h)
+    _xor_lsr_(h, 16, tmp).mul_(_s32(0x7FEB352D))
+    _xor_lsr_(h, 15, tmp).mul_(_s32(0x846CA68B))
+    return _xor_lsr_(h, 16, tmp)
+
+
+def _normal_pairs(h: torch.Tensor) -> torch.Tensor:
+    """Two standard normals per 32-bit hash (Box–Muller on two 24-bit uniforms): [...] int32 -> [..., 2] float32."""
+    u1 = (_lsr(h, 8) + 1).to(torch.float32).mul_(2.0**-24)  # (0, 1]
+    h = _hash32(h.bitwise_xor_(_s32(0x68E31DA4)), inplace=True)  # h is ours: reused for the angle
+    u2 = _lsr(h, 8).to(torch.float32).mul_(2.0 * math.pi * 2.0**-24)  # angle in [0, 2π)
+    r = u1.log_().mul_(-2.0).sqrt_()
+    return torch.stack([torch.cos(u2), torch.sin(u2)], dim=-1).mul_(r.unsqueeze(-1))
 
 
 class CanvasNoise:
-    """randn-like noise [C, h, w] for any region of an unbounded canvas, keyed by global coordinates."""
+    """randn-like noise [C, h, w] for any region of an unbounded canvas, keyed by global coordinates.
+
+    Horizontal pixel pairs (2k, 2k+1) share one hash of (seed, draw, channel, y, k): the two outputs of Box–Muller.
+    """
 
     def __init__(self, seed: int, channels: int):
         self.seed, self.channels = int(seed), channels
@@ -58,18 +86,19 @@ class CanvasNoise:
     def draw_key(self, draw: int) -> int:
         return hash32(self.key ^ hash32(int(draw) & M32))
 
-    def at(self, draw: int, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-        """Noise at every (channel, y, x) for int64 coordinate tensors that broadcast: ys [..., h, 1], xs [..., 1, w]
-        -> [..., C, h, w] on their device. The per-row hash is computed on [.., C, h, 1] only."""
-        c = torch.arange(self.channels, device=ys.device, dtype=torch.int64).view(-1, 1, 1)  # -> [C, 1, 1]
-        hc = hash32(c ^ self.draw_key(draw))
-        hy = hash32(hc ^ ys.unsqueeze(-3))  # -> [..., C, h, 1]
-        return _normal(hash32(hy ^ xs.unsqueeze(-3)))  # -> [..., C, h, w]
+    def tiles(self, draw: int, ys: torch.Tensor, ks: torch.Tensor, offsets: list[int], w: int) -> torch.Tensor:
+        """Noise of N tiles: ys [N, h, 1] int32 canvas rows, ks [N, 1, K] int32 pixel-pair columns (pair k covers
+        x = 2k, 2k+1) starting at each tile's x // 2, offsets [N] each tile's x % 2 -> [N, C, h, w] float32."""
+        c = torch.arange(self.channels, device=ys.device, dtype=torch.int32).view(-1, 1, 1)  # -> [C, 1, 1]
+        hc = _hash32(c ^ _s32(self.draw_key(draw)))
+        hy = _hash32(hc ^ ys.unsqueeze(-3))  # -> [N, C, h, 1]
+        z = _normal_pairs(_hash32(hy ^ ks.unsqueeze(-3), inplace=True)).flatten(-2)  # -> [N, C, h, 2K]
+        if len(set(offsets)) == 1:
+            return z[..., offsets[0] : offsets[0] + w]
+        return torch.stack([t[..., o : o + w] for t, o in zip(z, offsets)])
 
     def region(self, draw: int, y0: int, x0: int, h: int, w: int, device=None) -> torch.Tensor:
-        ys = torch.arange(y0, y0 + h, device=device, dtype=torch.int64).view(h, 1)
-        xs = torch.arange(x0, x0 + w, device=device, dtype=torch.int64).view(1, w)
-        return self.at(draw, ys, xs)
+        return TileNoise(self.seed, [(y0, x0)], (h, w), self.channels, device)(draw)[0]
 
 
 class TileNoise:
@@ -81,15 +110,14 @@ class TileNoise:
     def __init__(self, seed: int, origins_px: list[tuple[int, int]], tile_hw: tuple[int, int], channels: int = 3,
                  device=None):  # fmt: skip
         self.canvas = CanvasNoise(seed, channels)
-        th, tw = tile_hw
+        th, self.tw = tile_hw
         n = len(origins_px)
-        oy = [y for y, _ in origins_px]
-        ox = [x for _, x in origins_px]
-        ar_h = torch.arange(th, device=device, dtype=torch.int64)
-        ar_w = torch.arange(tw, device=device, dtype=torch.int64)
+        ar_h = torch.arange(th, device=device, dtype=torch.int32)
+        ar_k = torch.arange((self.tw + 2) // 2, device=device, dtype=torch.int32)
         # origins enter as Python ints (no host tensor to copy): one row of coordinates per tile
-        self.ys = torch.stack([ar_h + y for y in oy]).view(n, th, 1)  # -> [N, th, 1]
-        self.xs = torch.stack([ar_w + x for x in ox]).view(n, 1, tw)  # -> [N, 1, tw]
+        self.ys = torch.stack([ar_h + y for y, _ in origins_px]).view(n, th, 1)  # -> [N, th, 1]
+        self.ks = torch.stack([ar_k + x // 2 for _, x in origins_px]).view(n, 1, -1)  # -> [N, 1, K]
+        self.offsets = [x % 2 for _, x in origins_px]
 
     def __call__(self, draw: int) -> torch.Tensor:
-        return self.canvas.at(draw, self.ys, self.xs)
+        return self.canvas.tiles(draw, self.ys, self.ks, self.offsets, self.tw)

@@ -48,7 +48,8 @@ def bundled_gate() -> dict:
 
     ref = upscale_all("auto")
     res = {}
-    for label, keep in (("default kept layers", KEEP), ("every layer it can take", ("mlp.fc1", "mlp.fc2", "final_layer", "t_embedder"))):
+    everything = ("mlp.fc1", "mlp.fc2", "final_layer", "t_embedder")  # the layers that must stay (read directly)
+    for label, keep in (("default kept layers", KEEP), ("every layer it can take", everything)):
         got = upscale_all("fp8", keep)
         res[label] = [round(psnr(a, b), 2) for a, b in zip(got, ref)]
         print(f"bundled model, FP8 vs fp32 ({label}): PSNR {res[label]} dB on {len(ref)} sample images")

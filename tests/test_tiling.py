@@ -96,3 +96,20 @@ def test_even_split_diffuses_close_to_the_output(preset, hw, goal):
     assert all(p.envelope[0] <= t <= p.envelope[1] for t in plan.tile_out)  # inside the trained envelope
     lat = plan.lat_hw
     assert all(c >= -(-v // plan.unit) for c, v in zip(lat, hw))  # still covers the image
+
+
+@pytest.mark.parametrize("preset", ["flux-2k", "flux-2kto4k-v1.5"])
+@pytest.mark.parametrize("hw", [(1, 1), (300, 200), (1024, 1024), (640, 1536), (2000, 3000)])
+def test_bucketed_plans_cover_the_image_with_bucket_sides(preset, hw):
+    from pipeline.model.presets import get_preset
+    from pipeline.stages import UpscaleOptions
+    from pipeline.stages.encode import plan_for
+
+    p = get_preset(preset)
+    plan = plan_for(p, UpscaleOptions(tile_buckets=True, max_output_side=1 << 20), hw)
+    sides = {1536, 2304, 2688} if preset == "flux-2k" else {2304, 2816, 3840}
+    assert set(plan.tile_out) <= sides and all(t <= p.envelope[1] for t in plan.tile_out)
+    assert all(c >= -(-v // plan.unit) for c, v in zip(plan.lat_hw, hw))  # covers the image
+    last = plan.origins()[-1]
+    assert (last[0] + plan.tile[0], last[1] + plan.tile[1]) == plan.lat_hw  # tiles end at the canvas edge
+    assert all(o >= p.tile_overlap for o, n in zip(plan.overlap, plan.grid) if n > 1)

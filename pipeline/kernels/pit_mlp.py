@@ -27,6 +27,15 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    @triton.jit
+    def _dot(a, bt, IEEE: tl.constexpr):
+        """a @ bt in fp32: exact fp32 products (IEEE), or in bt's dtype on the tensor cores."""
+        if IEEE:
+            out = tl.dot(a, bt.to(tl.float32), input_precision="ieee")
+        else:
+            out = tl.dot(a.to(bt.dtype), bt).to(tl.float32)
+        return out
+
     @triton.autotune(configs=configs(*CANDIDATES), key=["C", "H"],
                      prune_configs_by=prune(lambda a: a["BLOCK_C"] + a["BLOCK_H"]))  # fmt: skip
     @triton.jit
@@ -48,19 +57,11 @@ if HAVE_TRITON:
         xm = x * inv[:, None] * nw[None, :] * (1.0 + sc) + sh  # padded columns stay 0
         w1t = tl.load(W1 + hh[None, :] * C + cc[:, None], mask=cm[:, None] & hm[None, :], other=0.0)  # [C, H] = fc1ᵀ
         b1 = tl.load(B1 + hh, mask=hm, other=0.0).to(tl.float32)
-        if IEEE:
-            h = tl.dot(xm, w1t.to(tl.float32), input_precision="ieee")
-        else:
-            h = tl.dot(xm.to(w1t.dtype), w1t).to(tl.float32)
-        h = h + b1[None, :]
+        h = _dot(xm, w1t, IEEE) + b1[None, :]
         h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))  # exact GELU, as nn.GELU()
         w2t = tl.load(W2 + cc[None, :] * H + hh[:, None], mask=hm[:, None] & cm[None, :], other=0.0)  # [H, C] = fc2ᵀ
         b2 = tl.load(B2 + cc, mask=cm, other=0.0).to(tl.float32)
-        if IEEE:
-            o = tl.dot(h, w2t.to(tl.float32), input_precision="ieee")
-        else:
-            o = tl.dot(h.to(w2t.dtype), w2t).to(tl.float32)
-        o = o + b2[None, :]
+        o = _dot(h, w2t, IEEE) + b2[None, :]
         g = tl.load(GATE + rows[:, None] * g_stride + cc[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(OUT + rows[:, None] * C + cc[None, :], (x + g * o).to(OUT.dtype.element_ty), mask=m)
 

@@ -138,9 +138,10 @@ def per_step_traffic(cfg, tile: int = 128) -> dict:
                         stage.net = net
                 counts[steps] = mode.counts
             per = {k: (counts[4][k] - counts[1][k]) / 3 for k in counts[1]}
+            per = {k: int(v) if float(v).is_integer() else v for k, v in per.items()}
             detail[f"{pname}, batch {batch}"] = per
             for k, v in per.items():
-                worst[k] = max(worst.get(k, 0.0), v)
+                worst[k] = max(worst.get(k, 0), v)
     return {**{f"{k}_per_step": v for k, v in worst.items()}, "per_case": detail}
 
 

@@ -10,19 +10,11 @@ from typing import Any, TypedDict
 
 import numpy as np
 
+from pipeline.stages.common import OVERRIDES
 
-class Overrides(TypedDict, total=False):
-    """Per-row options, resolved over the job's or endpoint's defaults where the row enters."""
-
-    seed: int
-    caption: str
-    degrade_sigma: float
-    steps: int
-    cfg_scale: float
-    shift: float
-    scale: float
-    format: str
-    quality: int
+# Per-row options, resolved over the job's or endpoint's defaults where the row enters (their one declaration:
+# `stages.common.OVERRIDES`).
+Overrides = TypedDict("Overrides", OVERRIDES, total=False)
 
 
 class FailedRow(TypedDict, total=False):

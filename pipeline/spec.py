@@ -32,6 +32,8 @@ class StageSpec:
     gpu_share: float = 0.0  # fraction of one GPU per actor where the cluster has GPUs (stages may share one)
     memory: Callable[[Footprint], int] | None = None  # bytes for one image (None: negligible)
     records_node: bool = False  # its rows record the Ray node that ran it (the manifest's `node`: the model work)
+    serve_ongoing: int = 8  # Serve: requests one replica takes at once (its batches are formed from them)
+    serve_cpus: float = 0.1  # Serve: CPUs per replica (fractional: the whole app fits a laptop-sized cluster)
 
     def build(self):
         return self.cls(**self.kwargs)

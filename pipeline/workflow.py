@@ -60,7 +60,7 @@ def pid_stages(model: ModelOptions, preset: Preset, options: UpscaleOptions, hol
         StageSpec("encode", EncodeStage, encode_kw, holds_encode, holds_encode, batch_rows=8, gpu_share=encode_share,
                   memory=_encode_bytes if lq else None),
         StageSpec("diffuse", DiffuseStage, diffuse_kw, True, True, batch_rows=16, gpu_share=diffuse_share,
-                  memory=_diffuse_bytes, records_node=True),
+                  memory=_diffuse_bytes, records_node=True, serve_ongoing=16, serve_cpus=0.5),
         StageSpec("merge", MergeStage, {"options": options}, False, False, memory=_merge_bytes),
     ]  # fmt: skip
 

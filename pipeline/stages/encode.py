@@ -59,6 +59,14 @@ class EncodeStage:
     def plan(self, in_hw):
         return plan_for(self.preset, self.options, in_hw)
 
+    def _plan(self, row: dict, o: UpscaleOptions, in_hw) -> TilePlan:
+        """The row's tile plan: the one made where it entered (`planned`, the endpoint's admission) when it is for
+        this very size, else planned here."""
+        planned = row.pop("planned", None)
+        if isinstance(planned, TilePlan) and tuple(planned.in_hw) == tuple(in_hw):
+            return planned
+        return plan_for(self.preset, o, in_hw)
+
     def process(self, row: DecodedRow) -> EncodedRow:
         return self.process_batch([row])[0]
 
@@ -76,7 +84,7 @@ class EncodeStage:
                 continue
             img = row.pop("image")
             o = options_of(row, self.options)
-            plan = plan_for(self.preset, o, img.size)
+            plan = self._plan(row, o, img.size)
             check_output_side(target_size(plan.in_hw, plan.sr_scale, o.scale), o.max_output_side)  # -s 16 too
             pixels = torch.from_numpy(pad_image(img.to_float(), plan.pad_hw))[None].to(self.device)
             row["latent"] = np.ascontiguousarray(self.encoder.encode(pixels)[0].float().cpu().numpy())
@@ -111,7 +119,7 @@ class EncodeStage:
         lat = row["latent"]
         o = options_of(row, self.options)
         size = row.get("out_size")
-        plan = plan_for(self.preset, o, given_latent_in_hw(self.preset, lat.shape[1:], size))
+        plan = self._plan(row, o, given_latent_in_hw(self.preset, lat.shape[1:], size))
         check_output_side(target_size(plan.in_hw, plan.sr_scale, o.scale), o.max_output_side)
         if not size and tuple(lat.shape[1:]) != plan.lat_hw:
             ph, pw = plan.lat_hw[0] - lat.shape[1], plan.lat_hw[1] - lat.shape[2]

@@ -70,7 +70,7 @@ class LatentStage:
             ids = ", ".join(repr(i) for i in f.ids[:5]) + (", ..." if len(f.ids) > 5 else "")
             raise BadInput(f"the file holds {len(f.ids)} latents ({ids}): name one (id)")
         item = f.item(want or f.ids[0])
-        check_format(self.format or item.format, self.preset)
+        check_format(row.pop("latent_format", None) or self.format or item.format, self.preset)  # the row's first
         check_latent(item.latent, self.preset)
         o = options_of(row, self.options)
         sigma = row.get("sigma", item.sigma)

@@ -14,10 +14,10 @@ from collections.abc import Iterable, Iterator
 
 from pipeline.runtime import ModelOptions, pick_device, pick_dtype
 from pipeline.spec import Footprint, StageSpec, hidden_gpu_env
-from pipeline.stages import ReadStage, WriteStage, run_stage
+from pipeline.stages import run_stage
 from pipeline.stages.common import UpscaleOptions
 from pipeline.stages.encode import plan_for
-from pipeline.workflow import DEFAULT_WORKFLOW, WORKFLOWS, Workflow, resolve_workflow
+from pipeline.workflow import DEFAULT_WORKFLOW, WORKFLOWS, Workflow, io_stages, resolve_workflow
 
 __all__ = ["StageGraph", "StageSpec", "WORKFLOWS", "hidden_gpu_env", "upscale_bytes"]
 
@@ -50,8 +50,8 @@ class StageGraph:
         """This graph with the bulk job's read (from `src`) and write (to `dst`) stages at its ends."""
         g = object.__new__(StageGraph)
         g.__dict__.update(self.__dict__)
-        read = [StageSpec("read", ReadStage, {"src": src}, False, False)] if src is not None else []  # prompts: none
-        g.stages = [*read, *self.stages, StageSpec("write", WriteStage, {"dst": dst}, False, False)]  # fmt: skip
+        read, write = io_stages(src, dst)
+        g.stages = [*read, *self.stages, write]
         return g
 
     def __getitem__(self, name: str) -> StageSpec:

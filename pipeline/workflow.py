@@ -21,7 +21,7 @@ from pipeline.memory import tile_bytes, weight_bytes
 from pipeline.model.presets import Preset, get_preset
 from pipeline.runtime import ModelOptions, encode_bytes
 from pipeline.spec import Footprint, StageSpec
-from pipeline.stages import DecodeStage, DiffuseStage, EncodeStage, MergeStage
+from pipeline.stages import DecodeStage, DiffuseStage, EncodeStage, MergeStage, ReadStage, WriteStage
 from pipeline.stages.common import UpscaleOptions, resolve
 from pipeline.stages.latent import LatentStage
 from pipeline.t2i import GenerateOptions
@@ -63,6 +63,12 @@ def pid_stages(model: ModelOptions, preset: Preset, options: UpscaleOptions, hol
                   memory=_diffuse_bytes, records_node=True, serve_ongoing=16, serve_cpus=0.5),
         StageSpec("merge", MergeStage, {"options": options}, False, False, memory=_merge_bytes),
     ]  # fmt: skip
+
+
+def io_stages(src, dst) -> tuple[list[StageSpec], StageSpec]:
+    """The bulk job's read stage (none when `src` is None: prompts enter as rows) and its write stage."""
+    read = [StageSpec("read", ReadStage, {"src": src}, False, False)] if src is not None else []
+    return read, StageSpec("write", WriteStage, {"dst": dst}, False, False)
 
 
 # ------------------------------------------------------------------------------------ the workflows
@@ -183,21 +189,22 @@ def workflow_class(name: str) -> type[Workflow]:
 
 def resolve_workflow(name: str = DEFAULT_WORKFLOW, model: ModelOptions | None = None,
                      options: UpscaleOptions | None = None, *, latent_format: str | None = None, gen=None,
-                     upscale: ModelOptions | None = None, ldm: str | None = None,
-                     emit: str | None = None) -> Workflow:  # fmt: skip
-    """The workflow `name` resolved once: its model's preset looked up, the generator's settings typed. Front ends
-    call this where a job or request enters; everything downstream takes the object."""
+                     upscale: ModelOptions | None = None, ldm: str | None = None, emit: str | None = None,
+                     preset: Preset | None = None, upscale_preset: Preset | None = None) -> Workflow:  # fmt: skip
+    """The workflow `name` resolved once: its model's preset looked up (unless given: `preset`, `upscale_preset`,
+    already resolved for another workflow of the same front end), the generator's settings typed. Front ends call
+    this where a job or request enters; everything downstream takes the object."""
     cls = workflow_class(name)
     model = model or ModelOptions()
     options = options or UpscaleOptions()
-    preset = get_preset(model.preset)
+    preset = preset or get_preset(model.preset)
     gen = gen if isinstance(gen, GenerateOptions) else GenerateOptions.from_dict(gen or {})
     if cls is Decode:
         return Decode(model, preset, options, latent_format=latent_format)
     if cls is Ldm:
         return Ldm(model, preset, options, gen=gen, ldm=ldm or DEFAULT_LDM)
     if cls is Generate:
-        up = get_preset(upscale.preset) if upscale is not None else None
+        up = (upscale_preset or get_preset(upscale.preset)) if upscale is not None else None
         if up is not None and up.task != "upscale":
             raise ValueError(f"--upscale takes a PiD preset, not {up.name!r}")
         return Generate(model, preset, options, gen=gen, upscale=upscale, upscale_preset=up, emit=emit)

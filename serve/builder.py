@@ -82,7 +82,7 @@ def served_workflows(a: AppArgs) -> Chains:
     latents), and with `generate`, the text-to-image preset's generation, alone and followed by the upscale."""
     model, options = a.model_options(), UpscaleOptions.from_dict(a.options)
     up = resolve_workflow("upscale", model, options)
-    dec = resolve_workflow("decode", model, options) if up.preset.decodes_latents else None
+    dec = resolve_workflow("decode", model, options, preset=up.preset) if up.preset.decodes_latents else None
     gen_model = a.generate_model()
     if gen_model is None:
         return Chains(up, dec)
@@ -93,7 +93,8 @@ def served_workflows(a: AppArgs) -> Chains:
     gen_opts.resolved(gen.preset)  # refused here, not in a replica
     gen_up = None
     if up.preset.task == "upscale":  # then PiD: the upscale from its encode stage on
-        gen_up = resolve_workflow("generate", gen_model, options, gen=gen_opts, upscale=model, emit="both")
+        gen_up = resolve_workflow("generate", gen_model, options, gen=gen_opts, upscale=model, emit="both",
+                                  preset=gen.preset, upscale_preset=up.preset)  # fmt: skip
     return Chains(up, dec, gen, gen_up)
 
 

@@ -89,10 +89,10 @@ def check_drain(deployments: dict[str, DeploymentArgs], timeout_s: float) -> Non
 
 def deployment_options(name: str, overrides: dict[str, DeploymentArgs], timeout_s: float,
                        default: DeploymentArgs | None = None) -> dict:  # fmt: skip
-    """Serve options for deployment `name`: its default (`default`, else the ingress's or a stage's), the operator's
-    fields over it (a field replaces the default's whole value), and a drain window that covers the request deadline
-    unless one is given."""
-    base = default or DEFAULTS.get(name, STAGE_DEFAULT)
+    """Serve options for deployment `name`: its default (`default`, else the ingress's, else what the stage of that
+    name declares in the default workflow), the operator's fields over it (a field replaces the default's whole
+    value), and a drain window that covers the request deadline unless one is given."""
+    base = default or DEFAULTS.get(name) or _declared(name)
     conf = {**base.options(), **overrides.get(name, DeploymentArgs()).options()}
     conf.setdefault("graceful_shutdown_timeout_s", timeout_s + DRAIN_MARGIN_S)
     return conf
@@ -107,6 +107,13 @@ DEFAULTS = {
                               backpressure_config={"status_code": 503, "retry_after_s": 2}),
 }  # fmt: skip
 STAGE_DEFAULT = DeploymentArgs(max_ongoing_requests=8, ray_actor_options={"num_cpus": 0.1})
+
+
+def _declared(name: str) -> DeploymentArgs:
+    from pipeline.workflow import resolve_workflow
+
+    spec = next((s for s in resolve_workflow().stages() if s.name == name), None)
+    return stage_default(spec) if spec is not None else STAGE_DEFAULT
 
 
 def stage_default(spec) -> DeploymentArgs:

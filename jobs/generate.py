@@ -7,7 +7,7 @@ import os
 import sys
 import tempfile
 
-from jobs.pipeline import JobConfig, job_workflow, run_job
+from jobs.pipeline import JobConfig, run_job
 from jobs.upscale import report, seed_arg, size_arg
 from pipeline.errors import SetupError, exit_code
 from pipeline.runtime import ModelOptions
@@ -133,8 +133,7 @@ def _one(args) -> int:
     from jobs.pipeline import preflight
 
     cfg.dry_run = True  # preflight without the DST probe (OUT is a file)
-    preflight(cfg)
-    graph = StageGraph(workflow=job_workflow(cfg))
+    graph = StageGraph(workflow=preflight(cfg))
     (row,) = list(graph.run_local([{"key": "prompt", "prompt": args.prompt, "seed": args.seed}]))
     if row.get("status") != "ok":
         print(f"pidray generate: failed: {row.get('error')}", file=sys.stderr)

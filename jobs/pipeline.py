@@ -202,12 +202,12 @@ def _iter_ray(cfg: JobConfig, plan: Plan, rows: list[dict]) -> Iterator[dict]:
         yield pickle.loads(item["row"])
 
 
-def preflight(cfg: JobConfig) -> None:
+def preflight(cfg: JobConfig) -> Workflow:
     """Everything that can make the whole job fail, checked before any worker starts or any model loads.
 
     In the order a user can act on: the preset's encoder exists, options fit the preset, the device exists,
     SRC can be listed, DST can be written (a probe write + delete), the weights are there. Each failure is one
-    SetupError line: what, where, how to fix.
+    SetupError line: what, where, how to fix. Returns the job's workflow, resolved.
     """
     from pipeline.runtime import check_device, check_encoder, net_path
     from pipeline.stages.encode import plan_for
@@ -221,7 +221,7 @@ def preflight(cfg: JobConfig) -> None:
     decode = wf.enters == "latents"
     if not wf.reads_files:
         _preflight_generate(cfg, wf)
-        return
+        return wf
     if preset.task != "upscale":
         raise SetupError(f"preset {preset.name!r} is a text-to-image model: use pidray generate")
     if decode:  # latents replace the LQ encoder: the preset must take them, in the format named
@@ -253,6 +253,7 @@ def preflight(cfg: JobConfig) -> None:
     except WeightsNotFound as e:
         missing.append(str(e))
     _raise_missing(missing, cfg, preset)
+    return wf
 
 
 def _check_decode_flags(cfg: JobConfig, preset) -> None:

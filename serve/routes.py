@@ -83,6 +83,15 @@ async def _unhandled(request: Request, exc: Exception):  # anything FastAPI itse
     return _error("internal", f"internal error: {type(exc).__name__}")
 
 
+def _run_local(links: list[Link], row: dict) -> dict:
+    """A row through stages that run in this process, one after the other, until one fails."""
+    for spec, stage in links:
+        row = run_stage(stage, spec.name, [row])[0]
+        if row.get("status") == "failed":
+            break
+    return row
+
+
 @serve.deployment(name="ingress")
 @serve.ingress(app)
 class Ingress:
@@ -137,10 +146,10 @@ class Ingress:
                       {"Retry-After": "2"})  # fmt: skip
 
     async def _pipeline(self, row: dict, chain: list[Link]) -> dict:
-        """The row through a chain: local stages in a thread (a few at a time); a run of deployments is chained,
-        each handed the previous one's response unawaited, and only the last one's result comes back here. When the
-        caller goes away or the deadline passes, every response of the run is cancelled (the stages stop their
-        work at the next step)."""
+        """The row through a chain: a run of local stages in one thread (a few rows at a time); a run of
+        deployments is chained, each handed the previous one's response unawaited, and only the last one's result
+        comes back here. When the caller goes away or the deadline passes, every response of the run is cancelled
+        (the stages stop their work at the next step)."""
         i = 0
         while i < len(chain):
             spec, target = chain[i]
@@ -157,10 +166,13 @@ class Ingress:
                         r.cancel()
                     raise
                 self.awaited[spec.name] += 1
-            else:
+            else:  # a run of local stages: one thread hop for all of them
+                local = []
+                while i < len(chain) and not isinstance(chain[i][1], DeploymentHandle):
+                    local.append(chain[i])
+                    i += 1
                 async with self.local_slots:
-                    row = (await asyncio.to_thread(run_stage, target, spec.name, [row]))[0]
-                i += 1
+                    row = await asyncio.to_thread(_run_local, local, row)
             if row.get("status") == "failed":
                 break
         return row

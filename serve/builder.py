@@ -19,7 +19,14 @@ from pipeline.spec import StageSpec, hidden_gpu_env
 from pipeline.stages import UpscaleOptions
 from pipeline.t2i import GenerateOptions
 from pipeline.workflow import resolve_workflow
-from serve.deployments import DeploymentArgs, StageDeployment, check_drain, deployment_options, stage_default
+from serve.deployments import (
+    DeploymentArgs,
+    StageDeployment,
+    check_batch_settings,
+    check_drain,
+    deployment_options,
+    stage_default,
+)
 from serve.routes import Chains, Ingress
 
 
@@ -128,6 +135,9 @@ def build_app(args: dict | AppArgs | None = None):
     updates = {"gpu": gpu, "max_cost_mpx_steps": a.max_cost_mpx_steps or (1000.0 if gpu else 8.0),
                "threads": a.threads or (0 if gpu else os.cpu_count() or 1)}  # fmt: skip
     a = a.model_copy(update=updates)
+    check_batch_settings({"max_batch_tiles": a.max_batch_tiles, "batch_wait_s": a.batch_wait_s})
+    if "ingress" in a.deployments and a.deployments["ingress"].user_config is not None:
+        raise ValueError("deployments: user_config (batch settings) applies to the stage deployments, not ingress")
     workflows = served_workflows(a)  # options parsed, presets looked up, here only
     specs = model_specs(workflows)
     unknown = sorted(set(a.deployments) - {"ingress", *(s.name for s in specs)})

@@ -51,6 +51,10 @@ class DeploymentArgs(BaseModel):
     health_check_timeout_s: PositiveFloat | None = None
     max_replicas_per_node: PositiveInt | None = None
     ray_actor_options: dict | None = None  # num_cpus, num_gpus, resources, runtime_env (checked by Serve)
+    # a stage deployment's batch settings, {"max_batch_tiles": N, "batch_wait_s": S}: Serve hands them to the
+    # running replicas (`reconfigure`), so changing them needs no redeploy; unset: the app's max_batch_tiles and
+    # batch_wait_s
+    user_config: dict | None = None
 
     @field_validator("autoscaling_config", "backpressure_config")
     @classmethod
@@ -65,6 +69,13 @@ class DeploymentArgs(BaseModel):
         model.model_validate(value)  # Serve's own ranges: min_replicas <= max_replicas, delays >= 0, ...
         return value
 
+    @field_validator("user_config")
+    @classmethod
+    def _batch_settings(cls, value: dict | None):
+        if value is not None:
+            check_batch_settings(value)
+        return value
+
     @model_validator(mode="after")
     def _one_way_to_size(self):
         if self.num_replicas is not None and self.autoscaling_config is not None:
@@ -73,6 +84,23 @@ class DeploymentArgs(BaseModel):
 
     def options(self) -> dict:
         return self.model_dump(exclude_none=True)
+
+
+BATCH_SETTINGS = {"max_batch_tiles": int, "batch_wait_s": float}
+
+
+def check_batch_settings(config: dict) -> dict:
+    """A stage deployment's batch settings: known names, a tile budget that fits one capped request, a wait in
+    [0, 1] s; ValueError naming what is wrong."""
+    unknown = sorted(set(config) - set(BATCH_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown batch setting(s) {unknown}; known: {sorted(BATCH_SETTINGS)}")
+    tiles, wait = config.get("max_batch_tiles", TILE_COST_CAP), config.get("batch_wait_s", 0.0)
+    if isinstance(tiles, bool) or not isinstance(tiles, int) or not TILE_COST_CAP <= tiles <= 4096:
+        raise ValueError(f"max_batch_tiles must be an integer in {TILE_COST_CAP}..4096, got {tiles!r}")
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0.0 <= wait <= 1.0:
+        raise ValueError(f"batch_wait_s must be a number of seconds in [0, 1], got {wait!r}")
+    return config
 
 
 def check_drain(deployments: dict[str, DeploymentArgs], timeout_s: float) -> None:
@@ -143,8 +171,7 @@ class StageDeployment:
 
         if threads:  # a CPU replica: Ray pins OMP_NUM_THREADS to its (fractional) CPU share
             torch.set_num_threads(threads)
-        if max_batch_tiles < TILE_COST_CAP:
-            raise ValueError(f"max_batch_tiles must be >= {TILE_COST_CAP}, got {max_batch_tiles}")
+        check_batch_settings({"max_batch_tiles": max_batch_tiles, "batch_wait_s": batch_wait_s})
         self.spec, self.stage = spec, spec.build()
         if hasattr(self.stage, "warmup"):  # before `ready` answers: no request pays for kernel compiles
             self.stage.warmup()
@@ -152,8 +179,20 @@ class StageDeployment:
         self.batch_metric = metrics.Histogram(
             f"pidray_{spec.name}_batch_size", f"requests per {spec.name} batch", boundaries=[1, 2, 4, 8, 16, 32]
         )
-        self.run.set_max_batch_size(max_batch_tiles)
-        self.run.set_batch_wait_timeout_s(batch_wait_s)
+        self.reconfigure({"max_batch_tiles": max_batch_tiles, "batch_wait_s": batch_wait_s})
+
+    def reconfigure(self, config: dict) -> None:
+        """Batch settings (the deployment's `user_config`), applied to the running replica: no redeploy."""
+        check_batch_settings(config)
+        self.batch_settings = {**getattr(self, "batch_settings", {}), **config}
+        if "max_batch_tiles" in config:
+            self.run.set_max_batch_size(config["max_batch_tiles"])
+        if "batch_wait_s" in config:
+            self.run.set_batch_wait_timeout_s(config["batch_wait_s"])
+
+    def settings(self) -> dict:
+        """The batch settings in force on this replica."""
+        return dict(self.batch_settings)
 
     def ready(self) -> bool:
         return True

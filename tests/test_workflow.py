@@ -4,6 +4,7 @@ These read the source (AST) for what no driver may do, and count preset look-ups
 
 import ast
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +235,39 @@ def test_exit_codes_come_from_the_kind_table(tmp_path, capsys):
     assert main(["upscale", str(src), str(dst), "--local", "--no-progress"]) == EXIT_CODE["rows_failed"]
     assert main(["upscale", str(src), str(tmp_path / "o2"), "--steps", "0"]) == EXIT_CODE["bad_parameter"]
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_batch_settings_reach_the_running_replicas():
+    """A stage deployment's batch settings come from its user_config (Serve's `reconfigure`): given at start, then
+    changed on a running app, the diffuse replica batches by the new ones and still answers."""
+    import ray
+    import requests
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.run import start
+
+    from conftest import free_port, wait_healthy
+
+    args = {"preset": "small", "deployments": {"diffuse": {"user_config": {"max_batch_tiles": 8}}}}
+    url = start(args, port=free_port(), num_cpus=2)
+    try:
+        wait_healthy(url, 240)
+        diffuse = serve.get_deployment_handle("diffuse", app_name="pidray")
+        assert diffuse.settings.remote().result(timeout_s=30) == {"max_batch_tiles": 8, "batch_wait_s": 0.005}
+        args["deployments"]["diffuse"]["user_config"] = {"max_batch_tiles": 24, "batch_wait_s": 0.0}
+        serve.run(build_app({"bind_host": "127.0.0.1", **args}), name="pidray", route_prefix="/", blocking=False)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            got = diffuse.settings.remote().result(timeout_s=30)
+            if got["max_batch_tiles"] == 24:
+                break
+            time.sleep(1)
+        assert got == {"max_batch_tiles": 24, "batch_wait_s": 0.0}, got
+        wait_healthy(url, 120)
+        r = requests.post(url + "/v1/upscale", data=_png((16, 16)), headers={"Content-Type": "image/png"}, timeout=120)
+        assert r.status_code == 200, r.text
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -14,6 +14,7 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.graph import StageGraph
 from pipeline.runtime import ModelOptions
 from pipeline.spec import StageSpec, hidden_gpu_env
 from pipeline.stages import UpscaleOptions
@@ -110,7 +111,7 @@ def model_specs(workflows: Chains) -> list[StageSpec]:
     their GPU shares scaled down together when they would ask for more than one GPU."""
     specs: dict[str, StageSpec] = {}
     for w in (getattr(workflows, f.name) for f in dataclasses.fields(workflows)):
-        for s in w.stages() if w is not None else ():
+        for s in StageGraph(workflow=w).stages if w is not None else ():
             if s.holds_model:
                 specs.setdefault(s.name, s)
     total = sum(s.gpu_share for s in specs.values() if s.wants_gpu)
@@ -122,7 +123,7 @@ def model_specs(workflows: Chains) -> list[StageSpec]:
 def deployment_names(preset: str) -> list[str]:
     """The deployments `build_app` creates for a preset: the graph's model-holding stages, plus the ingress."""
     up = resolve_workflow("upscale", ModelOptions(preset=preset))
-    return ["ingress"] + [s.name for s in up.stages() if s.holds_model]
+    return ["ingress"] + [s.name for s in StageGraph(workflow=up).model_stages()]
 
 
 def build_app(args: dict | AppArgs | None = None):

@@ -32,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pipeline import safejson
 from pipeline.errors import HTTP_STATUS, BadParameter, kind_of
+from pipeline.graph import StageGraph
 from pipeline.imageio import output_format, probe
 from pipeline.model.presets import PRESETS
 from pipeline.spec import StageSpec
@@ -129,7 +130,7 @@ class Ingress:
     def _links(self, workflow: Workflow, handles: dict[str, DeploymentHandle]) -> list[Link]:
         """A workflow's stages as a chain: each through its deployment where there is one, else built here (once)."""
         links = []
-        for spec in workflow.stages():
+        for spec in StageGraph(workflow=workflow).stages:
             if spec.name in handles:
                 links.append((spec, handles[spec.name]))
             else:

@@ -47,9 +47,10 @@ def shipped_settings(weights: str | None) -> tuple[int, bool | None]:
     """(sampler steps, ensemble) a small model is run with as shipped: a file that names its `sampler_steps` (the
     second version on) runs those steps with the preset's ensemble; the first version ran 4 steps, no ensemble."""
     from pipeline.model.loading import file_metadata
+    from pipeline.model.presets import PRESETS
     from pipeline.runtime import net_path
 
-    meta = file_metadata(net_path(ModelOptions(weights=weights)))
+    meta = file_metadata(net_path(ModelOptions(weights=weights), PRESETS["small"]))
     if "sampler_steps" in meta:
         return int(meta["sampler_steps"]), None
     return 4, False

@@ -9,7 +9,7 @@ import tempfile
 
 from jobs.pipeline import JobConfig, run_job
 from jobs.upscale import report, seed_arg, size_arg
-from pipeline.errors import SetupError
+from pipeline.errors import SetupError, exit_code
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
 from pipeline.storage import S3Settings
@@ -133,12 +133,11 @@ def _one(args) -> int:
     from jobs.pipeline import preflight
 
     cfg.dry_run = True  # preflight without the DST probe (OUT is a file)
-    preflight(cfg)
-    graph = StageGraph(cfg.model, cfg.options, cfg.workflow, gen=cfg.gen, upscale=cfg.upscale, ldm=cfg.ldm)
+    graph = StageGraph(workflow=preflight(cfg))
     (row,) = list(graph.run_local([{"key": "prompt", "prompt": args.prompt, "seed": args.seed}]))
     if row.get("status") != "ok":
         print(f"pidray generate: failed: {row.get('error')}", file=sys.stderr)
-        return 3
+        return exit_code("rows_failed")
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(out)}.", suffix=".pidray.part")  # our own
     try:
         with os.fdopen(fd, "wb") as f:

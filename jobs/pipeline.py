@@ -29,6 +29,7 @@ from pipeline.graph import StageGraph, StageSpec
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions, run_stage
 from pipeline.storage import Location, S3Settings, display
+from pipeline.workflow import DEFAULT_WORKFLOW, Ldm, Workflow, resolve_workflow
 
 MANIFEST_EVERY_S = 60.0
 
@@ -52,7 +53,7 @@ class JobConfig:
     verbose: bool = False  # let Ray's own start-up and worker messages through to the terminal
     concurrency: dict[str, int] = field(default_factory=dict)  # stage name -> actors (model stages)
     progress: bool = True
-    workflow: str = "upscale"  # or "decode": SRC holds latent files (pidray decode)
+    workflow: str = DEFAULT_WORKFLOW  # a name in pipeline.workflow.WORKFLOWS, e.g. "decode": SRC holds latents
     latent_format: str | None = None  # decode: what the latents are (flux, zimage, sd3, sdxl, flux2, qwenimage)
     out_size: tuple[int, int] | None = None  # decode: an explicit output size (H, W) instead of latent × factors
     sigma: float | None = None  # decode: the latents are captured x_t at this scheduler sigma
@@ -122,7 +123,7 @@ class StageActor:
 
     def __call__(self, batch: dict) -> dict:
         _set_threads(self.threads)  # OpenMP's thread count is per calling thread: Ray may call from another one
-        return _apply(self.stage, self.spec.name, batch, self.node if self.spec.name == "diffuse" else None)
+        return _apply(self.stage, self.spec.name, batch, self.node if self.spec.records_node else None)
 
 
 def _set_threads(threads: int | None) -> None:
@@ -140,12 +141,15 @@ def _set_threads(threads: int | None) -> None:
             torch.set_num_threads(threads)
 
 
+def job_workflow(cfg: JobConfig) -> Workflow:
+    """The job's workflow, resolved once where the job enters (its preset looked up here)."""
+    return resolve_workflow(cfg.workflow, cfg.model, cfg.options, latent_format=cfg.latent_format, gen=cfg.gen,
+                            upscale=cfg.upscale, ldm=cfg.ldm)  # fmt: skip
+
+
 def _graph(cfg: JobConfig, plan: Plan) -> StageGraph:
-    src = None if cfg.workflow in ("generate", "ldm") else plan.src  # prompts enter as rows: nothing to read
-    graph = StageGraph(
-        cfg.model, cfg.options, cfg.workflow, cfg.latent_format, gen=cfg.gen, upscale=cfg.upscale, ldm=cfg.ldm
-    )
-    return graph.with_io(src, plan.dst)
+    graph = StageGraph(workflow=job_workflow(cfg))
+    return graph.with_io(plan.src if graph.workflow.reads_files else None, plan.dst)
 
 
 def _iter_local(cfg: JobConfig, plan: Plan, rows: list[dict]) -> Iterator[dict]:
@@ -198,14 +202,13 @@ def _iter_ray(cfg: JobConfig, plan: Plan, rows: list[dict]) -> Iterator[dict]:
         yield pickle.loads(item["row"])
 
 
-def preflight(cfg: JobConfig) -> None:
+def preflight(cfg: JobConfig) -> Workflow:
     """Everything that can make the whole job fail, checked before any worker starts or any model loads.
 
     In the order a user can act on: the preset's encoder exists, options fit the preset, the device exists,
     SRC can be listed, DST can be written (a probe write + delete), the weights are there. Each failure is one
-    SetupError line: what, where, how to fix.
+    SetupError line: what, where, how to fix. Returns the job's workflow, resolved.
     """
-    from pipeline.model.presets import get_preset
     from pipeline.runtime import check_device, check_encoder, net_path
     from pipeline.stages.encode import plan_for
     from pipeline.weights import WeightsNotFound, resolve
@@ -213,11 +216,12 @@ def preflight(cfg: JobConfig) -> None:
     if cfg.overwrite and cfg.resume:
         raise SetupError("--overwrite and --resume contradict each other: --resume keeps the outputs already in DST, "
                          "--overwrite replaces them; choose one")  # fmt: skip
-    preset = get_preset(cfg.model.preset)
-    decode = cfg.workflow == "decode"
-    if cfg.workflow in ("generate", "ldm"):
-        _preflight_generate(cfg, preset)
-        return
+    wf = job_workflow(cfg)
+    preset = wf.preset
+    decode = wf.enters == "latents"
+    if not wf.reads_files:
+        _preflight_generate(cfg, wf)
+        return wf
     if preset.task != "upscale":
         raise SetupError(f"preset {preset.name!r} is a text-to-image model: use pidray generate")
     if decode:  # latents replace the LQ encoder: the preset must take them, in the format named
@@ -243,12 +247,13 @@ def preflight(cfg: JobConfig) -> None:
         if not decode and not preset.bundled and not str(cfg.model.weights or "").endswith((".safetensors", ".pth")):
             # the network and the LQ encoder's files, all missing ones at once (a decode job needs no encoder)
             resolve(preset, cfg.model.weights, allow_download=cfg.model.allow_download)
-        path = net_path(cfg.model)
+        path = net_path(cfg.model, preset)
         if not os.path.isfile(path):
             missing.append(f"checkpoint not found: {path}")
     except WeightsNotFound as e:
         missing.append(str(e))
     _raise_missing(missing, cfg, preset)
+    return wf
 
 
 def _check_decode_flags(cfg: JobConfig, preset) -> None:
@@ -283,18 +288,19 @@ def _raise_missing(missing: list[str], cfg: JobConfig, preset) -> None:
         raise SetupError(head + " AND ".join(f"({i}) {m}" if len(missing) > 1 else m for i, m in enumerate(missing, 1)))
 
 
-def _preflight_generate(cfg: JobConfig, preset) -> None:
+def _preflight_generate(cfg: JobConfig, wf: Workflow) -> None:
     """A prompt job: the preset generates, its (and the upscaler's) weights and caption encoder are here, DST is
     writable — each missing thing said at once."""
     from pipeline.runtime import check_device, net_path
     from pipeline.t2i import GenerateOptions
     from pipeline.weights import WeightsNotFound
 
-    if cfg.workflow == "ldm":  # generate-then-decode: a PiD preset that decodes the model's latents
+    preset = wf.preset
+    if isinstance(wf, Ldm):  # generate-then-decode: a PiD preset that decodes the model's latents
         from pipeline.latents import check_format
         from pipeline.stages.ldm import ldm_spec
 
-        spec, _ = ldm_spec(cfg.ldm or "zimage-turbo")
+        spec, _ = ldm_spec(wf.ldm)
         if preset.task != "upscale":
             raise SetupError(f"--with decodes with a PiD preset (-m), not {preset.name!r}")
         try:
@@ -314,9 +320,9 @@ def _preflight_generate(cfg: JobConfig, preset) -> None:
     if not cfg.dry_run:
         Location(cfg.dst, cfg.s3).check_writable()
     missing = []
-    for model in [cfg.model] + ([cfg.upscale] if cfg.upscale else []):
+    for model, model_preset in wf.models():
         try:
-            path = net_path(model)
+            path = net_path(model, model_preset)
             if not os.path.isfile(path):
                 missing.append(f"checkpoint not found: {path}")
         except WeightsNotFound as e:

@@ -28,6 +28,7 @@ from pipeline.latents import LATENT_EXTENSIONS, header_ids, is_latent_key, npz_i
 from pipeline.noise import file_seed
 from pipeline.stages.common import parse_size, resolve
 from pipeline.storage import MAX_INPUT_BYTES, Entry, Location, display, key_problem
+from pipeline.workflow import DEFAULT_LDM, DEFAULT_WORKFLOW, Ldm, workflow_class
 
 OUTPUT_EXTENSIONS = sorted(set(EXTENSIONS.values()))
 
@@ -50,7 +51,7 @@ def locations(cfg) -> tuple[Location, Location, Entry | None]:
     entry = None
     if single is not None:
         src, entry = single
-    prompts = getattr(cfg, "workflow", "upscale") in ("generate", "ldm")  # the input is one prompt file, not images
+    prompts = workflow_class(getattr(cfg, "workflow", DEFAULT_WORKFLOW)).enters == "prompts"
     if dst.real == src.real and not prompts:  # a prompt file's own folder is a fine DST: outputs are named anew
         if not cfg.suffix:
             what, how = ("the folder of SRC", "--suffix _x4") if entry else ("SRC", "--in-place --suffix _x4")
@@ -172,11 +173,11 @@ def latent_key(file_key: str, latent_id: str = "") -> str:
 
 def plan_job(cfg) -> Plan:
     """List SRC, name every output, apply --resume; nothing is read or written beyond listings."""
-    if getattr(cfg, "workflow", "upscale") in ("generate", "ldm"):
+    if workflow_class(getattr(cfg, "workflow", DEFAULT_WORKFLOW)).enters == "prompts":
         return _plan_prompts(cfg)
     src, dst, single = locations(cfg)
     plan = Plan(src, dst, single=single)
-    decode = getattr(cfg, "workflow", "upscale") == "decode"
+    decode = workflow_class(getattr(cfg, "workflow", DEFAULT_WORKFLOW)).enters == "latents"
     accept = is_latent_key if decode else None
     listed = [single] if single is not None else src.list(exclude=dst, hidden=cfg.include_hidden, accept=accept)
     if not listed:
@@ -457,11 +458,11 @@ def _prompt_name(n: int, item: dict) -> str:
 
 
 def _ldm_defaults(cfg) -> dict | None:
-    if getattr(cfg, "workflow", "") != "ldm":
+    if workflow_class(getattr(cfg, "workflow", DEFAULT_WORKFLOW)) is not Ldm:
         return None
     from pipeline.stages.ldm import ldm_spec
 
-    return ldm_spec(cfg.ldm or "zimage-turbo")[0].defaults()
+    return ldm_spec(cfg.ldm or DEFAULT_LDM)[0].defaults()
 
 
 def _plan_prompts(cfg) -> Plan:

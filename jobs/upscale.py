@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 from jobs.pipeline import JobConfig, run_job
+from pipeline.errors import exit_code
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
 from pipeline.stages.common import check_seed, parse_size
 from pipeline.storage import S3Settings
+from pipeline.workflow import DEFAULT_WORKFLOW
 
 
 def read_captions(path: str) -> dict[str, str]:
@@ -247,7 +249,7 @@ def config_from_args(args) -> JobConfig:
         include_hidden=args.include_hidden, captions=read_captions(args.captions) if args.captions else {},
         resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run, local=args.local,
         concurrency={k: v for k, v in (("encode", args.encode_actors), ("diffuse", args.diffuse_actors)) if v},
-        progress=not args.no_progress, verbose=args.verbose, workflow=getattr(args, "workflow", "upscale"),
+        progress=not args.no_progress, verbose=args.verbose, workflow=getattr(args, "workflow", DEFAULT_WORKFLOW),
         latent_format=getattr(args, "latent_format", None), out_size=getattr(args, "size", None),
         sigma=getattr(args, "sigma", None),
     )  # fmt: skip
@@ -276,4 +278,4 @@ def report(summary, per: str = "images") -> int:
     if summary.interrupted:
         print("rerun the same command with --resume to finish", file=sys.stderr)
         return 128 + summary.interrupted  # 130 for Ctrl-C, 143 for SIGTERM
-    return 0 if summary.failed == 0 else 3  # 3: finished, some inputs failed (listed above and in the manifest)
+    return exit_code("rows_failed" if summary.failed else "ok")  # some inputs failed: listed above, in the manifest

@@ -106,11 +106,11 @@ def bench_serve(n: int, size: int, weights: str | None) -> dict:
     while time.time() < deadline and requests.get(url + "/healthz", timeout=10).status_code != 200:
         time.sleep(1)
     for _ in range(3):  # warm the replicas
-        requests.post(url + "/v1/upscale", data=data, timeout=120)
+        requests.post(url + "/v1/upscale", data=data, headers={"Content-Type": "image/png"}, timeout=120)
     served = []
     for _ in range(n):
         t0 = time.perf_counter()
-        r = requests.post(url + "/v1/upscale", data=data, timeout=120)
+        r = requests.post(url + "/v1/upscale", data=data, headers={"Content-Type": "image/png"}, timeout=120)
         served.append(time.perf_counter() - t0)
         assert r.status_code == 200, r.text
     from ray import serve

@@ -179,21 +179,24 @@ def _cmd_doctor(args) -> int:
     return doctor.cmd(args)
 
 
-def _one_line(e: BaseException) -> str | None:
-    """The message for an expected failure (bad input, setup, storage), or None for a bug."""
-    from pipeline.errors import PidrayError
+def _failure(e: BaseException) -> tuple[str, str]:
+    """The kind (pipeline.errors, which gives the exit code) and the message of a failure that ended a command: a
+    user's (bad input, setup, storage) is one line; a bug is "internal"."""
+    from pipeline.errors import PidrayError, kind_of
 
-    if isinstance(e, (PidrayError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError)):
-        return str(e)
+    if isinstance(e, PidrayError) or isinstance(e, ValueError):
+        return kind_of(e), str(e)
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return "setup", str(e)
     try:
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:
-        return None
+        return "internal", str(e)
     if isinstance(e, (BotoCoreError, ClientError)):
         from pipeline.storage import explain_storage_error
 
-        return explain_storage_error(e, "use", "S3")
-    return None
+        return "setup", explain_storage_error(e, "use", "S3")
+    return "internal", str(e)
 
 
 def main(argv=None) -> int:
@@ -212,13 +215,15 @@ def main(argv=None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        message = _one_line(e)
-        if message is None:  # a bug: still no wall of text, but the way to see it
+        from pipeline.errors import exit_code
+
+        kind, message = _failure(e)
+        if kind == "internal":  # a bug: still no wall of text, but the way to see it
             print(f"pidray {args.cmd}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
                   file=sys.stderr)  # fmt: skip
-            return 1
-        print(f"pidray {args.cmd}: error: {message}", file=sys.stderr)  # user errors: one clear line, exit 2
-        return 2
+        else:  # user errors: one clear line
+            print(f"pidray {args.cmd}: error: {message}", file=sys.stderr)
+        return exit_code(kind)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,19 @@ class SetupError(PidrayError):
     kind = "setup"
 
 
+# How a command ends, by kind: a user's error (bad input, setup, storage) is one line and 2; a bug is 1; a job that
+# finished with some inputs failed is 3 (they are listed and in the manifest).
+EXIT_CODE = {
+    "ok": 0,
+    "internal": 1,
+    "bad_input": 2,
+    "too_large": 2,
+    "bad_parameter": 2,
+    "setup": 2,
+    "cancelled": 2,
+    "rows_failed": 3,
+}
+
 HTTP_STATUS = {
     "bad_input": 400,  # not an image, corrupt, malformed multipart
     "unauthorized": 401,  # missing or wrong bearer token
@@ -82,6 +95,11 @@ HTTP_STATUS = {
     "busy": 503,  # the endpoint's queue is full (with Retry-After)
     "cancelled": 504,  # the deadline passed; the work was stopped
 }
+
+
+def exit_code(kind: str) -> int:
+    """The exit code of a command that ended with this kind (EXIT_CODE; any kind of refusal is a user's error)."""
+    return EXIT_CODE.get(kind, EXIT_CODE["bad_input"] if kind in HTTP_STATUS else EXIT_CODE["internal"])
 
 
 def kind_of(err: BaseException) -> str:

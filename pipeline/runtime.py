@@ -14,7 +14,7 @@ from pipeline.errors import SetupError
 from pipeline.memory import default_budget
 from pipeline.model.loading import load_checkpoint, read_state_dict
 from pipeline.model.network import PidNet
-from pipeline.model.presets import PRESETS, Preset, get_preset
+from pipeline.model.presets import PRESETS, Preset
 from pipeline.weights import resolve
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -90,19 +90,18 @@ def compiles(opts: ModelOptions, device: torch.device) -> bool:
     return device.type == "cuda" if opts.compile is None else bool(opts.compile)
 
 
-def net_path(opts: ModelOptions) -> str:
+def net_path(opts: ModelOptions, preset: Preset) -> str:
     """The network checkpoint: `weights` itself when it names a file, else resolved from the preset."""
     if opts.weights and str(opts.weights).endswith((".safetensors", ".pth")):
         return str(opts.weights)
-    preset = get_preset(opts.preset)
     return str(resolve(preset, opts.weights, allow_download=opts.allow_download, only=("net",))["net"])
 
 
-def load_net(opts: ModelOptions) -> tuple[Preset, PidNet]:
-    preset = get_preset(opts.preset)
+def load_net(opts: ModelOptions, preset: Preset) -> tuple[Preset, PidNet]:
+    """The preset's network on the options' device and dtype (the preset resolved where the job/request entered)."""
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.dtype, device)
-    path = net_path(opts)
+    path = net_path(opts, preset)
     from pipeline.kernels import get_ops
 
     if opts.precision not in PRECISIONS:
@@ -160,8 +159,7 @@ def encode_bytes(preset: Preset, hw: tuple[int, int], device: torch.device) -> i
     return vae_encode_bytes(hw, vae_dtype(device), params.act_channels)
 
 
-def load_lq_encoder(opts: ModelOptions, gpu_share: float = 1.0) -> LatentEncoder:
-    preset = get_preset(opts.preset)
+def load_lq_encoder(opts: ModelOptions, preset: Preset, gpu_share: float = 1.0) -> LatentEncoder:
     if preset.vae == "rgb":
         return RGBEncoder()
     module = _vae_module(preset)
@@ -181,8 +179,7 @@ def _gemma(path: str, allow_download: bool, device: str, max_length: int = 300):
     return CaptionEncoder.from_pretrained(path, local_only=not allow_download, device=device, max_length=max_length)
 
 
-def load_caption_encoder(opts: ModelOptions):
-    preset = get_preset(opts.preset)
+def load_caption_encoder(opts: ModelOptions, preset: Preset):
     cfg = preset.config
     if preset.text_encoder == "none":
         return NullCaptionEncoder(cfg.txt_max_length, cfg.txt_embed_dim)

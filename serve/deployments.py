@@ -1,6 +1,7 @@
 """The endpoint's per-deployment Serve options, typed: the builder's defaults and an operator's overrides (the
 `deployments` argument of `serve.app:build_app`, and the `deployments:` list of serve/config.yaml, which Serve lays
-over what the builder set). Both go through `DeploymentArgs`.
+over what the builder set). Both go through `DeploymentArgs`. And `StageDeployment`: the one deployment class
+every model-holding stage runs in.
 
 Serve itself checks little here: a misspelt autoscaling key (`upscale_delay: 5`) or deployment option is dropped
 silently and its default (30 s) stays. `DeploymentArgs` refuses unknown names and checks values with Serve's own
@@ -11,6 +12,9 @@ deadline (`timeout_s`) unless an operator sets it, and may not be set shorter.
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
+
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -20,7 +24,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from ray import serve
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
+
+from pipeline.stages import run_stage
 
 DRAIN_MARGIN_S = 5.0  # past the deadline: the ingress's cancel reaches the stage, which stops at its next step
 
@@ -44,6 +51,10 @@ class DeploymentArgs(BaseModel):
     health_check_timeout_s: PositiveFloat | None = None
     max_replicas_per_node: PositiveInt | None = None
     ray_actor_options: dict | None = None  # num_cpus, num_gpus, resources, runtime_env (checked by Serve)
+    # a stage deployment's batch settings, {"max_batch_tiles": N, "batch_wait_s": S}: Serve hands them to the
+    # running replicas (`reconfigure`), so changing them needs no redeploy; unset: the app's max_batch_tiles and
+    # batch_wait_s
+    user_config: dict | None = None
 
     @field_validator("autoscaling_config", "backpressure_config")
     @classmethod
@@ -58,6 +69,13 @@ class DeploymentArgs(BaseModel):
         model.model_validate(value)  # Serve's own ranges: min_replicas <= max_replicas, delays >= 0, ...
         return value
 
+    @field_validator("user_config")
+    @classmethod
+    def _batch_settings(cls, value: dict | None):
+        if value is not None:
+            check_batch_settings(value)
+        return value
+
     @model_validator(mode="after")
     def _one_way_to_size(self):
         if self.num_replicas is not None and self.autoscaling_config is not None:
@@ -66,6 +84,23 @@ class DeploymentArgs(BaseModel):
 
     def options(self) -> dict:
         return self.model_dump(exclude_none=True)
+
+
+BATCH_SETTINGS = {"max_batch_tiles": int, "batch_wait_s": float}
+
+
+def check_batch_settings(config: dict) -> dict:
+    """A stage deployment's batch settings: known names, a tile budget that fits one capped request, a wait in
+    [0, 1] s; ValueError naming what is wrong."""
+    unknown = sorted(set(config) - set(BATCH_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown batch setting(s) {unknown}; known: {sorted(BATCH_SETTINGS)}")
+    tiles, wait = config.get("max_batch_tiles", TILE_COST_CAP), config.get("batch_wait_s", 0.0)
+    if isinstance(tiles, bool) or not isinstance(tiles, int) or not TILE_COST_CAP <= tiles <= 4096:
+        raise ValueError(f"max_batch_tiles must be an integer in {TILE_COST_CAP}..4096, got {tiles!r}")
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0.0 <= wait <= 1.0:
+        raise ValueError(f"batch_wait_s must be a number of seconds in [0, 1], got {wait!r}")
+    return config
 
 
 def check_drain(deployments: dict[str, DeploymentArgs], timeout_s: float) -> None:
@@ -80,10 +115,13 @@ def check_drain(deployments: dict[str, DeploymentArgs], timeout_s: float) -> Non
             )
 
 
-def deployment_options(name: str, overrides: dict[str, DeploymentArgs], timeout_s: float) -> dict:
-    """Serve options for deployment `name`: its default, the operator's fields over it (a field replaces the
-    default's whole value), and a drain window that covers the request deadline unless one is given."""
-    conf = {**DEFAULTS.get(name, STAGE_DEFAULT).options(), **overrides.get(name, DeploymentArgs()).options()}
+def deployment_options(name: str, overrides: dict[str, DeploymentArgs], timeout_s: float,
+                       default: DeploymentArgs | None = None) -> dict:  # fmt: skip
+    """Serve options for deployment `name`: its default (`default`, else the ingress's, else what the stage of that
+    name declares in the default workflow), the operator's fields over it (a field replaces the default's whole
+    value), and a drain window that covers the request deadline unless one is given."""
+    base = default or DEFAULTS.get(name) or _declared(name)
+    conf = {**base.options(), **overrides.get(name, DeploymentArgs()).options()}
     conf.setdefault("graceful_shutdown_timeout_s", timeout_s + DRAIN_MARGIN_S)
     return conf
 
@@ -95,7 +133,87 @@ def deployment_options(name: str, overrides: dict[str, DeploymentArgs], timeout_
 DEFAULTS = {
     "ingress": DeploymentArgs(max_ongoing_requests=64, max_queued_requests=64, ray_actor_options={"num_cpus": 0.1},
                               backpressure_config={"status_code": 503, "retry_after_s": 2}),
-    "encode": DeploymentArgs(max_ongoing_requests=8, ray_actor_options={"num_cpus": 0.1}),
-    "diffuse": DeploymentArgs(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.5}),
 }  # fmt: skip
-STAGE_DEFAULT = DeploymentArgs(max_ongoing_requests=8, ray_actor_options={"num_cpus": 0.1})  # a stage added later
+STAGE_DEFAULT = DeploymentArgs(max_ongoing_requests=8, ray_actor_options={"num_cpus": 0.1})
+
+
+def _declared(name: str) -> DeploymentArgs:
+    from pipeline.workflow import resolve_workflow
+
+    spec = next((s for s in resolve_workflow().stages() if s.name == name), None)
+    return stage_default(spec) if spec is not None else STAGE_DEFAULT
+
+
+def stage_default(spec) -> DeploymentArgs:
+    """A stage deployment's default Serve options, from its spec (`pipeline.spec.StageSpec`): requests a replica
+    takes at once and its CPUs."""
+    return DeploymentArgs(max_ongoing_requests=spec.serve_ongoing, ray_actor_options={"num_cpus": spec.serve_cpus})
+
+
+# ---------------------------------------------------------------------------------------------- stage deployments
+TILE_COST_CAP = 8  # a request counts as at most this many tiles, so one big image still forms a batch of its own
+
+
+def batch_cost(rows: list[dict]) -> int:
+    """A batch's size in tiles (a row without a plan yet counts as one), each request capped at TILE_COST_CAP."""
+    return sum(min(getattr(r.get("plan"), "n_tiles", 1), TILE_COST_CAP) for r in rows)
+
+
+@serve.deployment
+class StageDeployment:
+    """One deployment per model-holding stage of the graph (named after it): the stage class the job runs, its
+    model loaded once per replica, requests batched by `@serve.batch` (sized in tiles) through the same envelope
+    (`run_stage`) as the job. A caller that goes away is passed to the stage's `cancel`, so its work stops."""
+
+    def __init__(self, spec, max_batch_tiles: int = 16, batch_wait_s: float = 0.005, threads: int = 0):
+        import torch
+        from ray.serve import metrics
+
+        if threads:  # a CPU replica: Ray pins OMP_NUM_THREADS to its (fractional) CPU share
+            torch.set_num_threads(threads)
+        check_batch_settings({"max_batch_tiles": max_batch_tiles, "batch_wait_s": batch_wait_s})
+        self.spec, self.stage = spec, spec.build()
+        if hasattr(self.stage, "warmup"):  # before `ready` answers: no request pays for kernel compiles
+            self.stage.warmup()
+        self.batch_sizes: Counter = Counter()
+        self.batch_metric = metrics.Histogram(
+            f"pidray_{spec.name}_batch_size", f"requests per {spec.name} batch", boundaries=[1, 2, 4, 8, 16, 32]
+        )
+        self.reconfigure({"max_batch_tiles": max_batch_tiles, "batch_wait_s": batch_wait_s})
+
+    def reconfigure(self, config: dict) -> None:
+        """Batch settings (the deployment's `user_config`), applied to the running replica: no redeploy."""
+        check_batch_settings(config)
+        self.batch_settings = {**getattr(self, "batch_settings", {}), **config}
+        if "max_batch_tiles" in config:
+            self.run.set_max_batch_size(config["max_batch_tiles"])
+        if "batch_wait_s" in config:
+            self.run.set_batch_wait_timeout_s(config["batch_wait_s"])
+
+    def settings(self) -> dict:
+        """The batch settings in force on this replica."""
+        return dict(self.batch_settings)
+
+    def ready(self) -> bool:
+        return True
+
+    def stats(self) -> dict:
+        return {"batch_sizes": dict(self.batch_sizes), "device": str(getattr(self.stage, "device", "cpu")),
+                "stopped": getattr(self.stage, "stopped", 0)}  # fmt: skip
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=batch_cost)
+    async def run(self, rows: list[dict]) -> list[dict]:
+        self.batch_sizes[len(rows)] += 1
+        self.batch_metric.observe(len(rows))
+        return await asyncio.to_thread(run_stage, self.stage, self.spec.name, rows)
+
+    async def __call__(self, row: dict) -> dict:
+        """One row through the stage. `row` may be the response of the previous deployment, passed on unawaited by
+        the ingress: Serve resolves it here, so the previous stage's result (a latent) never passes the ingress."""
+        try:
+            return await self.run(row)
+        except asyncio.CancelledError:  # the caller timed out or disconnected: stop its work at the next step
+            cancel = getattr(self.stage, "cancel", None)
+            if cancel is not None and row.get("request_id"):
+                cancel(row["request_id"])
+            raise

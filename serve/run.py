@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import socket
 import sys
 import time
 
 from pipeline.errors import SetupError
-
-TOKEN_ENV = "PIDRAY_API_TOKEN"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+from serve.admission import TOKEN_ENV, is_loopback
 
 
 def check_port(host: str, port: int) -> None:

@@ -25,7 +25,7 @@ def test_bundled_weights_resolve_and_are_small():
 
 def test_beats_bicubic_on_a_held_out_photo_at_reduced_size():
     torch.manual_seed(0)
-    _, net = load_net(ModelOptions(device="cpu", dtype="fp32"))
+    _, net = load_net(ModelOptions(device="cpu", dtype="fp32"), get_preset("small"))
     res = evaluate_net(net, size=96, seed=0, steps=get_preset("small").default_steps)
     for r in res["rows"]:
         print(f"{r['image']}: model {r['psnr_model']:.2f} dB vs bicubic {r['psnr_bicubic']:.2f} dB")

@@ -38,7 +38,7 @@ def test_decoding_our_own_latent_equals_upscaling_the_image(stand_in, name, hw):
     enc = up["encode"].build()
     rows = enc.process_batch([up["decode"].build().process({"key": "img.png", "bytes": data})])
     latent = torch.from_numpy(rows[0]["latent"])
-    assert tuple(latent.shape[1:]) == tuple(rows[0]["plan"]["tile"]) or rows[0]["plan"]["grid"] != [1, 1]
+    assert tuple(latent.shape[1:]) == tuple(rows[0]["plan"].tile) or rows[0]["plan"].grid != (1, 1)
     file = st_save({"latent": latent}, metadata={"format": "sdxl" if name.startswith("sdxl") else "flux"})
     down = StageGraph(opts, options, workflow="decode")
     (got,) = list(down.run_local([{"key": "lat.safetensors", "bytes": file}]))

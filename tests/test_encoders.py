@@ -372,7 +372,7 @@ def test_global_grid_reaches_the_network_as_the_official_alignment(stand_in, nam
     from pipeline.stages.encode import plan_for
 
     opts = stand_in(name)
-    stage = DiffuseStage(opts, UpscaleOptions(overlap=1))
+    stage = DiffuseStage(opts, UpscaleOptions(overlap=1), preset=get_preset(opts.preset))
     preset, lq = stage.preset, stage.net.lq_proj
     raw = torch.randn(preset.config.lq_latent_channels, 4, 4, generator=torch.Generator().manual_seed(3))
     for in_hw in [(16, 12), (50, 37)]:

@@ -14,6 +14,7 @@ from safetensors.torch import save as st_save
 
 from pipeline.errors import BadInput, TooLarge
 from pipeline.latents import read_latents
+from pipeline.model.presets import get_preset
 from pipeline.stages import run_stage
 from pipeline.stages.io import ReadStage
 from pipeline.stages.latent import LatentStage
@@ -83,7 +84,7 @@ def test_real_npz_bomb_and_member_count_are_bounded():
     zeros = np.zeros((16, 256, 256), np.float32)  # 4 MiB each, ~4 KiB compressed
     bomb = _npz({f"m{i}": zeros for i in range(4)})
     assert len(bomb) < 100_000
-    stage = LatentStage("flux-2k", max_bytes=8 << 20, max_members=8)
+    stage = LatentStage(get_preset("flux-2k"), max_bytes=8 << 20, max_members=8)
     many = _npz({f"m{i}": np.zeros((16, 2, 2), np.float32) for i in range(9)})
     rows = run_stage(stage, "latent", [{"key": "b.npz", "bytes": bomb, "latent_id": "m0"},
                                        {"key": "n.npz", "bytes": many, "latent_id": "m0"}])  # fmt: skip
@@ -124,7 +125,7 @@ def test_batch_file_is_read_and_indexed_once_for_all_its_rows(tmp_path, monkeypa
     monkeypatch.setattr(zipfile, "ZipFile", lambda *a, **k: zips.append(1) or real_zip(*a, **k))
     monkeypatch.setattr(latents, "_st_header", lambda *a: headers.append(1) or real_header(*a))
     monkeypatch.setattr(Location, "read_versioned", lambda self, k, *a: reads.append(k) or real_read(self, k, *a))
-    read, stage = ReadStage(Location(str(tmp_path))), LatentStage("flux-2k")
+    read, stage = ReadStage(Location(str(tmp_path))), LatentStage(get_preset("flux-2k"))
     for name in ("b.npz", "b.safetensors"):
         rows = [{"key": f"{name}#{i}", "src_key": name, "latent_id": i} for i in sorted(arrays)]
         rows = run_stage(stage, "latent", run_stage(read, "read", rows))
@@ -218,7 +219,7 @@ MALFORMED = [
 def test_malformed_safetensors_fail_their_row_with_a_sentence(data, message):
     """Headers of the wrong type, shape, dtype, offsets, depth or size: the row fails as bad input with a sentence
     naming the tensor or field, never Python's own words."""
-    (row,) = run_stage(LatentStage("flux-2k"), "latent", [{"key": "x.safetensors", "bytes": data}])
+    (row,) = run_stage(LatentStage(get_preset("flux-2k")), "latent", [{"key": "x.safetensors", "bytes": data}])
     assert row["status"] == "failed" and row["error_kind"] in ("bad_input", "too_large"), row
     assert message in row["error"], row["error"]
     assert not PYTHON_SPEAK.search(row["error"]), row["error"]
@@ -235,7 +236,8 @@ def test_malformed_safetensors_fail_their_row_with_a_sentence(data, message):
      ({"a": np.zeros((1,), "V100")}, "must be floating point")],
 )  # fmt: skip
 def test_npz_special_and_typed_members_fail_with_a_sentence(arrays, message):
-    (row,) = run_stage(LatentStage("flux-2k"), "latent", [{"key": "x.npz", "bytes": _npz(arrays), "latent_id": "a"}])
+    stage = LatentStage(get_preset("flux-2k"))
+    (row,) = run_stage(stage, "latent", [{"key": "x.npz", "bytes": _npz(arrays), "latent_id": "a"}])
     assert row["status"] == "failed" and message in row["error"] and not PYTHON_SPEAK.search(row["error"]), row
 
 

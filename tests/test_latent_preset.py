@@ -96,7 +96,7 @@ def test_diffuse_warmup_runs_for_a_latent_preset(tiny_flux_preset):
     """Replicas and actors warm up (kernels compiled/tuned on a GPU) before they report ready or take work."""
     from pipeline.stages import DiffuseStage
 
-    stage = DiffuseStage(tiny_flux_preset)
+    stage = DiffuseStage(tiny_flux_preset, preset=PRESETS[tiny_flux_preset.preset])
     assert not stage.warmup()  # a CPU has no kernels to compile: the first row is not delayed
     assert stage.warmup(force=True)
     assert stage.stopped == 0 and not stage.cancelled

@@ -131,3 +131,23 @@ def test_bad_generate_requests_get_4xx(app, body, ctype, status, message):
 def test_models_lists_every_workflow(app):
     m = requests.get(app["url"] + "/v1/models", timeout=10).json()
     assert m["served"] == "tiny-flux-2k" and json.dumps(m)
+
+
+def test_an_upscale_latent_goes_from_encode_to_diffuse_without_the_ingress(app):
+    """With a VAE preset the encode stage is a deployment of its own: the ingress hands its response to the diffuse
+    deployment unawaited, so the latent never comes back through the ingress — of the two deployments, only the
+    diffuse one's result (the pixels) is ever received there."""
+    from ray import serve
+
+    ingress = serve.get_deployment_handle("ingress", app_name="pidray")
+    before = ingress.received.remote().result(timeout_s=30)
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 255, (24, 20, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    r = requests.post(app["url"] + "/v1/upscale", data=buf.getvalue(), headers={"Content-Type": "image/png"},
+                      timeout=120)  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert "encode=" in r.headers["X-Pidray-Timings"] and "diffuse=" in r.headers["X-Pidray-Timings"]
+    after = ingress.received.remote().result(timeout_s=30)
+    assert after.get("diffuse", 0) == before.get("diffuse", 0) + 1, (before, after)
+    assert after.get("encode", 0) == 0, after  # the encode deployment's latent never reached the ingress

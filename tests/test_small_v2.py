@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.model.network import PidNet, check_shift
+from pipeline.model.presets import get_preset
 from pipeline.quality import grid_ratio
 
 from conftest import tiny_config
@@ -113,8 +114,8 @@ def test_previous_bundled_model_still_loads_through_the_normal_path():
 
     if not PREVIOUS.is_file():
         pytest.skip("the previous model file is not in this checkout")
-    _, old = load_net(ModelOptions(weights=str(PREVIOUS), device="cpu", dtype="fp32"))
-    _, new = load_net(ModelOptions(device="cpu", dtype="fp32"))
+    _, old = load_net(ModelOptions(weights=str(PREVIOUS), device="cpu", dtype="fp32"), get_preset("small"))
+    _, new = load_net(ModelOptions(device="cpu", dtype="fp32"), get_preset("small"))
     assert old.out_conv is None and old.cfg.lq_num_res_blocks == 2
     assert new.cfg != old.cfg and new.out_conv is not None
     assert shipped_settings(str(PREVIOUS)) == (4, False) and shipped_settings(None) == (1, None)

@@ -277,6 +277,8 @@ ALIASES = {"default": "small", "flux": "flux-2k", "sd3": "sd3-2k", "sdxl": "sdxl
 def preset_from_dict(d: dict, where: str = "preset") -> Preset:
     """A preset written as data (`Preset.describe()`'s shape): for your own checkpoints of these architectures — a
     fine-tune, a tiny model for tests — without changing pidray. Unknown fields are refused."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: a preset is a JSON object, got {type(d).__name__}")
     names = {f.name for f in dataclasses.fields(Preset)}
     d = {k: v for k, v in d.items() if k != "scale"}
     unknown = sorted(set(d) - names)
@@ -297,19 +299,44 @@ def preset_from_dict(d: dict, where: str = "preset") -> Preset:
         raise ValueError(f"{where}: not a valid preset ({e})") from None
 
 
+PRESET_FILES_KEPT = 16  # preset files parsed and kept (each is a few kB), keyed by path and version
+MAX_PRESET_FILE_BYTES = 1 << 20  # a preset file is a short JSON document
+_FILES: dict[tuple, Preset] = {}  # (resolved path, size, mtime_ns) -> Preset, oldest first
+
+
+def _preset_file(name: str) -> Preset:
+    """A preset file, parsed once per version: read again only when its size or mtime changed (a few kept)."""
+    import json
+
+    path = Path(name).expanduser()
+    try:
+        st = path.resolve().stat()
+    except OSError:
+        st = None
+    if st is None or not path.is_file():
+        raise ValueError(f"preset file not found: {name}")
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _FILES:
+        return _FILES[key]
+    if st.st_size > MAX_PRESET_FILE_BYTES:
+        raise ValueError(f"{path}: {st.st_size:,} bytes is not a preset file (at most {MAX_PRESET_FILE_BYTES:,})")
+    try:
+        preset = preset_from_dict(json.loads(path.read_text()), str(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file") from None
+    _FILES[key] = preset
+    while len(_FILES) > PRESET_FILES_KEPT:
+        _FILES.pop(next(iter(_FILES)))
+    return preset
+
+
 def get_preset(name: str) -> Preset:
     """A named preset, or a preset file (`*.json`, `Preset.describe()`'s shape; its `checkpoint` a path or a file
-    name under --weights)."""
+    name under --weights). Called where a job or request enters; a file is parsed once per version."""
     if str(name).endswith(".json"):
-        import json
-
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise ValueError(f"preset file not found: {name}")
-        try:
-            return preset_from_dict(json.loads(path.read_text()), str(path))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not JSON ({e})") from None
+        return _preset_file(str(name))
     key = ALIASES.get(name, name)
     if key not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))} (aliases: {sorted(ALIASES)})")

@@ -103,7 +103,11 @@ def check_seed(seed) -> int:
     return seed
 
 
-ROW_OVERRIDES = ("seed", "caption", "degrade_sigma", "steps", "cfg_scale", "shift", "scale", "format", "quality")
+# The options a row (a job's row, a request's parameters) may set over the defaults, with their types: declared
+# here only; the typed rows (`stages.rows.Overrides`) and the endpoint's parameters are made from it.
+OVERRIDES = {"seed": int, "caption": str, "degrade_sigma": float, "steps": int, "cfg_scale": float, "shift": float,
+             "scale": float, "format": str, "quality": int}  # fmt: skip
+ROW_OVERRIDES = tuple(OVERRIDES)
 
 
 def resolve(defaults: UpscaleOptions, row: dict) -> UpscaleOptions:

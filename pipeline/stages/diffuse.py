@@ -31,6 +31,7 @@ from pipeline.errors import Cancelled
 from pipeline.imageio import quantize
 from pipeline.memory import batch_size_for, default_budget
 from pipeline.model.guided import Guidance, guided_sample
+from pipeline.model.presets import Preset
 from pipeline.model.sampler import GeneratorNoise, degrade_latent, sample
 from pipeline.noise import TileNoise, mix
 from pipeline.runtime import ModelOptions, load_net
@@ -79,15 +80,18 @@ class DiffuseItem:
 class DiffuseStage(Cancellable):
     def __init__(
         self,
-        model: ModelOptions | dict | None = None,
-        options: UpscaleOptions | dict | None = None,
+        model: ModelOptions | None = None,
+        options: UpscaleOptions | None = None,
         memory_budget: int | None = None,
         loaded=None,  # (Preset, PidNet) already loaded, e.g. from a fixture
         gpu_share: float = 1.0,  # the fraction of its GPU the graph gives this stage (its memory budget)
+        preset: Preset | None = None,  # resolved where the job or request entered; needed unless `loaded`
     ):
-        self.model = model if isinstance(model, ModelOptions) else ModelOptions(**(model or {}))
-        self.options = options if isinstance(options, UpscaleOptions) else UpscaleOptions(**(options or {}))
-        self.preset, self.net = loaded if loaded is not None else load_net(self.model)
+        self.model = model or ModelOptions()
+        self.options = options or UpscaleOptions()
+        if loaded is None and preset is None:
+            raise TypeError("DiffuseStage needs the resolved preset (preset=) or a loaded (preset, net)")
+        self.preset, self.net = loaded if loaded is not None else load_net(self.model, preset)
         p = next(self.net.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.budget = memory_budget or default_budget(self.device, gpu_share)
@@ -169,7 +173,7 @@ class DiffuseStage(Cancellable):
     def request(self, row: dict) -> DiffuseItem:
         """A row's sampler inputs; row values override the stage's options."""
         o = options_of(row, self.options)
-        plan = TilePlan.from_dict(row["plan"])
+        plan = row["plan"]
         guided = self.preset.sampler == "guided"
         if guided and row.get("null_emb") is None:
             raise ValueError("a guided preset's row needs the null caption embedding (null_emb) from the encode stage")

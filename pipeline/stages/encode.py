@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import BadParameter
+from pipeline.model.presets import Preset
 from pipeline.runtime import ModelOptions, load_caption_encoder, load_lq_encoder, pick_device
 from pipeline.stages.common import UpscaleOptions, options_of
 from pipeline.stages.rows import DecodedRow, EncodedRow
@@ -46,21 +47,26 @@ class EncodeStage:
     """Decoded rows -> plan + LQ latent + caption embedding. With `lq=False` (the latent-decode workflow) the rows
     bring their latent (`LatentStage`) and only the plan and the caption are made here: no LQ encoder is loaded."""
 
-    def __init__(self, model: ModelOptions | dict | None = None, options: UpscaleOptions | dict | None = None,
-                 gpu_share: float = 1.0, lq: bool = True):  # fmt: skip
-        from pipeline.model.presets import get_preset
-
-        self.model = model if isinstance(model, ModelOptions) else ModelOptions(**(model or {}))
-        self.options = options if isinstance(options, UpscaleOptions) else UpscaleOptions(**(options or {}))
-        self.preset = get_preset(self.model.preset)
+    def __init__(self, model: ModelOptions, preset: Preset, options: UpscaleOptions, gpu_share: float = 1.0,
+                 lq: bool = True):  # fmt: skip
+        """model, preset, options: resolved where the job or request entered (the workflow)."""
+        self.model, self.preset, self.options = model, preset, options
         # its memory budget: the graph's share of a GPU
-        self.encoder = load_lq_encoder(self.model, gpu_share) if lq else None
-        self.captioner = load_caption_encoder(self.model)
+        self.encoder = load_lq_encoder(self.model, preset, gpu_share) if lq else None
+        self.captioner = load_caption_encoder(self.model, preset)
         self.device = pick_device(self.model.device)
         self._null: np.ndarray | None = None
 
     def plan(self, in_hw):
         return plan_for(self.preset, self.options, in_hw)
+
+    def _plan(self, row: dict, o: UpscaleOptions, in_hw) -> TilePlan:
+        """The row's tile plan: the one made where it entered (`planned`, the endpoint's admission) when it is for
+        this very size, else planned here."""
+        planned = row.pop("planned", None)
+        if isinstance(planned, TilePlan) and tuple(planned.in_hw) == tuple(in_hw):
+            return planned
+        return plan_for(self.preset, o, in_hw)
 
     def process(self, row: DecodedRow) -> EncodedRow:
         return self.process_batch([row])[0]
@@ -79,11 +85,11 @@ class EncodeStage:
                 continue
             img = row.pop("image")
             o = options_of(row, self.options)
-            plan = plan_for(self.preset, o, img.size)
+            plan = self._plan(row, o, img.size)
             check_output_side(target_size(plan.in_hw, plan.sr_scale, o.scale), o.max_output_side)  # -s 16 too
             pixels = torch.from_numpy(pad_image(img.to_float(), plan.pad_hw))[None].to(self.device)
             row["latent"] = np.ascontiguousarray(self.encoder.encode(pixels)[0].float().cpu().numpy())
-            row["plan"] = plan.to_dict()
+            row["plan"] = plan
             # metadata (mode, ICC, EXIF) and alpha for the merge; the pixels are not shipped further
             row["src"] = dataclasses.replace(img, rgb=img.rgb[:0, :0])
             out.append(row)
@@ -114,13 +120,13 @@ class EncodeStage:
         lat = row["latent"]
         o = options_of(row, self.options)
         size = row.get("out_size")
-        plan = plan_for(self.preset, o, given_latent_in_hw(self.preset, lat.shape[1:], size))
+        plan = self._plan(row, o, given_latent_in_hw(self.preset, lat.shape[1:], size))
         check_output_side(target_size(plan.in_hw, plan.sr_scale, o.scale), o.max_output_side)
         if not size and tuple(lat.shape[1:]) != plan.lat_hw:
             ph, pw = plan.lat_hw[0] - lat.shape[1], plan.lat_hw[1] - lat.shape[2]
             mode = "reflect" if ph < lat.shape[1] and pw < lat.shape[2] else "symmetric"
             lat = np.pad(lat, ((0, 0), (0, ph), (0, pw)), mode=mode)
         row["latent"] = np.ascontiguousarray(lat, dtype=np.float32)
-        row["plan"] = plan.to_dict()
+        row["plan"] = plan
         row["in_hw"] = list(plan.in_hw)
         return row

@@ -14,6 +14,7 @@ from collections import OrderedDict
 import torch
 
 from pipeline.imageio import Decoded, quantize
+from pipeline.model.presets import Preset
 from pipeline.runtime import ModelOptions, load_caption_encoder, load_net
 from pipeline.stages.common import Cancellable
 from pipeline.stages.latent import latent_source
@@ -22,15 +23,16 @@ from pipeline.tiling import TilePlan
 
 
 class GenerateStage(Cancellable):  # a batch whose callers are all gone stops at the next step
-    def __init__(self, model: ModelOptions | dict | None = None, options: GenerateOptions | dict | None = None,
+    def __init__(self, model: ModelOptions, preset: Preset, options: GenerateOptions | None = None,
                  emit: str = "pixels", batch: int = 4):  # fmt: skip
-        self.model = model if isinstance(model, ModelOptions) else ModelOptions(**(model or {}))
-        self.options = options if isinstance(options, GenerateOptions) else GenerateOptions.from_dict(options or {})
-        self.preset, self.net = load_net(self.model)
+        """model, preset, options: resolved where the job or request entered (the workflow)."""
+        self.model = model
+        self.options = options or GenerateOptions()
+        self.preset, self.net = load_net(self.model, preset)
         if self.preset.task != "t2i" or self.net.cfg.has_lq:
             raise ValueError(f"preset {self.preset.name!r} is not a text-to-image model (pidray generate takes "
                              "pixeldit-2k or a preset file with task 't2i')")  # fmt: skip
-        self.captioner = load_caption_encoder(self.model)
+        self.captioner = load_caption_encoder(self.model, self.preset)
         self.device = next(self.net.parameters()).device
         self.emit, self.batch = emit, batch
         self._null: OrderedDict[str, torch.Tensor] = OrderedDict()  # the last few negative prompts' embeddings
@@ -83,5 +85,5 @@ class GenerateStage(Cancellable):  # a batch whose callers are all gone stops at
         if self.emit in ("pixels", "both"):  # "both": the endpoint picks per request (upscaled or not)
             row["pixels"] = rgb
             row["src"] = latent_source()
-            row["plan"] = TilePlan((h, w), 1, 1, 1, (h, w), (h, w), (1, 1)).to_dict()
+            row["plan"] = TilePlan((h, w), 1, 1, 1, (h, w), (h, w), (1, 1))
         return row

@@ -24,7 +24,7 @@ from pipeline.latents import (
     open_latents,
     to_training_frame,
 )
-from pipeline.model.presets import get_preset
+from pipeline.model.presets import Preset
 from pipeline.stages.common import UpscaleOptions, options_of
 
 
@@ -37,12 +37,13 @@ def latent_source() -> Decoded:
 class LatentStage:
     CACHED_FILES = 2  # indexes kept (each holds its file's bytes)
 
-    def __init__(self, preset: str, latent_format: str | None = None, options: UpscaleOptions | dict | None = None,
+    def __init__(self, preset: Preset, latent_format: str | None = None, options: UpscaleOptions | None = None,
                  max_bytes: int = MAX_LATENT_BYTES, max_members: int = MAX_MEMBERS):  # fmt: skip
-        """max_bytes, max_members: what one file may inflate to and hold (the endpoint sets tighter bounds)."""
-        self.preset = get_preset(preset)
+        """preset: resolved where the job or request entered; max_bytes, max_members: what one file may inflate to
+        and hold (the endpoint sets tighter bounds)."""
+        self.preset = preset
         self.format = latent_format
-        self.options = options if isinstance(options, UpscaleOptions) else UpscaleOptions(**(options or {}))
+        self.options = options or UpscaleOptions()
         self.max_bytes, self.max_members = max_bytes, max_members
         check_format(latent_format, self.preset)  # a --format that does not fit the preset: refused up front
         self._files: OrderedDict[tuple, tuple[bytes, LatentFile]] = OrderedDict()
@@ -69,7 +70,7 @@ class LatentStage:
             ids = ", ".join(repr(i) for i in f.ids[:5]) + (", ..." if len(f.ids) > 5 else "")
             raise BadInput(f"the file holds {len(f.ids)} latents ({ids}): name one (id)")
         item = f.item(want or f.ids[0])
-        check_format(self.format or item.format, self.preset)
+        check_format(row.pop("latent_format", None) or self.format or item.format, self.preset)  # the row's first
         check_latent(item.latent, self.preset)
         o = options_of(row, self.options)
         sigma = row.get("sigma", item.sigma)

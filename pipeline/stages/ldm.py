@@ -20,7 +20,7 @@ import torch
 
 from pipeline.errors import BadInput, SetupError
 from pipeline.latents import check_format
-from pipeline.model.presets import get_preset
+from pipeline.model.presets import Preset
 from pipeline.runtime import ModelOptions, pick_device
 from pipeline.stages.common import UpscaleOptions, options_of
 from pipeline.stages.latent import latent_source
@@ -77,19 +77,20 @@ def ldm_spec(name_or_dir: str) -> tuple[LDM, str]:
 class LDMStage:
     def __init__(
         self,
-        model: ModelOptions | dict | None = None,
-        ldm: str = "zimage-turbo",
-        options: GenerateOptions | dict | None = None,
-        upscale: UpscaleOptions | dict | None = None,
+        model: ModelOptions,
+        preset: Preset,  # the PiD preset that decodes the latent, resolved where the job entered
+        ldm: str,
+        options: GenerateOptions | None = None,
+        upscale: UpscaleOptions | None = None,
     ):
         try:
             import diffusers
         except ImportError:
             raise SetupError("generate-then-decode needs diffusers: pip install 'pidray[generate]'") from None
-        self.model = model if isinstance(model, ModelOptions) else ModelOptions(**(model or {}))
-        self.options = options if isinstance(options, GenerateOptions) else GenerateOptions.from_dict(options or {})
-        self.upscale = upscale if isinstance(upscale, UpscaleOptions) else UpscaleOptions(**(upscale or {}))
-        self.preset = get_preset(self.model.preset)
+        self.model = model
+        self.options = options or GenerateOptions()
+        self.upscale = upscale or UpscaleOptions()
+        self.preset = preset
         self.spec, where = ldm_spec(ldm)
         check_format(self.spec.latent_format, self.preset)  # the PiD preset decodes this model's latents
         self.device = pick_device(self.model.device)

@@ -7,16 +7,17 @@ import numpy as np
 from pipeline.imageio import CONTENT_TYPES, EXTENSIONS, encode, output_format, resize_plane
 from pipeline.stages.common import UpscaleOptions, options_of
 from pipeline.stages.rows import DiffusedRow, MergedRow
-from pipeline.tiling import TilePlan, target_size
+from pipeline.tiling import target_size
 
 
 class MergeStage:
-    def __init__(self, options: UpscaleOptions | dict | None = None):
-        self.options = options if isinstance(options, UpscaleOptions) else UpscaleOptions(**(options or {}))
+    def __init__(self, options: UpscaleOptions | None = None):
+        self.options = options or UpscaleOptions()
 
     def process(self, row: DiffusedRow) -> MergedRow:
+        """The last stage: the row leaves the pipeline here, its plan recorded as plain data (`TilePlan.to_dict`)."""
         row = dict(row)
-        plan = TilePlan.from_dict(row["plan"])
+        plan = row["plan"]
         src = row.pop("src")
         rgb = row.pop("pixels")  # [H, W, 3] uint8/uint16 at the native scale
         o = options_of(row, self.options)
@@ -27,6 +28,7 @@ class MergeStage:
         fmt = output_format(src, o.format)
         data = encode(rgb, src, fmt, quality=o.quality, alpha=alpha)
         row.update(
+            plan=plan.to_dict(),
             status="ok",
             output=data,
             out_hw=list(size),

@@ -10,19 +10,11 @@ from typing import Any, TypedDict
 
 import numpy as np
 
+from pipeline.stages.common import OVERRIDES
 
-class Overrides(TypedDict, total=False):
-    """Per-row options, resolved over the job's or endpoint's defaults where the row enters."""
-
-    seed: int
-    caption: str
-    degrade_sigma: float
-    steps: int
-    cfg_scale: float
-    shift: float
-    scale: float
-    format: str
-    quality: int
+# Per-row options, resolved over the job's or endpoint's defaults where the row enters (their one declaration:
+# `stages.common.OVERRIDES`).
+Overrides = TypedDict("Overrides", OVERRIDES, total=False)
 
 
 class FailedRow(TypedDict, total=False):
@@ -42,6 +34,7 @@ class ReadRow(Overrides, FailedRow, total=False):
     timings: dict[str, float]
     request_id: str  # Serve: who to stop when the caller goes away
     deadline: float  # Serve: time.time() after which the work is not worth doing
+    planned: Any  # Serve: the TilePlan admission made (the encode stage takes it when it fits the image)
 
 
 class DecodedRow(ReadRow, total=False):
@@ -51,7 +44,7 @@ class DecodedRow(ReadRow, total=False):
 
 class EncodedRow(ReadRow, total=False):
     in_hw: list[int]
-    plan: dict  # pipeline.tiling.TilePlan.to_dict()
+    plan: Any  # pipeline.tiling.TilePlan (the merge records it as its to_dict())
     latent: np.ndarray  # [C, h, w] float32 (or the RGB image for RGB-conditioned presets)
     caption_emb: np.ndarray  # [L, D] float32
     null_emb: np.ndarray  # [L, D] float32: the null caption (guided presets' unconditional branch)
@@ -60,7 +53,7 @@ class EncodedRow(ReadRow, total=False):
 
 class DiffusedRow(ReadRow, total=False):
     in_hw: list[int]
-    plan: dict
+    plan: Any  # TilePlan; after the merge, its to_dict()
     src: Any
     pixels: np.ndarray  # [H, W, 3] uint8/uint16: the blended, cropped canvas at the native scale
     batch: int  # images diffused together
@@ -68,7 +61,7 @@ class DiffusedRow(ReadRow, total=False):
 
 class MergedRow(ReadRow, total=False):
     in_hw: list[int]
-    plan: dict
+    plan: Any  # TilePlan; after the merge, its to_dict()
     status: str  # "ok"
     output: bytes  # the encoded file
     out_hw: list[int]

@@ -1,0 +1,166 @@
+"""The endpoint's builder: `AppArgs` (the typed arguments of serve/config.yaml and `pidray serve`) -> the Serve app.
+
+The workflows each route runs are resolved here, once: their presets looked up, the options parsed. Every
+model-holding stage of them becomes one deployment (`StageDeployment`, named after the stage; stages that several
+workflows share are one deployment), with its resources from its spec; the ingress gets the handles and the
+workflows. When the stages of all routes ask for more than one GPU together, each one's share is scaled down so they
+fit one. No stage is named here: adding a stage to a workflow adds its deployment.
+"""
+
+# No `from __future__ import annotations`: pydantic reads the annotations of AppArgs.
+
+import dataclasses
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.graph import StageGraph
+from pipeline.runtime import ModelOptions
+from pipeline.spec import StageSpec, hidden_gpu_env
+from pipeline.stages import UpscaleOptions
+from pipeline.t2i import GenerateOptions
+from pipeline.workflow import resolve_workflow
+from serve.deployments import (
+    DeploymentArgs,
+    StageDeployment,
+    check_batch_settings,
+    check_drain,
+    deployment_options,
+    stage_default,
+)
+from serve.routes import Chains, Ingress
+
+
+class AppArgs(BaseModel):
+    """The endpoint's arguments (`serve/config.yaml` args, `pidray serve`), typed and validated once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = "small"
+    weights: str | None = None
+    text_encoder: str | None = None
+    allow_download: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    kernels: str | None = None  # "auto" | "torch" | "triton"
+    options: dict = Field(default_factory=dict)  # UpscaleOptions defaults for every request
+    deployments: dict[str, DeploymentArgs] = Field(default_factory=dict)  # per deployment: its Serve options
+    gpu: bool | None = None  # None: whether the cluster has GPUs
+    max_batch_tiles: int = 16
+    batch_wait_s: float = 0.005
+    threads: int = 0  # torch threads per CPU replica (0: the machine's cores)
+    max_bytes: int = 50 << 20
+    timeout_s: float = 120.0
+    body_timeout_s: float = 30.0
+    max_cost_mpx_steps: float | None = None  # None: 1000 with a GPU, 8 on CPUs
+    max_in_flight: int = 16
+    decode_concurrency: int = 2
+    token: str | None = None
+    require_token: bool = False
+    output_s3: dict | None = None  # {"uri": "s3://bucket/prefix", "s3": {S3Settings fields}}
+    allowed_origins: list[str] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=list)
+    bind_host: str = ""
+    # /v1/generate: a text-to-image preset served beside the PiD one, e.g. {"preset": "pixeldit-2k", "weights": DIR,
+    # "text_encoder": DIR, "options": {GenerateOptions defaults}}; None: no text-to-image on this endpoint
+    generate: dict | None = None
+
+    @model_validator(mode="after")
+    def _drain_covers_the_deadline(self):
+        check_drain(self.deployments, self.timeout_s)
+        return self
+
+    def generate_model(self) -> ModelOptions | None:
+        if not self.generate:
+            return None
+        g = self.generate
+        unknown = sorted(set(g) - {"preset", "weights", "text_encoder", "options"})
+        if unknown or "preset" not in g:
+            raise ValueError(f"generate needs a preset and takes weights, text_encoder, options; got {sorted(g)}")
+        return ModelOptions(g["preset"], g.get("weights"), g.get("text_encoder") or self.text_encoder,
+                            self.allow_download, self.device, self.dtype, self.kernels)  # fmt: skip
+
+    def model_options(self) -> ModelOptions:
+        return ModelOptions(self.preset, self.weights, self.text_encoder, self.allow_download, self.device, self.dtype,
+                            self.kernels)  # fmt: skip
+
+
+def served_workflows(a: AppArgs) -> Chains:
+    """What each route runs, resolved once: the served PiD preset's upscale (and decode, for a preset that decodes
+    latents), and with `generate`, the text-to-image preset's generation, alone and followed by the upscale."""
+    model, options = a.model_options(), UpscaleOptions.from_dict(a.options)
+    up = resolve_workflow("upscale", model, options)
+    dec = resolve_workflow("decode", model, options, preset=up.preset) if up.preset.decodes_latents else None
+    gen_model = a.generate_model()
+    if gen_model is None:
+        return Chains(up, dec)
+    gen_opts = GenerateOptions.from_dict((a.generate or {}).get("options", {}))
+    gen = resolve_workflow("generate", gen_model, options, gen=gen_opts, emit="both")  # one deployment, both routes
+    if gen.preset.task != "t2i":
+        raise ValueError(f"generate.preset {gen_model.preset!r} is not a text-to-image preset")
+    gen_opts.resolved(gen.preset)  # refused here, not in a replica
+    gen_up = None
+    if up.preset.task == "upscale":  # then PiD: the upscale from its encode stage on
+        gen_up = resolve_workflow("generate", gen_model, options, gen=gen_opts, upscale=model, emit="both",
+                                  preset=gen.preset, upscale_preset=up.preset)  # fmt: skip
+    return Chains(up, dec, gen, gen_up)
+
+
+def model_specs(workflows: Chains) -> list[StageSpec]:
+    """The deployments: every model-holding stage of the served workflows, once by name (the first workflow's),
+    their GPU shares scaled down together when they would ask for more than one GPU."""
+    specs: dict[str, StageSpec] = {}
+    for w in (getattr(workflows, f.name) for f in dataclasses.fields(workflows)):
+        for s in StageGraph(workflow=w).stages if w is not None else ():
+            if s.holds_model:
+                specs.setdefault(s.name, s)
+    total = sum(s.gpu_share for s in specs.values() if s.wants_gpu)
+    if total > 1.0:
+        specs = {n: dataclasses.replace(s, gpu_share=s.gpu_share / total) for n, s in specs.items()}
+    return list(specs.values())
+
+
+def deployment_names(preset: str) -> list[str]:
+    """The deployments `build_app` creates for a preset: the graph's model-holding stages, plus the ingress."""
+    up = resolve_workflow("upscale", ModelOptions(preset=preset))
+    return ["ingress"] + [s.name for s in StageGraph(workflow=up).model_stages()]
+
+
+def build_app(args: dict | AppArgs | None = None):
+    """Serve application builder (`serve run serve.app:build_app preset=small`): one deployment per model stage."""
+    try:
+        a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    except ValidationError as e:
+        raise ValueError(f"invalid endpoint arguments: {e}") from None
+    gpu = _has_gpu() if a.gpu is None else a.gpu
+    updates = {"gpu": gpu, "max_cost_mpx_steps": a.max_cost_mpx_steps or (1000.0 if gpu else 8.0),
+               "threads": a.threads or (0 if gpu else os.cpu_count() or 1)}  # fmt: skip
+    a = a.model_copy(update=updates)
+    check_batch_settings({"max_batch_tiles": a.max_batch_tiles, "batch_wait_s": a.batch_wait_s})
+    if "ingress" in a.deployments and a.deployments["ingress"].user_config is not None:
+        raise ValueError("deployments: user_config (batch settings) applies to the stage deployments, not ingress")
+    workflows = served_workflows(a)  # options parsed, presets looked up, here only
+    specs = model_specs(workflows)
+    unknown = sorted(set(a.deployments) - {"ingress", *(s.name for s in specs)})
+    if unknown:
+        raise ValueError(f"deployments: no deployment named {unknown} in this app (it has "
+                         f"{['ingress'] + [s.name for s in specs]})")  # fmt: skip
+    handles = {}
+    for spec in specs:
+        conf = deployment_options(spec.name, a.deployments, a.timeout_s, stage_default(spec))
+        if gpu:  # the graph's declaration: a GPU stage's share of a card; a CPU stage with CUDA hidden
+            conf["ray_actor_options"] = {**conf.get("ray_actor_options", {}), **spec.ray_options(1)}
+        handles[spec.name] = StageDeployment.options(name=spec.name, **conf).bind(
+            spec, max_batch_tiles=a.max_batch_tiles, batch_wait_s=a.batch_wait_s, threads=a.threads
+        )
+    ingress = deployment_options("ingress", a.deployments, a.timeout_s)
+    if gpu:  # the stages that run in the ingress (decode, merge): never on a GPU
+        opts = ingress.get("ray_actor_options", {})
+        ingress["ray_actor_options"] = {**opts, "runtime_env": hidden_gpu_env()}
+    return Ingress.options(**ingress).bind(handles, workflows, a)
+
+
+def _has_gpu() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0

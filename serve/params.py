@@ -1,0 +1,157 @@
+"""The endpoint's parameters: query/form fields and /v1/generate's JSON fields, typed and bounded before any work,
+and the cost model that bounds the work one request may ask for (pixels diffused × steps × passes).
+
+Every refusal is a typed error (`pipeline.errors`): BadParameter (422), TooLarge (413), Refused("bad_input") (400).
+A row's overrides are the job's own (`pipeline.stages.common.OVERRIDES`), validated by the same rules.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pipeline.errors import BadParameter, Refused, TooLarge
+from pipeline.imageio import output_format
+from pipeline.model.presets import ALIASES
+from pipeline.stages.common import OVERRIDES, UpscaleOptions, parse_size, resolve, sampler_steps, work_factor
+from pipeline.stages.encode import plan_for
+from pipeline.t2i import MAX_PROMPT_CHARS
+from pipeline.tiling import TilePlan, check_output_side, target_size
+
+ROW_PARAMS = OVERRIDES  # a request's row parameters are the job's row overrides, with their types
+DECODE_PARAMS = ("latent_format", "id", "sigma", "size")  # /v1/decode only
+LATENT_INFLATE_FACTOR = 4  # a latent body may inflate (an .npz) to this many times max_bytes
+MAX_LATENT_MEMBERS = 1024  # latents one body may hold: its zip directory or header is all that is parsed of others
+
+
+def parse_params(params: dict, preset, options: UpscaleOptions, s3_configured: bool, extra: tuple = ()) -> dict:
+    """A request's parameters -> row overrides, validated by the job's own rules; BadParameter (422) otherwise."""
+    return request_row(params, preset, options, s3_configured, extra)[0]
+
+
+def request_row(params: dict, preset, options: UpscaleOptions, s3_configured: bool,
+                extra: tuple = ()) -> tuple[dict, UpscaleOptions]:  # fmt: skip
+    """A request's parameters -> (row overrides, the request's options resolved once over the endpoint's)."""
+    unknown = sorted(set(params) - set(ROW_PARAMS) - {"preset", "store", "timeout"} - set(extra))
+    if unknown:
+        raise BadParameter(f"unknown parameter(s): {unknown}")
+    if params.get("preset") and params["preset"] != preset.name and ALIASES.get(params["preset"]) != preset.name:
+        # by name only: a preset *file* named by a client would read the server's disk
+        raise BadParameter(f"this endpoint serves preset {preset.name!r}, not {str(params['preset'])[:80]!r}")
+    store = params.get("store") or None
+    if store not in (None, "s3"):
+        raise BadParameter(f"store must be 's3' (or absent), got {store!r}")
+    if store == "s3" and not s3_configured:
+        raise BadParameter("store=s3 is not configured on this endpoint")
+    row = {}
+    for name, kind in ROW_PARAMS.items():
+        if params.get(name) not in (None, ""):
+            try:
+                row[name] = kind(params[name])
+            except ValueError:
+                raise BadParameter(f"{name} must be {kind.__name__}, got {params[name]!r}") from None
+    if "caption" in row:
+        check_text(row["caption"], "caption")
+    opts = resolve(options, row)  # validated by the same rules as the job (the seed's range included), before any work
+    if "format" in row:
+        output_format(None, row["format"])
+    if params.get("id"):
+        row["latent_id"] = check_text(str(params["id"]), "id")
+    if params.get("sigma") not in (None, ""):
+        try:
+            row["sigma"] = float(params["sigma"])
+        except ValueError:
+            raise BadParameter(f"sigma must be a number, got {params['sigma']!r}") from None
+        if not 0.0 <= row["sigma"] < 1e3:
+            raise BadParameter(f"sigma must be >= 0, got {params['sigma']!r}")
+    if params.get("size"):
+        row["out_size"] = list(parse_size(params["size"]))
+    if params.get("latent_format"):
+        from pipeline.latents import check_format
+
+        check_format(params["latent_format"], preset)
+        row["latent_format"] = params["latent_format"]
+    return row, opts
+
+
+MAX_JSON_BYTES = 256 << 10  # a /v1/generate body: two prompts of MAX_PROMPT_CHARS, even \u-escaped, fit many times
+# /v1/generate's fields: the JSON types each may have (bool is never a number here)
+JSON_FIELDS = {"prompt": (str,), "negative_prompt": (str,), "seed": (int,), "steps": (int,), "quality": (int,),
+               "shift": (int, float), "cfg_scale": (int, float), "timeout": (int, float), "size": (str, list),
+               "upscale": (bool,), "format": (str,)}  # fmt: skip
+JSON_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    list: "[width, height]",
+    bool: "true or false",
+}
+
+
+def check_text(value: str, name: str) -> str:
+    """A prompt-like text: at most MAX_PROMPT_CHARS, and real text (no lone surrogates, which no encoder takes)."""
+    if len(value) > MAX_PROMPT_CHARS:
+        raise TooLarge(f"{name} is {len(value):,} characters, over the limit of {MAX_PROMPT_CHARS:,}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadParameter(f"{name} is not valid text (it holds a lone UTF-16 surrogate, e.g. an unpaired \\ud800)")
+    return value
+
+
+def check_json_fields(req: dict) -> dict:
+    """Every field of a /v1/generate body of its type and finite before anything uses it (BadParameter naming the
+    field and what it got); texts bounded and valid; a size list of two integers."""
+    for name, value in req.items():
+        if value is None:
+            continue
+        types = JSON_FIELDS[name]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            want = " or ".join(JSON_TYPE_NAMES[t] for t in types)
+            raise BadParameter(f"{name} must be {want}, got {type(value).__name__} {str(value)[:40]}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadParameter(f"{name} must be a finite number, got {value}")
+        if isinstance(value, str) and name in ("prompt", "negative_prompt", "format"):
+            check_text(value, name)
+        if name == "size" and isinstance(value, list):
+            if len(value) != 2 or not all(type(v) is int for v in value):
+                raise BadParameter(f'size must be "WIDTHxHEIGHT" or [width, height] integers, got {str(value)[:40]}')
+    return req
+
+
+def latent_name(data: bytes) -> str:
+    """A file name for a latent body from its first bytes (safetensors, .npy, .npz), else a 400."""
+    if data[:6] == b"\x93NUMPY":
+        return "request.npy"
+    if data[:4] == b"PK\x03\x04":
+        return "request.npz"
+    if len(data) > 9 and data[8:9] == b"{":
+        return "request.safetensors"
+    raise Refused("bad_input", "the body is not a latent file (.safetensors, .npy or .npz)")
+
+
+def upscale_plan(preset, opts: UpscaleOptions, in_hw: tuple[int, int], max_cost: float) -> TilePlan:
+    """The tile plan of a request (planned once: the encode stage takes it), or TooLarge when its output side or its
+    work (pixels diffused × steps, × 2 for the ensemble's pass or guidance's second forward) is over the limits."""
+    plan = plan_for(preset, opts, in_hw)
+    check_output_side(target_size(plan.in_hw, plan.sr_scale, opts.scale), opts.max_output_side)
+    th, tw = plan.tile_out
+    steps = sampler_steps(preset, opts)
+    factor = work_factor(preset, opts, (th, tw))  # the ensemble's pass, or guidance's second forward
+    cost = plan.n_tiles * th * tw * steps * factor / 1e6
+    if cost > max_cost:
+        raise TooLarge(
+            f"this request needs {cost:.1f} Mpx·steps of diffusion ({plan.n_tiles} tiles of {tw}x{th} x "
+            f"{steps} steps x {factor:.2f} passes), over this endpoint's limit of {max_cost:g}; send a "
+            "smaller image or fewer steps, or use the bulk job (pidray upscale)"
+        )
+    return plan
+
+
+def check_generate_cost(o, max_cost: float) -> None:
+    """A text-to-image request's sampling work (pixels × steps, × 2 with guidance), TooLarge over the limit."""
+    cost = o.size[0] * o.size[1] * o.steps * (2 if o.cfg_scale != 1.0 else 1) / 1e6
+    if cost > max_cost:
+        raise TooLarge(
+            f"this request needs {cost:.1f} Mpx·steps of sampling, over this endpoint's limit of "
+            f"{max_cost:g}; ask for a smaller size or fewer steps, or use pidray generate --prompts"
+        )

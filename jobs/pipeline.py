@@ -272,15 +272,12 @@ def _check_decode_flags(cfg: JobConfig, preset) -> None:
 
 def _raise_missing(missing: list[str], cfg: JobConfig, preset) -> None:
     """One SetupError naming everything missing at once (weights, and the caption encoder), each with its command."""
+    from pipeline.weights import caption_encoder_missing, missing_message
+
     if preset.text_encoder != "none" and not cfg.model.text_encoder and not cfg.model.allow_download:
-        missing.append(
-            f"preset {preset.name!r} needs the Gemma-2-2B-it caption encoder: get it with `hf download "
-            "Efficient-Large-Model/gemma-2-2b-it --local-dir DIR` (Gemma's own terms apply) and pass "
-            "--text-encoder DIR, or --allow-download"
-        )
+        missing.append(caption_encoder_missing(preset.name))
     if missing:
-        head = f"{len(missing)} things are missing: " if len(missing) > 1 else ""
-        raise SetupError(head + " AND ".join(f"({i}) {m}" if len(missing) > 1 else m for i, m in enumerate(missing, 1)))
+        raise SetupError(missing_message(missing))
 
 
 def _preflight_generate(cfg: JobConfig, preset) -> None:

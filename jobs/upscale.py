@@ -77,7 +77,7 @@ def add_upscale_parser(sub, parents=()) -> None:
     p = sub.add_parser("upscale", parents=list(parents),
                        help="upscale a file, a folder or an s3:// prefix into DST (same relative keys)")  # fmt: skip
     p.add_argument("src", help="file, folder or s3://bucket/prefix")
-    p.add_argument("dst", help="folder or s3://bucket/prefix")
+    p.add_argument("dst", help="folder or s3://bucket/prefix; with one SRC file, also a file name (out.png)")
     _job_arguments(p, default_preset="small")
     p.set_defaults(fn=cmd_upscale, workflow="upscale")
 
@@ -122,7 +122,12 @@ def _job_arguments(p, default_preset: str) -> None:
     m.add_argument("--text-encoder", default=None, help="local Gemma-2-2B-it folder (released presets)")
     m.add_argument("--allow-download", action="store_true", help="download released weights (NVIDIA licence)")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    m.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="compute precision; auto: bf16 on a GPU, fp32 on a CPU",
+    )
     o = p.add_argument_group("upscaling")
     o.add_argument("-s", "--scale", type=float, default=None, help="output scale (default: the model's native 4x)")
     o.add_argument(
@@ -146,8 +151,8 @@ def _job_arguments(p, default_preset: str) -> None:
     o.add_argument("--seed", type=seed_arg, default=0, help="run seed; each file's seed derives from it and its key")
     o.add_argument("--caption", default="", help="caption for every image")
     o.add_argument("--captions", default=None, help="per-file captions: CSV (key,caption) or JSONL")
-    o.add_argument("--degrade-sigma", type=float, default=0.0)
-    o.add_argument("--sampler", choices=["sde", "ode"], default="sde")
+    o.add_argument("--degrade-sigma", type=float, default=0.0, help="noise added to the LQ latent before diffusion")
+    o.add_argument("--sampler", choices=["sde", "ode"], default="sde", help="fresh noise each step (sde) or none (ode)")
     o.add_argument("-t", "--tile", type=int, default=None, help="tile side in output pixels (default: envelope)")
     o.add_argument(
         "--overlap",
@@ -159,8 +164,8 @@ def _job_arguments(p, default_preset: str) -> None:
     o.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the prediction on a half-patch-shifted grid (default: the preset's; on for "
                         "small, ~2x work; RGB-conditioned models only)")  # fmt: skip
-    o.add_argument("-f", "--format", default=None, help="png, jpeg, webp, tiff (default: keep the input's)")
-    o.add_argument("-q", "--quality", type=int, default=95)
+    o.add_argument("-f", "--format", default=None, help="png, jpeg, webp, tiff, bmp (default: keep the input's)")
+    o.add_argument("-q", "--quality", type=int, default=95, help="JPEG/WebP quality, 1-100")
     o.add_argument("--suffix", default="", type=suffix_arg, help="added to each output file name's stem")
     o.add_argument("--max-pixels", type=int, default=UpscaleOptions.max_pixels, help="refuse larger inputs")
     o.add_argument("--max-output-side", type=int, default=UpscaleOptions.max_output_side,
@@ -187,13 +192,18 @@ def _job_arguments(p, default_preset: str) -> None:
     j.add_argument("--in-place", action="store_true", help="DST is SRC: write beside the inputs (needs --suffix)")
     j.add_argument("--follow-symlinks", action="store_true", help="follow symbolic links in SRC (default: skip them)")
     j.add_argument("--include-hidden", action="store_true", help="also process files whose path has a '.' name")
-    j.add_argument("--encode-actors", type=positive_int, default=None)
-    j.add_argument("--diffuse-actors", type=positive_int, default=None)
+    j.add_argument("--encode-actors", type=positive_int, default=None, help="encoder actors (default: 1 a GPU)")
+    j.add_argument("--diffuse-actors", type=positive_int, default=None, help="diffusion actors (default: 1 a GPU)")
     j.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
-    j.add_argument("--s3-region", default=None)
-    j.add_argument("--s3-profile", default=None)
-    j.add_argument("--s3-retry-mode", default="standard", choices=["legacy", "standard", "adaptive"])
-    j.add_argument("--no-progress", action="store_true")
+    j.add_argument("--s3-region", default=None, help="S3 region (default: the AWS configuration's)")
+    j.add_argument("--s3-profile", default=None, help="AWS profile for S3 (default: the AWS configuration's)")
+    j.add_argument(
+        "--s3-retry-mode",
+        default="standard",
+        choices=["legacy", "standard", "adaptive"],
+        help="botocore retry mode for S3",
+    )
+    j.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
 
 
 def config_from_args(args) -> JobConfig:

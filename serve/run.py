@@ -68,11 +68,11 @@ def start(args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: int |
 
 def add_serve_parser(sub, parents=()) -> None:
     p = sub.add_parser("serve", parents=list(parents), help="run the upscaling endpoint locally (Ray Serve)")
-    p.add_argument("--preset", default="small")
-    p.add_argument("--weights", default=None)
-    p.add_argument("--text-encoder", default=None)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("-m", "--model", "--preset", dest="preset", default="small", help="preset (pidray presets)")
+    p.add_argument("--weights", default=None, help="hub-layout weights folder, or a checkpoint file")
+    p.add_argument("--text-encoder", default=None, help="local Gemma-2-2B-it folder (released presets)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback: set a token)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument(
         "--token-file",
         default=None,
@@ -81,7 +81,7 @@ def add_serve_parser(sub, parents=()) -> None:
     p.add_argument("--token", help=argparse.SUPPRESS)  # refused with a message: see cmd_serve
     p.add_argument("--allowed-origin", action="append", default=[], help="a web origin allowed to call the API")
     p.add_argument("--allowed-host", action="append", default=[], help="an extra Host header value to accept")
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take before it fails")
     p.set_defaults(fn=cmd_serve)  # fmt: skip
 
 

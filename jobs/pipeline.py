@@ -59,6 +59,7 @@ class JobConfig:
     gen: dict = field(default_factory=dict)  # generate: GenerateOptions fields (SRC is a prompt file)
     upscale: ModelOptions | None = None  # generate: upscale each image with this PiD model
     ldm: str | None = None  # generate-then-decode: the latent diffusion model (name or folder); `model` decodes
+    output_name: str = ""  # SRC is one file, DST named a file: the output's name in DST without its extension
 
 
 @dataclass

@@ -51,7 +51,8 @@ def locations(cfg) -> tuple[Location, Location, Entry | None]:
     if single is not None:
         src, entry = single
     prompts = getattr(cfg, "workflow", "upscale") in ("generate", "ldm")  # the input is one prompt file, not images
-    if dst.real == src.real and not prompts:  # a prompt file's own folder is a fine DST: outputs are named anew
+    renamed = entry is not None and getattr(cfg, "output_name", "")  # DST names the output file: never SRC (below)
+    if dst.real == src.real and not prompts and not renamed:  # a prompt file's own folder: outputs are named anew
         if not cfg.suffix:
             what, how = ("the folder of SRC", "--suffix _x4") if entry else ("SRC", "--in-place --suffix _x4")
             raise SetupError(
@@ -208,6 +209,8 @@ def plan_job(cfg) -> Plan:
         ]
     names = {k: (_batch_name(e.key, i) if i else e.key) for e, k, i in inputs}
     stems = output_stems(sorted(((k, n) for k, n in names.items()), key=lambda kn: (kn[1], kn[0])), cfg.suffix)
+    if single is not None and getattr(cfg, "output_name", "") and len(stems) == 1:  # DST named the output file
+        stems = {k: cfg.output_name for k in stems}
     previous, recorded = plan.previous.rows, recorded_outputs(plan.previous)
     unknown = []  # (row, input key, output key) of outputs found by --resume whose sizes are not on record
     for e, key, latent_id in inputs:

@@ -239,7 +239,9 @@ def config_from_args(args) -> JobConfig:
 
 
 def cmd_upscale(args) -> int:
-    cfg = config_from_args(args)
+    from jobs.single import file_destination
+
+    cfg = file_destination(config_from_args(args))  # `pidray upscale one.png big.png` writes big.png
     summary = run_job(cfg)
     if cfg.dry_run:
         for r in sorted(summary.rows, key=lambda r: r["key"]):

@@ -141,3 +141,50 @@ def test_presets_says_what_is_ready_here(tmp_path):
     rows = {line.split()[0]: line for line in lines}
     assert "ready" in rows["small"] and "captioner" not in rows["small"]  # bundled, no caption encoder
     assert "weights missing+captioner" in rows["flux-2k"]
+
+
+# ----------------------------------------------------------------------------------- 5: serve's preflight
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-m", "smal"], "unknown preset 'smal' (did you mean 'small'?)"),
+        (["-m", "flux-2k", "--weights", "{tmp}", "--text-encoder", "{tmp}"], "weight file(s) not found under"),
+        (["--preset", "pixeldit-2k"], "is a text-to-image model"),
+    ],
+)
+def test_serve_refuses_before_ray_starts(tmp_path, args, message):
+    import time
+
+    t0 = time.time()
+    out = pidray("serve", "--port", "1", *[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert out.returncode == 2 and message in out.stderr.splitlines()[0], out.stderr
+    assert time.time() - t0 < 30 and "Deploying" not in out.stderr  # no Ray: checked before it starts
+
+
+@pytest.mark.slow
+def test_serve_starts_quietly_and_stops_on_sigterm(tmp_path):
+    import signal
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PIDRAY_API_TOKEN", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pidray", "serve", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert f"pidray endpoint on http://127.0.0.1:{port}" in line, proc.stderr.read() if not line else line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert rc == 0 and err == "", err  # no Ray notices, no C++ trace: those are in the log
+    from serve.run import RAY_LOG
+
+    assert Path(RAY_LOG).exists()

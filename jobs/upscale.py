@@ -182,7 +182,16 @@ def _job_arguments(p, default_preset: str) -> None:
     )
     run.add_argument("--ray", dest="local", action="store_const", const=False, help="Ray Data, whatever the size")
     j.add_argument("--verbose", action="store_true", help="let Ray's own messages through")
-    j.add_argument("--resume", action="store_true", help="skip inputs whose output is already complete")
+    j.add_argument("--resume", action="store_true",
+                   help="skip inputs whose output is already complete (made with these settings; "
+                        "--resume=redo-changed redoes outputs made with others)")  # fmt: skip
+    j.add_argument(
+        "--resume-mode",
+        dest="resume_mode",
+        choices=["keep", "redo-changed"],
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+    )  # what --resume=MODE sets (pidray.cli)
     j.add_argument(
         "--overwrite",
         action="store_true",
@@ -230,7 +239,7 @@ def config_from_args(args) -> JobConfig:
         s3=S3Settings(args.s3_endpoint, args.s3_region, args.s3_profile, args.s3_retry_mode),
         suffix=args.suffix, in_place=args.in_place, follow_symlinks=args.follow_symlinks,
         include_hidden=args.include_hidden, captions=read_captions(args.captions) if args.captions else {},
-        resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run, local=args.local,
+        resume=_resume(args), overwrite=args.overwrite, dry_run=args.dry_run, local=args.local,
         concurrency={k: v for k, v in (("encode", args.encode_actors), ("diffuse", args.diffuse_actors)) if v},
         progress=not args.no_progress, verbose=args.verbose, workflow=getattr(args, "workflow", "upscale"),
         latent_format=getattr(args, "latent_format", None), out_size=getattr(args, "size", None),
@@ -238,10 +247,17 @@ def config_from_args(args) -> JobConfig:
     )  # fmt: skip
 
 
+def _resume(args) -> bool | str:
+    """--resume: True; --resume=redo-changed: that mode (jobs/settings.py)."""
+    return "redo-changed" if getattr(args, "resume_mode", "") == "redo-changed" else args.resume
+
+
 def cmd_upscale(args) -> int:
+    from jobs.settings import check_resume
     from jobs.single import file_destination
 
     cfg = file_destination(config_from_args(args))  # `pidray upscale one.png big.png` writes big.png
+    cfg = check_resume(cfg, note=lambda text: print(text, file=sys.stderr))  # outputs made otherwise are not kept
     summary = run_job(cfg)
     if cfg.dry_run:
         for r in sorted(summary.rows, key=lambda r: r["key"]):
@@ -256,7 +272,7 @@ def cmd_upscale(args) -> int:
 
 def report(summary, per: str = "images") -> int:
     """A finished job for the terminal (failed inputs, the summary line, how to finish) -> the exit code."""
-    for r in summary.rows:
+    for r in summary.rows if not summary.failures_shown else ():  # else said as they happened
         if r["status"] == "failed":
             print(f"failed  {r['key']}: {r['error']}", file=sys.stderr)
     print(summary.line().replace("images/s", f"{per}/s"))

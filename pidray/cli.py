@@ -46,6 +46,9 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kw)
 
     def parse_known_args(self, args=None, namespace=None):
+        if args is not None and "--resume-mode" in self._option_string_actions:  # --resume=MODE: a flag and a mode
+            args = [a for arg in args for a in (["--resume", "--resume-mode", arg.split("=", 1)[1]]
+                                                if arg.startswith("--resume=") else [arg])]  # fmt: skip
         got, extra = super().parse_known_args(args, namespace)
         if extra and self.prog != "pidray":  # a subcommand: the unknown flags are its own, said with its usage
             self.error(self.unknown(extra))
@@ -78,6 +81,7 @@ class Parser(argparse.ArgumentParser):
             near = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
             if near:
                 message += f"; did you mean {near[0]!r}?"
+        message = message.replace("argument --resume-mode:", "--resume=MODE:")
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
 

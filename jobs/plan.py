@@ -103,6 +103,28 @@ def output_candidates(stem: str, fmt: str | None) -> list[str]:
     return [stem + e for e in OUTPUT_EXTENSIONS]
 
 
+NOT_AN_IMAGE = "not an image"
+
+
+def with_non_images(entries: list[Entry]) -> list[Entry]:
+    """A listing of every file under SRC -> the images (and unreadable folders), plus each other file marked
+    skipped as "not an image" (notes.txt, a name without an extension); never pidray's own files, and hidden
+    files that are not images stay out as before."""
+    from pipeline.storage import RESERVED_PREFIX, is_image_key
+
+    out = []
+    for e in entries:
+        if e.folder or e.key.startswith(RESERVED_PREFIX):
+            if e.folder:
+                out.append(e)
+            continue
+        if is_image_key(e.key):
+            out.append(e)
+        elif not e.skip:  # a hidden non-image (.DS_Store) is no input anyone meant
+            out.append(Entry(e.key, e.size, skip=NOT_AN_IMAGE))
+    return out
+
+
 def _row(entry: Entry, status: str, cfg, **kw) -> dict:
     return manifest_row({"key": entry.key, "status": status, "in_bytes": entry.size, **kw}, cfg.model.preset)
 
@@ -179,8 +201,13 @@ def plan_job(cfg) -> Plan:
     plan = Plan(src, dst, single=single)
     decode = getattr(cfg, "workflow", "upscale") == "decode"
     accept = is_latent_key if decode else None
-    listed = [single] if single is not None else src.list(exclude=dst, hidden=cfg.include_hidden, accept=accept)
-    if not listed:
+    if single is not None:
+        listed = [single]
+    elif decode:
+        listed = src.list(exclude=dst, hidden=cfg.include_hidden, accept=accept)
+    else:  # one listing; the files that are not images are on record too, as skipped
+        listed = with_non_images(src.list(images_only=False, exclude=dst, hidden=cfg.include_hidden))
+    if not [e for e in listed if e.skip != NOT_AN_IMAGE]:
         looked = ", ".join(LATENT_EXTENSIONS) if decode else ", ".join(sorted(set(FORMATS)))
         raise SetupError(f"no {'latent files' if decode else 'images'} found under {cfg.src} (looked for {looked})")
     existing = _existing_outputs(cfg, dst)

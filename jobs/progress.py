@@ -98,6 +98,8 @@ class JobProgress:
         self._started(before)
         if row.get("status") == "failed":
             self.say(f"failed  {row['key']}: {row.get('error', '')}")
+        for warning in row.get("warnings") or ():  # a silent change made to an output (also in its notes)
+            self.say(f"note    {row['key']}: {warning}")
         self._tick(force=self.rows_done == self.images)
 
     def say(self, line: str) -> None:

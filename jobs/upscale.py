@@ -247,6 +247,15 @@ def config_from_args(args) -> JobConfig:
     )  # fmt: skip
 
 
+def _note_ignored_captions(cfg) -> None:
+    """--caption/--captions with a preset that has no caption encoder: said once, not ignored silently."""
+    from pipeline.model.presets import get_preset
+
+    if (cfg.options.caption or cfg.captions) and get_preset(cfg.model.preset).text_encoder == "none":
+        print(f"pidray: note: preset {cfg.model.preset} has no caption encoder: --caption/--captions are ignored",
+              file=sys.stderr)  # fmt: skip
+
+
 def _resume(args) -> bool | str:
     """--resume: True; --resume=redo-changed: that mode (jobs/settings.py)."""
     return "redo-changed" if getattr(args, "resume_mode", "") == "redo-changed" else args.resume
@@ -258,6 +267,7 @@ def cmd_upscale(args) -> int:
 
     cfg = file_destination(config_from_args(args))  # `pidray upscale one.png big.png` writes big.png
     cfg = check_resume(cfg, note=lambda text: print(text, file=sys.stderr))  # outputs made otherwise are not kept
+    _note_ignored_captions(cfg)
     summary = run_job(cfg)
     if cfg.dry_run:
         for r in sorted(summary.rows, key=lambda r: r["key"]):

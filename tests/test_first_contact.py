@@ -188,3 +188,126 @@ def test_serve_starts_quietly_and_stops_on_sigterm(tmp_path):
     from serve.run import RAY_LOG
 
     assert Path(RAY_LOG).exists()
+
+
+# ----------------------------------------------------------------------------------- 4: progress per tile-step
+def test_progress_moves_per_tile_step_on_a_terminal(tmp_path):
+    """The job through `script` (a real terminal): the image bar counts every network call's tiles."""
+    import re
+    import shutil
+
+    if not shutil.which("script"):
+        pytest.skip("util-linux `script` is needed to give the job a terminal")
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(SAMPLES / "astronaut.png", src / "astronaut.png")
+    (src / "broken.png").write_bytes(b"\x89PNG not really")
+    cmd = f"{sys.executable} -m pidray upscale {src} {tmp_path / 'out'}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PIDRAY_CPU_TILES_PER_CALL": "1"}  # one tile a network call
+    job = subprocess.run(["script", "-q", "-e", "-c", cmd, str(tmp_path / "ts")], env=env, cwd=ROOT, timeout=300,
+                         stdout=subprocess.DEVNULL)  # fmt: skip
+    assert job.returncode == 3  # finished, one input failed
+    text = (tmp_path / "ts").read_bytes().decode("utf-8", "replace")
+    steps = [int(n) for n in re.findall(r"astronaut\.png \[[#-]+\] (\d+)/9 tile-steps", text)]
+    assert len(set(steps)) >= 5 and steps == sorted(steps) and steps[-1] == 9, steps  # 80² -> 3x3 tiles, 1 step
+    assert re.search(r"upscale \[[#-]+\] +\d+%  \d/2 images  ETA [\d.]+s", text), text[-2000:]
+    assert text.count("failed  broken.png") == 1  # said once, as it happened, not again at the end
+    assert "done: 1 ok, 1 failed" in text
+
+
+def test_progress_eta_from_measured_throughput():
+    import time
+
+    from jobs.progress import JobProgress
+
+    class Log(list):
+        def isatty(self):
+            return False
+
+        def write(self, text):
+            self.append(text)
+
+        def flush(self):
+            pass
+
+    p = JobProgress({"a": 10, "b": 30}, Log())
+    p.on_forwards("a", 5)  # the first report: the clock starts, its work (with any warm-up) is not counted
+    assert p.eta() != p.eta()  # NaN: nothing measured yet
+    time.sleep(0.2)
+    p.on_forwards("a", 5)
+    eta = p.eta()  # 5 units in ~0.2 s, 30 left: ~1.2 s
+    assert 0.6 < eta < 2.5, eta
+    p.row_done({"key": "a", "status": "ok"})
+    assert p.done == 10 and p.partial == {}
+
+
+# ----------------------------------------------------------------------------------- 6: resume and settings
+def test_resume_refuses_outputs_made_with_other_settings(tmp_path):
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _tiny(src / "a.png")
+    assert pidray("upscale", src, tmp_path / "out", "--no-progress").returncode == 0
+    meta = pq.ParquetFile(tmp_path / "out" / "_pidray_manifest.parquet").schema_arrow.metadata
+    import json
+
+    settings = json.loads(meta[b"pidray.settings"])
+    assert settings["scale"] == 4 and settings["preset"] == "small" and meta[b"pidray.version"]
+    assert meta[b"pidray.started"].decode().endswith("Z")
+    same = pidray("upscale", src, tmp_path / "out", "--resume", "-s", "4", "--no-progress")  # explicit default
+    assert same.returncode == 0 and "1 skipped" in same.stdout
+    out = pidray("upscale", src, tmp_path / "out", "-s", "2", "--resume")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "scale 4 (now 2)" in out.stderr, out.stderr
+    assert Image.open(tmp_path / "out" / "a.png").size == (96, 64)  # kept
+    redo = pidray("upscale", src, tmp_path / "out", "-s", "2", "--resume=redo-changed", "--no-progress")
+    assert redo.returncode == 0 and "1 ok" in redo.stdout, redo.stderr
+    assert Image.open(tmp_path / "out" / "a.png").size == (48, 32)
+    assert pidray("upscale", src, tmp_path / "out", "-s", "2", "--resume", "--no-progress").returncode == 0
+
+
+# ----------------------------------------------------------------------------------- 7: no silent changes
+def test_non_images_alpha_to_jpeg_and_ignored_captions_are_said(tmp_path):
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    _tiny(src / "a.png", mode="RGBA")
+    (src / "notes.txt").write_text("hello")
+    (src / "sub" / "README").write_text("no extension")
+    dry = pidray("upscale", src, tmp_path / "out", "--dry-run")
+    assert "skipped  notes.txt  (not an image)" in dry.stdout and "skipped  sub/README  (not an image)" in dry.stdout
+    out = pidray("upscale", src, tmp_path / "out", "-f", "jpg", "--caption", "a cat", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "note    a.png: transparency dropped" in out.stderr and "no caption encoder" in out.stderr
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "_pidray_manifest.parquet").to_pylist()}
+    assert rows["notes.txt"]["status"] == "skipped" and rows["notes.txt"]["error"] == "not an image"
+    assert rows["sub/README"]["status"] == "skipped"
+    assert "transparency dropped" in rows["a.png"]["notes"] and rows["a.png"]["output_key"] == "a.jpg"
+
+
+# ----------------------------------------------------------------------------------- 9: the manifest's timings
+def test_each_row_records_its_share_of_a_batched_call(bicubic_weights):
+    from pipeline.graph import StageGraph
+    from pipeline.runtime import ModelOptions
+
+    from conftest import png_bytes
+
+    small, large = Image.new("RGB", (16, 16), (90, 20, 20)), Image.new("RGB", (80, 80), (20, 90, 20))
+    rows = [{"key": "small", "bytes": png_bytes(small)}, {"key": "large", "bytes": png_bytes(large)}]
+    out = {r["key"]: r for r in StageGraph(ModelOptions("small", bicubic_weights)).run_local(rows)}
+    t = {k: r["timings"]["diffuse"] for k, r in out.items()}
+    assert t["small"] < t["large"], t  # 1 tile against 9: each its own part, not the batch's whole time
+    assert "work_share" not in out["small"]
+
+
+def test_a_failed_row_keeps_the_size_its_header_told(tmp_path):
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _tiny(src / "big.png", size=(40, 30))
+    out = pidray("upscale", src, tmp_path / "out", "--max-pixels", "100", "--no-progress")
+    assert out.returncode == 3
+    row = pq.read_table(tmp_path / "out" / "_pidray_manifest.parquet").to_pylist()[0]
+    assert row["status"] == "failed" and (row["in_h"], row["in_w"]) == (30, 40), row

@@ -311,3 +311,29 @@ def test_a_failed_row_keeps_the_size_its_header_told(tmp_path):
     assert out.returncode == 3
     row = pq.read_table(tmp_path / "out" / "_pidray_manifest.parquet").to_pylist()[0]
     assert row["status"] == "failed" and (row["in_h"], row["in_w"]) == (30, 40), row
+
+
+# ----------------------------------------------------------------------------------- 3: the README and docs/
+DEV_PROCESS = ("timeout_s", "files_at", "FILES_AT", "GPU session", ".gpu/", "device `run`", "uncommitted", "issue",
+               "session")  # fmt: skip
+
+
+def test_readme_and_docs_speak_to_users():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        text = page.read_text()
+        found = [p for p in DEV_PROCESS if p.lower() in text.lower()]
+        assert not found, f"{page.name}: {found}"
+    readme = (ROOT / "README.md").read_text()
+    first_screen = "\n".join(readme.splitlines()[:30])
+    assert "./dev.sh run" in first_screen and "upscal" in first_screen.split("\n## ")[0]
+    assert len(readme.splitlines()) < 120
+    for link in __import__("re").findall(r"\]\((docs/[^)]+)\)", readme):  # every page it links to is there
+        assert (ROOT / link).is_file(), link
+
+
+def test_the_readme_tour_runs(tmp_path):
+    """The tour's first command as written, from a fresh folder."""
+    out = pidray("upscale", SAMPLES / "chelsea.png", tmp_path / "chelsea_x4.png", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert Image.open(tmp_path / "chelsea_x4.png").size == (288, 288)

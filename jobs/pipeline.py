@@ -470,7 +470,8 @@ def _unfinished(cfg: JobConfig, plan: Plan, rows: list[dict], look: bool = True)
         pass
     out = {}
     for r in rows:
-        hit = next((c for c in output_candidates(r["output_stem"], cfg.options.format) if c in existing), "")
+        outs = output_candidates(r["output_stem"], cfg.options.format, r.get("theirs", ()))
+        hit = next((c for c in outs if c in existing), "")
         error = ("interrupted after its output was written (complete; --resume keeps it)" if hit
                  else "interrupted before it finished; --resume does it" if look
                  else "not finished when this manifest was written; --resume does it if the job stops")  # fmt: skip

@@ -337,3 +337,25 @@ def test_the_readme_tour_runs(tmp_path):
     out = pidray("upscale", SAMPLES / "chelsea.png", tmp_path / "chelsea_x4.png", "--no-progress")
     assert out.returncode == 0, out.stderr
     assert Image.open(tmp_path / "chelsea_x4.png").size == (288, 288)
+
+
+# ----------------------------------------------------------------------------------- 7: names kept when they can be
+def test_x_png_and_x_jpg_keep_their_names_and_resume_finds_each(tmp_path):
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _tiny(src / "x.png")
+    Image.new("RGB", (16, 16), (10, 90, 200)).save(src / "x.jpg")
+    Image.new("RGB", (16, 16), (10, 90, 200)).save(src / "y.gif")
+    _tiny(src / "y.png")
+    assert pidray("upscale", src, tmp_path / "out", "--no-progress").returncode == 0
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "_pidray_manifest.parquet").to_pylist()}
+    names = {k: r["output_key"] for k, r in rows.items()}
+    assert names == {"x.png": "x.png", "x.jpg": "x.jpg", "y.gif": "y.gif.png", "y.png": "y.png.png"}  # GIF -> PNG
+    again = pidray("upscale", src, tmp_path / "out", "--resume", "--no-progress")
+    assert "4 skipped" in again.stdout
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "_pidray_manifest.parquet").to_pylist()}
+    assert {k: r["output_key"] for k, r in rows.items()} == names
+    one_format = pidray("upscale", src, tmp_path / "jpgs", "-f", "jpg", "--dry-run")  # one format: they would collide
+    assert "x.png -> x.png.*" in one_format.stdout and "x.jpg -> x.jpg.*" in one_format.stdout

@@ -38,14 +38,19 @@ def read_captions(path: str) -> dict[str, str]:
     return out
 
 
-def positive_int(text: str) -> int:
+def whole_arg(text: str, least: int, expected: str = "a whole number", below: str = "") -> int:
+    """A whole-number flag value of at least `least`; argparse's error otherwise ("expected ...", or `below`)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{below or f'must be at least {least}'}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return whole_arg(text, 1)
 
 
 def seed_arg(text: str) -> int:

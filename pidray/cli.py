@@ -88,23 +88,17 @@ class Parser(argparse.ArgumentParser):
 
 def tile_arg(text: str) -> int | None:
     """-t/--tile: a side in output pixels; 0 means automatic (the model's envelope), as in Real-ESRGAN."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of pixels (0: automatic), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (automatic) or a positive number of pixels, got {value}")
-    return value or None
+    from jobs.upscale import whole_arg
+
+    pixels = "a whole number of pixels (0: automatic)"
+    return whole_arg(text, 0, pixels, "must be 0 (automatic) or a positive number of pixels") or None
 
 
 def gpu_arg(text: str) -> str:
-    try:
-        index = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a GPU number (0, 1, ...), got {text!r}") from None
-    if index < 0:
-        raise argparse.ArgumentTypeError(f"expected a GPU number (0, 1, ...), got {index}")
-    return f"cuda:{index}"
+    """-g N: --device cuda:N."""
+    from jobs.upscale import whole_arg
+
+    return f"cuda:{whole_arg(text, 0, 'a GPU number (0, 1, ...)', 'expected a GPU number (0, 1, ...)')}"
 
 
 # One meaning per flag across the commands: the help line of a shared option a command declares without one.

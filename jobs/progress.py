@@ -83,19 +83,17 @@ class JobProgress:
     def on_forwards(self, key: str, n: int) -> None:
         if key not in self.work:
             return
-        before = self.done
         self.partial[key] = min(self.work[key], self.partial.get(key, 0) + n)
         self.current = key
-        self._started(before)
+        self._started()
         self._tick()
 
     def row_done(self, row: dict) -> None:
         key = row["key"]
-        before = self.done
         self.partial.pop(key, None)
         self.finished += self.work.get(key, 0)
         self.rows_done += 1
-        self._started(before)
+        self._started()
         if row.get("status") == "failed":
             self.say(f"failed  {row['key']}: {row.get('error', '')}")
         for warning in row.get("warnings") or ():  # a silent change made to an output (also in its notes)
@@ -122,7 +120,7 @@ class JobProgress:
     def done(self) -> int:
         return self.finished + sum(self.partial.values())
 
-    def _started(self, before: int) -> None:
+    def _started(self) -> None:
         """The clock starts at the first report: the work it reports ran before it (with the model's warm-up), so
         the rate counts only the work reported after it."""
         if self.t_first is None and self.done > 0:

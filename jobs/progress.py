@@ -10,10 +10,12 @@ terminal (k8s logs, CI) one line every 30 s, and one at the end.
 from __future__ import annotations
 
 import time
+from collections import deque
 
 from pipeline import progress
 
 LOG_EVERY_S = 30.0
+RATE_WINDOW = 6  # reports the ETA's throughput is measured over
 
 
 def estimate(cfg, plan, rows: list[dict]) -> dict[str, int]:
@@ -72,6 +74,7 @@ class JobProgress:
         self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
         self.t_first: float | None = None  # when work was first seen: the rate leaves model loading out
         self.done_at_first = 0
+        self.marks: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW)  # (time, work done) at recent reports
         self.last_draw = 0.0
         self.last_log = time.time()
         self.drawn = 0  # lines of the bars now on the terminal
@@ -122,18 +125,21 @@ class JobProgress:
 
     def _started(self) -> None:
         """The clock starts at the first report: the work it reports ran before it (with the model's warm-up), so
-        the rate counts only the work reported after it."""
-        if self.t_first is None and self.done > 0:
-            self.t_first, self.done_at_first = time.time(), self.done
+        the rate counts only the work reported after it. Each report is kept among the last RATE_WINDOW ones."""
+        now, done = time.time(), self.done
+        if self.t_first is None and done > 0:
+            self.t_first, self.done_at_first = now, done
+        if self.t_first is not None and (not self.marks or self.marks[-1][1] != done):
+            self.marks.append((now, done))
 
     def eta(self) -> float:
-        """Seconds left at the throughput measured since the first work was seen (NaN before it can be told)."""
-        if self.t_first is None:
+        """Seconds left at the throughput of the last reports (the machine's speed may change under a job: a shared
+        node), NaN before two reports tell it."""
+        if len(self.marks) < 2:
             return float("nan")
-        dt, got = time.time() - self.t_first, self.done - self.done_at_first
-        if dt <= 0 or got <= 0:
-            return float("nan")
-        return (self.total - self.done) / (got / dt)
+        (t0, d0), d1 = self.marks[0], self.marks[-1][1]
+        rate = (d1 - d0) / max(1e-9, time.time() - t0) if d1 > d0 else 0.0
+        return (self.total - self.done) / rate if rate > 0 else float("nan")
 
     # ------------------------------------------------------------------ drawing
     def _tick(self, force: bool = False) -> None:

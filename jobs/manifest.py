@@ -66,16 +66,19 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def manifest_bytes(rows: list[dict]) -> bytes:
+def manifest_bytes(rows: list[dict], meta: dict[bytes, bytes] | None = None) -> bytes:
+    """The manifest file; `meta`: the run's Parquet key-value metadata (jobs/settings.py)."""
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["key_bytes"]), schema=SCHEMA)
+    if meta:
+        table = table.replace_schema_metadata(meta)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
 
 
-def write_manifest(dst, rows: list[dict]) -> str:
+def write_manifest(dst, rows: list[dict], meta: dict[bytes, bytes] | None = None) -> str:
     """Write the manifest at DST; when DST cannot take it, write it to the current folder. Returns where it went."""
-    data = manifest_bytes(rows)
+    data = manifest_bytes(rows, meta)
     try:
         dst.write(MANIFEST_NAME, data, overwrite=True)  # the job holds DST's lease: the manifest is its own
         return f"{dst.uri.rstrip('/')}/{MANIFEST_NAME}"

@@ -60,6 +60,7 @@ class JobConfig:
     gen: dict = field(default_factory=dict)  # generate: GenerateOptions fields (SRC is a prompt file)
     upscale: ModelOptions | None = None  # generate: upscale each image with this PiD model
     ldm: str | None = None  # generate-then-decode: the latent diffusion model (name or folder); `model` decodes
+    output_name: str = ""  # SRC is one file, DST named a file: the output's name in DST without its extension
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Summary:
     interrupted: int = 0  # the signal that stopped the job, or 0
     runner: str = ""  # "local loop" or "Ray Data"
     manifest: str = ""  # where the manifest was written
+    failures_shown: bool = False  # each failed input was said on the terminal as it happened
 
     @property
     def images_per_second(self) -> float:
@@ -277,15 +279,12 @@ def _check_decode_flags(cfg: JobConfig, preset) -> None:
 
 def _raise_missing(missing: list[str], cfg: JobConfig, preset) -> None:
     """One SetupError naming everything missing at once (weights, and the caption encoder), each with its command."""
+    from pipeline.weights import caption_encoder_missing, missing_message
+
     if preset.text_encoder != "none" and not cfg.model.text_encoder and not cfg.model.allow_download:
-        missing.append(
-            f"preset {preset.name!r} needs the Gemma-2-2B-it caption encoder: get it with `hf download "
-            "Efficient-Large-Model/gemma-2-2b-it --local-dir DIR` (Gemma's own terms apply) and pass "
-            "--text-encoder DIR, or --allow-download"
-        )
+        missing.append(caption_encoder_missing(preset.name))
     if missing:
-        head = f"{len(missing)} things are missing: " if len(missing) > 1 else ""
-        raise SetupError(head + " AND ".join(f"({i}) {m}" if len(missing) > 1 else m for i, m in enumerate(missing, 1)))
+        raise SetupError(missing_message(missing))
 
 
 def _preflight_generate(cfg: JobConfig, wf: Workflow) -> None:
@@ -423,22 +422,30 @@ def _run(cfg: JobConfig, lease: Lease | None, on_row, t0: float) -> Summary:
     local = use_local_loop(cfg, len(todo))
     summary.runner = "local loop" if local else "Ray Data"
     quiet = _RayQuiet(enabled=not local and not cfg.verbose)
-    bar = _progress(len(todo), cfg.progress, quiet.terminal)
+    from jobs.progress import JobProgress, estimate
+    from jobs.settings import run_metadata
+
+    meta = run_metadata(cfg, t0)  # the settings, pidray's version and the start, in the Parquet metadata
+
+    bar = JobProgress(estimate(cfg, plan, todo), quiet.terminal, cfg.progress, name=cfg.workflow)
+    for r in plan.rejected:  # refused at planning: said before the work starts, one line each
+        bar.say(f"failed  {r['key']}: {r['error']}")
+    summary.failures_shown = True
     last_flush = time.time()
     try:
-        with _on_signals(_raise_interrupted), quiet:
+        with _on_signals(_raise_interrupted), quiet, bar.listen():
             if not local and todo:
                 _ensure_ray()  # start Ray before our handlers matter: its start-up installs handlers of its own
             it: Iterable[dict] = _iter_local(cfg, plan, todo) if local else _iter_ray(cfg, plan, todo)
             for row in it:
                 results[row["key"]] = manifest_row(row, cfg.model.preset)
-                bar.update(1)
+                bar.row_done(row)
                 if on_row:
                     on_row(row)
                 if lease is not None:
                     lease.check()  # never two jobs writing one DST: stop if another job took the lease
                 if time.time() - last_flush > MANIFEST_EVERY_S:  # a crash keeps what was done so far on record
-                    write_manifest(plan.dst, merged(final=False))
+                    write_manifest(plan.dst, merged(final=False), meta)
                     last_flush = time.time()
         stopped_early = False
     except Interrupted as e:
@@ -452,7 +459,7 @@ def _run(cfg: JobConfig, lease: Lease | None, on_row, t0: float) -> Summary:
             summary.failed += len(plan.rejected)
             summary.seconds = time.time() - t0
             summary.rows = merged(final=True)
-            summary.manifest = write_manifest(plan.dst, summary.rows)
+            summary.manifest = write_manifest(plan.dst, summary.rows, meta)
             plan.dst.remove_temporaries(plan.dst.tag)  # this job's own, never another job's
     return summary
 
@@ -469,7 +476,8 @@ def _unfinished(cfg: JobConfig, plan: Plan, rows: list[dict], look: bool = True)
         pass
     out = {}
     for r in rows:
-        hit = next((c for c in output_candidates(r["output_stem"], cfg.options.format) if c in existing), "")
+        outs = output_candidates(r["output_stem"], cfg.options.format, r.get("theirs", ()))
+        hit = next((c for c in outs if c in existing), "")
         error = ("interrupted after its output was written (complete; --resume keeps it)" if hit
                  else "interrupted before it finished; --resume does it" if look
                  else "not finished when this manifest was written; --resume does it if the job stops")  # fmt: skip
@@ -513,40 +521,6 @@ class _RayQuiet:
             os.close(self.saved)
             self.terminal.flush()
         return False
-
-
-class _LogProgress:
-    """Progress without a terminal (k8s logs, CI): one line every `every` seconds and at the end."""
-
-    def __init__(self, total: int, stream, every: float = 30.0):
-        self.total, self.stream, self.every = total, stream, every
-        self.done, self.t0, self.last = 0, time.time(), time.time()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if time.time() - self.last >= self.every:
-            self.last = time.time()
-            self._line()
-
-    def _line(self) -> None:
-        dt = max(1e-9, time.time() - self.t0)
-        rate = self.done / dt
-        eta = (self.total - self.done) / rate if rate else float("nan")
-        print(f"upscale: {self.done}/{self.total} ({100 * self.done / max(1, self.total):.0f}%), {rate:.2f} img/s, "
-              f"ETA {eta:.0f}s", file=self.stream, flush=True)  # fmt: skip
-
-    def close(self) -> None:
-        if self.done:
-            self._line()
-
-
-def _progress(total: int, enabled: bool, stream):
-    """A bar with ETA on a terminal, a periodic one-line log otherwise, nothing when disabled."""
-    from tqdm import tqdm
-
-    if enabled and not stream.isatty():
-        return _LogProgress(total, stream)
-    return tqdm(total=total, unit="img", desc="upscale", disable=not enabled, smoothing=0.1, file=stream)
 
 
 __all__ = ["JobConfig", "Summary", "run_job", "plan_job", "MANIFEST_NAME"]

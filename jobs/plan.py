@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from jobs.manifest import MANIFEST_NAME, Previous, manifest_row, read_previous
+from jobs.naming import natural_extension, sibling_extensions
 from pipeline.errors import BadParameter, SetupError, TooLarge, is_number
 from pipeline.imageio import EXTENSIONS, FORMATS, probe
 from pipeline.latents import LATENT_EXTENSIONS, header_ids, is_latent_key, npz_ids, st_header_bytes
@@ -52,7 +53,8 @@ def locations(cfg) -> tuple[Location, Location, Entry | None]:
     if single is not None:
         src, entry = single
     prompts = workflow_class(getattr(cfg, "workflow", DEFAULT_WORKFLOW)).enters == "prompts"
-    if dst.real == src.real and not prompts:  # a prompt file's own folder is a fine DST: outputs are named anew
+    renamed = entry is not None and getattr(cfg, "output_name", "")  # DST names the output file: never SRC (below)
+    if dst.real == src.real and not prompts and not renamed:  # a prompt file's own folder: outputs are named anew
         if not cfg.suffix:
             what, how = ("the folder of SRC", "--suffix _x4") if entry else ("SRC", "--in-place --suffix _x4")
             raise SetupError(
@@ -69,38 +71,63 @@ def locations(cfg) -> tuple[Location, Location, Entry | None]:
     return src, dst, entry
 
 
-def output_stems(names: list[tuple[str, str]], suffix: str) -> dict[str, str]:
+def output_stems(names: list[tuple[str, str]], suffix: str, fmt: str | None = None) -> dict[str, str]:
     """(id, name) pairs, in the order that decides clashes -> id -> output key without its extension, unique
-    (ignoring case) across the job. `name` is what the output is named after (an input key; a batch latent's or a
-    prompt's name); ids are unique, names need not be. Different names that would share a stem keep their own
-    extension (a.png, a.gif -> a.png.png, a.gif.png); any clash left (same name, or only the case differs) gets ~2,
-    ~3 in the order given (two prompts both named pet -> pet, pet~2)."""
+    (ignoring case) across the job with the output's extension (jobs/naming.py). `name` is what the output is named
+    after (an input key; a batch latent's or a prompt's name); ids are unique, names need not be. Different names
+    on one stem whose outputs would share an extension keep their own (a.png, a.gif -> a.png.png, a.gif.png), names
+    whose outputs differ by extension keep the plain stem (x.png, x.jpg -> x.png, x.jpg); any clash left (same
+    name, or only the case differs) gets ~2, ~3 in the order given (two prompts both named pet -> pet, pet~2)."""
     plain = {}
     for i, k in names:
         p = PurePosixPath(k)
         parent = "" if str(p.parent) == "." else f"{p.parent}/"
         plain[i] = f"{parent}{p.stem}{suffix}"
-    groups = defaultdict(set)  # stem -> the extensions of the names on it
+    groups = defaultdict(lambda: defaultdict(set))  # stem -> output extension -> the source extensions on it
     for i, k in names:
-        groups[plain[i].casefold()].add(PurePosixPath(k).suffix.casefold())
+        groups[plain[i].casefold()][natural_extension(k, fmt)].add(PurePosixPath(k).suffix.casefold())
     out, seen = {}, set()
     for i, k in names:
-        keep_ext = len(groups[plain[i].casefold()]) > 1  # names on one stem that their extensions tell apart
+        ext = natural_extension(k, fmt)
+        keep_ext = len(groups[plain[i].casefold()][ext]) > 1  # names on one stem whose outputs would share ext
         base = f"{plain[i]}.{PurePosixPath(k).suffix[1:]}" if keep_ext else plain[i]
         stem, n = base, 1
-        while stem.casefold() in seen:
+        while (stem + ext).casefold() in seen:
             n += 1
             stem = f"{base}~{n}"
-        seen.add(stem.casefold())
+        seen.add((stem + ext).casefold())
         out[i] = stem
     return out
 
 
-def output_candidates(stem: str, fmt: str | None) -> list[str]:
-    """Every output key an input can end up with (the extension follows the decoded image when the format is kept)."""
+def output_candidates(stem: str, fmt: str | None, theirs=()) -> list[str]:
+    """Every output key an input can end up with (the extension follows the decoded image when the format is kept),
+    leaving out `theirs`: the extensions of other inputs' outputs on the same stem (jobs/naming.py)."""
     if fmt:
         return [stem + EXTENSIONS[FORMATS[fmt.lower().lstrip(".")]]]
-    return [stem + e for e in OUTPUT_EXTENSIONS]
+    return [stem + e for e in OUTPUT_EXTENSIONS if e not in theirs]
+
+
+NOT_AN_IMAGE = "not an image"
+
+
+def with_non_images(entries: list[Entry]) -> list[Entry]:
+    """A listing of every file under SRC -> the images (and unreadable folders), plus each other file marked
+    skipped as "not an image" (notes.txt, a name without an extension); never pidray's own files, and hidden
+    files that are not images stay out as before."""
+    from pipeline.storage import RESERVED_PREFIX, is_image_key
+
+    out = []
+    for e in entries:
+        if e.folder or e.key.startswith(RESERVED_PREFIX):
+            if e.folder:
+                out.append(e)
+            continue
+        if is_image_key(e.key):
+            out.append(e)
+        elif not e.skip:  # a hidden non-image (.DS_Store) is no input anyone meant
+            out.append(Entry(e.key, e.size, skip=NOT_AN_IMAGE))
+    return out
 
 
 def _row(entry: Entry, status: str, cfg, **kw) -> dict:
@@ -179,8 +206,13 @@ def plan_job(cfg) -> Plan:
     plan = Plan(src, dst, single=single)
     decode = workflow_class(getattr(cfg, "workflow", DEFAULT_WORKFLOW)).enters == "latents"
     accept = is_latent_key if decode else None
-    listed = [single] if single is not None else src.list(exclude=dst, hidden=cfg.include_hidden, accept=accept)
-    if not listed:
+    if single is not None:
+        listed = [single]
+    elif decode:
+        listed = src.list(exclude=dst, hidden=cfg.include_hidden, accept=accept)
+    else:  # one listing; the files that are not images are on record too, as skipped
+        listed = with_non_images(src.list(images_only=False, exclude=dst, hidden=cfg.include_hidden))
+    if not [e for e in listed if e.skip != NOT_AN_IMAGE]:
         looked = ", ".join(LATENT_EXTENSIONS) if decode else ", ".join(sorted(set(FORMATS)))
         raise SetupError(f"no {'latent files' if decode else 'images'} found under {cfg.src} (looked for {looked})")
     existing = _existing_outputs(cfg, dst)
@@ -208,7 +240,11 @@ def plan_job(cfg) -> Plan:
             _row(e, "failed", cfg, error=f"plan: {why}", error_kind=kind) for e, (kind, why) in unreadable
         ]
     names = {k: (_batch_name(e.key, i) if i else e.key) for e, k, i in inputs}
-    stems = output_stems(sorted(((k, n) for k, n in names.items()), key=lambda kn: (kn[1], kn[0])), cfg.suffix)
+    order = sorted(((k, n) for k, n in names.items()), key=lambda kn: (kn[1], kn[0]))
+    stems = output_stems(order, cfg.suffix, cfg.options.format)
+    theirs = sibling_extensions(names, stems, cfg.options.format)  # x.jpg's output is never taken for x.png's
+    if single is not None and getattr(cfg, "output_name", "") and len(stems) == 1:  # DST named the output file
+        stems = {k: cfg.output_name for k in stems}
     previous, recorded = plan.previous.rows, recorded_outputs(plan.previous)
     unknown = []  # (row, input key, output key) of outputs found by --resume whose sizes are not on record
     for e, key, latent_id in inputs:
@@ -230,7 +266,9 @@ def plan_job(cfg) -> Plan:
         if reason:
             plan.rejected.append(_row(e, "failed", cfg, key=key, error=f"plan: {reason[1]}", error_kind=reason[0]))
             continue
-        hits = [c for c in output_candidates(stem, cfg.options.format) if c in existing]
+        if theirs.get(key):
+            row["theirs"] = theirs[key]
+        hits = [c for c in output_candidates(stem, cfg.options.format, theirs.get(key, ())) if c in existing]
         hit = hits[0] if hits and cfg.resume else None
         if hits and not cfg.resume:
             taken = _taken(hits, recorded, cfg)

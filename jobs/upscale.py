@@ -40,14 +40,19 @@ def read_captions(path: str) -> dict[str, str]:
     return out
 
 
-def positive_int(text: str) -> int:
+def whole_arg(text: str, least: int, expected: str = "a whole number", below: str = "") -> int:
+    """A whole-number flag value of at least `least`; argparse's error otherwise ("expected ...", or `below`)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{below or f'must be at least {least}'}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return whole_arg(text, 1)
 
 
 def seed_arg(text: str) -> int:
@@ -79,7 +84,7 @@ def add_upscale_parser(sub, parents=()) -> None:
     p = sub.add_parser("upscale", parents=list(parents),
                        help="upscale a file, a folder or an s3:// prefix into DST (same relative keys)")  # fmt: skip
     p.add_argument("src", help="file, folder or s3://bucket/prefix")
-    p.add_argument("dst", help="folder or s3://bucket/prefix")
+    p.add_argument("dst", help="folder or s3://bucket/prefix; with one SRC file, also a file name (out.png)")
     _job_arguments(p, default_preset="small")
     p.set_defaults(fn=cmd_upscale, workflow="upscale")
 
@@ -124,7 +129,12 @@ def _job_arguments(p, default_preset: str) -> None:
     m.add_argument("--text-encoder", default=None, help="local Gemma-2-2B-it folder (released presets)")
     m.add_argument("--allow-download", action="store_true", help="download released weights (NVIDIA licence)")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    m.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="compute precision; auto: bf16 on a GPU, fp32 on a CPU",
+    )
     m.add_argument(
         "--precision",
         default="auto",
@@ -160,8 +170,8 @@ def _job_arguments(p, default_preset: str) -> None:
     o.add_argument("--seed", type=seed_arg, default=0, help="run seed; each file's seed derives from it and its key")
     o.add_argument("--caption", default="", help="caption for every image")
     o.add_argument("--captions", default=None, help="per-file captions: CSV (key,caption) or JSONL")
-    o.add_argument("--degrade-sigma", type=float, default=0.0)
-    o.add_argument("--sampler", choices=["sde", "ode"], default="sde")
+    o.add_argument("--degrade-sigma", type=float, default=0.0, help="noise added to the LQ latent before diffusion")
+    o.add_argument("--sampler", choices=["sde", "ode"], default="sde", help="fresh noise each step (sde) or none (ode)")
     o.add_argument("-t", "--tile", type=int, default=None, help="tile side in output pixels (default: envelope)")
     o.add_argument(
         "--overlap",
@@ -176,8 +186,8 @@ def _job_arguments(p, default_preset: str) -> None:
     o.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the prediction on a half-patch-shifted grid (default: the preset's; on for "
                         "small, ~2x work; RGB-conditioned models only)")  # fmt: skip
-    o.add_argument("-f", "--format", default=None, help="png, jpeg, webp, tiff (default: keep the input's)")
-    o.add_argument("-q", "--quality", type=int, default=95)
+    o.add_argument("-f", "--format", default=None, help="png, jpeg, webp, tiff, bmp (default: keep the input's)")
+    o.add_argument("-q", "--quality", type=int, default=95, help="JPEG/WebP quality, 1-100")
     o.add_argument("--suffix", default="", type=suffix_arg, help="added to each output file name's stem")
     o.add_argument("--max-pixels", type=int, default=UpscaleOptions.max_pixels, help="refuse larger inputs")
     o.add_argument("--max-output-side", type=int, default=UpscaleOptions.max_output_side,
@@ -194,7 +204,16 @@ def _job_arguments(p, default_preset: str) -> None:
     )
     run.add_argument("--ray", dest="local", action="store_const", const=False, help="Ray Data, whatever the size")
     j.add_argument("--verbose", action="store_true", help="let Ray's own messages through")
-    j.add_argument("--resume", action="store_true", help="skip inputs whose output is already complete")
+    j.add_argument("--resume", action="store_true",
+                   help="skip inputs whose output is already complete (made with these settings; "
+                        "--resume=redo-changed redoes outputs made with others)")  # fmt: skip
+    j.add_argument(
+        "--resume-mode",
+        dest="resume_mode",
+        choices=["keep", "redo-changed"],
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+    )  # what --resume=MODE sets (pidray.cli)
     j.add_argument(
         "--overwrite",
         action="store_true",
@@ -204,13 +223,18 @@ def _job_arguments(p, default_preset: str) -> None:
     j.add_argument("--in-place", action="store_true", help="DST is SRC: write beside the inputs (needs --suffix)")
     j.add_argument("--follow-symlinks", action="store_true", help="follow symbolic links in SRC (default: skip them)")
     j.add_argument("--include-hidden", action="store_true", help="also process files whose path has a '.' name")
-    j.add_argument("--encode-actors", type=positive_int, default=None)
-    j.add_argument("--diffuse-actors", type=positive_int, default=None)
+    j.add_argument("--encode-actors", type=positive_int, default=None, help="encoder actors (default: 1 a GPU)")
+    j.add_argument("--diffuse-actors", type=positive_int, default=None, help="diffusion actors (default: 1 a GPU)")
     j.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
-    j.add_argument("--s3-region", default=None)
-    j.add_argument("--s3-profile", default=None)
-    j.add_argument("--s3-retry-mode", default="standard", choices=["legacy", "standard", "adaptive"])
-    j.add_argument("--no-progress", action="store_true")
+    j.add_argument("--s3-region", default=None, help="S3 region (default: the AWS configuration's)")
+    j.add_argument("--s3-profile", default=None, help="AWS profile for S3 (default: the AWS configuration's)")
+    j.add_argument(
+        "--s3-retry-mode",
+        default="standard",
+        choices=["legacy", "standard", "adaptive"],
+        help="botocore retry mode for S3",
+    )
+    j.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
 
 
 def config_from_args(args) -> JobConfig:
@@ -247,7 +271,7 @@ def config_from_args(args) -> JobConfig:
         s3=S3Settings(args.s3_endpoint, args.s3_region, args.s3_profile, args.s3_retry_mode),
         suffix=args.suffix, in_place=args.in_place, follow_symlinks=args.follow_symlinks,
         include_hidden=args.include_hidden, captions=read_captions(args.captions) if args.captions else {},
-        resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run, local=args.local,
+        resume=_resume(args), overwrite=args.overwrite, dry_run=args.dry_run, local=args.local,
         concurrency={k: v for k, v in (("encode", args.encode_actors), ("diffuse", args.diffuse_actors)) if v},
         progress=not args.no_progress, verbose=args.verbose, workflow=getattr(args, "workflow", DEFAULT_WORKFLOW),
         latent_format=getattr(args, "latent_format", None), out_size=getattr(args, "size", None),
@@ -255,8 +279,27 @@ def config_from_args(args) -> JobConfig:
     )  # fmt: skip
 
 
+def _note_ignored_captions(cfg) -> None:
+    """--caption/--captions with a preset that has no caption encoder: said once, not ignored silently."""
+    from pipeline.model.presets import get_preset
+
+    if (cfg.options.caption or cfg.captions) and get_preset(cfg.model.preset).text_encoder == "none":
+        print(f"pidray: note: preset {cfg.model.preset} has no caption encoder: --caption/--captions are ignored",
+              file=sys.stderr)  # fmt: skip
+
+
+def _resume(args) -> bool | str:
+    """--resume: True; --resume=redo-changed: that mode (jobs/settings.py)."""
+    return "redo-changed" if getattr(args, "resume_mode", "") == "redo-changed" else args.resume
+
+
 def cmd_upscale(args) -> int:
-    cfg = config_from_args(args)
+    from jobs.settings import check_resume
+    from jobs.single import file_destination
+
+    cfg = file_destination(config_from_args(args))  # `pidray upscale one.png big.png` writes big.png
+    cfg = check_resume(cfg, note=lambda text: print(text, file=sys.stderr))  # outputs made otherwise are not kept
+    _note_ignored_captions(cfg)
     summary = run_job(cfg)
     if cfg.dry_run:
         for r in sorted(summary.rows, key=lambda r: r["key"]):
@@ -271,7 +314,7 @@ def cmd_upscale(args) -> int:
 
 def report(summary, per: str = "images") -> int:
     """A finished job for the terminal (failed inputs, the summary line, how to finish) -> the exit code."""
-    for r in summary.rows:
+    for r in summary.rows if not summary.failures_shown else ():  # else said as they happened
         if r["status"] == "failed":
             print(f"failed  {r['key']}: {r['error']}", file=sys.stderr)
     print(summary.line().replace("images/s", f"{per}/s"))

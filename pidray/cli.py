@@ -8,6 +8,161 @@ import os
 import sys
 from pathlib import Path
 
+# Flags other upscalers use that pidray spells differently: the hint replaces "unrecognized arguments".
+_POSITIONAL = "SRC and DST are positional, with no flag: pidray upscale in.png out.png"
+_MODEL = "choose the model with -m/--model (pidray presets lists them)"
+FOREIGN_FLAGS = {"-i": _POSITIONAL, "--input": _POSITIONAL, "-o": _POSITIONAL, "--output": _POSITIONAL, "-n": _MODEL,
+                 "--model-name": _MODEL}  # fmt: skip
+
+
+def version() -> str:
+    from pipeline import __version__
+
+    return __version__
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help line ends with its default, unless the line already speaks of it or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, argparse.SUPPRESS, "", [])
+            or not action.option_strings
+            or action.nargs == 0
+        ):
+            return text
+        return f"{text} (default: {default})" if text else f"(default: {default})"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with errors a newcomer can act on: a subcommand reports its own usage, an unknown flag or choice
+    gets the nearest match, and flags from other upscalers get a hint."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kw)
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args is not None and "--resume-mode" in self._option_string_actions:  # --resume=MODE: a flag and a mode
+            args = [a for arg in args for a in (["--resume", "--resume-mode", arg.split("=", 1)[1]]
+                                                if arg.startswith("--resume=") else [arg])]  # fmt: skip
+        got, extra = super().parse_known_args(args, namespace)
+        if extra and self.prog != "pidray":  # a subcommand: the unknown flags are its own, said with its usage
+            self.error(self.unknown(extra))
+        return got, extra
+
+    def unknown(self, extra: list[str]) -> str:
+        import difflib
+
+        flags = sorted(s for s in self._option_string_actions if s.startswith("--") and s != "--help")
+        hints = []
+        for arg in extra:
+            name = arg.split("=", 1)[0]
+            if name in FOREIGN_FLAGS:
+                if FOREIGN_FLAGS[name] not in hints:
+                    hints.append(FOREIGN_FLAGS[name])
+            elif name.startswith("-"):
+                near = difflib.get_close_matches(name if name.startswith("--") else f"-{name}", flags, n=1, cutoff=0.7)
+                if near:
+                    hints.append(f"did you mean {near[0]}?")
+        text = f"unrecognized arguments: {' '.join(extra)}"
+        return f"{text} ({'; '.join(hints)})" if hints else text
+
+    def error(self, message):
+        import difflib
+        import re
+
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"'([^']*)'", m.group(2))
+            near = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+            if near:
+                message += f"; did you mean {near[0]!r}?"
+        message = message.replace("argument --resume-mode:", "--resume=MODE:")
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def tile_arg(text: str) -> int | None:
+    """-t/--tile: a side in output pixels; 0 means automatic (the model's envelope), as in Real-ESRGAN."""
+    from jobs.upscale import whole_arg
+
+    pixels = "a whole number of pixels (0: automatic)"
+    return whole_arg(text, 0, pixels, "must be 0 (automatic) or a positive number of pixels") or None
+
+
+def gpu_arg(text: str) -> str:
+    """-g N: --device cuda:N."""
+    from jobs.upscale import whole_arg
+
+    return f"cuda:{whole_arg(text, 0, 'a GPU number (0, 1, ...)', 'expected a GPU number (0, 1, ...)')}"
+
+
+# One meaning per flag across the commands: the help line of a shared option a command declares without one.
+COMMON_HELP = {
+    "device": "auto, cpu, cuda or cuda:N",
+    "dtype": "compute precision; auto: bf16 on a GPU, fp32 on a CPU",
+    "seed": "run seed; each output's seed derives from it",
+    "steps": "sampler steps (default: the preset's)",
+    "negative_prompt": "what the image should not show (default: the preset's)",
+    "quality": "JPEG/WebP quality, 1-100",
+    "local": "the in-process loop (default for small jobs with no RAY_ADDRESS)",
+    "s3_endpoint": "S3-compatible endpoint URL",
+    "s3_region": "S3 region (default: the AWS configuration's)",
+    "no_progress": "no progress bar or progress lines",
+    "verbose": "let Ray's own messages through",
+    "preset": "preset (pidray presets)",
+    "weights": "hub-layout weights folder, or a checkpoint file",
+    "diffuse_actors": "diffusion actors (Ray Data; default: one per GPU)",
+}
+
+
+def _finish(parser: argparse.ArgumentParser) -> None:
+    """Every subcommand (nested ones too): a help line on each option, and the aliases."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in action.choices.values():
+                _finish(p)
+        elif action.help is None:
+            action.help = (
+                "Ray Data, whatever the size" if "--ray" in action.option_strings else COMMON_HELP.get(action.dest)
+            )
+    _add_aliases(parser)
+    options = [a for a in parser._actions if a.option_strings]
+    if len(options) > 8 and parser.usage is None:  # the full list is in --help; an error shows the shape of the call
+        args = " ".join(
+            a.metavar or a.dest.upper() for a in parser._actions if not a.option_strings and a.help != argparse.SUPPRESS
+        )
+        parser.usage = f"{parser.prog} [options] {args}".rstrip()
+
+
+def _add_aliases(parser: argparse.ArgumentParser) -> None:
+    """Real-ESRGAN-style short forms on every subcommand that takes the matching long option: -g N for
+    --device cuda:N, --fp32 for --dtype fp32, -t 0 for an automatic tile."""
+    opts = parser._option_string_actions
+
+    def group_of(flag: str):  # the alias is listed beside the option it stands for
+        return next((g for g in parser._action_groups if opts[flag] in g._group_actions), parser)
+
+    if "--device" in opts and not {"-g", "--gpu"} & set(opts):  # doctor's --gpu means something else
+        group_of("--device").add_argument("-g", dest="device", type=gpu_arg, default=argparse.SUPPRESS, metavar="N",
+                            help="run on GPU N: the same as --device cuda:N")  # fmt: skip
+    if "--dtype" in opts and "--fp32" not in opts:
+        group_of("--dtype").add_argument(
+            "--fp32",
+            dest="dtype",
+            action="store_const",
+            const="fp32",
+            default=argparse.SUPPRESS,
+            help="float32: the same as --dtype fp32",
+        )
+    if "--tile" in opts:
+        opts["--tile"].type = tile_arg
+        opts["--tile"].help = "tile side in output pixels; 0: automatic, from the model's envelope"
+
 
 def _cmd_golden(args) -> int:
     from pipeline.golden import verify
@@ -26,9 +181,11 @@ def _cmd_golden(args) -> int:
 def _cmd_presets(args) -> int:
     from pipeline.model.presets import ALIASES, PRESETS
     from pipeline.runtime import LQ_ENCODERS
+    from pipeline.weights import WeightsNotFound, resolve
 
     w = max(map(len, PRESETS))
-    print(f"{'preset':{w}s} {'variant':13s} scale  {'encoder':10s} latent_ch  {'does':14s} {'sampler':17s} checkpoint")
+    print(f"{'preset':{w}s} {'variant':13s} scale  {'encoder':10s} latent_ch  {'does':14s} {'sampler':17s} "
+          f"{'here':17s} checkpoint")  # fmt: skip
     for name, p in PRESETS.items():
         if p.task == "t2i":
             does = "text->image"
@@ -44,9 +201,20 @@ def _cmd_presets(args) -> int:
             sampler = f"guided, {p.default_steps}x2 fwd"
         else:
             sampler = f"{p.default_steps} steps"
+        try:  # usable here: every file the network and its encoder need is found (never downloaded)
+            resolve(p, args.weights, allow_download=False)
+            here = "ready"
+        except WeightsNotFound:
+            here = "weights missing"
+        if p.text_encoder != "none":
+            here += "+captioner"  # it also needs the Gemma caption encoder (--text-encoder DIR)
         print(f"{name:{w}s} {p.variant:13s} {scale:6s} {p.vae:10s} {p.latent_channels:<9d}  {does:14s} {sampler:17s} "
-              f"{p.checkpoint}")  # fmt: skip
+              f"{here:17s} {p.checkpoint}")  # fmt: skip
     print("aliases:", ", ".join(f"{a}->{b}" for a, b in ALIASES.items()))
+    where = args.weights or os.environ.get("PIDRAY_WEIGHTS")
+    print(f"here: 'ready' = all weights found {'under ' + where if where else '(no --weights DIR or PIDRAY_WEIGHTS)'}"
+          "; '+captioner' = also needs the Gemma-2-2B-it caption encoder (--text-encoder DIR); "
+          "pidray download PRESET fetches a preset's weights")  # fmt: skip
     return 0
 
 
@@ -102,33 +270,35 @@ def _cmd_eval_small(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pidray", description=__doc__)
+    ap = Parser(prog="pidray", description=__doc__, epilog="pidray COMMAND --help shows a command's options.")
     ap.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    ap.add_argument("--version", action="version", version=f"pidray {version()}")
     common = argparse.ArgumentParser(add_help=False)  # --debug is accepted after the command too
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("golden", help="verify golden fixtures against our implementation (exit 1 on any failure)")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", help="fixture files, or folders of them")
     p.set_defaults(fn=_cmd_golden)
 
-    p = sub.add_parser("presets", help="list the model presets")
+    p = sub.add_parser("presets", help="list the model presets and which of them are ready to run here")
+    p.add_argument("--weights", default=None, help="the weights folder to look in (default: $PIDRAY_WEIGHTS)")
     p.set_defaults(fn=_cmd_presets)
 
     p = sub.add_parser("info", help="build a preset's network on the meta device; parameter count, keys")
-    p.add_argument("preset")
+    p.add_argument("preset", help="a preset name (pidray presets) or a preset file (.json)")
     p.add_argument("--keys", action="store_true", help="print every state-dict key (official names) and shape")
     p.set_defaults(fn=_cmd_info)
 
     p = sub.add_parser("convert", help="official model_ema_bf16.pth -> pidray safetensors (strictly validated)")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--preset", required=True)
+    p.add_argument("src", help="the official checkpoint (.pth)")
+    p.add_argument("dst", help="the safetensors file to write")
+    p.add_argument("--preset", required=True, help="the preset whose architecture the checkpoint has")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: keep the source's")
     p.set_defaults(fn=_cmd_convert)
 
     p = sub.add_parser("download", help="download a preset's released weights (NVIDIA non-commercial licence)")
-    p.add_argument("preset")
+    p.add_argument("preset", help="a preset name (pidray presets)")
     p.add_argument("--weights", default=None, help="directory to place them in (hub layout)")
     p.set_defaults(fn=_cmd_download)
 
@@ -168,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub, parents=[common])
     add_bench_parser(sub)
     add_serve_parser(sub, parents=[common])
+    _finish(ap)
     return ap
 
 
@@ -200,7 +371,11 @@ def _failure(e: BaseException) -> tuple[str, str]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:  # bare `pidray`: what it does and its commands
+        parser.print_help()
+        return 0
     try:
         return args.fn(args) or 0
     except BrokenPipeError:  # `pidray info ... | head`: the reader left; say nothing more

@@ -97,18 +97,40 @@ def resolve(
         for f in missing:
             found[f.role] = _fetch(f, root)
         return found
-    where = f"under {root}" if root else f"(no weights directory given: pass --weights DIR or set {ENV_ROOT})"
+    where = f"under {root}" if root else f"(no weights folder: pass --weights DIR or set {ENV_ROOT})"
     ours = [f.local for f in missing if f.repo == HUB_REPO and not f.files]
     cmds = [f"hf download {HUB_REPO} --local-dir DIR --include " + " ".join(f'"{m}"' for m in ours)] if ours else []
     cmds += [download_command(f) for f in missing if f.repo != HUB_REPO or f.files]
     licences = sorted({f"{f.repo}: {f.licence}" for f in missing if f.repo != HUB_REPO})
+    files = ", ".join(f.local + (f"/{{{','.join(f.files)}}}" if f.files else "") for f in missing)
     raise WeightsNotFound(
-        f"preset {preset.name!r} needs {len(missing)} file(s) not found {where}: "
-        + ", ".join(f.local + (f"/{{{','.join(f.files)}}}" if f.files else "") for f in missing)
-        + ". Get them with: "
-        + " ; ".join(cmds)
-        + f" — then pass --weights DIR; or allow pidray to download them (--allow-download or "
-        f"{ENV_ALLOW_DOWNLOAD}=1). "
-        + (LICENCE_NOTE if ours else "")
-        + (" Licences: " + "; ".join(licences) + "." if licences else "")
+        f"preset {preset.name!r}: {len(missing)} weight file(s) not found {where}\n"  # the first line says it all
+        f"  missing: {files}\n"
+        "  get them (then pass --weights DIR):\n"
+        + "".join(f"    {c}\n" for c in cmds)
+        + f"  or let pidray download them: --allow-download (or {ENV_ALLOW_DOWNLOAD}=1)"
+        + (f"\n  {LICENCE_NOTE}" if ours else "")
+        + ("\n  licences: " + "; ".join(licences) if licences else "")
     )
+
+
+def caption_encoder_missing(preset_name: str) -> str:
+    """What a preset that needs the caption encoder says when none was given: a line, then how to get it."""
+    return (
+        f"preset {preset_name!r} needs the Gemma-2-2B-it caption encoder\n"
+        "  get it (Gemma's own terms apply), then pass --text-encoder DIR:\n"
+        "    hf download Efficient-Large-Model/gemma-2-2b-it --local-dir DIR\n"
+        "  or let pidray download it: --allow-download"
+    )
+
+
+def missing_message(missing: list[str]) -> str:
+    """Several missing things as one message: a first line that counts them, then each one's first line numbered
+    and its details (the download commands) indented below it."""
+    if len(missing) == 1:
+        return missing[0]
+    lines = [f"{len(missing)} things are missing:"]
+    for i, m in enumerate(missing, 1):
+        first, *rest = m.splitlines()
+        lines += [f"  ({i}) {first}", *(f"  {r}" for r in rest)]
+    return "\n".join(lines)

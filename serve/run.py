@@ -1,15 +1,22 @@
-"""`pidray serve`: start local Ray in-process and run the endpoint on the embedded default model."""
+"""`pidray serve`: start local Ray in-process and run the endpoint on the embedded default model.
+
+Everything that would make the endpoint fail to start (an unknown preset, missing weights, a taken port) is checked
+before Ray starts and said in one line; Ray's own notices go to a log file, not the terminal."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import time
+from contextlib import contextmanager
 
 from pipeline.errors import SetupError
 from serve.admission import TOKEN_ENV, is_loopback
+
+RAY_LOG = os.path.join(os.environ.get("TMPDIR", "/tmp"), "pidray-serve.log")
 
 
 def check_port(host: str, port: int) -> None:
@@ -21,6 +28,60 @@ def check_port(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:
             raise SetupError(f"cannot listen on {host}:{port}: {e.strerror}; pick another port with --port") from None
+
+
+def preflight(preset_name: str, weights: str | None, text_encoder: str | None, allow_download: bool = False) -> None:
+    """The checks the bulk job makes before any model loads, for the endpoint: the preset exists and upscales, its
+    encoder is implemented, its weights (and caption encoder) are here. A SetupError/ValueError saying what and how."""
+    from pipeline.model.presets import get_preset
+    from pipeline.runtime import ModelOptions, check_encoder, net_path
+    from pipeline.weights import WeightsNotFound, caption_encoder_missing, missing_message, resolve
+
+    preset = get_preset(preset_name)
+    if preset.task != "upscale":
+        raise SetupError(f"preset {preset.name!r} is a text-to-image model; the endpoint upscales with a PiD preset "
+                         "(pidray presets)")  # fmt: skip
+    check_encoder(preset)
+    missing = []
+    try:
+        if not preset.bundled and not str(weights or "").endswith((".safetensors", ".pth")):
+            resolve(preset, weights, allow_download=allow_download)
+        path = net_path(ModelOptions(preset_name, weights, text_encoder, allow_download))
+        if not os.path.isfile(path):
+            missing.append(f"checkpoint not found: {path}")
+    except WeightsNotFound as e:
+        missing.append(str(e))
+    if preset.text_encoder != "none" and not text_encoder and not allow_download:
+        missing.append(caption_encoder_missing(preset.name))
+    if missing:
+        raise SetupError(missing_message(missing))
+
+
+@contextmanager
+def ray_notices_to_log(enabled: bool = True):
+    """Ray's start-up notices, worker messages and the C++ traces of its shutdown (all written to file descriptor
+    2) go to RAY_LOG while the block runs; the terminal gets them back after it, errors included."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(RAY_LOG, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class _Stop(BaseException):
+    """SIGTERM while serving: stop as for Ctrl-C."""
+
+
+def _stop(signum, frame):
+    raise _Stop()
 
 
 def read_token(path: str | None) -> str | None:
@@ -51,17 +112,21 @@ def start(args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: int |
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": host, "port": port})
     args = {"bind_host": host, **args}
-    serve.run(build_app(args), name="pidray", route_prefix="/", blocking=False)
+    try:
+        serve.run(build_app(args), name="pidray", route_prefix="/", blocking=False)
+    except RuntimeError as e:  # a replica failed to start: its reason is in Ray's log
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SetupError(f"the endpoint did not start ({first[:200]}); Ray's messages are in {RAY_LOG}") from None
     return f"http://{host}:{port}"
 
 
 def add_serve_parser(sub, parents=()) -> None:
     p = sub.add_parser("serve", parents=list(parents), help="run the upscaling endpoint locally (Ray Serve)")
-    p.add_argument("--preset", default="small")
-    p.add_argument("--weights", default=None)
-    p.add_argument("--text-encoder", default=None)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("-m", "--model", "--preset", dest="preset", default="small", help="preset (pidray presets)")
+    p.add_argument("--weights", default=None, help="hub-layout weights folder, or a checkpoint file")
+    p.add_argument("--text-encoder", default=None, help="local Gemma-2-2B-it folder (released presets)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback: set a token)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument(
         "--token-file",
         default=None,
@@ -70,7 +135,9 @@ def add_serve_parser(sub, parents=()) -> None:
     p.add_argument("--token", help=argparse.SUPPRESS)  # refused with a message: see cmd_serve
     p.add_argument("--allowed-origin", action="append", default=[], help="a web origin allowed to call the API")
     p.add_argument("--allowed-host", action="append", default=[], help="an extra Host header value to accept")
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take before it fails")
+    p.add_argument("--allow-download", action="store_true", help="download released weights (NVIDIA licence)")
+    p.add_argument("--verbose", action="store_true", help=f"let Ray's own messages through (default: into {RAY_LOG})")
     p.set_defaults(fn=cmd_serve)  # fmt: skip
 
 
@@ -82,19 +149,31 @@ def cmd_serve(args) -> int:
     if not token and not is_loopback(args.host):
         print(f"warning: no API token and listening on {args.host}: anyone who can reach this port can use the "
               f"endpoint; set ${TOKEN_ENV} or --token-file", file=sys.stderr)  # fmt: skip
+    preflight(args.preset, args.weights, args.text_encoder, args.allow_download)
     check_port(args.host, args.port)
     conf = {"preset": args.preset, "weights": args.weights, "text_encoder": args.text_encoder,
             "timeout_s": args.timeout, "allowed_origins": args.allowed_origin,
-            "allowed_hosts": args.allowed_host}  # fmt: skip
+            "allowed_hosts": args.allowed_host, "allow_download": args.allow_download}  # fmt: skip
     if token:
         conf["token"] = token
-    url = start(conf, args.host, args.port)
-    print(f"pidray endpoint on {url}  (POST /v1/upscale, GET /v1/models, /healthz, page at /); Ctrl-C stops")
+    old = signal.getsignal(signal.SIGTERM)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve
+        with ray_notices_to_log(not args.verbose):
+            url = start(conf, args.host, args.port)
+            signal.signal(signal.SIGTERM, _stop)  # after Ray's start-up, which installs handlers of its own
+            print(f"pidray endpoint on {url}  (POST /v1/upscale, GET /v1/models, /healthz, page at /); Ctrl-C stops",
+                  flush=True)  # fmt: skip
+            try:
+                while True:
+                    time.sleep(3600)
+            except (KeyboardInterrupt, _Stop):
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping already: a second signal waits for it
+                from ray import serve
 
-        serve.shutdown()
+                serve.shutdown()
+                import ray
+
+                ray.shutdown()
+    finally:
+        signal.signal(signal.SIGTERM, old)
     return 0

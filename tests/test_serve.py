@@ -187,10 +187,23 @@ def test_page_in_headless_chromium(endpoint, tmp_path):
         page = browser.new_page()
         page.goto(endpoint + "/")
         page.wait_for_function("document.querySelectorAll('#preset option').length > 0")
-        page.fill("#token", TOKEN)
+        assert not page.is_visible("#token")  # no token field until the server asks for one
         page.set_input_files("#file", str(src))
         page.click("#go")
+        page.wait_for_selector("#token", state="visible", timeout=60_000)  # it answered 401: now there is one
+        assert "needs a token" in page.inner_text("#status")
+        page.fill("#token", TOKEN)
+        page.click("#go")
         page.wait_for_selector("body[data-done='1']", timeout=120_000)
+        shown = page.evaluate("[document.getElementById('stage').clientWidth, "
+                              "document.getElementById('viewport').clientWidth]")  # fmt: skip
+        labels = (page.inner_text("#labelBefore"), page.inner_text("#labelAfter"))
+        page.click("#zoom button[data-zoom='2']")
+        zoomed = page.evaluate("document.getElementById('stage').clientWidth")
+        page.click("#zoom button[data-zoom='fit']")
+        box = page.locator("#stage").bounding_box()
+        page.mouse.click(box["x"] + box["width"] * 0.25, box["y"] + box["height"] / 2)  # the slider lies on the image
+        split = float(page.input_value("#slider"))
         size = page.evaluate(
             "[document.getElementById('after').naturalWidth, document.getElementById('after').naturalHeight]"
         )
@@ -204,6 +217,9 @@ def test_page_in_headless_chromium(endpoint, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert size == [224, 160] and "224x160" in status
+    assert "diffusion" in status and "=" not in status  # a readable timing line, not the raw header
+    assert labels == ("before", "after") and shown[0] <= shown[1] and zoomed == 2 * 224
+    assert 15 < split < 35, split
     assert (name_png, name_jpeg) == ("photo_x4.png", "photo_x4.jpg")
     assert shot.stat().st_size > 1000
     print("screenshot:", shot)

@@ -42,7 +42,10 @@ def test_job_preflight_fails_before_any_worker(tmp_path):
     # every missing piece in the one message: the network, the VAE, and the caption encoder, each with its command
     p = get_preset("flux-2k")
     assert "2 things are missing" in out.stderr and p.checkpoint in out.stderr and p.vae_checkpoint in out.stderr
-    assert "hf download Efficient-Large-Model/gemma-2-2b-it" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "hf download Efficient-Large-Model/gemma-2-2b-it" in out.stderr
+    first = out.stderr.splitlines()[0]  # a short first line says what is wrong; the commands follow below it
+    assert first == "pidray upscale: error: 2 things are missing:", out.stderr
+    assert all(len(line) <= 200 for line in out.stderr.splitlines() if "hf download" not in line), out.stderr
     weights = tmp_path / "w"
     for rel in (p.checkpoint, p.vae_checkpoint):
         (weights / rel).parent.mkdir(parents=True, exist_ok=True)

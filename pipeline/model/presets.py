@@ -339,5 +339,18 @@ def get_preset(name: str) -> Preset:
         return _preset_file(str(name))
     key = ALIASES.get(name, name)
     if key not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))} (aliases: {sorted(ALIASES)})")
+        raise ValueError(unknown_preset(name))
     return PRESETS[key]
+
+
+def unknown_preset(name: str) -> str:
+    """One line for a preset name that is not one: the nearest name, the upscaling presets, the aliases."""
+    import difflib
+
+    upscalers = sorted(n for n, p in PRESETS.items() if p.task == "upscale")
+    others = sorted(n for n, p in PRESETS.items() if p.task != "upscale")
+    near = difflib.get_close_matches(str(name), [*PRESETS, *ALIASES], n=1, cutoff=0.6)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    aliases = ", ".join(f"{a}={b}" for a, b in ALIASES.items())
+    generate = f"; text-to-image (pidray generate): {', '.join(others)}" if others else ""
+    return f"unknown preset {name!r}{hint}; known: {', '.join(upscalers)}; aliases: {aliases}{generate}"

@@ -124,6 +124,7 @@ def options_of(row: dict, defaults: UpscaleOptions) -> UpscaleOptions:
 def failed(row: dict, stage: str, err: BaseException, kind: str | None = None) -> dict:
     """Mark a row failed at `stage`: the message for people, the kind (pipeline.errors) for exit/HTTP codes."""
     row = {k: v for k, v in row.items() if k not in ("bytes", "image", "latent", "pixels", "output", "lq_image")}
+    row.update(getattr(err, "known", None) or {})  # what the stage had learnt before it failed (the input's size)
     row["status"] = "failed"
     row["error"] = f"{stage}: {err}"
     row["error_kind"] = kind or kind_of(err)
@@ -159,13 +160,17 @@ def run_stage(stage, name: str, rows: list[dict]) -> list[dict]:
             results = None  # isolate below
         if results is not None:
             dt = time.perf_counter() - t0
-            for i, r in zip(live, results):
-                out[i] = _with_time(r, name, dt)
+            for i, r in zip(live, results):  # each row its share of the call: its own `work_share`, else equal
+                share = r.pop("work_share", None) if isinstance(r, dict) else None
+                out[i] = _with_time(r, name, dt * (share if share is not None else 1 / len(live)))
             return out
     for i in live:
         t0 = time.perf_counter()
         try:
-            out[i] = _with_time(stage.process(rows[i]), name, time.perf_counter() - t0)
+            r = stage.process(rows[i])
+            if isinstance(r, dict):
+                r.pop("work_share", None)  # a row alone has the whole call
+            out[i] = _with_time(r, name, time.perf_counter() - t0)
         except Exception as e:  # a bad input, or a bug that must cost one row, not the job
             out[i] = failed(rows[i], name, e)
     return out

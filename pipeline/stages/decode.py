@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.imageio import DEFAULT_MAX_PIXELS, decode
+from pipeline.imageio import DEFAULT_MAX_PIXELS, decode, probe
 from pipeline.stages.rows import DecodedRow, ReadRow
 
 
@@ -12,7 +12,15 @@ class DecodeStage:
 
     def process(self, row: ReadRow) -> DecodedRow:
         row = dict(row)
-        img = decode(row.pop("bytes"), max_pixels=self.max_pixels)
+        data = row.pop("bytes")
+        try:
+            img = decode(data, max_pixels=self.max_pixels)
+        except Exception as e:  # the failed row keeps the size when the header tells it (too many pixels, ...)
+            try:
+                e.known = {"in_hw": list(probe(data[: 1 << 20], max_pixels=1 << 62))}
+            except Exception:
+                pass
+            raise
         row["image"] = img
         row["in_hw"] = list(img.size)
         if img.notes:

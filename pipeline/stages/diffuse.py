@@ -22,11 +22,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from pipeline import progress
 from pipeline.errors import Cancelled
 from pipeline.imageio import quantize
 from pipeline.memory import batch_size_for, default_budget
@@ -75,6 +77,7 @@ class DiffuseItem:
     noised: bool = False  # the latent is a captured x_t already at `sigma`: condition on it, add no noise
     guidance: Guidance | None = None  # guided presets: steps, cfg scale, shift for this image
     y_null: torch.Tensor | None = None  # guided presets: the null caption embedding [L, D]
+    key: str = ""  # the row's key: progress reports name the image
 
 
 class DiffuseStage(Cancellable):
@@ -119,6 +122,7 @@ class DiffuseStage(Cancellable):
                 groups.setdefault((it.plan.tile, it.steps, it.guidance), []).append(i)
         for (_, steps, _), idx in groups.items():
             stop = lambda idx=idx: all(self._gone(rows[i]) for i in idx)  # noqa: E731
+            t0 = time.perf_counter()
             try:
                 canvases = self.diffuse_many([items[i] for i in idx], steps=steps, should_stop=stop)
             except Cancelled as e:  # every row of the group is gone: stopped between steps
@@ -126,14 +130,20 @@ class DiffuseStage(Cancellable):
                 for i in idx:
                     out[i] = failed(rows[i], "diffuse", e)
                 continue
+            group_s, group_tiles = time.perf_counter() - t0, sum(items[i].plan.n_tiles for i in idx)
             for i, canvas in zip(idx, canvases):
                 r = {k: v for k, v in rows[i].items() if k not in ("latent", "caption_emb")}
                 src = r.get("src")
                 r["pixels"] = quantize(canvas, src.bits if src is not None else 8)
                 r["seed"], r["batch"] = items[i].seed, len(idx)
+                r["work_s"] = group_s * items[i].plan.n_tiles / group_tiles  # its tiles' part of its group's calls
                 out[i] = r
         for r in rows:
             self.cancelled.pop(r.get("request_id"), None)
+        spent = sum(r.get("work_s", 0.0) for r in out)
+        for r in out:  # run_stage gives each row this part of the call's time (its tiles' part of each call)
+            if "work_s" in r:
+                r["work_share"] = r.pop("work_s") / spent if spent > 0 else 1 / len(out)
         return out
 
     def warmup(self, force: bool = False) -> bool:
@@ -187,6 +197,7 @@ class DiffuseStage(Cancellable):
             noised=bool(row.get("noised")),
             guidance=guidance_for(self.preset, o, plan.out_hw) if guided else None,
             y_null=torch.from_numpy(row["null_emb"]) if guided else None,
+            key=str(row.get("key", "")),
         )
 
     # ------------------------------------------------------------------ tensors
@@ -312,6 +323,10 @@ class DiffuseStage(Cancellable):
                 else:
                     pred = net(x[c].to(self.dtype), tc, y[c], feats, sig[c])
                 outs.append(pred.float())
+                for k, (sl, _) in enumerate(spans):  # each image's tiles in this call: its tile-step progress
+                    n = min(sl.stop, c.stop) - max(sl.start, c.start)
+                    if n > 0:
+                        progress.report(items[k].key, n)
             return torch.cat(outs)
 
         def noise(draw: int) -> torch.Tensor:  # every source draws on the device: nothing crosses per step

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.imageio import CONTENT_TYPES, EXTENSIONS, encode, output_format, resize_plane
+from pipeline.imageio import ALPHA_FORMATS, CONTENT_TYPES, EXTENSIONS, encode, output_format, resize_plane
 from pipeline.stages.common import UpscaleOptions, options_of
 from pipeline.stages.rows import DiffusedRow, MergedRow
 from pipeline.tiling import target_size
@@ -27,6 +27,10 @@ class MergeStage:
         alpha = resize_plane(src.alpha, size) if src.alpha is not None else None
         fmt = output_format(src, o.format)
         data = encode(rgb, src, fmt, quality=o.quality, alpha=alpha)
+        if alpha is not None and fmt not in ALPHA_FORMATS:  # said in the row's notes and on the terminal
+            note = f"transparency dropped: {fmt} has no alpha channel (-f png keeps it)"
+            row["notes"] = [*row.get("notes", []), note]
+            row["warnings"] = [*row.get("warnings", []), note]
         row.update(
             plan=plan.to_dict(),
             status="ok",

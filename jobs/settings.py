@@ -1,0 +1,121 @@
+"""The settings that shape an output, recorded in the manifest's Parquet metadata, and `--resume`'s check of them.
+
+A manifest records, besides its rows, the run's settings (`pidray.settings`, JSON), pidray's version and the
+run's start time. `--resume` keeps the outputs already in DST only when they were made with the settings asked for
+now: with different ones it refuses in one line, or (`--resume=redo-changed`) redoes them with the new settings.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import replace
+
+from pipeline.errors import SetupError
+
+SETTINGS_KEY, VERSION_KEY, STARTED_KEY = b"pidray.settings", b"pidray.version", b"pidray.started"
+REDO_CHANGED = "redo-changed"
+# the settings compared by --resume, in the order they are named when they differ
+SHAPING = ("preset", "scale", "format", "steps", "seed", "tile", "overlap", "precision", "sampler", "ensemble",
+           "cfg_scale", "shift", "degrade_sigma", "fusion", "quality", "caption")  # fmt: skip
+
+
+def output_settings(cfg) -> dict:
+    """What shapes every output of this job, resolved (the preset's defaults filled in) so that an explicit
+    default and an omitted flag compare equal."""
+    o = cfg.options
+    out = {"preset": cfg.model.preset, "format": o.format.lower() if o.format else "keep", "seed": o.seed,
+           "tile": o.tile or "auto", "overlap": o.overlap if o.overlap is not None else "preset",
+           "sampler": o.sampler, "degrade_sigma": o.degrade_sigma, "fusion": o.fusion, "quality": o.quality,
+           "caption": o.caption, "cfg_scale": o.cfg_scale, "shift": o.shift}  # fmt: skip
+    try:
+        from pipeline.model.presets import get_preset
+        from pipeline.stages.common import ensemble_shift, sampler_steps
+
+        preset = get_preset(cfg.model.preset)
+        out["preset"] = preset.name  # an alias and its preset are one model
+        out["scale"] = float(o.scale or preset.scale)
+        out["steps"] = sampler_steps(preset, o)
+        out["ensemble"] = bool(ensemble_shift(preset, o)) if preset.task == "upscale" else False
+    except Exception:  # preflight refuses such a job in its own words
+        out.update(scale=o.scale, steps=o.steps, ensemble=o.ensemble)
+    out["precision"] = _precision(cfg.model)
+    if getattr(cfg, "workflow", "upscale") in ("generate", "ldm"):
+        out["generate"] = {k: v for k, v in sorted(cfg.gen.items())}
+    return out
+
+
+def _precision(model) -> str:
+    try:
+        from pipeline.runtime import pick_device, pick_dtype
+
+        return str(pick_dtype(model.dtype, pick_device(model.device))).replace("torch.", "")
+    except Exception:
+        return str(model.dtype)
+
+
+def run_metadata(cfg, started: float) -> dict[bytes, bytes]:
+    """The manifest's Parquet key-value metadata for this run."""
+    from pipeline import __version__
+
+    return {
+        SETTINGS_KEY: json.dumps(output_settings(cfg), sort_keys=True, default=str).encode(),
+        VERSION_KEY: __version__.encode(),
+        STARTED_KEY: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)).encode(),
+    }
+
+
+def recorded_settings(dst) -> dict | None:
+    """The settings DST's manifest records, or None (no manifest, an older one, or one that cannot be read: the
+    job's own reading of the manifest says what is wrong with it)."""
+    import pyarrow.parquet as pq
+
+    from jobs.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
+
+    try:
+        size = dst.size(MANIFEST_NAME)
+        if size < 0 or size > MAX_MANIFEST_BYTES:
+            return None
+        meta = pq.ParquetFile(io.BytesIO(dst.read(MANIFEST_NAME, MAX_MANIFEST_BYTES + 1))).schema_arrow.metadata
+        got = json.loads((meta or {}).get(SETTINGS_KEY, b"null"))
+    except Exception:
+        return None
+    return got if isinstance(got, dict) else None
+
+
+def _show(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return f"{value:g}"
+    return "the input's" if value == "keep" else str(value)
+
+
+def check_resume(cfg, note=None):
+    """The job config for --resume: unchanged when DST's outputs were made with these settings (or nothing says
+    how they were made); a SetupError naming what changed; with --resume=redo-changed, a config that replaces
+    pidray's earlier outputs instead of keeping them (--overwrite's rules)."""
+    if not cfg.resume:
+        return cfg
+    from pipeline.storage import Location
+
+    try:
+        before = recorded_settings(Location(cfg.dst, cfg.s3))
+    except Exception:
+        return cfg
+    if before is None:
+        return cfg
+    now = output_settings(cfg)
+    changed = [k for k in SHAPING if k in before and k in now and before[k] != now[k]]
+    if now.get("generate") != before.get("generate", now.get("generate")):
+        changed.append("generate")
+    if not changed:
+        return replace(cfg, resume=True)
+    if cfg.resume == REDO_CHANGED:
+        if note:
+            note(f"pidray: note: DST's outputs were made with other settings ({', '.join(changed)}): redoing them")
+        return replace(cfg, resume=False, overwrite=True)
+    what = ", ".join(f"{k} {_show(before[k])} (now {_show(now[k])})" for k in changed if k != "generate")
+    raise SetupError(
+        f"--resume: the outputs in DST were made with {what or 'other prompt settings'}; rerun with those "
+        f"settings, or --resume={REDO_CHANGED} to redo them with these, or choose another DST"
+    )

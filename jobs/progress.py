@@ -13,6 +13,7 @@ import time
 from collections import deque
 
 from pipeline import progress
+from pipeline.workflow import DEFAULT_WORKFLOW, workflow_class
 
 LOG_EVERY_S = 30.0
 RATE_WINDOW = 6  # reports the ETA's throughput is measured over
@@ -23,7 +24,7 @@ def estimate(cfg, plan, rows: list[dict]) -> dict[str, int]:
     1 for a row whose size cannot be told (a latent file, a prompt, an unreadable header) or when there are too
     many rows to read headers for."""
     out = {r["key"]: 1 for r in rows}
-    if getattr(cfg, "workflow", "upscale") != "upscale" or not rows or len(rows) > 256:
+    if workflow_class(getattr(cfg, "workflow", DEFAULT_WORKFLOW)).enters != "images" or not rows or len(rows) > 256:
         return out
     try:
         from pipeline.imageio import probe

@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 
 from pipeline.errors import SetupError
+from pipeline.workflow import DEFAULT_WORKFLOW, workflow_class
 
 SETTINGS_KEY, VERSION_KEY, STARTED_KEY = b"pidray.settings", b"pidray.version", b"pidray.started"
 REDO_CHANGED = "redo-changed"
@@ -41,7 +42,7 @@ def output_settings(cfg) -> dict:
     except Exception:  # preflight refuses such a job in its own words
         out.update(scale=o.scale, steps=o.steps, ensemble=o.ensemble)
     out["precision"] = _precision(cfg.model)
-    if getattr(cfg, "workflow", "upscale") in ("generate", "ldm"):
+    if workflow_class(getattr(cfg, "workflow", DEFAULT_WORKFLOW)).enters == "prompts":
         out["generate"] = {k: v for k, v in sorted(cfg.gen.items())}
     return out
 

@@ -46,7 +46,7 @@ def preflight(preset_name: str, weights: str | None, text_encoder: str | None, a
     try:
         if not preset.bundled and not str(weights or "").endswith((".safetensors", ".pth")):
             resolve(preset, weights, allow_download=allow_download)
-        path = net_path(ModelOptions(preset_name, weights, text_encoder, allow_download))
+        path = net_path(ModelOptions(preset_name, weights, text_encoder, allow_download), preset)
         if not os.path.isfile(path):
             missing.append(f"checkpoint not found: {path}")
     except WeightsNotFound as e:

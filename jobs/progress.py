@@ -17,6 +17,7 @@ from pipeline.workflow import DEFAULT_WORKFLOW, workflow_class
 
 LOG_EVERY_S = 30.0
 RATE_WINDOW = 6  # reports the ETA's throughput is measured over
+STEP_GAP_S = 0.02  # a tile-step redraws the bar unless one was drawn this recently (a GPU reports hundreds a second)
 
 
 def estimate(cfg, plan, rows: list[dict]) -> dict[str, int]:
@@ -90,7 +91,7 @@ class JobProgress:
         self.partial[key] = min(self.work[key], self.partial.get(key, 0) + n)
         self.current = key
         self._started()
-        self._tick()
+        self._tick(force=self.partial[key] == self.work[key], min_gap=STEP_GAP_S)  # an image's last step is shown
 
     def row_done(self, row: dict) -> None:
         key = row["key"]
@@ -143,11 +144,11 @@ class JobProgress:
         return (self.total - self.done) / rate if rate > 0 else float("nan")
 
     # ------------------------------------------------------------------ drawing
-    def _tick(self, force: bool = False) -> None:
+    def _tick(self, force: bool = False, min_gap: float = 0.1) -> None:
         if not self.enabled:
             return
         now = time.time()
-        if self.tty and (force or now - self.last_draw >= 0.1):
+        if self.tty and (force or now - self.last_draw >= min_gap):
             self._draw()
         elif not self.tty and now - self.last_log >= LOG_EVERY_S:
             self._log()

@@ -183,7 +183,9 @@ def _job_arguments(p, default_preset: str) -> None:
         action="store_true",
         help="replace outputs already in DST, only those DST's manifest records as written by pidray",
     )
-    j.add_argument("--dry-run", action="store_true", help="list what would be done")
+    j.add_argument("--dry-run", action="store_true", help="list what would be done (as SRC is listed)")
+    j.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                   help="process only the first N planned inputs (to try a job)")  # fmt: skip
     j.add_argument("--in-place", action="store_true", help="DST is SRC: write beside the inputs (needs --suffix)")
     j.add_argument("--follow-symlinks", action="store_true", help="follow symbolic links in SRC (default: skip them)")
     j.add_argument("--include-hidden", action="store_true", help="also process files whose path has a '.' name")
@@ -224,29 +226,32 @@ def config_from_args(args) -> JobConfig:
         concurrency={k: v for k, v in (("encode", args.encode_actors), ("diffuse", args.diffuse_actors)) if v},
         progress=not args.no_progress, verbose=args.verbose, workflow=getattr(args, "workflow", "upscale"),
         latent_format=getattr(args, "latent_format", None), out_size=getattr(args, "size", None),
-        sigma=getattr(args, "sigma", None),
+        sigma=getattr(args, "sigma", None), limit=getattr(args, "limit", None),
     )  # fmt: skip
 
 
 def cmd_upscale(args) -> int:
     cfg = config_from_args(args)
-    summary = run_job(cfg)
-    if cfg.dry_run:
-        for r in sorted(summary.rows, key=lambda r: r["key"]):
-            reason = f"  ({r['error']})" if r.get("error") else ""
-            target = f" -> {r['output_key']}" if r.get("output_key") else ""
-            print(f"{r['status']:8s} {r['key']}{target}{reason}")
-        todo = sum(r["status"] == "planned" for r in summary.rows)
-        print(f"dry run: {todo} to do, {summary.skipped} skipped, {summary.failed} refused")
+    if cfg.dry_run:  # each planned line as SRC is listed (a folder at a time, by name within it)
+        summary = run_job(cfg, on_row=_print_planned)
+        print(f"dry run: {summary.planned} to do, {summary.skipped} skipped, {summary.failed} refused")
         return 0
-    return report(summary)
+    return report(run_job(cfg))
+
+
+def _print_planned(r: dict) -> None:
+    reason = f"  ({r['error']})" if r.get("error") else ""
+    target = f" -> {r['output_key']}" if r.get("output_key") else ""
+    print(f"{r['status']:8s} {r['key']}{target}{reason}", flush=True)
 
 
 def report(summary, per: str = "images") -> int:
     """A finished job for the terminal (failed inputs, the summary line, how to finish) -> the exit code."""
-    for r in summary.rows:
-        if r["status"] == "failed":
-            print(f"failed  {r['key']}: {r['error']}", file=sys.stderr)
+    failures = getattr(summary, "failures", None)
+    for r in failures if failures is not None else (r for r in summary.rows if r["status"] == "failed"):
+        print(f"failed  {r['key']}: {r['error']}", file=sys.stderr)
+    if failures is not None and summary.failed > len(failures):
+        print(f"... and {summary.failed - len(failures)} more failed (pidray status DST lists them)", file=sys.stderr)
     print(summary.line().replace("images/s", f"{per}/s"))
     if summary.interrupted:
         print("rerun the same command with --resume to finish", file=sys.stderr)

@@ -108,7 +108,7 @@ def _run_plan(cfg: JobConfig, plan: Plan, lease: Lease | None, on_row, t0: float
               "already in DST are still trusted, and a new manifest is written")  # fmt: skip
     if cfg.dry_run:
         return _dry_run(cfg, plan, on_row)
-    job = _Job(cfg, plan, ManifestWriter(plan.dst, tag=lease.owner if lease else ""))
+    job = _Job(cfg, plan, ManifestWriter(plan.dst, tag=lease.owner if lease else "", every_s=FLUSH_EVERY_S))
     summary = job.summary
     local = use_local_loop(cfg, job.peek_small())
     summary.runner = "local loop" if local else "Ray Data"

@@ -29,6 +29,7 @@ from pipeline.errors import SetupError
 from pipeline.graph import StageGraph, StageSpec
 from pipeline.stages import run_stage
 
+TARGET_BLOCK_BYTES = 64 << 10
 FEED_TASKS = 2  # feed tasks: each pulls chunks of rows from the feed actor
 CHUNK_ROWS = 4  # rows per chunk handed to Ray Data: small blocks, so results come back as they are done
 
@@ -229,6 +230,9 @@ def _iter_ray(cfg: JobConfig, plan: Plan, rows: Iterable[dict], feed_out: list |
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the job prints its own progress with ETA
     ctx.print_on_execution_start = False
+    # Small blocks: a task's results leave it a few rows at a time, not in one block at its end (the driver, its
+    # progress and the manifest hear of each row soon after its output lands); a large row is a block alone.
+    ctx.target_max_block_size = TARGET_BLOCK_BYTES
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     graph = _graph(cfg, plan)

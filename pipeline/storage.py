@@ -323,8 +323,9 @@ class Location:
                         seen.add(target)
                         subs.append((e.path, key + "/"))
                     elif os.path.isfile(target):
-                        out.append(Entry(key, os.stat(target).st_size, note=f"symbolic link to {target}",
-                                         target=target))
+                        out.append(
+                            Entry(key, os.stat(target).st_size, note=f"symbolic link to {target}", target=target)
+                        )
                     continue
                 if e.is_dir(follow_symlinks=False):
                     if skip_dir is not None and os.path.realpath(e.path) == skip_dir:
@@ -493,6 +494,13 @@ class Location:
                 return -1
         path = Path(self.uri) / key
         return path.stat().st_size if path.is_file() and not path.is_symlink() else -1
+
+    def mtime(self, key: str) -> float:
+        """When `key` was last written (seconds since the epoch; S3: LastModified)."""
+        if self.is_s3:
+            bucket, _ = self.bucket_prefix
+            return self.client.head_object(Bucket=bucket, Key=self._s3_key(key))["LastModified"].timestamp()
+        return os.stat(os.path.join(self.uri, key)).st_mtime
 
     def exists(self, key: str) -> bool:
         if self.is_s3:

@@ -63,16 +63,10 @@ class Summary:
     def count(self, row: dict) -> None:
         """One manifest row of the job, counted (and kept while the job is small)."""
         status = row.get("status")
-        if status == "ok":
-            self.ok += 1
-        elif status == "failed":
-            self.failed += 1
-            if len(self.failures) < KEEP_FAILED:
-                self.failures.append(row)
-        elif status == "skipped":
-            self.skipped += 1
-        elif status == "planned":
-            self.planned += 1
+        if status in ("ok", "failed", "skipped", "planned"):  # `interrupted` is told by the summary's signal
+            setattr(self, status, getattr(self, status) + 1)
+        if status == "failed" and len(self.failures) < KEEP_FAILED:
+            self.failures.append(row)
         if len(self.rows) < KEEP_ROWS:
             self.rows.append(row)
         else:

@@ -197,7 +197,8 @@ class RayFeed:
         except BaseException as e:  # the planner failed: the driver raises it
             self.error = e
         finally:
-            self.actor.close.remote()
+            if self.ray.is_initialized():
+                self.actor.close.remote()
 
     def _put(self, chunk_id: int, rows: list[dict]) -> None:
         with self.lock:
@@ -269,4 +270,8 @@ def _iter_ray(cfg: JobConfig, plan: Plan, rows: Iterable[dict], feed_out: list |
         if feed.error is not None:
             raise feed.error
     finally:
-        ray.kill(feed.actor)
+        if ray.is_initialized():  # (after Ctrl-C the driver has shut Ray down: the actor went with it)
+            try:
+                ray.kill(feed.actor)
+            except Exception:
+                pass

@@ -8,6 +8,7 @@ import os
 import pickle
 import sqlite3
 import tempfile
+import weakref
 from collections.abc import Iterator
 
 from jobs.manifest import Previous, manifest_parts, scan_previous
@@ -29,6 +30,7 @@ class PreviousIndex:
         self.problem, self.set_aside, self.count = "", 0, 0
         self.rows, self.outputs = _Rows(self), _Outputs(self)
         self._pending: list[tuple] = []
+        self._gone = weakref.finalize(self, _remove, self.db, self.path)  # also when a caller never closes it
 
     @classmethod
     def load(cls, dst) -> PreviousIndex:
@@ -64,11 +66,15 @@ class PreviousIndex:
             yield pickle.loads(blob)
 
     def close(self) -> None:
-        self.db.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        self._gone()
+
+
+def _remove(db, path: str) -> None:
+    db.close()
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 class _Rows:

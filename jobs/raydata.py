@@ -14,6 +14,7 @@ gets the same chunks again; a chunk whose rows the driver has all heard back is 
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import threading
@@ -30,6 +31,7 @@ from pipeline.graph import StageGraph, StageSpec
 from pipeline.stages import run_stage
 
 TARGET_BLOCK_BYTES = 64 << 10
+SMALL_JOB_ROWS = 1024  # a job planned whole in this many rows enters Ray Data at once (from_items)
 FEED_TASKS = 2  # feed tasks: each pulls chunks of rows from the feed actor
 CHUNK_ROWS = 4  # rows per chunk handed to Ray Data: small blocks, so results come back as they are done
 
@@ -231,9 +233,6 @@ def _iter_ray(cfg: JobConfig, plan: Plan, rows: Iterable[dict], feed_out: list |
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the job prints its own progress with ETA
     ctx.print_on_execution_start = False
-    # Small blocks: a task's results leave it a few rows at a time, not in one block at its end (the driver, its
-    # progress and the manifest hear of each row soon after its output lands); a large row is a block alone.
-    ctx.target_max_block_size = TARGET_BLOCK_BYTES
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     graph = _graph(cfg, plan)
@@ -241,12 +240,24 @@ def _iter_ray(cfg: JobConfig, plan: Plan, rows: Iterable[dict], feed_out: list |
     if gpus and graph.gpus_needed(actors) > gpus:
         raise SetupError(f"the actors asked for ({actors}) need {graph.gpus_needed(actors):g} GPUs; the cluster has "
                          f"{gpus}")  # fmt: skip
-    feed = RayFeed(ray, rows)
-    if feed_out is not None:
-        feed_out.append(feed)
-    # Rows carry a chunk index, not the key: keys may hold bytes that are not UTF-8, which Arrow strings cannot.
-    ds = feed.dataset().map_batches(feed_task, fn_kwargs={"feed": feed.actor}, batch_size=1, batch_format="numpy",
-                                    num_cpus=0, scheduling_strategy=feed.scheduling)  # fmt: skip
+    rows = iter(rows)
+    first = list(itertools.islice(rows, SMALL_JOB_ROWS + 1))
+    feed = None
+    if len(first) <= SMALL_JOB_ROWS:  # the whole job is planned already: its rows enter at once
+        ds = ray.data.from_items([{"i": i, "row": pickle.dumps(r)} for i, r in enumerate(first)])
+    else:
+        # Small blocks: a task's results leave it a few rows at a time, not in one block at its end (the driver,
+        # its progress and the manifest hear of each row soon after its output lands); a large row is a block.
+        ctx.target_max_block_size = TARGET_BLOCK_BYTES
+        feed = RayFeed(ray, itertools.chain(first, rows))
+        if feed_out is not None:
+            feed_out.append(feed)
+        # On the driver's node, no CPU asked; a remote-args function also keeps Ray Data from fusing the feed with
+        # the next stage (a fused stage would inherit the feed's placement).
+        here = feed.scheduling
+        ds = feed.dataset().map_batches(feed_task, fn_kwargs={"feed": feed.actor}, batch_size=1,
+                                        batch_format="numpy", num_cpus=0,
+                                        ray_remote_args_fn=lambda: {"scheduling_strategy": here})  # fmt: skip
     for spec in graph.stages:
         common = {"batch_size": spec.batch_rows, "batch_format": "numpy", **spec.ray_options(gpus)}
         if spec.holds_model:
@@ -261,6 +272,10 @@ def _iter_ray(cfg: JobConfig, plan: Plan, rows: Iterable[dict], feed_out: list |
             )  # fmt: skip
         else:
             ds = ds.map_batches(stage_task, fn_kwargs={"spec": spec}, **common)
+    if feed is None:
+        for item in ds.iter_rows():
+            yield pickle.loads(item["row"])
+        return
     feed.start()
     try:
         for item in ds.iter_rows():

@@ -1,4 +1,10 @@
-"""The job manifest: one Parquet row per input at DST/_pidray_manifest.parquet (written atomically).
+"""The job manifest: one Parquet row per input at DST/_pidray_manifest.parquet, written as the job goes.
+
+It is one Parquet dataset that `pyarrow.dataset.dataset(path)` (or `pq.read_table`) reads whatever its size: a
+single file for a small job, or a folder of parts for a large one, each part holding the rows finished since the
+part before it (written whole under a temporary name, then renamed into place: a reader never sees half a part, and
+a job stopped at any moment leaves every row it recorded exactly once). A job that ends with few rows folds its
+parts back into one file.
 
 Names are stored losslessly: `key` is the printable form (bytes that are not UTF-8 shown as \\xNN) and `key_bytes`
 the name's exact bytes, so a folder with any file names still gets its manifest, and --resume maps rows back.
@@ -8,7 +14,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -67,7 +75,7 @@ def _printable(text: str) -> str:
 
 
 def manifest_bytes(rows: list[dict], meta: dict[bytes, bytes] | None = None) -> bytes:
-    """The manifest file; `meta`: the run's Parquet key-value metadata (jobs/settings.py)."""
+    """A manifest file (or part); `meta`: the run's Parquet key-value metadata (jobs/settings.py)."""
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["key_bytes"]), schema=SCHEMA)
     if meta:
         table = table.replace_schema_metadata(meta)
@@ -77,22 +85,137 @@ def manifest_bytes(rows: list[dict], meta: dict[bytes, bytes] | None = None) -> 
 
 
 def write_manifest(dst, rows: list[dict], meta: dict[bytes, bytes] | None = None) -> str:
-    """Write the manifest at DST; when DST cannot take it, write it to the current folder. Returns where it went."""
+    """Write the manifest at DST as one file (replacing a folder of parts); when DST cannot take it, write it to the
+    current folder. Returns where it went."""
     data = manifest_bytes(rows, meta)
     try:
-        dst.write(MANIFEST_NAME, data, overwrite=True)  # the job holds DST's lease: the manifest is its own
+        parts = manifest_parts(dst)
+        dst.write(MANIFEST_NAME if not _is_folder(parts) else COMPACTING, data, overwrite=True)
+        if _is_folder(parts):  # one file replaces the parts: the file lands beside them first
+            for key in parts:
+                dst.delete(key)
+            if not dst.is_s3 and os.path.isdir(os.path.join(dst.uri, MANIFEST_NAME)):
+                shutil.rmtree(os.path.join(dst.uri, MANIFEST_NAME))  # only temporaries of a stopped flush are left
+            _into_place(dst, COMPACTING, MANIFEST_NAME)
         return f"{dst.uri.rstrip('/')}/{MANIFEST_NAME}"
     except Exception:
-        fallback = os.path.abspath(f"_pidray_manifest-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.parquet")
-        with open(fallback, "wb") as f:
-            f.write(data)
-        return fallback
+        return _fallback(data)
+
+
+def _fallback(data: bytes) -> str:
+    fallback = os.path.abspath(f"_pidray_manifest-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.parquet")
+    with open(fallback, "wb") as f:
+        f.write(data)
+    return fallback
+
+
+COMPACTING = f"{MANIFEST_NAME}.compacting"  # the single file that replaces a folder of parts, before its rename
+PART = "part-{:06d}-{}.parquet"
+
+
+def _is_folder(parts: list[str]) -> bool:
+    return bool(parts) and parts[0] != MANIFEST_NAME and parts[0] != COMPACTING
+
+
+def manifest_parts(dst) -> list[str]:
+    """The keys that hold DST's manifest: the single file, or the folder's parts in the order written (a file left
+    by a fold into one file that was stopped half way counts as the manifest)."""
+    if dst.size(MANIFEST_NAME) >= 0:
+        return [MANIFEST_NAME]
+    parts = sorted(k for k in dst.names(MANIFEST_NAME) if _is_part(k.rpartition("/")[2]))
+    if parts:
+        return parts
+    return [COMPACTING] if dst.size(COMPACTING) >= 0 else []
+
+
+def _is_part(name: str) -> bool:
+    return name.endswith(".parquet") and not name.startswith((".", "_"))
+
+
+def _into_place(dst, key: str, final: str) -> None:
+    """Move `key` to `final` (local: a rename, atomic; S3: a copy, then the delete)."""
+    if dst.is_s3:
+        dst.copy(key, final)
+        dst.delete(key)
+    else:
+        os.replace(os.path.join(dst.uri, key), os.path.join(dst.uri, final))
+
+
+class ManifestWriter:
+    """The manifest of a running job, grown by parts: `add` takes finished rows (nothing else is kept), `flush`
+    writes the rows since the last flush as one new part, so a flush costs what those rows cost, whatever the job's
+    size. The first flush replaces a manifest found at DST (its rows were read before: the job writes each of them
+    again or carries it over at the end). `close` writes the last part, and folds the parts into one file when the
+    job is small (at most `fold_max` rows)."""
+
+    def __init__(self, dst, tag: str = "", every_s: float = 20.0, fold_max: int = 50_000,
+                 meta: dict[bytes, bytes] | None = None):  # fmt: skip
+        self.dst, self.tag, self.every_s, self.fold_max = dst, tag or os.urandom(4).hex(), every_s, fold_max
+        self.meta = meta  # the run's settings, in every part's Parquet metadata
+        self.rows: list[dict] = []  # finished since the last flush
+        self.parts: list[str] = []
+        self.written = 0
+        self.last = time.time()
+        self.fallback = ""  # where rows went when DST could not take them
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def due(self) -> bool:
+        return bool(self.rows) and time.time() - self.last >= self.every_s
+
+    def flush(self) -> float:
+        """Write the rows since the last flush as one part; returns the seconds it took."""
+        t0 = time.time()
+        self.last = t0
+        if not self.rows:
+            return 0.0
+        if not self.parts:
+            self._clear()
+        key = f"{MANIFEST_NAME}/{PART.format(len(self.parts), self.tag)}"
+        data = manifest_bytes(self.rows, self.meta)
+        try:
+            self.dst.write(key, data, overwrite=True)  # S3: one PUT; local: a temporary renamed into place
+        except Exception:
+            self.fallback = _fallback(data)
+        else:
+            self.parts.append(key)
+        self.written += len(self.rows)
+        self.rows = []
+        return time.time() - t0
+
+    def _clear(self) -> None:
+        """Before the first part: what was at DST's manifest goes (the job read it already)."""
+        try:
+            old = manifest_parts(self.dst)
+        except Exception:
+            return
+        for key in old:
+            self.dst.delete(key)
+
+    def close(self) -> str:
+        """The last rows; a small job's parts folded into one file. Returns where the manifest is."""
+        if not self.parts and (self.rows or self.written == 0):
+            rows, self.rows = self.rows, []
+            self.written += len(rows)
+            return write_manifest(self.dst, rows, self.meta)
+        self.flush()
+        if self.fallback:
+            return self.fallback
+        if self.written <= self.fold_max:
+            return write_manifest(self.dst, list(iter_manifest(self.dst)), self.meta)
+        return f"{self.dst.uri.rstrip('/')}/{MANIFEST_NAME}"
+
+
+def iter_manifest(dst, batch: int = 65_536) -> Iterator[dict]:
+    """The rows of DST's manifest (a file or a folder of parts), one record batch at a time: never all at once."""
+    for key in manifest_parts(dst):
+        for b in pq.ParquetFile(io.BytesIO(dst.read(key, MAX_MANIFEST_BYTES + 1))).iter_batches(batch):
+            yield from b.to_pylist()
 
 
 def read_manifest(dst) -> list[dict]:
-    if not dst.exists(MANIFEST_NAME):
-        return []
-    return pq.read_table(io.BytesIO(dst.read(MANIFEST_NAME))).to_pylist()
+    return list(iter_manifest(dst))
 
 
 STATUSES = ("ok", "failed", "skipped", "interrupted")
@@ -139,38 +262,72 @@ def _check_row(r: dict) -> dict:
 def read_previous(dst) -> Previous:
     """The manifest at DST, checked column by column and row by row: a row that does not fit this version's schema
     (wrong types, nulls, a missing column, a file that is not Parquet at all) is set aside with the reason, so one
-    damaged row or a foreign file never stops a job from writing its own manifest."""
-    try:
-        size = dst.size(MANIFEST_NAME)
-        if size < 0:
-            return Previous()
-        if size > MAX_MANIFEST_BYTES:  # from the listing: never read
-            return Previous(problem=f"it is {size:,} bytes, over the limit of {MAX_MANIFEST_BYTES:,}", set_aside=-1)
-        data = dst.read(MANIFEST_NAME, MAX_MANIFEST_BYTES + 1)
-        table = pq.read_table(io.BytesIO(data))
-    except Exception as e:
-        return Previous(problem=f"it cannot be read as a pidray manifest ({type(e).__name__}: {e})"[:300], set_aside=-1)
-    missing = [f.name for f in SCHEMA if f.name not in table.column_names and f.name not in LATER_COLUMNS]
-    if missing:
-        return Previous(problem=f"it lacks the column(s) {missing}", set_aside=table.num_rows)
-    prev, reasons = Previous(), []
-    for r in table.to_pylist():
-        try:
-            row = _check_row(r)
-        except ValueError as e:
-            prev.set_aside += 1
-            reasons.append(str(e))
-            continue
-        prev.rows[manifest_key(row)] = row
-    if reasons:
-        prev.problem = f"{prev.set_aside} of {table.num_rows} rows do not fit (first: {reasons[0]})"
+    damaged row or a foreign file never stops a job from writing its own manifest. All its rows, by key: a job
+    reads it as a stream instead (`scan_previous`)."""
+    rows: dict[str, dict] = {}
+    prev = scan_previous(dst, lambda row: rows.__setitem__(manifest_key(row), row))
+    prev.rows = rows
     return prev
 
 
+def scan_previous(dst, add) -> Previous:
+    """`read_previous` as a stream: each usable row goes to `add` (a later part's row after an earlier one's), one
+    record batch at a time; returns the verdict (problem, rows set aside) with no rows."""
+    prev, reasons, total = Previous(), [], 0
+    try:
+        parts = manifest_parts(dst)
+    except Exception as e:
+        return Previous(problem=f"it cannot be listed ({type(e).__name__}: {e})"[:300], set_aside=-1)
+    for key in parts:
+        try:
+            size = dst.size(key)
+            if size > MAX_MANIFEST_BYTES:  # from the listing: never read
+                raise _Unusable(f"it is {size:,} bytes, over the limit of {MAX_MANIFEST_BYTES:,}")
+            try:
+                f = pq.ParquetFile(io.BytesIO(dst.read(key, MAX_MANIFEST_BYTES + 1)))
+            except Exception as e:
+                raise _Unusable(f"it cannot be read as a pidray manifest ({type(e).__name__}: {e})"[:300]) from None
+            names = f.schema_arrow.names
+            missing = [c.name for c in SCHEMA if c.name not in names and c.name not in LATER_COLUMNS]
+            if missing:
+                prev.set_aside = prev.set_aside + f.metadata.num_rows if prev.set_aside >= 0 else -1
+                reasons.append(f"it lacks the column(s) {missing}")
+                continue
+            for batch in f.iter_batches(65_536):
+                for r in batch.to_pylist():
+                    total += 1
+                    try:
+                        add(_check_row(r))
+                    except ValueError as e:
+                        prev.set_aside += prev.set_aside >= 0
+                        reasons.append(str(e))
+        except _Unusable as e:
+            prev.set_aside = -1
+            reasons.append(str(e))
+        except Exception as e:
+            prev.set_aside = -1
+            reasons.append(f"it cannot be read as a pidray manifest ({type(e).__name__}: {e})"[:300])
+    if reasons and prev.set_aside > 0 and not reasons[0].startswith("it "):
+        prev.problem = f"{prev.set_aside} of {total} rows do not fit (first: {reasons[0]})"
+    elif reasons:
+        prev.problem = reasons[0]
+    return prev
+
+
+class _Unusable(Exception):
+    pass
+
+
 def set_aside(dst, prev: Previous) -> str:
-    """Keep the manifest found at DST as a backup beside it (its rows were set aside); returns the backup's name."""
+    """Keep the manifest found at DST as a backup beside it (its rows were set aside); returns the backup's name
+    (a folder of parts is kept part by part under it)."""
     backup = f"{MANIFEST_NAME}.bad-{time.strftime('%Y%m%d-%H%M%S')}"
-    dst.copy(MANIFEST_NAME, backup)
+    parts = manifest_parts(dst)
+    if not _is_folder(parts):
+        dst.copy(parts[0] if parts else MANIFEST_NAME, backup)
+        return backup
+    for key in parts:
+        dst.copy(key, f"{backup}/{key.rpartition('/')[2]}")
     return backup
 
 

@@ -1,332 +1,35 @@
-"""The bulk upscaling job: list → read → decode → encode → diffuse → merge → write, on Ray Data or a plain loop.
+"""The bulk job's driver: plan → (local loop | Ray Data) → manifest, as a stream from end to end.
 
-Rows travel between Ray Data operators as {"key", "row": pickled stage row}: stage rows hold
-images, tensors and metadata of varying shape, which Arrow need not understand. The model stages
-run as actor pools (model loaded once per actor, `num_gpus` when the cluster has GPUs); I/O, decode
-and merge run as CPU tasks. A stage never raises for a bad input: the row is marked failed with
-its reason and the job goes on. A crashed actor is restarted by Ray and its rows retried.
+The planner lists SRC one folder at a time and hands rows on as it goes; at most MAX_IN_FLIGHT rows are between the
+planner and the results (backpressure), so the driver's memory does not grow with the job. Result rows are counted
+(`Summary`) and forwarded to the manifest, which grows by parts (`jobs.manifest.ManifestWriter`): a finished row
+reaches DST's manifest within FLUSH_EVERY_S. Stage adapters for Ray Data: `jobs.raydata`; the checks before any
+model loads: `jobs.preflight`; the terminal: `jobs.terminal`.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
+import queue
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
 
-import numpy as np
-
+from jobs.config import KEEP_ROWS, JobConfig, Summary
 from jobs.lease import Lease
-from jobs.manifest import MANIFEST_NAME, manifest_key, manifest_row, set_aside, write_manifest
+from jobs.manifest import MANIFEST_NAME, ManifestWriter, manifest_row, set_aside
 from jobs.plan import Plan, output_candidates, plan_job
-from pipeline.errors import SetupError
-from pipeline.graph import StageGraph, StageSpec
-from pipeline.runtime import ModelOptions
-from pipeline.stages import UpscaleOptions, run_stage
-from pipeline.storage import Location, S3Settings, display
-from pipeline.workflow import DEFAULT_WORKFLOW, Ldm, Workflow, resolve_workflow
+from jobs.preflight import preflight
+from jobs.progress import JobProgress, Weigher
+from jobs.raydata import StageActor, _ensure_ray, _iter_local, _iter_ray, stage_task
+from jobs.settings import run_metadata
+from jobs.terminal import _RayQuiet, _warn
+from pipeline.storage import Location, display
 
-MANIFEST_EVERY_S = 60.0
-
-
-@dataclass
-class JobConfig:
-    src: str
-    dst: str
-    model: ModelOptions = field(default_factory=ModelOptions)
-    options: UpscaleOptions = field(default_factory=UpscaleOptions)
-    s3: S3Settings = field(default_factory=S3Settings)
-    suffix: str = ""
-    in_place: bool = False  # DST is SRC: outputs beside the inputs (needs a suffix; inputs are never overwritten)
-    follow_symlinks: bool = False  # follow symbolic links inside SRC (noted in the manifest)
-    include_hidden: bool = False  # process files whose path has a segment starting with '.'
-    captions: dict[str, str] = field(default_factory=dict)  # key -> caption (from a manifest CSV/JSONL)
-    resume: bool = False
-    overwrite: bool = False  # replace outputs already in DST -- only those DST's manifest records as pidray's own
-    dry_run: bool = False
-    local: bool | None = None  # True: the in-process loop; False: Ray Data; None: the loop for small jobs, no cluster
-    verbose: bool = False  # let Ray's own start-up and worker messages through to the terminal
-    concurrency: dict[str, int] = field(default_factory=dict)  # stage name -> actors (model stages)
-    progress: bool = True
-    workflow: str = DEFAULT_WORKFLOW  # a name in pipeline.workflow.WORKFLOWS, e.g. "decode": SRC holds latents
-    latent_format: str | None = None  # decode: what the latents are (flux, zimage, sd3, sdxl, flux2, qwenimage)
-    out_size: tuple[int, int] | None = None  # decode: an explicit output size (H, W) instead of latent × factors
-    sigma: float | None = None  # decode: the latents are captured x_t at this scheduler sigma
-    gen: dict = field(default_factory=dict)  # generate: GenerateOptions fields (SRC is a prompt file)
-    upscale: ModelOptions | None = None  # generate: upscale each image with this PiD model
-    ldm: str | None = None  # generate-then-decode: the latent diffusion model (name or folder); `model` decodes
-    output_name: str = ""  # SRC is one file, DST named a file: the output's name in DST without its extension
-
-
-@dataclass
-class Summary:
-    ok: int = 0
-    failed: int = 0
-    skipped: int = 0
-    seconds: float = 0.0
-    rows: list[dict] = field(default_factory=list)
-    interrupted: int = 0  # the signal that stopped the job, or 0
-    runner: str = ""  # "local loop" or "Ray Data"
-    manifest: str = ""  # where the manifest was written
-    failures_shown: bool = False  # each failed input was said on the terminal as it happened
-
-    @property
-    def images_per_second(self) -> float:
-        return self.ok / self.seconds if self.seconds else 0.0
-
-    def line(self) -> str:
-        head = f"interrupted ({signal.Signals(self.interrupted).name})" if self.interrupted else "done"
-        return (
-            f"{head}: {self.ok} ok, {self.failed} failed, {self.skipped} skipped in {self.seconds:.1f}s "
-            f"({self.images_per_second:.2f} images/s, {self.runner or 'nothing to run'}); manifest: {self.manifest}"
-        )
-
-
-# ---------------------------------------------------------------------- Ray Data adapters around the graph's stages
-_INSTANCES: dict = {}
-
-
-def _apply(stage, name: str, batch: dict, node: str | None = None) -> dict:
-    """One Ray Data batch through the shared envelope; rows travel pickled (images, tensors: not Arrow data). node:
-    the Ray node of a model stage's actor, recorded on its rows (the manifest's `node`: who did the model work)."""
-    rows = run_stage(stage, name, [pickle.loads(b) for b in batch["row"]])
-    if node:
-        rows = [{**r, "node": node} for r in rows]
-    return {"i": batch["i"], "row": np.array([pickle.dumps(r) for r in rows], dtype=object)}
-
-
-def stage_task(batch: dict, *, spec: StageSpec) -> dict:
-    """Ray Data task function for stages that hold no model: the instance is cached per worker process."""
-    key = (spec.name, spec.cls, repr(spec.kwargs))
-    if key not in _INSTANCES:
-        _INSTANCES[key] = spec.build()
-    return _apply(_INSTANCES[key], spec.name, batch)
-
-
-class StageActor:
-    """Ray Data actor for stages that hold a model: loads it once, then takes batches of rows."""
-
-    def __init__(self, spec: StageSpec, threads: int | None = None):
-        self.threads = threads  # a CPU-only model stage: its share of the machine's cores
-        # Build on one thread: an OpenMP team started here would keep spinning beside the pool thread's team
-        # (measured: 23 s instead of 11 s for one 256² image with both teams spinning on two cores).
-        _set_threads(1 if threads else None)
-        self.spec, self.stage = spec, spec.build()
-        if hasattr(self.stage, "warmup"):
-            self.stage.warmup()
-        import ray
-
-        self.node = ray.get_runtime_context().get_node_id()[:12]
-
-    def __call__(self, batch: dict) -> dict:
-        _set_threads(self.threads)  # OpenMP's thread count is per calling thread: Ray may call from another one
-        return _apply(self.stage, self.spec.name, batch, self.node if self.spec.records_node else None)
-
-
-def _set_threads(threads: int | None) -> None:
-    """torch's intra-op threads for the calling thread: OpenMP keeps the count per thread, and Ray Data runs a
-    batch on a pool thread, not the constructor's (which builds the stage on one thread: an OpenMP team started
-    there would stay beside the pool thread's, and with more OpenMP threads than cores libgomp stops spinning and
-    sleeps between every op). Measured on one 256² image, diffuse in the Ray Data actor: 14.5 s with the count set
-    only in the constructor, 13.3 s like this, 11.5 s in the plain loop; an actor-level runtime_env with
-    OMP_NUM_THREADS and OMP_WAIT_POLICY=ACTIVE reached 11.2 s but made Ray Data hang with two CPU model actors on
-    two cores (and ACTIVE spins idle threads forever), so it is not used; PASSIVE made a plain Ray task 26% slower."""
-    if threads:
-        import torch
-
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
-
-def job_workflow(cfg: JobConfig) -> Workflow:
-    """The job's workflow, resolved once where the job enters (its preset looked up here)."""
-    return resolve_workflow(cfg.workflow, cfg.model, cfg.options, latent_format=cfg.latent_format, gen=cfg.gen,
-                            upscale=cfg.upscale, ldm=cfg.ldm)  # fmt: skip
-
-
-def _graph(cfg: JobConfig, plan: Plan) -> StageGraph:
-    graph = StageGraph(workflow=job_workflow(cfg))
-    return graph.with_io(plan.src if graph.workflow.reads_files else None, plan.dst)
-
-
-def _iter_local(cfg: JobConfig, plan: Plan, rows: list[dict]) -> Iterator[dict]:
-    return _graph(cfg, plan).run_local(rows)
-
-
-def _ensure_ray():
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    return ray
-
-
-def _iter_ray(cfg: JobConfig, plan: Plan, rows: list[dict]) -> Iterator[dict]:
-    ray = _ensure_ray()
-    from ray.data import ActorPoolStrategy, DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False  # the job prints its own progress with ETA
-    ctx.print_on_execution_start = False
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    # Items carry an index, not the key: keys may hold bytes that are not UTF-8, which Arrow strings cannot.
-    ds = ray.data.from_items([{"i": i, "row": pickle.dumps(r)} for i, r in enumerate(rows)])
-    graph = _graph(cfg, plan)
-    actors = graph.actors(gpus, cfg.concurrency)
-    if gpus and graph.gpus_needed(actors) > gpus:
-        raise SetupError(f"the actors asked for ({actors}) need {graph.gpus_needed(actors):g} GPUs; the cluster has "
-                         f"{gpus}")  # fmt: skip
-    for spec in graph.stages:
-        common = {"batch_size": spec.batch_rows, "batch_format": "numpy", **spec.ray_options(gpus)}
-        if spec.holds_model:
-            on_gpu = common["num_gpus"] > 0
-            n = actors[spec.name]
-            threads = None if on_gpu else max(1, cpus // n)
-            ds = ds.map_batches(
-                StageActor, fn_constructor_kwargs={"spec": spec, "threads": threads},
-                # one batch in flight per actor: a batch is already 16 rows, and one queued behind a busy actor
-                # would wait while another actor (maybe on another node) idles
-                compute=ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1), **common,
-            )  # fmt: skip
-        else:
-            ds = ds.map_batches(stage_task, fn_kwargs={"spec": spec}, **common)
-    for item in ds.iter_rows():
-        yield pickle.loads(item["row"])
-
-
-def preflight(cfg: JobConfig) -> Workflow:
-    """Everything that can make the whole job fail, checked before any worker starts or any model loads.
-
-    In the order a user can act on: the preset's encoder exists, options fit the preset, the device exists,
-    SRC can be listed, DST can be written (a probe write + delete), the weights are there. Each failure is one
-    SetupError line: what, where, how to fix. Returns the job's workflow, resolved.
-    """
-    from pipeline.runtime import check_device, check_encoder, net_path
-    from pipeline.stages.encode import plan_for
-    from pipeline.weights import WeightsNotFound, resolve
-
-    if cfg.overwrite and cfg.resume:
-        raise SetupError("--overwrite and --resume contradict each other: --resume keeps the outputs already in DST, "
-                         "--overwrite replaces them; choose one")  # fmt: skip
-    wf = job_workflow(cfg)
-    preset = wf.preset
-    decode = wf.enters == "latents"
-    if not wf.reads_files:
-        _preflight_generate(cfg, wf)
-        return wf
-    if preset.task != "upscale":
-        raise SetupError(f"preset {preset.name!r} is a text-to-image model: use pidray generate")
-    if decode:  # latents replace the LQ encoder: the preset must take them, in the format named
-        from pipeline.latents import check_decodes, check_format
-
-        try:
-            check_decodes(preset)
-        except ValueError as e:
-            raise SetupError(str(e)) from None
-        check_format(cfg.latent_format, preset)
-        _check_decode_flags(cfg, preset)
-    else:
-        check_encoder(preset)  # "not implemented" before asking for weights the preset cannot use anyway
-    side = preset.envelope[1] * 3 // max(1, preset.scale)  # an input that needs several tiles checks --overlap
-    plan_for(preset, replace(cfg.options, max_output_side=1 << 30), (side, side))
-    if cfg.local or not os.environ.get("RAY_ADDRESS"):  # a remote cluster's workers have their own devices
-        check_device(cfg.model.device)
-    Location(cfg.src, cfg.s3).check_listable()
-    if not cfg.dry_run:
-        Location(cfg.dst, cfg.s3).check_writable()
-    missing = []  # everything the preset needs that is not here, said at once: the network + VAE, the captioner
-    try:
-        if not decode and not preset.bundled and not str(cfg.model.weights or "").endswith((".safetensors", ".pth")):
-            # the network and the LQ encoder's files, all missing ones at once (a decode job needs no encoder)
-            resolve(preset, cfg.model.weights, allow_download=cfg.model.allow_download)
-        path = net_path(cfg.model, preset)
-        if not os.path.isfile(path):
-            missing.append(f"checkpoint not found: {path}")
-    except WeightsNotFound as e:
-        missing.append(str(e))
-    _raise_missing(missing, cfg, preset)
-    return wf
-
-
-def _check_decode_flags(cfg: JobConfig, preset) -> None:
-    """`pidray decode --sigma` and `--size`, checked for the preset before any model loads (SetupError naming the
-    flag): every row would fail with them otherwise."""
-    from pipeline.latents import check_sigma
-    from pipeline.stages.encode import given_latent_in_hw
-
-    try:
-        if cfg.sigma is not None:
-            check_sigma(cfg.sigma, preset, "--sigma")
-        if cfg.out_size is not None:
-            h, w = cfg.out_size
-            if max(h, w) > cfg.options.max_output_side:
-                raise ValueError(f"output side {max(h, w)} is over --max-output-side {cfg.options.max_output_side}")
-            given_latent_in_hw(preset, None, cfg.out_size)
-    except ValueError as e:
-        flag = "" if str(e).startswith("--") else f"--size {cfg.out_size[1]}x{cfg.out_size[0]}: "
-        raise SetupError(f"{flag}{e}") from None
-
-
-def _raise_missing(missing: list[str], cfg: JobConfig, preset) -> None:
-    """One SetupError naming everything missing at once (weights, and the caption encoder), each with its command."""
-    from pipeline.weights import caption_encoder_missing, missing_message
-
-    if preset.text_encoder != "none" and not cfg.model.text_encoder and not cfg.model.allow_download:
-        missing.append(caption_encoder_missing(preset.name))
-    if missing:
-        raise SetupError(missing_message(missing))
-
-
-def _preflight_generate(cfg: JobConfig, wf: Workflow) -> None:
-    """A prompt job: the preset generates, its (and the upscaler's) weights and caption encoder are here, DST is
-    writable — each missing thing said at once."""
-    from pipeline.runtime import check_device, net_path
-    from pipeline.t2i import GenerateOptions
-    from pipeline.weights import WeightsNotFound
-
-    preset = wf.preset
-    if isinstance(wf, Ldm):  # generate-then-decode: a PiD preset that decodes the model's latents
-        from pipeline.latents import check_format
-        from pipeline.stages.ldm import ldm_spec
-
-        spec, _ = ldm_spec(wf.ldm)
-        if preset.task != "upscale":
-            raise SetupError(f"--with decodes with a PiD preset (-m), not {preset.name!r}")
-        try:
-            check_format(spec.latent_format, preset)
-        except ValueError as e:
-            raise SetupError(str(e)) from None
-        GenerateOptions.from_dict(cfg.gen).resolved(preset, spec.defaults())
-    elif preset.task != "t2i":
-        raise SetupError(
-            f"preset {preset.name!r} does not generate images: pidray generate takes pixeldit-2k (or a "
-            "preset file with task 't2i'), or --with MODEL to decode a latent diffusion model's latents"
-        )
-    else:
-        GenerateOptions.from_dict(cfg.gen).resolved(preset)  # size, steps, ... fit the preset
-    if cfg.local or not os.environ.get("RAY_ADDRESS"):
-        check_device(cfg.model.device)
-    if not cfg.dry_run:
-        Location(cfg.dst, cfg.s3).check_writable()
-    missing = []
-    for model, model_preset in wf.models():
-        try:
-            path = net_path(model, model_preset)
-            if not os.path.isfile(path):
-                missing.append(f"checkpoint not found: {path}")
-        except WeightsNotFound as e:
-            missing.append(str(e))
-    _raise_missing(missing, cfg, preset)
+MAX_IN_FLIGHT = 4096  # planned rows not yet back from the stages
+FLUSH_EVERY_S = 15.0  # a finished row is in DST's manifest this long after the driver hears of it, at most
 
 
 class Interrupted(BaseException):
@@ -360,6 +63,7 @@ def _on_signals(handler):
 
 def run_job(cfg: JobConfig, on_row=None) -> Summary:
     """Run the job; returns the summary. The manifest (Parquet) is written at DST whatever happens once planned.
+    on_row: called with each finished stage row (a dry run: with each planned manifest row, as it is planned).
 
     A job holds DST's lease from before planning to after its manifest (a dry run writes nothing and takes none):
     a DST in use by another live job is refused up front."""
@@ -376,12 +80,17 @@ def run_job(cfg: JobConfig, on_row=None) -> Summary:
         lease.release()
 
 
-def _warn(message: str) -> None:
-    print(f"pidray: warning: {message}", file=sys.stderr, flush=True)
-
-
 def _run(cfg: JobConfig, lease: Lease | None, on_row, t0: float) -> Summary:
     plan = plan_job(cfg)
+    try:
+        return _run_plan(cfg, plan, lease, on_row, t0)
+    finally:
+        close = getattr(plan.previous, "close", None)
+        if close:
+            close()
+
+
+def _run_plan(cfg: JobConfig, plan: Plan, lease: Lease | None, on_row, t0: float) -> Summary:
     if lease is not None:
         plan.dst.tag = lease.owner  # its temporaries carry the job's id: it removes only its own
         if lease.taken_over:
@@ -399,69 +108,202 @@ def _run(cfg: JobConfig, lease: Lease | None, on_row, t0: float) -> Summary:
         what = "its rows were" if plan.previous.set_aside < 0 else f"{plan.previous.set_aside} row(s) were"
         _warn(f"the manifest {where} does not fit ({plan.previous.problem}): {what} set aside and {kept}; outputs "
               "already in DST are still trusted, and a new manifest is written")  # fmt: skip
-    todo = plan.todo
-    summary = Summary(skipped=len(plan.skipped))
     if cfg.dry_run:
-        summary.failed = len(plan.rejected)
-        summary.rows = [{**manifest_row(r, cfg.model.preset), "status": "planned",
-                         "output_key": display(r["output_stem"]) + ".*"} for r in todo]  # fmt: skip
-        summary.rows += plan.rejected + plan.skipped
-        return summary
-    results: dict[str, dict] = {}
-    previous = plan.previous.rows  # read once, checked row by row, by the plan (--resume, --in-place)
-    fixed = {**{manifest_key(r): r for r in plan.skipped}, **{manifest_key(r): r for r in plan.rejected}}
-
-    stopped_early = True  # until the loop has seen every row: a signal or an error that ends the job
-
-    def merged(final: bool) -> list[dict]:
-        rows = {**previous, **fixed, **results}
-        if stopped_early:  # one row per input, whatever happened (mid-job flushes do not list DST each minute)
-            rows.update(_unfinished(cfg, plan, [r for r in todo if r["key"] not in results], look=final))
-        return list(rows.values())
-
-    local = use_local_loop(cfg, len(todo))
+        return _dry_run(cfg, plan, on_row)
+    meta = run_metadata(cfg, t0)  # the settings, pidray's version and the start, in every part's Parquet metadata
+    writer = ManifestWriter(plan.dst, tag=lease.owner if lease else "", every_s=FLUSH_EVERY_S, meta=meta)
+    job = _Job(cfg, plan, writer)
+    summary = job.summary
+    local = use_local_loop(cfg, job.peek_small())
     summary.runner = "local loop" if local else "Ray Data"
     quiet = _RayQuiet(enabled=not local and not cfg.verbose)
-    from jobs.progress import JobProgress, estimate
-    from jobs.settings import run_metadata
-
-    meta = run_metadata(cfg, t0)  # the settings, pidray's version and the start, in the Parquet metadata
-
-    bar = JobProgress(estimate(cfg, plan, todo), quiet.terminal, cfg.progress, name=cfg.workflow)
-    for r in plan.rejected:  # refused at planning: said before the work starts, one line each
-        bar.say(f"failed  {r['key']}: {r['error']}")
-    summary.failures_shown = True
-    last_flush = time.time()
+    # the tile-step bars: in the local loop the diffusion stage reports each network call, so rows are weighed
+    # from their headers; under Ray Data a row counts when it comes back, so each weighs one
+    job.bar = JobProgress(None, quiet.terminal, cfg.progress, name=cfg.workflow)
+    job.weigh = Weigher(cfg, plan, headers=local)
+    summary.failures_shown = True  # failures are said as they happen (at planning, or as rows come back)
+    flusher = threading.Thread(target=job.flush_loop, name="pidray-manifest", daemon=True)
+    flusher.start()
     try:
-        with _on_signals(_raise_interrupted), quiet, bar.listen():
-            if not local and todo:
+        with _on_signals(_raise_interrupted), quiet, job.bar.listen():
+            if not local:
                 _ensure_ray()  # start Ray before our handlers matter: its start-up installs handlers of its own
-            it: Iterable[dict] = _iter_local(cfg, plan, todo) if local else _iter_ray(cfg, plan, todo)
+            feeds: list = []
+            if local:  # the planner runs ahead of the loop (as the feed thread does for Ray Data)
+                it = _iter_local(cfg, plan, _read_ahead(job.todo(), job.stopped))
+            else:
+                it = _iter_ray(cfg, plan, job.todo(), feeds)
             for row in it:
-                results[row["key"]] = manifest_row(row, cfg.model.preset)
-                bar.row_done(row)
+                if not job.finished(row):
+                    continue  # a row Ray ran twice (a lost block rebuilt): recorded once
+                if feeds:
+                    feeds[0].done(row["key"])
+                job.bar.row_done(row)
                 if on_row:
                     on_row(row)
                 if lease is not None:
                     lease.check()  # never two jobs writing one DST: stop if another job took the lease
-                if time.time() - last_flush > MANIFEST_EVERY_S:  # a crash keeps what was done so far on record
-                    write_manifest(plan.dst, merged(final=False), meta)
-                    last_flush = time.time()
-        stopped_early = False
     except Interrupted as e:
         summary.interrupted = e.signum
     finally:
-        bar.close()
+        job.stop()
+        if summary.interrupted and not local:
+            with _on_signals(signal.SIG_IGN):
+                _stop_ray()  # the job's tasks and actors end with it: no output lands after DST is looked at below
+        job.bar.close()
         with _on_signals(signal.SIG_IGN):  # a second Ctrl-C must not cut the manifest short
-            for r in results.values():
-                summary.ok += r["status"] == "ok"
-                summary.failed += r["status"] == "failed"
-            summary.failed += len(plan.rejected)
             summary.seconds = time.time() - t0
-            summary.rows = merged(final=True)
-            summary.manifest = write_manifest(plan.dst, summary.rows, meta)
+            summary.manifest = job.close(look=True)
             plan.dst.remove_temporaries(plan.dst.tag)  # this job's own, never another job's
     return summary
+
+
+def _stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _read_ahead(items: Iterable[dict], stopped: threading.Event) -> Iterator[dict]:
+    """`items`, drawn by a thread of its own as fast as it gives them (its own backpressure bounds it)."""
+    q: queue.Queue = queue.Queue()
+    end = object()
+
+    def pull():
+        try:
+            for item in items:
+                q.put(item)
+        except BaseException as e:  # the planner failed: raised in the caller's thread
+            q.put(("error", e))
+        finally:
+            q.put(end)
+
+    threading.Thread(target=pull, name="pidray-plan", daemon=True).start()
+    while not stopped.is_set():
+        item = q.get()
+        if item is end:
+            return
+        if isinstance(item, tuple):
+            raise item[1]
+        yield item
+
+
+def _dry_run(cfg: JobConfig, plan: Plan, on_row) -> Summary:
+    """Every planned row as it is planned: to do (`planned`, with its output name), skipped, refused."""
+    summary = Summary()
+    n = 0
+    for kind, r in plan.items():
+        if kind == "todo":
+            if cfg.limit is not None and n >= cfg.limit:
+                break
+            n += 1
+            r = {**manifest_row(r, cfg.model.preset), "status": "planned",
+                 "output_key": display(r["output_stem"]) + ".*"}  # fmt: skip
+        summary.count(r)
+        if on_row:
+            on_row(r)
+    return summary
+
+
+class _Job:
+    """A running job's state in the driver: the rows in flight (planned, not back yet; at most MAX_IN_FLIGHT), the
+    counters, the manifest writer. `todo()` runs the planner (in the feed thread under Ray Data, in the loop
+    itself locally); `finished` takes each result in the main thread; `close` writes the manifest's last part."""
+
+    def __init__(self, cfg: JobConfig, plan: Plan, writer: ManifestWriter):
+        self.cfg, self.plan, self.writer = cfg, plan, writer
+        self.summary = Summary()
+        self.pending: dict[str, dict] = {}
+        self.room = threading.Semaphore(MAX_IN_FLIGHT)
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.items = plan.items()
+        self.ahead: list[tuple[str, dict]] = []  # items looked at before the run started (peek_small)
+        self.bar: JobProgress | None = None
+        self.weigh = None  # a planned row -> its work (jobs.progress.Weigher)
+
+    def peek_small(self) -> int:
+        """How many inputs the job has to do, up to AUTO_LOCAL_MAX + 1 (which runner suits it)."""
+        todo = 0
+        for kind, row in self.items:
+            self.ahead.append((kind, row))
+            todo += kind == "todo"
+            if todo > AUTO_LOCAL_MAX:
+                break
+        limit = self.cfg.limit
+        return todo if limit is None else min(todo, limit)
+
+    def _all_items(self):
+        yield from self.ahead
+        self.ahead = []
+        yield from self.items
+
+    def todo(self) -> Iterator[dict]:
+        """The rows to do, as planned; skipped and refused rows go straight to the manifest."""
+        n, preset, previous = 0, self.cfg.model.preset, self.plan.previous
+        touch = getattr(previous, "touch", None)
+        for kind, row in self._all_items():
+            if self.stopped.is_set():
+                return
+            if kind == "todo" and self.cfg.limit is not None and n >= self.cfg.limit:
+                return
+            if kind == "todo":
+                n += 1
+                while not self.room.acquire(timeout=0.5):
+                    if self.stopped.is_set():
+                        return
+            with self.lock:
+                if self.stopped.is_set():
+                    return
+                if touch:
+                    touch(row["key"])
+                if kind == "todo":
+                    self.pending[row["key"]] = row
+                    if self.bar is not None:
+                        self.bar.add(row["key"], self.weigh(row) if self.weigh else 1)
+                else:
+                    row = manifest_row(row, preset)
+                    self.writer.add(row)
+                    self.summary.count(row)
+                    if row["status"] == "failed" and self.bar is not None:  # refused at planning: said now
+                        self.bar.say(f"failed  {row['key']}: {row['error']}")
+            if kind == "todo":
+                yield row
+
+    def finished(self, row: dict) -> bool:
+        with self.lock:
+            if self.pending.pop(row["key"], None) is None:
+                return False
+            self.room.release()
+            m = manifest_row(row, self.cfg.model.preset)
+            self.writer.add(m)
+            self.summary.count(m)
+        return True
+
+    def flush_loop(self) -> None:
+        while not self.stopped.wait(1.0):
+            with self.lock:
+                if self.writer.due() and not self.stopped.is_set():
+                    self.writer.flush()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped.set()
+
+    def close(self, look: bool) -> str:
+        """The manifest's last rows: the inputs still in flight (`interrupted`), the earlier manifest's rows this
+        job did not plan again (carried over), then the last part."""
+        with self.lock:
+            left = list(self.pending.values())
+            self.pending = {}
+            for r in _unfinished(self.cfg, self.plan, left, look=look).values():
+                self.writer.add(r)
+                self.summary.rows.append(r) if len(self.summary.rows) < KEEP_ROWS else None
+            untouched = getattr(self.plan.previous, "untouched", None)
+            for r in untouched() if untouched else self.plan.previous.rows.values():
+                self.writer.add(r)
+            return self.writer.close()
 
 
 def _unfinished(cfg: JobConfig, plan: Plan, rows: list[dict], look: bool = True) -> dict[str, dict]:
@@ -469,13 +311,16 @@ def _unfinished(cfg: JobConfig, plan: Plan, rows: list[dict], look: bool = True)
 
     A worker may have written an output (atomically: it is complete) that the driver had not heard of yet.
     """
-    existing = set()
-    try:
-        existing = {e.key for e in plan.dst.list(images_only=False)} if look else set()
-    except Exception:  # DST not listable now: say nothing about outputs
-        pass
+    listings: dict[str, set[str]] = {}
     out = {}
     for r in rows:
+        folder = r["output_stem"].rpartition("/")[0]
+        if look and folder not in listings:
+            try:
+                listings[folder] = plan.dst.names(folder)
+            except Exception:  # DST not listable now: say nothing about outputs
+                listings[folder] = set()
+        existing = listings.get(folder, set())
         outs = output_candidates(r["output_stem"], cfg.options.format, r.get("theirs", ()))
         hit = next((c for c in outs if c in existing), "")
         error = ("interrupted after its output was written (complete; --resume keeps it)" if hit
@@ -496,31 +341,4 @@ def use_local_loop(cfg: JobConfig, n: int) -> bool:
     return not os.environ.get("RAY_ADDRESS") and n <= AUTO_LOCAL_MAX
 
 
-class _RayQuiet:
-    """Keep Ray's start-up notices and worker messages (written straight to file descriptor 2) out of the user's
-    terminal: fd 2 goes to a log file while Ray runs; our own progress and messages use the saved terminal."""
-
-    LOG = os.path.join(os.environ.get("TMPDIR", "/tmp"), "pidray-ray.log")
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.saved = enabled, None
-        self.terminal = sys.stderr
-        if enabled:
-            self.saved = os.dup(2)
-            self.terminal = os.fdopen(os.dup(2), "w", buffering=1)
-
-    def __enter__(self):
-        if self.enabled:
-            with open(self.LOG, "ab") as log:
-                os.dup2(log.fileno(), 2)
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            os.dup2(self.saved, 2)
-            os.close(self.saved)
-            self.terminal.flush()
-        return False
-
-
-__all__ = ["JobConfig", "Summary", "run_job", "plan_job", "MANIFEST_NAME"]
+__all__ = ["JobConfig", "Summary", "run_job", "plan_job", "preflight", "MANIFEST_NAME", "StageActor", "stage_task"]

@@ -9,42 +9,57 @@ terminal (k8s logs, CI) one line every 30 s, and one at the end.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
+from functools import wraps
 
+from jobs.config import enters
 from pipeline import progress
-from pipeline.workflow import DEFAULT_WORKFLOW, workflow_class
 
 LOG_EVERY_S = 30.0
 RATE_WINDOW = 6  # reports the ETA's throughput is measured over
 STEP_GAP_S = 0.02  # a tile-step redraws the bar unless one was drawn this recently (a GPU reports hundreds a second)
 
 
-def estimate(cfg, plan, rows: list[dict]) -> dict[str, int]:
-    """key -> the row's work in tile-forwards, from its image header (read: the first 64 KiB) and the tile plan;
-    1 for a row whose size cannot be told (a latent file, a prompt, an unreadable header) or when there are too
-    many rows to read headers for."""
-    out = {r["key"]: 1 for r in rows}
-    if workflow_class(getattr(cfg, "workflow", DEFAULT_WORKFLOW)).enters != "images" or not rows or len(rows) > 256:
-        return out
-    try:
+HEADER_ROWS = 256  # rows whose image headers are read to weigh them; later rows weigh the mean of these
+
+
+class Weigher:
+    """Each planned row's work in tile-forwards, as the rows stream in: from its image header (the first 64 KiB)
+    and the tile plan for the first HEADER_ROWS rows, the mean of those for the rest; 1 each when rows come back
+    whole (Ray Data: `headers=False`), for latents and prompts (their size is not known before they run), and for a
+    row whose header cannot be read."""
+
+    def __init__(self, cfg, plan, headers: bool = True):
+        self.cfg, self.plan, self.read = cfg, plan, headers and enters(cfg) == "images"
+        self.seen, self.sum = 0, 0
+        self.preset = None
+        if self.read:
+            try:
+                self.preset = cfg.flow.preset
+            except Exception:
+                self.read = False
+
+    def __call__(self, row: dict) -> int:
+        if not self.read:
+            return 1
+        if self.seen >= HEADER_ROWS:
+            return max(1, round(self.sum / self.seen))
         from pipeline.imageio import probe
-        from pipeline.model.presets import get_preset
         from pipeline.stages.common import sampler_steps
         from pipeline.stages.encode import plan_for
 
-        preset = get_preset(cfg.model.preset)
-    except Exception:
-        return out
-    for r in rows:
+        work = 1
         try:
-            o = r.get("opts") or cfg.options
-            hw = probe(plan.src.read(r.get("src_key") or r["key"], 1 << 16), max_pixels=1 << 62)
-            tiles = plan_for(preset, o, hw).n_tiles
-            out[r["key"]] = progress.forwards(tiles, sampler_steps(preset, o), preset.sampler == "guided")
+            o = row.get("opts") or self.cfg.options
+            hw = probe(self.plan.src.read(row.get("src_key") or row["key"], 1 << 16), max_pixels=1 << 62)
+            tiles = plan_for(self.preset, o, hw).n_tiles
+            work = progress.forwards(tiles, sampler_steps(self.preset, o), self.preset.sampler == "guided")
         except Exception:  # unknown here: the row still counts, as one unit
-            continue
-    return out
+            pass
+        self.seen, self.sum = self.seen + 1, self.sum + work
+        return work
 
 
 def _clock(seconds: float) -> str:
@@ -61,12 +76,23 @@ def _bar(fraction: float, width: int) -> str:
     return "#" * full + "-" * (width - full)
 
 
+def _locked(method):
+    """The bars are told things from the planner's thread (rows planned, refusals) and the driver's (results)."""
+
+    @wraps(method)
+    def run(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class JobProgress:
     """The job's bars. `row_done(row)` for every row that comes back; the diffusion stage's reports arrive through
     `pipeline.progress.listening(self.on_forwards)` (see `listen`)."""
 
-    def __init__(self, work: dict[str, int], stream, enabled: bool = True, name: str = "upscale"):
-        self.work, self.stream, self.enabled, self.name = dict(work), stream, enabled, name
+    def __init__(self, work: dict[str, int] | None, stream, enabled: bool = True, name: str = "upscale"):
+        self.work, self.stream, self.enabled, self.name = dict(work or {}), stream, enabled, name
         self.total = sum(self.work.values())
         self.images = len(self.work)
         self.partial: dict[str, int] = {}  # key -> tile-forwards done, for rows not back yet
@@ -80,11 +106,21 @@ class JobProgress:
         self.last_draw = 0.0
         self.last_log = time.time()
         self.drawn = 0  # lines of the bars now on the terminal
+        self.lock = threading.RLock()
 
     # ------------------------------------------------------------------ events
     def listen(self):
         return progress.listening(self.on_forwards)
 
+    @_locked
+    def add(self, key: str, work: int) -> None:
+        """A row planned while the job runs (SRC is listed as it goes): the totals grow."""
+        if key not in self.work:
+            self.work[key] = work
+            self.total += work
+            self.images += 1
+
+    @_locked
     def on_forwards(self, key: str, n: int) -> None:
         if key not in self.work:
             return
@@ -93,10 +129,11 @@ class JobProgress:
         self._started()
         self._tick(force=self.partial[key] == self.work[key], min_gap=STEP_GAP_S)  # an image's last step is shown
 
+    @_locked
     def row_done(self, row: dict) -> None:
         key = row["key"]
         self.partial.pop(key, None)
-        self.finished += self.work.get(key, 0)
+        self.finished += self.work.pop(key, 0)  # only rows in flight are held: the driver's memory stays flat
         self.rows_done += 1
         self._started()
         if row.get("status") == "failed":
@@ -105,12 +142,14 @@ class JobProgress:
             self.say(f"note    {row['key']}: {warning}")
         self._tick(force=self.rows_done == self.images)
 
+    @_locked
     def say(self, line: str) -> None:
         """A line above the bars (a failure as it happens), or on its own without a terminal."""
         self._clear()
         print(line, file=self.stream, flush=True)
         self._draw()
 
+    @_locked
     def close(self) -> None:
         if self.tty:
             self._draw()

@@ -12,8 +12,8 @@ import json
 import time
 from dataclasses import replace
 
+from jobs.config import enters
 from pipeline.errors import SetupError
-from pipeline.workflow import DEFAULT_WORKFLOW, workflow_class
 
 SETTINGS_KEY, VERSION_KEY, STARTED_KEY = b"pidray.settings", b"pidray.version", b"pidray.started"
 REDO_CHANGED = "redo-changed"
@@ -31,10 +31,9 @@ def output_settings(cfg) -> dict:
            "sampler": o.sampler, "degrade_sigma": o.degrade_sigma, "fusion": o.fusion, "quality": o.quality,
            "caption": o.caption, "cfg_scale": o.cfg_scale, "shift": o.shift}  # fmt: skip
     try:
-        from pipeline.model.presets import get_preset
         from pipeline.stages.common import ensemble_shift, sampler_steps
 
-        preset = get_preset(cfg.model.preset)
+        preset = cfg.flow.preset
         out["preset"] = preset.name  # an alias and its preset are one model
         out["scale"] = float(o.scale or preset.scale)
         out["steps"] = sampler_steps(preset, o)
@@ -42,7 +41,7 @@ def output_settings(cfg) -> dict:
     except Exception:  # preflight refuses such a job in its own words
         out.update(scale=o.scale, steps=o.steps, ensemble=o.ensemble)
     out["precision"] = _precision(cfg.model)
-    if workflow_class(getattr(cfg, "workflow", DEFAULT_WORKFLOW)).enters == "prompts":
+    if enters(cfg) == "prompts":
         out["generate"] = {k: v for k, v in sorted(cfg.gen.items())}
     return out
 
@@ -72,13 +71,14 @@ def recorded_settings(dst) -> dict | None:
     job's own reading of the manifest says what is wrong with it)."""
     import pyarrow.parquet as pq
 
-    from jobs.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
+    from jobs.manifest import MAX_MANIFEST_BYTES, manifest_parts
 
     try:
-        size = dst.size(MANIFEST_NAME)
+        parts = manifest_parts(dst)  # the file, or a folder of parts: each part holds the run's settings
+        size = dst.size(parts[0]) if parts else -1
         if size < 0 or size > MAX_MANIFEST_BYTES:
             return None
-        meta = pq.ParquetFile(io.BytesIO(dst.read(MANIFEST_NAME, MAX_MANIFEST_BYTES + 1))).schema_arrow.metadata
+        meta = pq.ParquetFile(io.BytesIO(dst.read(parts[0], MAX_MANIFEST_BYTES + 1))).schema_arrow.metadata
         got = json.loads((meta or {}).get(SETTINGS_KEY, b"null"))
     except Exception:
         return None

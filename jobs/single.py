@@ -12,10 +12,10 @@ import posixpath
 import sys
 from dataclasses import replace
 
+from jobs.config import enters
 from pipeline.errors import SetupError
 from pipeline.imageio import EXTENSIONS, FORMATS
 from pipeline.storage import Location
-from pipeline.workflow import workflow_class
 
 
 def _split(dst: str) -> tuple[str, str, str]:
@@ -44,7 +44,7 @@ def _note(text: str) -> None:
 def file_destination(cfg, note=_note):
     """The job config with a file DST turned into (its folder, the output's name, the format); unchanged when DST
     is a folder. A folder SRC with a DST that looks like a file name gets a one-line note: DST is a folder."""
-    if workflow_class(cfg.workflow).enters != "images" or cfg.in_place or not names_a_file(cfg.dst):
+    if enters(cfg) != "images" or cfg.in_place or not names_a_file(cfg.dst):
         return cfg
     try:
         single = Location(cfg.src, cfg.s3).single()

@@ -219,7 +219,9 @@ def _job_arguments(p, default_preset: str) -> None:
         action="store_true",
         help="replace outputs already in DST, only those DST's manifest records as written by pidray",
     )
-    j.add_argument("--dry-run", action="store_true", help="list what would be done")
+    j.add_argument("--dry-run", action="store_true", help="list what would be done (as SRC is listed)")
+    j.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                   help="process only the first N planned inputs (to try a job)")  # fmt: skip
     j.add_argument("--in-place", action="store_true", help="DST is SRC: write beside the inputs (needs --suffix)")
     j.add_argument("--follow-symlinks", action="store_true", help="follow symbolic links in SRC (default: skip them)")
     j.add_argument("--include-hidden", action="store_true", help="also process files whose path has a '.' name")
@@ -245,13 +247,6 @@ def config_from_args(args) -> JobConfig:
         tile_buckets=getattr(args, "tile_buckets", False),
         quality=args.quality, max_pixels=args.max_pixels, max_output_side=args.max_output_side,
     )  # fmt: skip
-    from pipeline.model.presets import get_preset
-    from pipeline.stages.common import ensemble_shift, sampler_steps
-
-    preset = get_preset(args.preset)
-    sampler_steps(preset, options)  # steps, --cfg-scale and --shift refused up front where the sampler cannot
-    if options.ensemble:
-        ensemble_shift(preset, options)  # refused up front for a model that cannot shift
     if args.format:
         from pipeline.imageio import output_format
 
@@ -266,7 +261,7 @@ def config_from_args(args) -> JobConfig:
         precision=getattr(args, "precision", "auto"),
         compile=getattr(args, "compile", None),
     )
-    return JobConfig(
+    cfg = JobConfig(
         src=args.src, dst=args.dst, model=model, options=options,
         s3=S3Settings(args.s3_endpoint, args.s3_region, args.s3_profile, args.s3_retry_mode),
         suffix=args.suffix, in_place=args.in_place, follow_symlinks=args.follow_symlinks,
@@ -275,15 +270,20 @@ def config_from_args(args) -> JobConfig:
         concurrency={k: v for k, v in (("encode", args.encode_actors), ("diffuse", args.diffuse_actors)) if v},
         progress=not args.no_progress, verbose=args.verbose, workflow=getattr(args, "workflow", DEFAULT_WORKFLOW),
         latent_format=getattr(args, "latent_format", None), out_size=getattr(args, "size", None),
-        sigma=getattr(args, "sigma", None),
+        sigma=getattr(args, "sigma", None), limit=getattr(args, "limit", None),
     )  # fmt: skip
+    from pipeline.stages.common import ensemble_shift, sampler_steps
+
+    preset = cfg.flow.preset  # the job's workflow, resolved here where the job enters
+    sampler_steps(preset, options)  # steps, --cfg-scale and --shift refused up front where the sampler cannot
+    if options.ensemble:
+        ensemble_shift(preset, options)  # refused up front for a model that cannot shift
+    return cfg
 
 
 def _note_ignored_captions(cfg) -> None:
     """--caption/--captions with a preset that has no caption encoder: said once, not ignored silently."""
-    from pipeline.model.presets import get_preset
-
-    if (cfg.options.caption or cfg.captions) and get_preset(cfg.model.preset).text_encoder == "none":
+    if (cfg.options.caption or cfg.captions) and cfg.flow.preset.text_encoder == "none":
         print(f"pidray: note: preset {cfg.model.preset} has no caption encoder: --caption/--captions are ignored",
               file=sys.stderr)  # fmt: skip
 
@@ -300,23 +300,29 @@ def cmd_upscale(args) -> int:
     cfg = file_destination(config_from_args(args))  # `pidray upscale one.png big.png` writes big.png
     cfg = check_resume(cfg, note=lambda text: print(text, file=sys.stderr))  # outputs made otherwise are not kept
     _note_ignored_captions(cfg)
-    summary = run_job(cfg)
-    if cfg.dry_run:
-        for r in sorted(summary.rows, key=lambda r: r["key"]):
-            reason = f"  ({r['error']})" if r.get("error") else ""
-            target = f" -> {r['output_key']}" if r.get("output_key") else ""
-            print(f"{r['status']:8s} {r['key']}{target}{reason}")
-        todo = sum(r["status"] == "planned" for r in summary.rows)
-        print(f"dry run: {todo} to do, {summary.skipped} skipped, {summary.failed} refused")
+    if cfg.dry_run:  # each planned line as SRC is listed (a folder at a time, by name within it)
+        summary = run_job(cfg, on_row=_print_planned)
+        print(f"dry run: {summary.planned} to do, {summary.skipped} skipped, {summary.failed} refused")
         return 0
-    return report(summary)
+    return report(run_job(cfg))
+
+
+def _print_planned(r: dict) -> None:
+    reason = f"  ({r['error']})" if r.get("error") else ""
+    target = f" -> {r['output_key']}" if r.get("output_key") else ""
+    print(f"{r['status']:8s} {r['key']}{target}{reason}", flush=True)
 
 
 def report(summary, per: str = "images") -> int:
     """A finished job for the terminal (failed inputs, the summary line, how to finish) -> the exit code."""
-    for r in summary.rows if not summary.failures_shown else ():  # else said as they happened
-        if r["status"] == "failed":
-            print(f"failed  {r['key']}: {r['error']}", file=sys.stderr)
+    failures = getattr(summary, "failures", None)
+    if failures is None:
+        failures = [r for r in summary.rows if r["status"] == "failed"]
+    shown = getattr(summary, "failures_shown", False)  # each said as it happened
+    for r in failures if not shown else ():
+        print(f"failed  {r['key']}: {r['error']}", file=sys.stderr)
+    if not shown and summary.failed > len(failures):
+        print(f"... and {summary.failed - len(failures)} more failed (pidray status DST lists them)", file=sys.stderr)
     print(summary.line().replace("images/s", f"{per}/s"))
     if summary.interrupted:
         print("rerun the same command with --resume to finish", file=sys.stderr)

@@ -336,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     from jobs.generate import add_generate_parser
 
     add_generate_parser(sub, parents=[common])
+    from jobs.status import add_status_parser
+
+    add_status_parser(sub, parents=[common])
     add_bench_parser(sub)
     add_serve_parser(sub, parents=[common])
     _finish(ap)

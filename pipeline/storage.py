@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +94,7 @@ class Entry:
     skip: str = ""
     note: str = ""
     folder: bool = False  # a folder that could not be read: reported, with its reason
+    target: str = ""  # a symbolic link's target (followed or not): the file it names
 
 
 def explain_storage_error(e: BaseException, action: str, uri: str, endpoint: str | None = None) -> str:
@@ -221,75 +223,118 @@ class Location:
     # ------------------------------------------------------------------ listing
     def list(self, images_only: bool = True, exclude: Location | None = None, hidden: bool = False,
              accept=None) -> list[Entry]:  # fmt: skip
-        """Every file below the location (sorted by key), leaving out `exclude` when it lies inside.
-
-        Hidden files (a path segment starting with '.') and symbolic links (unless followed) are listed with a
-        `skip` reason, so a caller can record them rather than drop them silently. accept: which keys are inputs
-        (default: images; latent files for `pidray decode`).
-        """
-        out = self._list_s3(exclude) if self.is_s3 else self._list_local(exclude)
-        accept = accept or is_image_key
-        if images_only:  # an unreadable folder stays listed: it is reported, not silently left out
-            out = [e for e in out if (accept(e.key) and not e.key.startswith(RESERVED_PREFIX)) or e.folder]
-        for e in out if not hidden else ():
-            if not e.skip and is_hidden(e.key):
-                e.skip = "hidden file (a name in its path starts with '.'); --include-hidden processes it"
+        """Every file below the location (sorted by key), leaving out `exclude` when it lies inside: `folders`,
+        gathered. Hidden files and symbolic links are listed with a `skip` reason (see `folders`)."""
+        out = [e for _, entries in self.folders(images_only, exclude, hidden, accept) for e in entries]
         return sorted(out, key=lambda e: e.key)
 
-    def _list_s3(self, exclude: Location | None) -> list[Entry]:
+    def folders(self, images_only: bool = True, exclude: Location | None = None, hidden: bool = False,
+                accept=None) -> Iterator[tuple[str, list[Entry]]]:  # fmt: skip
+        """The listing as a stream, one folder/prefix at a time: (folder key, "" for the top, its files sorted by
+        name), a folder's files before its subfolders, subfolders in name order; nothing is held beyond the folder
+        being listed (local: one `scandir` per folder; S3: `/`-delimited listing pages of one prefix).
+
+        Hidden files (a path segment starting with '.') and symbolic links (unless followed) are listed with a
+        `skip` reason, so a caller can record them rather than drop them silently; an unreadable folder is listed
+        as an entry with `folder=True`. accept: which keys are inputs (default: images; latent files for `pidray
+        decode`). `exclude` (DST inside SRC) is left out."""
+        accept = accept or is_image_key
+        walk = self._walk_s3(exclude) if self.is_s3 else self._walk_local(exclude)
+        for folder, entries in walk:
+            if images_only:  # an unreadable folder stays listed: it is reported, not silently left out
+                entries = [e for e in entries if (accept(e.key) and not e.key.startswith(RESERVED_PREFIX)) or e.folder]
+            for e in entries if not hidden else ():
+                if not e.skip and is_hidden(e.key):
+                    e.skip = "hidden file (a name in its path starts with '.'); --include-hidden processes it"
+            if entries:
+                yield folder, entries
+
+    def names(self, folder: str) -> set[str]:
+        """The keys of the files (and links) directly in `folder` ("" for the top): one folder's listing, for the
+        planner's look at what DST holds already. Empty when the folder does not exist, or (locally) when a link
+        on its way leads elsewhere (the listing of the whole location never followed links either)."""
+        rel = f"{folder}/" if folder else ""
+        if self.is_s3:
+            bucket, prefix = self.bucket_prefix
+            start = f"{prefix}/{rel}" if prefix else rel
+            out = set()
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start, Delimiter="/")
+            for page in pages:
+                out.update(rel + obj["Key"][len(start) :] for obj in page.get("Contents", []))
+            return out
+        path = os.path.join(self.uri, folder) if folder else self.uri
+        if folder and os.path.realpath(path) != os.path.join(os.path.realpath(self.uri), folder):
+            return set()
+        try:
+            with os.scandir(path) as it:
+                return {rel + e.name for e in it if not e.is_dir(follow_symlinks=False)}
+        except OSError:
+            return set()
+
+    def _walk_s3(self, exclude: Location | None) -> Iterator[tuple[str, list[Entry]]]:
         bucket, prefix = self.bucket_prefix
-        start = f"{prefix}/" if prefix else ""
+        base = f"{prefix}/" if prefix else ""
         skip_prefix = None
         if exclude is not None and exclude.is_s3 and exclude.real != self.real and exclude.below(self):
             skip_prefix = exclude.bucket_prefix[1] + "/"
-        out = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start):
-            for obj in page.get("Contents", []):
-                if skip_prefix and obj["Key"].startswith(skip_prefix):
-                    continue
-                out.append(Entry(obj["Key"][len(start) :], int(obj["Size"])))
-        return out
+        paginator = self.client.get_paginator("list_objects_v2")
+        stack = [base]
+        while stack:
+            start = stack.pop()
+            entries, subs = [], []
+            for page in paginator.paginate(Bucket=bucket, Prefix=start, Delimiter="/"):
+                for obj in page.get("Contents", []):
+                    entries.append(Entry(obj["Key"][len(base) :], int(obj["Size"])))
+                subs += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+            entries.sort(key=lambda e: e.key)
+            yield start[len(base) :].rstrip("/"), entries
+            stack += sorted((s for s in subs if s != skip_prefix), reverse=True)  # popped in name order
 
-    def _list_local(self, exclude: Location | None) -> list[Entry]:
+    def _walk_local(self, exclude: Location | None) -> Iterator[tuple[str, list[Entry]]]:
         root = Path(self.uri)
         if not root.is_dir():
             raise SetupError(f"input not found: {self.uri}")
         skip_dir = exclude.real if exclude is not None and not exclude.is_s3 and exclude.real != self.real else None
-        out: list[Entry] = []
         seen = {os.path.realpath(root)}
-
-        def walk(folder: str, rel: str) -> None:
+        stack = [(str(root), "")]
+        while stack:
+            folder, rel = stack.pop()
+            out: list[Entry] = []
+            subs: list[tuple[str, str]] = []
             try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
             except OSError as err:
-                out.append(Entry(rel.rstrip("/") or ".", -1, f"folder cannot be read: {err.strerror}", folder=True))
-                return
+                yield rel.rstrip("/"), [Entry(rel.rstrip("/") or ".", -1, f"folder cannot be read: {err.strerror}",
+                                              folder=True)]  # fmt: skip
+                continue
             for e in entries:
                 key = rel + e.name
                 if e.is_symlink():
                     target = os.path.realpath(e.path)
                     if not self.follow_symlinks:
                         if is_image_key(key):
-                            out.append(Entry(key, -1, skip=f"symbolic link to {target} (not followed; "
-                                                            "--follow-symlinks follows links)"))  # fmt: skip
+                            why = f"symbolic link to {target} (not followed; --follow-symlinks follows links)"
+                            out.append(Entry(key, -1, skip=why, target=target))
                         continue
                     if os.path.isdir(target):
                         if target in seen or target == skip_dir:
                             continue  # a loop, or DST
                         seen.add(target)
-                        walk(e.path, key + "/")
+                        subs.append((e.path, key + "/"))
                     elif os.path.isfile(target):
-                        out.append(Entry(key, os.stat(target).st_size, note=f"symbolic link to {target}"))
+                        out.append(
+                            Entry(key, os.stat(target).st_size, note=f"symbolic link to {target}", target=target)
+                        )
                     continue
                 if e.is_dir(follow_symlinks=False):
                     if skip_dir is not None and os.path.realpath(e.path) == skip_dir:
                         continue  # DST lies inside SRC: never read our own outputs
-                    walk(e.path, key + "/")
+                    subs.append((e.path, key + "/"))
                 elif e.is_file(follow_symlinks=False):
                     out.append(Entry(key, e.stat(follow_symlinks=False).st_size))
-
-        walk(str(root), "")
-        return out
+            yield rel.rstrip("/"), out
+            stack += reversed(subs)  # popped in name order
 
     # ------------------------------------------------------------------ checks before any work
     def check_listable(self) -> None:
@@ -449,6 +494,13 @@ class Location:
                 return -1
         path = Path(self.uri) / key
         return path.stat().st_size if path.is_file() and not path.is_symlink() else -1
+
+    def mtime(self, key: str) -> float:
+        """When `key` was last written (seconds since the epoch; S3: LastModified)."""
+        if self.is_s3:
+            bucket, _ = self.bucket_prefix
+            return self.client.head_object(Bucket=bucket, Key=self._s3_key(key))["LastModified"].timestamp()
+        return os.stat(os.path.join(self.uri, key)).st_mtime
 
     def exists(self, key: str) -> bool:
         if self.is_s3:

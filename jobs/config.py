@@ -1,0 +1,100 @@
+"""What a bulk job is asked to do (`JobConfig`) and what it did (`Summary`, counters)."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from pipeline.runtime import ModelOptions
+from pipeline.stages import UpscaleOptions
+from pipeline.storage import S3Settings
+from pipeline.workflow import DEFAULT_WORKFLOW, Workflow, resolve_workflow, workflow_class
+
+
+@dataclass
+class JobConfig:
+    src: str
+    dst: str
+    model: ModelOptions = field(default_factory=ModelOptions)
+    options: UpscaleOptions = field(default_factory=UpscaleOptions)
+    s3: S3Settings = field(default_factory=S3Settings)
+    suffix: str = ""
+    in_place: bool = False  # DST is SRC: outputs beside the inputs (needs a suffix; inputs are never overwritten)
+    follow_symlinks: bool = False  # follow symbolic links inside SRC (noted in the manifest)
+    include_hidden: bool = False  # process files whose path has a segment starting with '.'
+    captions: dict[str, str] = field(default_factory=dict)  # key -> caption (from a manifest CSV/JSONL)
+    resume: bool = False
+    overwrite: bool = False  # replace outputs already in DST -- only those DST's manifest records as pidray's own
+    dry_run: bool = False
+    local: bool | None = None  # True: the in-process loop; False: Ray Data; None: the loop for small jobs, no cluster
+    verbose: bool = False  # let Ray's own start-up and worker messages through to the terminal
+    concurrency: dict[str, int] = field(default_factory=dict)  # stage name -> actors (model stages)
+    progress: bool = True
+    workflow: str = DEFAULT_WORKFLOW  # a name in pipeline.workflow.WORKFLOWS, e.g. "decode": SRC holds latents
+    latent_format: str | None = None  # decode: what the latents are (flux, zimage, sd3, sdxl, flux2, qwenimage)
+    out_size: tuple[int, int] | None = None  # decode: an explicit output size (H, W) instead of latent × factors
+    sigma: float | None = None  # decode: the latents are captured x_t at this scheduler sigma
+    gen: dict = field(default_factory=dict)  # generate: GenerateOptions fields (SRC is a prompt file)
+    upscale: ModelOptions | None = None  # generate: upscale each image with this PiD model
+    ldm: str | None = None  # generate-then-decode: the latent diffusion model (name or folder); `model` decodes
+    limit: int | None = None  # only the first N planned inputs (None: all)
+    output_name: str = ""  # SRC is one file, DST named a file: the output's name in DST without its extension
+
+    @cached_property
+    def flow(self) -> Workflow:
+        """The job's workflow, resolved once (its preset looked up here, the only place a job does)."""
+        return resolve_workflow(self.workflow, self.model, self.options, latent_format=self.latent_format,
+                                gen=self.gen, upscale=self.upscale, ldm=self.ldm)  # fmt: skip
+
+
+def enters(cfg) -> str:
+    """What a job's rows enter as: "images" / "latents" (files in SRC) or "prompts" (lines of a prompt file)."""
+    flow = cfg.__dict__.get("flow") if hasattr(cfg, "__dict__") else None  # resolved already: no lookup
+    return flow.enters if flow is not None else workflow_class(getattr(cfg, "workflow", DEFAULT_WORKFLOW)).enters
+
+
+KEEP_ROWS = 10_000  # a job's rows kept in its Summary (for the terminal and the Python API); beyond, only counted
+KEEP_FAILED = 200  # failed rows kept for the terminal, whatever the job's size
+
+
+@dataclass
+class Summary:
+    """A job's outcome, from counters: `rows` holds its first KEEP_ROWS manifest rows (all of a small job's), and
+    `failures` its first KEEP_FAILED failed ones; the manifest at DST has every row."""
+
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    rows: list[dict] = field(default_factory=list)
+    interrupted: int = 0  # the signal that stopped the job, or 0
+    runner: str = ""  # "local loop" or "Ray Data"
+    manifest: str = ""  # where the manifest was written
+    planned: int = 0  # dry run: inputs to do
+    failures: list[dict] = field(default_factory=list)
+    kept_all: bool = True  # False once `rows` stopped keeping
+    failures_shown: bool = False  # each failed input was said on the terminal as it happened
+
+    def count(self, row: dict) -> None:
+        """One manifest row of the job, counted (and kept while the job is small)."""
+        status = row.get("status")
+        if status in ("ok", "failed", "skipped", "planned"):  # `interrupted` is told by the summary's signal
+            setattr(self, status, getattr(self, status) + 1)
+        if status == "failed" and len(self.failures) < KEEP_FAILED:
+            self.failures.append(row)
+        if len(self.rows) < KEEP_ROWS:
+            self.rows.append(row)
+        else:
+            self.kept_all = False
+
+    @property
+    def images_per_second(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    def line(self) -> str:
+        head = f"interrupted ({signal.Signals(self.interrupted).name})" if self.interrupted else "done"
+        return (
+            f"{head}: {self.ok} ok, {self.failed} failed, {self.skipped} skipped in {self.seconds:.1f}s "
+            f"({self.images_per_second:.2f} images/s, {self.runner or 'nothing to run'}); manifest: {self.manifest}"
+        )

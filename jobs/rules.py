@@ -1,0 +1,319 @@
+"""The rules that keep user data safe when a bulk job is planned: each decided from one folder/prefix of SRC and the
+same folder of DST, so a listing of millions of files is planned as it streams.
+
+- DST equal to SRC is refused, unless `--in-place` with a `--suffix` (a single file's own folder needs the suffix);
+- DST inside SRC is left out of SRC's listing, so a later run never takes its own outputs as inputs;
+- every output key is proven safe (no absolute path, no empty/'.'/'..' segment) or its input fails with the reason;
+- no output may be an input: an input whose output could overwrite any input fails instead (`Inputs`);
+- outputs are unique: inputs that would share a name (a.png, a.gif, a.bmp -> a.png) keep their source extension in
+  the name (a.gif.png, a.bmp.png), and a leftover clash gets a counter; decided from the folder's listing alone, so
+  a resumed run names every output the same way;
+- no output replaces a file already in DST: from the listing of its DST folder, an input whose output name is taken
+  fails with the reason (--resume keeps the file as its output instead); --overwrite replaces only files that DST's
+  pidray manifest records as outputs of a pidray job, and the write itself refuses a file that appears after
+  planning.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict, defaultdict
+from pathlib import PurePosixPath
+
+from jobs.config import enters
+from jobs.manifest import Previous, manifest_row
+from jobs.naming import natural_extension
+from pipeline.errors import SetupError
+from pipeline.imageio import EXTENSIONS, FORMATS
+from pipeline.storage import MAX_INPUT_BYTES, Entry, Location, display, key_problem
+
+OUTPUT_EXTENSIONS = sorted(set(EXTENSIONS.values()))
+
+
+class Plan:
+    """A planned job: SRC, DST, and its rows as a stream (`items()`: ("todo", stage row), ("skipped" or "rejected",
+    manifest row)), one folder of SRC at a time. `todo`, `skipped` and `rejected` gather the whole stream into
+    lists (for small jobs and tests; a large job never asks). previous: the manifest found at DST."""
+
+    def __init__(self, src: Location, dst: Location, single: Entry | None = None, stream=None):
+        self.src, self.dst, self.single = src, dst, single  # single: SRC named one file, this entry of `src`
+        self.previous = Previous()
+        self.stream = stream  # an iterator of (kind, row), or None once gathered
+        self.lists: dict[str, list[dict]] = {"todo": [], "skipped": [], "rejected": []}
+
+    def add(self, kind: str, row: dict) -> None:
+        self.lists[kind].append(row)
+
+    def items(self):
+        """Every row once, as planned (the rows gathered so far, then the rest of the stream)."""
+        for kind in ("rejected", "skipped", "todo"):
+            for row in self.lists[kind]:
+                yield kind, row
+        self.lists = {"todo": [], "skipped": [], "rejected": []}
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            yield from stream
+
+    def _gathered(self, kind: str) -> list[dict]:
+        if self.stream is not None:
+            for k, row in self.stream:
+                self.lists[k].append(row)
+            self.stream = None
+        return self.lists[kind]
+
+    @property
+    def todo(self) -> list[dict]:
+        return self._gathered("todo")
+
+    @property
+    def skipped(self) -> list[dict]:
+        return self._gathered("skipped")
+
+    @property
+    def rejected(self) -> list[dict]:
+        return self._gathered("rejected")
+
+
+def existing_outputs(dst: Location, folder: str) -> set[str]:
+    """The keys in one folder of DST, from one listing of it: --resume trusts an output found there (writes are
+    atomic); otherwise an output name that is taken is refused, or (--overwrite) replaced when it is pidray's own."""
+    try:
+        return dst.names(folder)
+    except SetupError:  # DST does not exist yet: nothing done
+        return set()
+
+
+def locations(cfg) -> tuple[Location, Location, Entry | None]:
+    """(SRC as a folder/prefix, DST, the entry when SRC names a single file); refuses SRC == DST up front."""
+    src, dst = Location(cfg.src, cfg.s3, cfg.follow_symlinks), Location(cfg.dst, cfg.s3)
+    single = src.single()
+    entry = None
+    if single is not None:
+        src, entry = single
+    prompts = enters(cfg) == "prompts"  # the input is one prompt file, not images
+    renamed = entry is not None and getattr(cfg, "output_name", "")  # DST names the output file: never SRC (below)
+    if dst.real == src.real and not prompts and not renamed:  # a prompt file's own folder: outputs are named anew
+        if not cfg.suffix:
+            what, how = ("the folder of SRC", "--suffix _x4") if entry else ("SRC", "--in-place --suffix _x4")
+            raise SetupError(
+                f"DST {cfg.dst} is {what}: the outputs would overwrite the inputs. Choose another DST, or keep both "
+                f"side by side with {how}"
+            )
+        if entry is None and not cfg.in_place:
+            raise SetupError(
+                f"DST {cfg.dst} is SRC: pass --in-place (with --suffix {cfg.suffix}) to write the outputs next to the "
+                "inputs; no input is ever overwritten"
+            )
+    elif cfg.in_place:
+        raise SetupError("--in-place writes next to the inputs, so DST must be SRC")
+    return src, dst, entry
+
+
+def output_stems(names: list[tuple[str, str]], suffix: str, fmt: str | None = None,
+                 taken: set[str] | frozenset = frozenset()) -> dict[str, str]:  # fmt: skip
+    """(id, name) pairs, in the order that decides clashes -> id -> output key without its extension, unique
+    (ignoring case) across the job with the output's extension (jobs/naming.py). `name` is what the output is named
+    after (an input key; a batch latent's or a prompt's name); ids are unique, names need not be. Different names
+    on one stem whose outputs would share an extension keep their own (a.png, a.gif -> a.png.png, a.gif.png), names
+    whose outputs differ by extension keep the plain stem (x.png, x.jpg -> x.png, x.jpg); any clash left (same
+    name, or only the case differs) gets ~2, ~3 in the order given (two prompts both named pet -> pet, pet~2).
+    taken: output keys (stem + extension, casefolded) already given out elsewhere, which a clash here avoids too."""
+    plain = {}
+    for i, k in names:
+        p = PurePosixPath(k)
+        parent = "" if str(p.parent) == "." else f"{p.parent}/"
+        plain[i] = f"{parent}{p.stem}{suffix}"
+    groups = defaultdict(lambda: defaultdict(set))  # stem -> output extension -> the source extensions on it
+    for i, k in names:
+        groups[plain[i].casefold()][natural_extension(k, fmt)].add(PurePosixPath(k).suffix.casefold())
+    out, seen = {}, set(taken)
+    for i, k in names:
+        ext = natural_extension(k, fmt)
+        keep_ext = len(groups[plain[i].casefold()][ext]) > 1  # names on one stem whose outputs would share ext
+        base = f"{plain[i]}.{PurePosixPath(k).suffix[1:]}" if keep_ext else plain[i]
+        stem, n = base, 1
+        while (stem + ext).casefold() in seen:
+            n += 1
+            stem = f"{base}~{n}"
+        seen.add((stem + ext).casefold())
+        out[i] = stem
+    return out
+
+
+def output_candidates(stem: str, fmt: str | None, theirs=()) -> list[str]:
+    """Every output key an input can end up with (the extension follows the decoded image when the format is kept),
+    leaving out `theirs`: the extensions of other inputs' outputs on the same stem (jobs/naming.py)."""
+    if fmt:
+        return [stem + EXTENSIONS[FORMATS[fmt.lower().lstrip(".")]]]
+    return [stem + e for e in OUTPUT_EXTENSIONS if e not in theirs]
+
+
+NOT_AN_IMAGE = "not an image"
+
+
+def with_non_images(entries: list[Entry]) -> list[Entry]:
+    """A listing of every file in a folder of SRC -> the images (and unreadable folders), plus each other file
+    marked skipped as "not an image" (notes.txt, a name without an extension); never pidray's own files, and hidden
+    files that are not images stay out as before."""
+    from pipeline.storage import RESERVED_PREFIX, is_image_key
+
+    out = []
+    for e in entries:
+        if e.folder or e.key.startswith(RESERVED_PREFIX):
+            if e.folder:
+                out.append(e)
+            continue
+        if is_image_key(e.key):
+            out.append(e)
+        elif not e.skip:  # a hidden non-image (.DS_Store) is no input anyone meant
+            out.append(Entry(e.key, e.size, skip=NOT_AN_IMAGE))
+    return out
+
+
+def _row(entry: Entry, status: str, cfg, **kw) -> dict:
+    return manifest_row({"key": entry.key, "status": status, "in_bytes": entry.size, **kw}, cfg.model.preset)
+
+
+def _safe_name(text: str) -> str:
+    """A user-given name (a latent id, a prompt's `name`) as one file-name segment: every run of characters other
+    than word characters, '.' and '-' becomes '_'."""
+    return re.sub(r"[^\w.-]+", "_", text)
+
+
+def _batch_name(key: str, latent_id: str) -> str:
+    """The name an output of one latent of a batch file is made from: the file's stem, then the id made safe for a
+    file name (`a.npz` id `x/y` -> `a.x_y`); `output_stems` then makes every name in the job unique."""
+    p = PurePosixPath(key)
+    safe = _safe_name(latent_id).strip("._")[:80] or "latent"
+    parent = "" if str(p.parent) == "." else f"{p.parent}/"
+    return f"{parent}{p.stem}.{safe}.latent"
+
+
+def latent_key(file_key: str, latent_id: str = "") -> str:
+    """The manifest key of a latent: its file's key, then `#id` for one latent of a batch file. A '%' or '#' in the
+    file's own name is written %25 / %23, so the first '#' always starts the id and no file name can pass for a
+    latent of another file (`x.npz#b.npy`, a file, is `x.npz%23b.npy`; member `b.npy` of `x.npz` is `x.npz#b.npy`)."""
+    escaped = file_key.replace("%", "%25").replace("#", "%23")
+    return f"{escaped}#{latent_id}" if latent_id else escaped
+
+
+def _refusal(e: Entry, stem: str, cfg, dst: Location, protected: Inputs) -> tuple[str, str] | None:
+    """(kind, reason) when this input must not be processed, else None."""
+    problem = key_problem(e.key, s3=dst.is_s3)
+    if problem:
+        return "bad_input", problem
+    if e.size > MAX_INPUT_BYTES:
+        return "too_large", f"file is {e.size:,} bytes, over the limit of {MAX_INPUT_BYTES:,}"
+    for out in output_candidates(stem, cfg.options.format) if protected else ():
+        if protected.hit(out):
+            return "bad_input", f"its output {display(out)!r} would overwrite an input; choose another DST or --suffix"
+    return None
+
+
+def recorded_outputs(previous) -> set[str]:
+    """The output keys (printable form) that DST's manifest records as written by a pidray job (a set, or the
+    on-disk index's `outputs`: anything `name in` asks)."""
+    if hasattr(previous, "outputs"):
+        return previous.outputs
+    return {r["output_key"] for r in previous.rows.values() if r.get("output_key")}
+
+
+def _taken(hits: list[str], recorded: set[str], cfg) -> tuple[str, str] | None:
+    """(the existing output name, why the input fails) when files at its output names may not be replaced; None
+    when --overwrite may replace them all (each one recorded by DST's manifest as a pidray output)."""
+    theirs = [h for h in hits if display(h) not in recorded]
+    name = display((theirs or hits)[0])
+    if not theirs and cfg.overwrite:
+        return None
+    if not theirs:
+        return name, (f"its output {name!r} already exists in DST (an earlier pidray job wrote it, as DST's manifest "
+                      "records): --resume keeps it, --overwrite replaces it")  # fmt: skip
+    if cfg.overwrite:
+        return name, (
+            f"its output {name!r} already exists in DST and DST's pidray manifest does not record it as a "
+            "pidray output, so --overwrite does not replace it (it replaces only pidray's own outputs): "
+            "--resume keeps it as this input's output; or move it away, or choose another DST or --suffix"
+        )
+    return name, (f"its output {name!r} already exists in DST (not written by pidray, as far as DST's manifest "
+                  "shows): it is kept; --resume keeps it as this input's output, or move it away, or choose another "
+                  "DST or --suffix (--overwrite replaces only outputs a pidray job wrote)")  # fmt: skip
+
+
+def _exists_row(row: dict, taken: tuple[str, str], recorded: set[str]) -> dict:
+    """The manifest row of an input refused because its output name is taken. When the file there is pidray's own
+    output, the row still names it, so the manifest keeps recording it as one (a later --overwrite may replace it)."""
+    name, reason = taken
+    row = {**row, "error": f"plan: {reason}", "error_kind": "bad_input"}
+    if name in recorded:
+        row["output_key"] = name
+    return row
+
+
+class Inputs:
+    """Which output keys would land on an input of SRC, asked one output at a time (`hit`) from the output's own
+    folder: its real path is compared with SRC's, and an output inside SRC with the listing of that one folder
+    (a few folders' listings cached), never with a set of every input. Inputs reached through links (a followed
+    link, or one left out, which still names a file) are remembered by their targets, one per link. False when SRC
+    and DST cannot overlap (two S3 prefixes apart)."""
+
+    def __init__(self, src: Location, dst: Location, active: bool, only: set[str] | None = None):
+        self.src, self.dst, self.active = src, dst, active
+        self.only = only  # SRC named one file: that file is the only input (its folder's others are not)
+        self.src_real = src.real.rstrip("/")
+        inside = dst.real != src.real and dst.below(src)
+        self.excluded = dst.real.rstrip("/") + "/" if inside else None  # DST inside SRC: never listed as input
+        self.targets: set[str] = set()  # real paths of inputs named through links
+        self.linked: dict[str, str] = {}  # the real path of a folder reached through a link -> its key in SRC
+        self._names: OrderedDict[str, set[str]] = OrderedDict()
+        self._folder: tuple[str, str] = ("\0", "")  # (DST folder key, its real path)
+        self.not_inputs: set[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return self.active
+
+    def add_folder(self, folder: str, entries: list[Entry], not_inputs: set[str] = frozenset()) -> None:
+        """A folder of SRC as it is planned: the targets of its links, where it really is, and its files that are
+        not inputs (the outputs of an earlier in-place run, as DST's manifest records them)."""
+        self.not_inputs = not_inputs
+        if not self.active:
+            return
+        for e in entries:
+            if e.target:
+                self.targets.add(e.target)
+        if not self.src.is_s3 and folder:
+            real = os.path.realpath(os.path.join(self.src.uri, folder))
+            if real != f"{self.src_real}/{folder}":
+                self.linked[real] = folder
+
+    def hit(self, out: str) -> bool:
+        parent, _, name = out.rpartition("/")
+        if self.dst.is_s3:
+            ident = self.dst.identity(out)
+        else:
+            if self._folder[0] != parent:
+                self._folder = (parent, os.path.realpath(os.path.join(self.dst.uri, parent)))
+            ident = f"{self._folder[1]}/{name}"
+            if os.path.islink(ident):  # a link at the output's name: what it points to
+                ident = os.path.realpath(ident)
+        if ident in self.targets:
+            return True
+        if self.excluded and ident.startswith(self.excluded):
+            return False
+        real_parent, _, name = ident.rpartition("/")
+        if real_parent in self.linked:
+            return f"{self.linked[real_parent]}/{name}" in self._listing(self.linked[real_parent])
+        if ident.startswith(self.src_real + "/"):
+            rel_parent = real_parent[len(self.src_real) + 1 :] if real_parent != self.src_real else ""
+            key = f"{rel_parent}/{name}" if rel_parent else name
+            return key in self._listing(rel_parent) and key not in self.not_inputs
+        return False
+
+    def _listing(self, folder: str) -> set[str]:
+        if self.only is not None:
+            return self.only
+        if folder not in self._names:
+            self._names[folder] = self.src.names(folder)
+            if len(self._names) > 8:
+                self._names.popitem(last=False)
+        return self._names[folder]

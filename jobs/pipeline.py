@@ -253,6 +253,8 @@ class _Job:
                 while not self.room.acquire(timeout=0.5):
                     if self.stopped.is_set():
                         return
+                if self.bar is not None:  # weighed outside the lock: it may read the image's header
+                    self.bar.add(row["key"], self.weigh(row) if self.weigh else 1)
             with self.lock:
                 if self.stopped.is_set():
                     return
@@ -260,8 +262,6 @@ class _Job:
                     touch(row["key"])
                 if kind == "todo":
                     self.pending[row["key"]] = row
-                    if self.bar is not None:
-                        self.bar.add(row["key"], self.weigh(row) if self.weigh else 1)
                 else:
                     row = manifest_row(row, preset)
                     self.writer.add(row)

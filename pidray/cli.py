@@ -1,4 +1,8 @@
-"""`pidray` command line: upscaling jobs, the endpoint, checkpoint tools and benchmarks."""
+"""`pidray` command line: upscaling jobs, the endpoint, checkpoint tools and benchmarks.
+
+The one place that sees every subcommand (the jobs' and the endpoint's parsers are added from their own modules):
+the shared flags, the did-you-mean hints, the error-to-exit-code handling, and the small checkpoint commands.
+"""
 
 from __future__ import annotations
 

@@ -18,6 +18,10 @@ batch-norm normalised latent; Qwen-Image: (z − mean)/std). Packed sequence lat
 `degrade_sigma = sigma` and adds no noise (the official `from_ldm` path). Flow-matching generators use
 x_t = (1 − σ)·x0 + σ·ε as PiD does; SDXL's Euler scheduler keeps x_t = x0 + σ·ε, which is moved to the
 variance-preserving frame the SDXL checkpoint was trained in: x / √(σ² + 1), σ / √(σ² + 1).
+
+One module, longer than the others: the three file formats' bounded parsers (safetensors headers, .npz central
+directories and their local headers, .npy headers) share the size limits and checks that make a lying file fail
+alone, and the planner and the endpoint both parse through them.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ Safety rules, enforced here and relied on by the planner:
   the final name (which fails when the name exists), on S3 the PUT or the multipart completion carries
   If-None-Match: * — so a file that appears between planning and writing is never clobbered.
 Clients are built lazily inside each worker from plain settings, so a `Location` pickles cheaply.
+
+One module, longer than the others: each rule above is written once per backend, and the local and the S3 form of
+every operation (list, read, no-clobber write, delete, lease) sit side by side in `Location` so that a change to one
+is seen beside the other.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from jobs.settings import run_metadata
 from jobs.terminal import _RayQuiet, _warn
 from pipeline.storage import Location, display
 
-MAX_IN_FLIGHT = 4096  # planned rows not yet back from the stages
+MAX_IN_FLIGHT = 4096  # planned rows not yet back from the stages (far above the rows a stage batches: 16)
 FLUSH_EVERY_S = 15.0  # a finished row is in DST's manifest this long after the driver hears of it, at most
 
 

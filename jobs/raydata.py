@@ -6,10 +6,8 @@ actor, `num_gpus` when the cluster has GPUs); I/O, decode and merge run as CPU t
 input: the row is marked failed with its reason and the job goes on. A crashed actor is restarted by Ray and its rows
 retried.
 
-The rows enter as the planner makes them: the driver hands chunks of rows to a small feed actor on its own node, and
-a few feed tasks (also on the driver's node, no CPU asked) take them from it and hand them to the first stage. A
-chunk is named by (feed task, its number in that task), so a feed task that Ray runs again (to rebuild lost blocks)
-gets the same chunks again; a chunk whose rows the driver has all heard back is forgotten (an empty block then).
+The rows enter as the planner makes them, through the feed (`jobs.feed`); a job planned whole in SMALL_JOB_ROWS
+enters at once.
 """
 
 from __future__ import annotations
@@ -17,23 +15,23 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
-import threading
-import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from jobs.config import JobConfig
+from jobs.feed import RayFeed, feed_task
 from jobs.rules import Plan
 from pipeline.errors import SetupError
 from pipeline.graph import StageGraph, StageSpec
 from pipeline.stages import run_stage
 
-TARGET_BLOCK_BYTES = 64 << 10
+# A block is cut as soon as it holds more than this: Ray Data coalesces what a task yields until a block passes the
+# target, so at 64 KiB the feed's chunks of small rows (a few hundred bytes each) sat in a feed task until ~100 rows
+# had gathered, and a job holding fewer in flight than that waited forever. At 1 KiB every chunk leaves as it is
+# yielded, and a stage's results go to the driver a row or two at a time (rows with images are one-row blocks anyway).
+TARGET_BLOCK_BYTES = 1 << 10
 SMALL_JOB_ROWS = 1024  # a job planned whole in this many rows enters Ray Data at once (from_items)
-FEED_TASKS = 2  # feed tasks: each pulls chunks of rows from the feed actor
-CHUNK_ROWS = 4  # rows per chunk handed to Ray Data: small blocks, so results come back as they are done
 
 
 _INSTANCES: dict = {}
@@ -109,116 +107,21 @@ def _ensure_ray():
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            _warm_workers(ray, int(ray.cluster_resources().get("CPU", 1)))
     return ray
 
 
-class Feed:
-    """The feed actor: chunks of pickled rows from the driver, handed out by (feed task, chunk number)."""
-
-    def __init__(self):
-        self.queue: deque = deque()  # (chunk id, rows) not handed out yet
-        self.given: dict[tuple[int, int], tuple[int, list]] = {}  # (task, n) -> (chunk id, rows)
-        self.done: set[int] = set()  # chunk ids the driver has every row of
-        self.closed = False
-
-    def put(self, chunk_id: int, rows: list) -> int:
-        self.queue.append((chunk_id, rows))
-        return len(self.queue)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def forget(self, chunk_ids: list[int]) -> None:
-        self.done.update(chunk_ids)
-        for k in [k for k, (c, _) in self.given.items() if c in self.done]:
-            self.given[k] = (self.given[k][0], [])
-
-    def take(self, task: int, n: int):
-        """(chunk id, rows) for chunk n of feed task `task`; "wait" while nothing is queued; None at the end."""
-        if (task, n) in self.given:
-            return self.given[(task, n)]
-        if self.queue:
-            self.given[(task, n)] = self.queue.popleft()
-            return self.given[(task, n)]
-        return None if self.closed else "wait"
+def _import_stages() -> None:
+    """Nothing to do: a worker that runs this has imported this module, and with it torch and the stage classes."""
 
 
-def feed_task(batch: dict, *, feed) -> Iterator[dict]:
-    """Ray Data task function: the rows of one feed task, chunk by chunk, as the driver plans them."""
-    import ray
-
-    task = int(batch["task"][0])
-    n = 0
-    while True:
-        got = ray.get(feed.take.remote(task, n))
-        if got is None:
-            return
-        if isinstance(got, str):
-            time.sleep(0.05)
-            continue
-        chunk_id, rows = got
-        n += 1
-        yield {"i": np.full(len(rows), chunk_id, dtype=np.int64), "row": np.array(rows, dtype=object)}
-
-
-class RayFeed:
-    """The driver's end: a thread takes rows from `rows` (the planner's stream; it may block on backpressure) and
-    puts them into the feed actor in chunks; `done(chunk_id)` is told by the driver as results come back."""
-
-    def __init__(self, ray, rows: Iterable[dict]):
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        self.node = ray.get_runtime_context().get_node_id()
-        here = NodeAffinitySchedulingStrategy(self.node, soft=False)
-        self.scheduling = here
-        self.actor = ray.remote(num_cpus=0, scheduling_strategy=here)(Feed).remote()
-        self.ray, self.rows = ray, rows
-        self.chunk_of: dict[str, int] = {}  # key -> chunk id, for rows in flight
-        self.left: dict[int, int] = {}  # chunk id -> rows not heard back yet
-        self.error: BaseException | None = None
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name="pidray-feed", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            chunk, next_id, since = [], 0, time.time()
-            it = iter(self.rows)
-            for row in it:
-                chunk.append(row)
-                if len(chunk) >= CHUNK_ROWS or time.time() - since > 0.5:
-                    self._put(next_id, chunk)
-                    chunk, next_id, since = [], next_id + 1, time.time()
-            if chunk:
-                self._put(next_id, chunk)
-        except BaseException as e:  # the planner failed: the driver raises it
-            self.error = e
-        finally:
-            if self.ray.is_initialized():
-                self.actor.close.remote()
-
-    def _put(self, chunk_id: int, rows: list[dict]) -> None:
-        with self.lock:
-            for r in rows:
-                self.chunk_of[r["key"]] = chunk_id
-            self.left[chunk_id] = len(rows)
-        self.ray.get(self.actor.put.remote(chunk_id, [pickle.dumps(r) for r in rows]))
-
-    def done(self, key: str) -> None:
-        with self.lock:
-            chunk_id = self.chunk_of.pop(key, None)
-            if chunk_id is None:
-                return
-            self.left[chunk_id] -= 1
-            if self.left[chunk_id]:
-                return
-            del self.left[chunk_id]
-        self.actor.forget.remote([chunk_id])
-
-    def dataset(self):
-        return self.ray.data.from_items([{"task": t} for t in range(FEED_TASKS)], override_num_blocks=FEED_TASKS)
+def _warm_workers(ray, n: int) -> None:
+    """Start this node's pooled workers with the stage modules imported, while the job plans and Ray Data starts:
+    each stage's first task would otherwise pay for the imports in a fresh worker on the way to the first output
+    (seconds a worker on a busy node). Not waited for; a worker that is still importing simply serves later."""
+    task = ray.remote(num_cpus=1, max_retries=0)(_import_stages)
+    for _ in range(max(1, n)):
+        task.remote()
 
 
 def _iter_ray(cfg: JobConfig, plan: Plan, rows: Iterable[dict], feed_out: list | None = None) -> Iterator[dict]:

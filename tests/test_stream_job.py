@@ -170,3 +170,34 @@ def test_limit_takes_a_positive_whole_number(bad, capsys):
     with pytest.raises(SystemExit) as e:
         main(["upscale", "a", "b", "--limit", bad])
     assert e.value.code == 2 and "--limit" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_ray_job_through_the_feed_does_every_input_once(bicubic_weights, tmp_path, monkeypatch):
+    """Rows past SMALL_JOB_ROWS enter Ray Data through the feed actor as they are planned, with the in-flight bound
+    far below the job's size: every input comes back once (ok), the manifest has each key once, and a --resume
+    plans none of them again."""
+    import jobs.pipeline as jp
+    import jobs.raydata as rd
+
+    monkeypatch.setattr(rd, "SMALL_JOB_ROWS", 3)  # the feed, not from_items
+    # the planner waits for results (backpressure), with room for the stages' batches (8 + 16 rows) to fill
+    monkeypatch.setattr(jp, "MAX_IN_FLIGHT", 32)
+    src, dst = tmp_path / "in", tmp_path / "out"
+    for i in range(40):
+        _save(src / f"f{i % 3}/img{i:02d}.png", color=(i * 15, 40, 90), size=(8, 8))
+    cfg = JobConfig(str(src), str(dst), ModelOptions(weights=bicubic_weights), UpscaleOptions(), local=False,
+                    progress=False)  # fmt: skip
+    import ray
+
+    try:
+        summary = run_job(cfg)  # starts Ray in-process
+    finally:
+        ray.shutdown()
+    assert (summary.ok, summary.failed, summary.runner) == (40, 0, "Ray Data"), summary.line()
+    rows = read_manifest(Location(str(dst)))
+    assert sorted(r["key"] for r in rows) == sorted(p.relative_to(src).as_posix() for p in src.rglob("*.png"))
+    assert all(r["status"] == "ok" for r in rows)
+    assert len(list(dst.rglob("img*.png"))) == 40
+    again = run_job(_job(src, dst, bicubic_weights, resume=True, dry_run=True))
+    assert (again.planned, again.skipped) == (0, 40)

@@ -1,0 +1,156 @@
+"""The streaming feed of a Ray Data job: planned rows enter Ray Data as the planner makes them.
+
+The driver hands chunks of rows to a small feed actor on its own node, and a few feed tasks (also on the driver's
+node, no CPU asked) take them from it and hand them to the first stage. A chunk is named by (feed task, its number in
+that task), so a feed task that Ray runs again (to rebuild lost blocks) gets the same chunks again; a chunk whose rows
+the driver has all heard back is forgotten (an empty block then).
+
+Light on purpose: the feed actor's and the feed tasks' workers import this module and numpy only, not torch, so they
+start in a second and the first rows reach the stages while the model actors are still loading.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+FEED_TASKS = 2  # feed tasks: each pulls chunks of rows from the feed actor
+CHUNK_ROWS = 4  # rows per chunk handed to Ray Data: small blocks, so results come back as they are done
+CHUNK_WAIT_S = 0.5  # a part chunk goes once no new row came for this long
+
+
+class Feed:
+    """The feed actor: chunks of pickled rows from the driver, handed out by (feed task, chunk number)."""
+
+    def __init__(self):
+        self.queue: deque = deque()  # (chunk id, rows) not handed out yet
+        self.given: dict[tuple[int, int], tuple[int, list]] = {}  # (task, n) -> (chunk id, rows)
+        self.done: set[int] = set()  # chunk ids the driver has every row of
+        self.closed = False
+
+    def put(self, chunk_id: int, rows: list) -> int:
+        self.queue.append((chunk_id, rows))
+        return len(self.queue)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def forget(self, chunk_ids: list[int]) -> None:
+        self.done.update(chunk_ids)
+        for k in [k for k, (c, _) in self.given.items() if c in self.done]:
+            self.given[k] = (self.given[k][0], [])
+
+    def take(self, task: int, n: int):
+        """(chunk id, rows) for chunk n of feed task `task`; "wait" while nothing is queued; None at the end."""
+        if (task, n) in self.given:
+            return self.given[(task, n)]
+        if self.queue:
+            self.given[(task, n)] = self.queue.popleft()
+            return self.given[(task, n)]
+        return None if self.closed else "wait"
+
+
+def feed_task(batch: dict, *, feed) -> Iterator[dict]:
+    """Ray Data task function: the rows of one feed task, chunk by chunk, as the driver plans them."""
+    import ray
+
+    task = int(batch["task"][0])
+    n = 0
+    while True:
+        got = ray.get(feed.take.remote(task, n))
+        if got is None:
+            return
+        if isinstance(got, str):
+            time.sleep(0.05)
+            continue
+        chunk_id, rows = got
+        n += 1
+        yield {"i": np.full(len(rows), chunk_id, dtype=np.int64), "row": np.array(rows, dtype=object)}
+
+
+class RayFeed:
+    """The driver's end: a thread takes rows from `rows` (the planner's stream; it may block on backpressure) and
+    puts them into the feed actor in chunks; `done(chunk_id)` is told by the driver as results come back."""
+
+    def __init__(self, ray, rows: Iterable[dict]):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.node = ray.get_runtime_context().get_node_id()
+        here = NodeAffinitySchedulingStrategy(self.node, soft=False)
+        self.scheduling = here
+        self.actor = ray.remote(num_cpus=0, scheduling_strategy=here)(Feed).remote()
+        self.ray, self.rows = ray, rows
+        self.chunk_of: dict[str, int] = {}  # key -> chunk id, for rows in flight
+        self.left: dict[int, int] = {}  # chunk id -> rows not heard back yet
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="pidray-feed", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        """Chunks of CHUNK_ROWS rows, or fewer once CHUNK_WAIT_S has passed with no new row: the planner may be
+        waiting for results of rows still held here (backpressure), so a part chunk never waits for the next row."""
+        import queue
+
+        q: queue.Queue = queue.Queue(maxsize=4 * CHUNK_ROWS)
+        end = object()
+
+        def pull():
+            try:
+                for row in self.rows:
+                    q.put(row)
+            except BaseException as e:  # the planner failed: the driver raises it
+                self.error = e
+            finally:
+                q.put(end)
+
+        threading.Thread(target=pull, name="pidray-plan", daemon=True).start()
+        try:
+            chunk, next_id = [], 0
+            while True:
+                try:
+                    row = q.get(timeout=CHUNK_WAIT_S if chunk else None)
+                except queue.Empty:
+                    row = None
+                if row is end:
+                    break
+                if row is not None:
+                    chunk.append(row)
+                if chunk and (row is None or len(chunk) >= CHUNK_ROWS):
+                    self._put(next_id, chunk)
+                    chunk, next_id = [], next_id + 1
+            if chunk:
+                self._put(next_id, chunk)
+        except BaseException as e:
+            self.error = self.error or e
+        finally:
+            if self.ray.is_initialized():
+                self.actor.close.remote()
+
+    def _put(self, chunk_id: int, rows: list[dict]) -> None:
+        with self.lock:
+            for r in rows:
+                self.chunk_of[r["key"]] = chunk_id
+            self.left[chunk_id] = len(rows)
+        self.ray.get(self.actor.put.remote(chunk_id, [pickle.dumps(r) for r in rows]))
+
+    def done(self, key: str) -> None:
+        with self.lock:
+            chunk_id = self.chunk_of.pop(key, None)
+            if chunk_id is None:
+                return
+            self.left[chunk_id] -= 1
+            if self.left[chunk_id]:
+                return
+            del self.left[chunk_id]
+        self.actor.forget.remote([chunk_id])
+
+    def dataset(self):
+        return self.ray.data.from_items([{"task": t} for t in range(FEED_TASKS)], override_num_blocks=FEED_TASKS)

@@ -25,7 +25,7 @@ from jobs.preflight import preflight
 from jobs.progress import JobProgress, Weigher
 from jobs.raydata import StageActor, _ensure_ray, _iter_local, _iter_ray, stage_task
 from jobs.settings import run_metadata
-from jobs.terminal import _RayQuiet, _warn
+from jobs.terminal import _RayQuiet, _warn, quiet_ray_data_threads
 from pipeline.storage import Location, display
 
 MAX_IN_FLIGHT = 4096  # planned rows not yet back from the stages (far above the rows a stage batches: 16)
@@ -162,6 +162,7 @@ def _stop_ray() -> None:
     import ray
 
     if ray.is_initialized():
+        quiet_ray_data_threads()
         ray.shutdown()
 
 

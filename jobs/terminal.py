@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import traceback
 
 
 def _warn(message: str) -> None:
@@ -35,3 +37,22 @@ class _RayQuiet:
             os.close(self.saved)
             self.terminal.flush()
         return False
+
+
+def quiet_ray_data_threads() -> None:
+    """After a job stopped Ray (Ctrl-C), Ray Data's executor thread may still wake and fail because Ray is gone; that
+    trace goes to the Ray log, not the user's terminal. Exceptions of every other thread keep the usual hook."""
+    previous = threading.excepthook
+    if getattr(previous, "pidray", False):
+        return
+
+    def hook(args):
+        name = getattr(args.thread, "name", "") or ""
+        if name.startswith("StreamingExecutor"):
+            with open(_RayQuiet.LOG, "a") as log:
+                traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback, file=log)
+            return
+        previous(args)
+
+    hook.pidray = True
+    threading.excepthook = hook

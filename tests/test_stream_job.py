@@ -201,3 +201,26 @@ def test_a_ray_job_through_the_feed_does_every_input_once(bicubic_weights, tmp_p
     assert len(list(dst.rglob("img*.png"))) == 40
     again = run_job(_job(src, dst, bicubic_weights, resume=True, dry_run=True))
     assert (again.planned, again.skipped) == (0, 40)
+
+
+def test_ray_data_thread_errors_after_a_stop_go_to_the_log(tmp_path, monkeypatch):
+    """After Ctrl-C stopped Ray, Ray Data's executor thread may fail on its way out: its trace goes to the Ray log, not
+    the terminal; any other thread's error still reaches the usual hook."""
+    import threading
+
+    from jobs import terminal
+
+    monkeypatch.setattr(terminal._RayQuiet, "LOG", str(tmp_path / "ray.log"))
+    shown = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: shown.append(args.thread.name))  # the usual hook
+
+    def boom():
+        raise RuntimeError("Ray is not initialized")
+
+    terminal.quiet_ray_data_threads()
+    for name in ("StreamingExecutor-dataset_1", "mine"):
+        t = threading.Thread(target=boom, name=name)
+        t.start()
+        t.join()
+    assert shown == ["mine"]
+    assert "Ray is not initialized" in (tmp_path / "ray.log").read_text()

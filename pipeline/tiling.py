@@ -115,9 +115,9 @@ def plan_tiles(
     cover it, split evenly: every tile the same size, as small as covering allows (not below tile_min_out), so the
     pixels diffused stay close to the output's instead of padding the last tile out to the maximum.
 
-    buckets: tile sides come from the three of `bucket_sides` instead (so a long job sees a handful of tile shapes:
-    one compiled graph and warm-up each), each axis taking the side and count that diffuse the fewest pixels, the
-    tiles overlapping by at least `overlap`; the input is padded by reflection to what they cover.
+    buckets: the tile shape is one of the few of `bucket_shapes` instead (so a long job sees a handful of tile shapes,
+    whatever its image sizes: one compiled graph and warm-up each), the one that diffuses the image with the fewest
+    pixels, the tiles overlapping by at least `overlap`; the input is padded by reflection to what they cover.
     """
     h, w = in_hw
     if h <= 0 or w <= 0:
@@ -136,8 +136,9 @@ def plan_tiles(
     ov = _round_up(overlap, m)
     lat = (-(-h // unit), -(-w // unit))
     if buckets:
-        sides = bucket_sides(t_min * out_per_lat, t_full * out_per_lat, out_per_lat, m, unit, ov)
-        axes = [_bucket_axis(size, sides, ov) for size in lat]
+        shapes = bucket_shapes(t_min * out_per_lat, t_full * out_per_lat, out_per_lat, m, unit, ov)
+        shape = min(shapes, key=lambda s: (_shape_cost(lat, s, ov), s))
+        axes = [_bucket_axis(size, [t], ov) for size, t in zip(lat, shape)]
         return TilePlan((h, w), unit, out_per_lat, sr_scale, *(tuple(a[i] for a in axes) for i in range(3)))
     tile, stride, grid = [], [], []
     for size in lat:
@@ -155,7 +156,7 @@ def plan_tiles(
 
 
 MAX_BUCKET_SHAPES = 6
-BUCKET_PX = 256  # bucket sides are multiples of this many output pixels (and of whole patches), or the envelope's
+BUCKET_PX = 128  # bucket sides are multiples of this many output pixels (and of whole patches), or the envelope's
 # 20 common input sizes (w, h) the buckets are chosen for: the Flux/SDXL generators' ~1 MP sizes in both orientations,
 # photo and screen sizes
 COMMON_SIZES = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
@@ -164,22 +165,41 @@ COMMON_SIZES = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216)
 
 
 @functools.lru_cache(maxsize=64)
-def bucket_sides(lo_px: int, hi_px: int, out_per_lat: int, m: int, unit: int, ov: int) -> tuple[int, ...]:
-    """Tile sides in latent pixels for bucketed plans: the envelope's maximum and the two multiples of BUCKET_PX
-    inside the envelope that, with it, diffuse the fewest pixels over COMMON_SIZES while giving them at most
-    MAX_BUCKET_SHAPES tile shapes (flux-2k: 1536, 2304 and 2688 output pixels; flux-2kto4k-v1.5: 2304, 2816,
-    3840)."""
-    hi = hi_px // out_per_lat // m * m
-    cands = sorted({_round_up(v // out_per_lat, m) for v in range(_round_up(lo_px, BUCKET_PX), hi_px, BUCKET_PX)})
-    cands = [c for c in cands if ov < c < hi] or [hi]
-    images = [tuple(-(-v // unit) for v in size) for size in COMMON_SIZES]
+def bucket_shapes(lo_px: int, hi_px: int, out_per_lat: int, m: int, unit: int, ov: int) -> tuple[tuple[int, int], ...]:
+    """The tile shapes (latent pixels, h × w) of bucketed plans: MAX_BUCKET_SHAPES of them, sides multiples of
+    BUCKET_PX output pixels inside the envelope or its maximum, chosen to diffuse the fewest pixels over COMMON_SIZES
+    with each image taking its cheapest shape — a greedy pick, then single swaps while one helps (flux-2k:
+    1664×1920, 1664×2304, 1920×1664, 2176², 2304×2688, 2560×1792 output pixels; `tests/bench_buckets.py` compares
+    it with other choices)."""
+    hi = max(m, hi_px // out_per_lat // m * m)
+    step = _round_up(max(1, BUCKET_PX // out_per_lat), m)
+    sides = sorted({*range(_round_up(-(-lo_px // out_per_lat), step), hi, step), hi})
+    sides = [t for t in sides if t > ov] or [hi]
+    shapes = [(a, b) for a in sides for b in sides]
+    images = [(-(-h // unit), -(-w // unit)) for w, h in COMMON_SIZES]
+    cost = np.array([[_shape_cost(img, s, ov)[0] for img in images] for s in shapes], dtype=np.float64)
+    k = min(MAX_BUCKET_SHAPES, len(shapes))
 
-    def cost(sides):  # (more than MAX_BUCKET_SHAPES shapes, pixels diffused)
-        plans = [[_bucket_axis(a, sides, ov) for a in img] for img in images]
-        shapes = {tuple(t for t, _, _ in axes) for axes in plans}
-        return len(shapes) > MAX_BUCKET_SHAPES, sum(math.prod(t * n for t, _, n in axes) for axes in plans)
+    def total(pick: list[int]) -> float:
+        return float(cost[pick].min(axis=0).sum())
 
-    return min((tuple(sorted({*pair, hi})) for pair in itertools.combinations_with_replacement(cands, 2)), key=cost)
+    pick: list[int] = []
+    for _ in range(k):
+        pick.append(min((j for j in range(len(shapes)) if j not in pick), key=lambda j: total(pick + [j])))
+    better = True
+    while better:
+        better = False
+        for i, j in itertools.product(range(k), range(len(shapes))):
+            trial = pick[:i] + [j] + pick[i + 1 :]
+            if j not in pick and total(trial) < total(pick):
+                pick, better = trial, True
+    return tuple(sorted(shapes[i] for i in pick))
+
+
+def _shape_cost(lat: tuple[int, int], shape: tuple[int, int], ov: int) -> tuple[int, int]:
+    """(latent pixels diffused, tiles) for an image of `lat` latent pixels in tiles of `shape`."""
+    (th, _, nh), (tw, _, nw) = (_bucket_axis(size, [t], ov) for size, t in zip(lat, shape))
+    return nh * th * nw * tw, nh * nw
 
 
 def _bucket_axis(size: int, sides: list[int], ov: int) -> tuple[int, int, int]:

@@ -100,16 +100,40 @@ def test_even_split_diffuses_close_to_the_output(preset, hw, goal):
 
 @pytest.mark.parametrize("preset", ["flux-2k", "flux-2kto4k-v1.5"])
 @pytest.mark.parametrize("hw", [(1, 1), (300, 200), (1024, 1024), (640, 1536), (2000, 3000)])
-def test_bucketed_plans_cover_the_image_with_bucket_sides(preset, hw):
+def test_bucketed_plans_cover_the_image_with_bucket_shapes(preset, hw):
+    import math
+
     from pipeline.model.presets import get_preset
     from pipeline.stages import UpscaleOptions
     from pipeline.stages.encode import plan_for
+    from pipeline.tiling import MAX_BUCKET_SHAPES, bucket_shapes
 
     p = get_preset(preset)
     plan = plan_for(p, UpscaleOptions(tile_buckets=True, max_output_side=1 << 20), hw)
-    sides = {1536, 2304, 2688} if preset == "flux-2k" else {2304, 2816, 3840}
-    assert set(plan.tile_out) <= sides and all(t <= p.envelope[1] for t in plan.tile_out)
+    per = plan.out_per_lat
+    m = p.config.patch_size // math.gcd(p.config.patch_size, per)
+    shapes = bucket_shapes(*p.envelope, per, m, p.lq_unit, -(-p.tile_overlap // m) * m)
+    assert len(shapes) == MAX_BUCKET_SHAPES and plan.tile in shapes  # whatever the image size, one of six shapes
+    assert all(p.envelope[0] <= t * per <= p.envelope[1] and (t * per) % 128 == 0 for s in shapes for t in s)
     assert all(c >= -(-v // plan.unit) for c, v in zip(plan.lat_hw, hw))  # covers the image
     last = plan.origins()[-1]
     assert (last[0] + plan.tile[0], last[1] + plan.tile[1]) == plan.lat_hw  # tiles end at the canvas edge
     assert all(o >= p.tile_overlap for o, n in zip(plan.overlap, plan.grid) if n > 1)
+
+
+@pytest.mark.parametrize("preset", ["flux-2k", "flux-2kto4k-v1.5"])
+def test_warmup_covers_every_bucketed_tile_shape(preset):
+    """With --tile-buckets the diffuse stage warms exactly the bucket shapes, and the 20 common sizes plus odd ones
+    all plan into them: a long job compiles nothing after its replica said ready."""
+    from types import SimpleNamespace
+
+    from pipeline.model.presets import get_preset
+    from pipeline.stages import DiffuseStage, UpscaleOptions
+    from pipeline.stages.encode import plan_for
+    from pipeline.tiling import COMMON_SIZES
+
+    p = get_preset(preset)
+    o = UpscaleOptions(tile_buckets=True, max_output_side=1 << 20)
+    warm = DiffuseStage.warm_shapes(SimpleNamespace(net=SimpleNamespace(cfg=p.config), preset=p, options=o))
+    sizes = [(h, w) for w, h in COMMON_SIZES] + [(1, 1), (333, 4001), (2999, 17), (1500, 1500)]
+    assert len(set(warm)) == 6 and {plan_for(p, o, hw).tile for hw in sizes} <= set(warm)

@@ -47,7 +47,7 @@ from pipeline.stages.common import (
     sampler_steps,
 )
 from pipeline.stages.rows import DiffusedRow, EncodedRow
-from pipeline.tiling import TilePlan, blend, bucket_sides, crop_tiles, tile_origins, tile_weights
+from pipeline.tiling import TilePlan, blend, bucket_shapes, crop_tiles, tile_origins, tile_weights
 
 CPU_TILES_PER_CALL = int(os.environ.get("PIDRAY_CPU_TILES_PER_CALL", "4"))
 
@@ -169,14 +169,13 @@ class DiffuseStage(Cancellable):
         return True
 
     def warm_shapes(self) -> list[tuple[int, int]]:
-        """The tile shapes (latent pixels) warmup runs: every pair of bucket sides, or the envelope's square."""
+        """The tile shapes (latent pixels) warmup runs: the bucket shapes, or the envelope's square."""
         cfg, (lo, hi) = self.net.cfg, self.preset.envelope
         out_per_lat = cfg.sr_scale * self.preset.lq_unit
         if self.options.tile_buckets:
             m = cfg.patch_size // math.gcd(cfg.patch_size, out_per_lat)
             ov = self.preset.tile_overlap if self.options.overlap is None else self.options.overlap
-            sides = bucket_sides(lo, hi, out_per_lat, m, self.preset.lq_unit, -(-ov // m) * m)
-            return [(a, b) for a in sides for b in sides]
+            return list(bucket_shapes(lo, hi, out_per_lat, m, self.preset.lq_unit, -(-ov // m) * m))
         lat = hi // out_per_lat
         return [(lat, lat)]
 

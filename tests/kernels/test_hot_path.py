@@ -60,3 +60,4 @@ def test_tile_buckets_give_few_shapes():
     assert all(n <= 6 for n in res["distinct_tile_shapes"].values())
     for name in ("flux-2k", "flux-2kto4k-v1.5"):  # what the buckets cost, against the even split
         assert res["tile_buckets"][f"{name} (even split)"]["shapes"] > res["distinct_tile_shapes"][name]
+        assert res["tile_buckets"][name]["diffused_per_output_px"] <= 1.2  # six shapes chosen together, not 3 sides

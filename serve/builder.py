@@ -47,7 +47,7 @@ class AppArgs(BaseModel):
     deployments: dict[str, DeploymentArgs] = Field(default_factory=dict)  # per deployment: its Serve options
     gpu: bool | None = None  # None: whether the cluster has GPUs
     max_batch_tiles: int = 16
-    batch_wait_s: float = 0.005
+    batch_wait_s: float = 0.0  # a request never waits for company: those that arrive while a batch runs form the next
     threads: int = 0  # torch threads per CPU replica (0: the machine's cores)
     max_bytes: int = 50 << 20
     timeout_s: float = 120.0

@@ -13,6 +13,7 @@ deadline (`timeout_s`) unless an operator sets it, and may not be set shorter.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import Counter
 
 from pydantic import (
@@ -165,12 +166,14 @@ class StageDeployment:
     model loaded once per replica, requests batched by `@serve.batch` (sized in tiles) through the same envelope
     (`run_stage`) as the job. A caller that goes away is passed to the stage's `cancel`, so its work stops."""
 
-    def __init__(self, spec, max_batch_tiles: int = 16, batch_wait_s: float = 0.005, threads: int = 0):
+    def __init__(self, spec, max_batch_tiles: int = 16, batch_wait_s: float = 0.0, threads: int = 0):
         import torch
         from ray.serve import metrics
 
         if threads:  # a CPU replica: Ray pins OMP_NUM_THREADS to its (fractional) CPU share
             torch.set_num_threads(threads)
+        self.threads = threads
+        self.thread_set = threading.local()  # the torch thread count set on each of this replica's pool threads
         check_batch_settings({"max_batch_tiles": max_batch_tiles, "batch_wait_s": batch_wait_s})
         self.spec, self.stage = spec, spec.build()
         if hasattr(self.stage, "warmup"):  # before `ready` answers: no request pays for kernel compiles
@@ -205,7 +208,17 @@ class StageDeployment:
     async def run(self, rows: list[dict]) -> list[dict]:
         self.batch_sizes[len(rows)] += 1
         self.batch_metric.observe(len(rows))
-        return await asyncio.to_thread(run_stage, self.stage, self.spec.name, rows)
+        return await asyncio.to_thread(self._run_here, rows)
+
+    def _run_here(self, rows: list[dict]) -> list[dict]:
+        """The stage on the calling (pool) thread: a CPU replica's thread count is set on that thread, since OpenMP
+        counts threads per calling thread (set only in the constructor, the work ran on Ray's one-thread share)."""
+        if self.threads and getattr(self.thread_set, "threads", None) != self.threads:  # once a thread: ~5 ms a call
+            import torch
+
+            torch.set_num_threads(self.threads)  # (get_num_threads on a new thread reports a count it does not use)
+            self.thread_set.threads = self.threads
+        return run_stage(self.stage, self.spec.name, rows)
 
     async def __call__(self, row: dict) -> dict:
         """One row through the stage. `row` may be the response of the previous deployment, passed on unawaited by

@@ -255,8 +255,8 @@ def test_batch_settings_reach_the_running_replicas():
     try:
         wait_healthy(url, 240)
         diffuse = serve.get_deployment_handle("diffuse", app_name="pidray")
-        assert diffuse.settings.remote().result(timeout_s=30) == {"max_batch_tiles": 8, "batch_wait_s": 0.005}
-        args["deployments"]["diffuse"]["user_config"] = {"max_batch_tiles": 24, "batch_wait_s": 0.0}
+        assert diffuse.settings.remote().result(timeout_s=30) == {"max_batch_tiles": 8, "batch_wait_s": 0.0}
+        args["deployments"]["diffuse"]["user_config"] = {"max_batch_tiles": 24, "batch_wait_s": 0.01}
         serve.run(build_app({"bind_host": "127.0.0.1", **args}), name="pidray", route_prefix="/", blocking=False)
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -264,7 +264,7 @@ def test_batch_settings_reach_the_running_replicas():
             if got["max_batch_tiles"] == 24:
                 break
             time.sleep(1)
-        assert got == {"max_batch_tiles": 24, "batch_wait_s": 0.0}, got
+        assert got == {"max_batch_tiles": 24, "batch_wait_s": 0.01}, got
         wait_healthy(url, 120)
         r = requests.post(url + "/v1/upscale", data=_png((16, 16)), headers={"Content-Type": "image/png"}, timeout=120)
         assert r.status_code == 200, r.text

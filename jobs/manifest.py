@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -157,6 +158,9 @@ class ManifestWriter:
         self.written = 0
         self.last = time.time()
         self.fallback = ""  # where rows went when DST could not take them
+        # pyarrow imports pandas on its first conversion of Python values (0.3-0.6 s here): done while the job
+        # works, not after its last image, where a short job's user would wait for it
+        threading.Thread(target=pa.array, args=([0],), name="pidray-pyarrow-warm", daemon=True).start()
 
     def add(self, row: dict) -> None:
         self.rows.append(row)

@@ -65,6 +65,8 @@ class Weigher:
 def _clock(seconds: float) -> str:
     if seconds != seconds or seconds < 0:  # NaN: not measured yet
         return "?"
+    if seconds < 1:  # the last moments: writing the outputs and the manifest are not in the measured work
+        return "<1s"
     if seconds < 60:
         return f"{seconds:.1f}s"
     m, s = divmod(int(round(seconds)), 60)

@@ -210,7 +210,7 @@ def test_progress_moves_per_tile_step_on_a_terminal(tmp_path):
     text = (tmp_path / "ts").read_bytes().decode("utf-8", "replace")
     steps = [int(n) for n in re.findall(r"astronaut\.png \[[#-]+\] (\d+)/9 tile-steps", text)]
     assert len(set(steps)) >= 5 and steps == sorted(steps) and steps[-1] == 9, steps  # 80² -> 3x3 tiles, 1 step
-    assert re.search(r"upscale \[[#-]+\] +\d+%  \d/2 images  ETA [\d.]+s", text), text[-2000:]
+    assert re.search(r"upscale \[[#-]+\] +\d+%  \d/2 images  ETA (<1s|[\d.]+s)", text), text[-2000:]
     assert text.count("failed  broken.png") == 1  # said once, as it happened, not again at the end
     assert "done: 1 ok, 1 failed" in text
 
@@ -239,6 +239,15 @@ def test_progress_eta_from_measured_throughput():
     assert 0.6 < eta < 2.5, eta
     p.row_done({"key": "a", "status": "ok"})
     assert p.done == 10 and p.partial == {}
+
+
+def test_eta_text_claims_less_than_a_second_at_the_end():
+    """Under a second the bar says "<1s": the outputs and the manifest still to write are not in the measured work,
+    and a tenth-of-a-second figure would claim a precision the ETA does not have."""
+    from jobs.progress import _clock
+
+    assert [_clock(x) for x in (0.0, 0.4, 0.99, 1.0, 12.34, 75, float("nan"))] == [
+        "<1s", "<1s", "<1s", "1.0s", "12.3s", "1m15s", "?"]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- 6: resume and settings

@@ -21,13 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.model.presets import get_preset  # noqa: E402
-from pipeline.tiling import COMMON_SIZES, MAX_BUCKET_SHAPES, diffused_pixels, plan_tiles  # noqa: E402
-
-
-def axis_px(size: int, t: int, ov: int) -> int:
-    """Latent pixels diffused along one axis of `size` by tiles of side t overlapping by at least ov."""
-    n = 1 if t >= size else 1 + -(-(size - t) // (t - ov))
-    return n * t
+from pipeline.tiling import COMMON_SIZES, MAX_BUCKET_SHAPES, _shape_cost, diffused_pixels, plan_tiles  # noqa: E402
 
 
 def best_shapes(cost: np.ndarray, k: int) -> list[int]:
@@ -80,7 +74,7 @@ def main() -> None:
             step = step_px // per_lat
             sides = sorted({*range(-(-lo // step) * step, hi, step), hi})
             shapes = [(a, b) for a in sides for b in sides]
-            cost = np.array([[axis_px(h, a, ov) * axis_px(w, b, ov) for h, w in lat] for a, b in shapes], float)
+            cost = np.array([[_shape_cost(img, s, ov)[0] for img in lat] for s in shapes], float)
             pick = best_shapes(cost, MAX_BUCKET_SHAPES)
             got = cost[pick].min(0).sum() / out_px
             how = "every set" if math.comb(len(shapes), MAX_BUCKET_SHAPES) < 3_000_000 else "local search"

@@ -25,12 +25,15 @@ CHUNK_WAIT_S = 0.5  # a part chunk goes once no new row came for this long
 
 
 class Feed:
-    """The feed actor: chunks of pickled rows from the driver, handed out by (feed task, chunk number)."""
+    """The feed actor: chunks of pickled rows from the driver, handed out by (feed task, chunk number). A chunk
+    whose rows all came back is dropped (O(1) per chunk: a long job's feed keeps only what is in flight); a task that
+    asks again for a chunk number below what it was handed (Ray running it again) gets an empty chunk for it."""
 
     def __init__(self):
         self.queue: deque = deque()  # (chunk id, rows) not handed out yet
-        self.given: dict[tuple[int, int], tuple[int, list]] = {}  # (task, n) -> (chunk id, rows)
-        self.done: set[int] = set()  # chunk ids the driver has every row of
+        self.given: dict[tuple[int, int], tuple[int, list]] = {}  # (task, n) -> (chunk id, rows), in flight
+        self.where: dict[int, tuple[int, int]] = {}  # chunk id -> (task, n), in flight
+        self.handed: dict[int, int] = {}  # task -> how many chunks it was handed
         self.closed = False
 
     def put(self, chunk_id: int, rows: list) -> int:
@@ -41,17 +44,20 @@ class Feed:
         self.closed = True
 
     def forget(self, chunk_ids: list[int]) -> None:
-        self.done.update(chunk_ids)
-        for k in [k for k, (c, _) in self.given.items() if c in self.done]:
-            self.given[k] = (self.given[k][0], [])
+        for c in chunk_ids:
+            self.given.pop(self.where.pop(c, None), None)
 
     def take(self, task: int, n: int):
         """(chunk id, rows) for chunk n of feed task `task`; "wait" while nothing is queued; None at the end."""
         if (task, n) in self.given:
             return self.given[(task, n)]
+        if n < self.handed.get(task, 0):  # handed out before and every row came back
+            return -1, []
         if self.queue:
-            self.given[(task, n)] = self.queue.popleft()
-            return self.given[(task, n)]
+            chunk = self.given[(task, n)] = self.queue.popleft()
+            self.where[chunk[0]] = (task, n)
+            self.handed[task] = n + 1
+            return chunk
         return None if self.closed else "wait"
 
 
@@ -75,7 +81,7 @@ def feed_task(batch: dict, *, feed) -> Iterator[dict]:
 
 class RayFeed:
     """The driver's end: a thread takes rows from `rows` (the planner's stream; it may block on backpressure) and
-    puts them into the feed actor in chunks; `done(chunk_id)` is told by the driver as results come back."""
+    puts them into the feed actor in chunks; `done(key)` is told by the driver as each row comes back."""
 
     def __init__(self, ray, rows: Iterable[dict]):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -100,16 +106,26 @@ class RayFeed:
         import queue
 
         q: queue.Queue = queue.Queue(maxsize=4 * CHUNK_ROWS)
-        end = object()
+        end, gone = object(), threading.Event()
+
+        def hand(item) -> bool:  # False once this end has stopped taking rows (then the planner stops too)
+            while not gone.is_set():
+                try:
+                    q.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    pass
+            return False
 
         def pull():
             try:
                 for row in self.rows:
-                    q.put(row)
+                    if not hand(row):
+                        return
             except BaseException as e:  # the planner failed: the driver raises it
                 self.error = e
             finally:
-                q.put(end)
+                hand(end)
 
         threading.Thread(target=pull, name="pidray-plan", daemon=True).start()
         try:
@@ -131,6 +147,7 @@ class RayFeed:
         except BaseException as e:
             self.error = self.error or e
         finally:
+            gone.set()
             if self.ray.is_initialized():
                 self.actor.close.remote()
 

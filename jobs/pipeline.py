@@ -209,8 +209,9 @@ def _dry_run(cfg: JobConfig, plan: Plan, on_row) -> Summary:
 
 class _Job:
     """A running job's state in the driver: the rows in flight (planned, not back yet; at most MAX_IN_FLIGHT), the
-    counters, the manifest writer. `todo()` runs the planner (in the feed thread under Ray Data, in the loop
-    itself locally); `finished` takes each result in the main thread; `close` writes the manifest's last part."""
+    counters, the manifest writer. `todo()` runs the planner (in the feed's planner thread under Ray Data, in a
+    read-ahead thread locally); `finished` takes each result in the main thread; `close` writes the manifest's last
+    part."""
 
     def __init__(self, cfg: JobConfig, plan: Plan, writer: ManifestWriter):
         self.cfg, self.plan, self.writer = cfg, plan, writer

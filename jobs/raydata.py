@@ -27,10 +27,11 @@ from pipeline.graph import StageGraph, StageSpec
 from pipeline.stages import run_stage
 
 # A block is cut as soon as it holds more than this: Ray Data coalesces what a task yields until a block passes the
-# target, so at 64 KiB the feed's chunks of small rows (a few hundred bytes each) sat in a feed task until ~100 rows
-# had gathered, and a job holding fewer in flight than that waited forever. At 1 KiB every chunk leaves as it is
-# yielded, and a stage's results go to the driver a row or two at a time (rows with images are one-row blocks anyway).
-TARGET_BLOCK_BYTES = 1 << 10
+# target, so at its usual size a feed task held small rows (a few hundred bytes each) until enough had gathered, and
+# a job holding fewer rows in flight than that waited forever. Below one row's size, every chunk a feed task yields
+# leaves at once (as one-row blocks), and a stage's results go to the driver row by row (rows with images are
+# one-row blocks anyway).
+TARGET_BLOCK_BYTES = 64
 SMALL_JOB_ROWS = 1024  # a job planned whole in this many rows enters Ray Data at once (from_items)
 
 

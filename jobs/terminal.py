@@ -39,16 +39,22 @@ class _RayQuiet:
         return False
 
 
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
 def quiet_ray_data_threads() -> None:
     """After a job stopped Ray (Ctrl-C), Ray Data's executor thread may still wake and fail because Ray is gone; that
-    trace goes to the Ray log, not the user's terminal. Exceptions of every other thread keep the usual hook."""
+    trace goes to the Ray log, not the user's terminal. Exceptions of every other thread, and of Ray Data's while Ray
+    runs (a later job's), keep the usual hook."""
     previous = threading.excepthook
     if getattr(previous, "pidray", False):
         return
 
     def hook(args):
         name = getattr(args.thread, "name", "") or ""
-        if name.startswith("StreamingExecutor"):
+        if name.startswith("StreamingExecutor") and not _ray_running():
             with open(_RayQuiet.LOG, "a") as log:
                 traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback, file=log)
             return

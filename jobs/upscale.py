@@ -181,8 +181,8 @@ def _job_arguments(p, default_preset: str) -> None:
     )
     o.add_argument("--no-fusion", action="store_true", help="blend tiles only at the end")
     o.add_argument("--tile-buckets", action="store_true",
-                   help="tile sides from three fixed sizes per model: few tile shapes (compile once each), more "
-                        "pixels diffused")  # fmt: skip
+                   help="every tile one of six fixed shapes per model, whatever the image size: few shapes to "
+                        "compile and warm up, ~8-13%% more pixels diffused")  # fmt: skip
     o.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=None,
                    help="average with the prediction on a half-patch-shifted grid (default: the preset's; on for "
                         "small, ~2x work; RGB-conditioned models only)")  # fmt: skip

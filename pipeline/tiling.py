@@ -123,17 +123,7 @@ def plan_tiles(
     if h <= 0 or w <= 0:
         raise ValueError(f"image size must be positive, got {h}x{w}")
     check_output_side((h * sr_scale, w * sr_scale), max_output_side)
-    out_per_lat = unit * sr_scale
-    m = patch // math.gcd(patch, out_per_lat)  # latent pixels per tile step so that tiles are whole patches
-    t_full = max(m, tile_out // out_per_lat // m * m)
-    t_min = min(t_full, max(m, _round_up((tile_min_out or tile_out) // out_per_lat, m)))
-    if overlap < 0 or _round_up(overlap, m) >= t_full:
-        raise BadParameter(
-            f"--overlap {overlap} must be >= 0 and below the tile size of {t_full} latent pixels (--tile {tile_out} "
-            f"output pixels = {t_full} latent pixels at {out_per_lat} output pixels each): lower --overlap or raise "
-            "--tile"
-        )
-    ov = _round_up(overlap, m)
+    out_per_lat, m, t_full, t_min, ov = _geometry(unit, sr_scale, patch, tile_out, tile_min_out, overlap)
     lat = (-(-h // unit), -(-w // unit))
     if buckets:
         shapes = bucket_shapes(t_min * out_per_lat, t_full * out_per_lat, out_per_lat, m, unit, ov)
@@ -153,6 +143,30 @@ def plan_tiles(
             stride.append(t - ov)
             grid.append(n)
     return TilePlan((h, w), unit, out_per_lat, sr_scale, tuple(tile), tuple(stride), tuple(grid))
+
+
+def _geometry(unit: int, sr_scale: int, patch: int, tile_out: int, tile_min_out: int | None, overlap: int):
+    """(output pixels per latent pixel, tile step m, largest and smallest tile side, overlap) in latent pixels; a tile
+    is a whole number of patches."""
+    out_per_lat = unit * sr_scale
+    m = patch // math.gcd(patch, out_per_lat)  # latent pixels per tile step so that tiles are whole patches
+    t_full = max(m, tile_out // out_per_lat // m * m)
+    t_min = min(t_full, max(m, _round_up((tile_min_out or tile_out) // out_per_lat, m)))
+    if overlap < 0 or _round_up(overlap, m) >= t_full:
+        raise BadParameter(
+            f"--overlap {overlap} must be >= 0 and below the tile size of {t_full} latent pixels (--tile {tile_out} "
+            f"output pixels = {t_full} latent pixels at {out_per_lat} output pixels each): lower --overlap or raise "
+            "--tile"
+        )
+    return out_per_lat, m, t_full, t_min, _round_up(overlap, m)
+
+
+def planned_bucket_shapes(
+    *, unit: int, sr_scale: int, patch: int, tile_out: int, tile_min_out: int | None = None, overlap: int
+) -> tuple[tuple[int, int], ...]:
+    """The bucket shapes `plan_tiles(..., buckets=True)` chooses from with these settings (what to warm up)."""
+    out_per_lat, m, t_full, t_min, ov = _geometry(unit, sr_scale, patch, tile_out, tile_min_out, overlap)
+    return bucket_shapes(t_min * out_per_lat, t_full * out_per_lat, out_per_lat, m, unit, ov)
 
 
 MAX_BUCKET_SHAPES = 6

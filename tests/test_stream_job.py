@@ -224,3 +224,56 @@ def test_ray_data_thread_errors_after_a_stop_go_to_the_log(tmp_path, monkeypatch
         t.join()
     assert shown == ["mine"]
     assert "Ray is not initialized" in (tmp_path / "ray.log").read_text()
+
+
+def test_the_feed_actor_keeps_only_what_is_in_flight():
+    """The feed actor (a plain class here) hands chunks by (task, number), gives a task that asks again the same
+    chunk, drops a chunk once all its rows came back (an empty chunk if asked again), and holds nothing for done
+    chunks however long the job."""
+    from jobs.feed import Feed
+
+    f = Feed()
+    for c in range(3):
+        f.put(c, [f"row{c}"])
+    assert f.take(0, 0) == (0, ["row0"]) and f.take(1, 0) == (1, ["row1"])
+    assert f.take(0, 0) == (0, ["row0"])  # Ray ran the task again: the same rows
+    f.forget([0])
+    assert f.take(0, 0) == (-1, [])  # every row of it came back: nothing to redo
+    assert f.take(0, 1) == (2, ["row2"]) and f.take(0, 2) == "wait"
+    f.forget([1, 2])
+    assert f.given == {} and f.where == {}
+    f.close()
+    assert f.take(0, 2) is None
+
+
+def test_a_feed_that_stops_taking_rows_releases_the_planner():
+    """When the driver's end of the feed fails (the actor or Ray gone), the planner thread feeding it does not block
+    forever on a full queue: it stops drawing rows and ends."""
+    import threading
+    import time
+
+    from jobs.feed import RayFeed
+
+    drawn = []
+
+    def rows():
+        for i in range(10_000):
+            drawn.append(i)
+            yield {"key": f"k{i}"}
+
+    feed = object.__new__(RayFeed)
+    feed.rows, feed.error, feed.lock = rows(), None, threading.Lock()
+    feed.chunk_of, feed.left = {}, {}
+    feed.ray = type("NoRay", (), {"is_initialized": staticmethod(lambda: False)})
+
+    def broken_put(chunk_id, chunk):
+        raise RuntimeError("the feed actor died")
+
+    feed._put = broken_put
+    feed._run()
+    assert isinstance(feed.error, RuntimeError)
+    deadline = time.time() + 10
+    while any(t.name == "pidray-plan" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(t.name == "pidray-plan" for t in threading.enumerate())
+    assert len(drawn) < 100  # it stopped drawing: the rest of the listing is never read

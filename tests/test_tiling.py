@@ -133,7 +133,8 @@ def test_warmup_covers_every_bucketed_tile_shape(preset):
     from pipeline.tiling import COMMON_SIZES
 
     p = get_preset(preset)
-    o = UpscaleOptions(tile_buckets=True, max_output_side=1 << 20)
-    warm = DiffuseStage.warm_shapes(SimpleNamespace(net=SimpleNamespace(cfg=p.config), preset=p, options=o))
     sizes = [(h, w) for w, h in COMMON_SIZES] + [(1, 1), (333, 4001), (2999, 17), (1500, 1500)]
-    assert len(set(warm)) == 6 and {plan_for(p, o, hw).tile for hw in sizes} <= set(warm)
+    for tile in (None, 2048):  # --tile changes the shapes: the warm-up follows
+        o = UpscaleOptions(tile_buckets=True, max_output_side=1 << 20, tile=tile)
+        warm = DiffuseStage.warm_shapes(SimpleNamespace(net=SimpleNamespace(cfg=p.config), preset=p, options=o))
+        assert len(set(warm)) <= 6 and {plan_for(p, o, hw).tile for hw in sizes} <= set(warm), tile

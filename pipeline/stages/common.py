@@ -26,7 +26,7 @@ class UpscaleOptions:
     tile: int | None = None  # tile side in output pixels; None: the preset's envelope
     overlap: int | None = None  # latent pixels; None: the preset's tile_overlap
     fusion: bool = True  # average overlapping x0 estimates every step (all tiles of an image in one process)
-    tile_buckets: bool = False  # tile sides from three fixed buckets per preset (few shapes, more pixels diffused)
+    tile_buckets: bool = False  # every tile one of six fixed shapes per preset (few shapes, more pixels diffused)
     format: str | None = None  # None: keep the input's format (PNG when it has alpha)
     quality: int = 95
     max_pixels: int = DEFAULT_MAX_PIXELS

@@ -20,7 +20,6 @@ blend is the output.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from pipeline.stages.common import (
     sampler_steps,
 )
 from pipeline.stages.rows import DiffusedRow, EncodedRow
-from pipeline.tiling import TilePlan, blend, bucket_shapes, crop_tiles, tile_origins, tile_weights
+from pipeline.tiling import TilePlan, blend, crop_tiles, planned_bucket_shapes, tile_origins, tile_weights
 
 CPU_TILES_PER_CALL = int(os.environ.get("PIDRAY_CPU_TILES_PER_CALL", "4"))
 
@@ -169,14 +168,14 @@ class DiffuseStage(Cancellable):
         return True
 
     def warm_shapes(self) -> list[tuple[int, int]]:
-        """The tile shapes (latent pixels) warmup runs: the bucket shapes, or the envelope's square."""
-        cfg, (lo, hi) = self.net.cfg, self.preset.envelope
-        out_per_lat = cfg.sr_scale * self.preset.lq_unit
+        """The tile shapes (latent pixels) warmup runs: the bucket shapes the planner chooses from under these
+        options (`--tile` included), or the envelope's square."""
+        from pipeline.stages.encode import tiling_settings
+
         if self.options.tile_buckets:
-            m = cfg.patch_size // math.gcd(cfg.patch_size, out_per_lat)
-            ov = self.preset.tile_overlap if self.options.overlap is None else self.options.overlap
-            return list(bucket_shapes(lo, hi, out_per_lat, m, self.preset.lq_unit, -(-ov // m) * m))
-        lat = hi // out_per_lat
+            return list(planned_bucket_shapes(**tiling_settings(self.preset, self.options)))
+        cfg, hi = self.net.cfg, self.preset.envelope[1]
+        lat = hi // (cfg.sr_scale * self.preset.lq_unit)
         return [(lat, lat)]
 
     def request(self, row: dict) -> DiffuseItem:

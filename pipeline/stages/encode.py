@@ -15,20 +15,19 @@ from pipeline.stages.rows import DecodedRow, EncodedRow
 from pipeline.tiling import TilePlan, check_output_side, pad_image, plan_tiles, target_size
 
 
+def tiling_settings(preset, options: UpscaleOptions) -> dict:
+    """The tile geometry of a preset under these options: the plan and the warm-up read it from here alone."""
+    cfg = preset.config
+    return dict(unit=preset.lq_unit, sr_scale=cfg.sr_scale, patch=cfg.patch_size,
+                tile_out=options.tile or preset.envelope[1],
+                tile_min_out=min(options.tile or preset.envelope[1], preset.envelope[0]),
+                overlap=preset.tile_overlap if options.overlap is None else options.overlap)  # fmt: skip
+
+
 def plan_for(preset, options: UpscaleOptions, in_hw) -> TilePlan:
     """The tile plan of an input of in_hw pixels; needs no model (drivers use it for memory estimates)."""
-    cfg = preset.config
-    return plan_tiles(
-        tuple(in_hw),
-        unit=preset.lq_unit,
-        sr_scale=cfg.sr_scale,
-        patch=cfg.patch_size,
-        tile_out=options.tile or preset.envelope[1],
-        tile_min_out=min(options.tile or preset.envelope[1], preset.envelope[0]),
-        overlap=preset.tile_overlap if options.overlap is None else options.overlap,
-        max_output_side=options.max_output_side,
-        buckets=bool(options.tile_buckets),
-    )
+    return plan_tiles(tuple(in_hw), **tiling_settings(preset, options), max_output_side=options.max_output_side,
+                      buckets=bool(options.tile_buckets))  # fmt: skip
 
 
 def given_latent_in_hw(preset, latent_hw, out_size=None) -> tuple[int, int]:

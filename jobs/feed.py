@@ -79,6 +79,10 @@ def feed_task(batch: dict, *, feed) -> Iterator[dict]:
         yield {"i": np.full(len(rows), chunk_id, dtype=np.int64), "row": np.array(rows, dtype=object)}
 
 
+class _Halted(Exception):
+    """The driver stopped the feed: no more rows go to Ray."""
+
+
 class RayFeed:
     """The driver's end: a thread takes rows from `rows` (the planner's stream; it may block on backpressure) and
     puts them into the feed actor in chunks; `done(key)` is told by the driver as each row comes back."""
@@ -95,10 +99,18 @@ class RayFeed:
         self.left: dict[int, int] = {}  # chunk id -> rows not heard back yet
         self.error: BaseException | None = None
         self.lock = threading.Lock()
+        self.halt = threading.Event()  # the driver is stopping (Ctrl-C): no call into Ray from here after it
         self.thread = threading.Thread(target=self._run, name="pidray-feed", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+
+    def stop(self, wait_s: float = 2.0) -> None:
+        """Before the driver shuts Ray down: this end stops putting rows (a Ray call made after the shutdown would
+        start a new local Ray from this thread and print its notices on the user's terminal)."""
+        self.halt.set()
+        if self.thread.is_alive():
+            self.thread.join(wait_s)
 
     def _run(self) -> None:
         """Chunks of CHUNK_ROWS rows, or fewer once CHUNK_WAIT_S has passed with no new row: the planner may be
@@ -106,7 +118,7 @@ class RayFeed:
         import queue
 
         q: queue.Queue = queue.Queue(maxsize=4 * CHUNK_ROWS)
-        end, gone = object(), threading.Event()
+        end, gone = object(), self.halt
 
         def hand(item) -> bool:  # False once this end has stopped taking rows (then the planner stops too)
             while not gone.is_set():
@@ -130,9 +142,9 @@ class RayFeed:
         threading.Thread(target=pull, name="pidray-plan", daemon=True).start()
         try:
             chunk, next_id = [], 0
-            while True:
+            while not self.halt.is_set():
                 try:
-                    row = q.get(timeout=CHUNK_WAIT_S if chunk else None)
+                    row = q.get(timeout=CHUNK_WAIT_S)
                 except queue.Empty:
                     row = None
                 if row is end:
@@ -142,16 +154,21 @@ class RayFeed:
                 if chunk and (row is None or len(chunk) >= CHUNK_ROWS):
                     self._put(next_id, chunk)
                     chunk, next_id = [], next_id + 1
-            if chunk:
+            if chunk and not self.halt.is_set():
                 self._put(next_id, chunk)
+        except _Halted:
+            pass
         except BaseException as e:
             self.error = self.error or e
         finally:
+            stopping = self.halt.is_set()
             gone.set()
-            if self.ray.is_initialized():
+            if not stopping and self.ray.is_initialized():
                 self.actor.close.remote()
 
     def _put(self, chunk_id: int, rows: list[dict]) -> None:
+        if self.halt.is_set() or not self.ray.is_initialized():
+            raise _Halted
         with self.lock:
             for r in rows:
                 self.chunk_of[r["key"]] = chunk_id

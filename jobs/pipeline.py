@@ -124,11 +124,11 @@ def _run_plan(cfg: JobConfig, plan: Plan, lease: Lease | None, on_row, t0: float
     summary.failures_shown = True  # failures are said as they happen (at planning, or as rows come back)
     flusher = threading.Thread(target=job.flush_loop, name="pidray-manifest", daemon=True)
     flusher.start()
+    feeds: list = []  # the Ray Data feed, once it runs
     try:
         with _on_signals(_raise_interrupted), quiet, job.bar.listen():
             if not local:
                 _ensure_ray()  # start Ray before our handlers matter: its start-up installs handlers of its own
-            feeds: list = []
             if local:  # the planner runs ahead of the loop (as the feed thread does for Ray Data)
                 it = _iter_local(cfg, plan, _read_ahead(job.todo(), job.stopped))
             else:
@@ -147,6 +147,8 @@ def _run_plan(cfg: JobConfig, plan: Plan, lease: Lease | None, on_row, t0: float
         summary.interrupted = e.signum
     finally:
         job.stop()
+        for feed in feeds:  # before Ray goes: the feed's thread must not call into a stopped Ray
+            feed.stop()
         if summary.interrupted and not local:
             with _on_signals(signal.SIG_IGN):
                 _stop_ray()  # the job's tasks and actors end with it: no output lands after DST is looked at below

@@ -106,8 +106,8 @@ def _ensure_ray():
         address = os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        else:  # a Ray of its own: never a stray local instance (an endpoint's, or one a killed job left behind)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
             _warm_workers(ray, int(ray.cluster_resources().get("CPU", 1)))
     return ray
 

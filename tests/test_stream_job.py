@@ -262,7 +262,7 @@ def test_a_feed_that_stops_taking_rows_releases_the_planner():
             yield {"key": f"k{i}"}
 
     feed = object.__new__(RayFeed)
-    feed.rows, feed.error, feed.lock = rows(), None, threading.Lock()
+    feed.rows, feed.error, feed.lock, feed.halt = rows(), None, threading.Lock(), threading.Event()
     feed.chunk_of, feed.left = {}, {}
     feed.ray = type("NoRay", (), {"is_initialized": staticmethod(lambda: False)})
 
@@ -277,3 +277,28 @@ def test_a_feed_that_stops_taking_rows_releases_the_planner():
         time.sleep(0.1)
     assert not any(t.name == "pidray-plan" for t in threading.enumerate())
     assert len(drawn) < 100  # it stopped drawing: the rest of the listing is never read
+
+
+def test_a_stopped_feed_never_calls_ray():
+    """After the driver stops the feed (Ctrl-C, before Ray shuts down), putting a chunk makes no Ray call: one made
+    after the shutdown would start a new local Ray from the feed's thread, left running after the job."""
+    import threading
+
+    from jobs.feed import RayFeed, _Halted
+
+    class Ray:
+        @staticmethod
+        def is_initialized():
+            return True
+
+        @staticmethod
+        def get(ref):
+            raise AssertionError("a Ray call after stop")
+
+    feed = object.__new__(RayFeed)
+    feed.ray, feed.halt, feed.lock, feed.chunk_of, feed.left = Ray, threading.Event(), threading.Lock(), {}, {}
+    feed.thread = threading.Thread(target=lambda: None)
+    feed.stop()
+    with pytest.raises(_Halted):
+        feed._put(0, [{"key": "a"}])
+    assert feed.chunk_of == {}

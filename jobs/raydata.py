@@ -24,6 +24,7 @@ from jobs.feed import RayFeed, feed_task
 from jobs.rules import Plan
 from pipeline.errors import SetupError
 from pipeline.graph import StageGraph, StageSpec
+from pipeline.runtime import use_threads
 from pipeline.stages import run_stage
 
 # A block is cut as soon as it holds more than this: Ray Data coalesces what a task yields until a block passes the
@@ -62,7 +63,7 @@ class StageActor:
         self.threads = threads  # a CPU-only model stage: its share of the machine's cores
         # Build on one thread: an OpenMP team started here would keep spinning beside the pool thread's team
         # (measured: 23 s instead of 11 s for one 256² image with both teams spinning on two cores).
-        _set_threads(1 if threads else None)
+        use_threads(1 if threads else None)
         self.spec, self.stage = spec, spec.build()
         if hasattr(self.stage, "warmup"):
             self.stage.warmup()
@@ -71,23 +72,8 @@ class StageActor:
         self.node = ray.get_runtime_context().get_node_id()[:12]
 
     def __call__(self, batch: dict) -> dict:
-        _set_threads(self.threads)  # OpenMP's thread count is per calling thread: Ray may call from another one
+        use_threads(self.threads)  # OpenMP's thread count is per calling thread: Ray may call from another one
         return _apply(self.stage, self.spec.name, batch, self.node if self.spec.records_node else None)
-
-
-def _set_threads(threads: int | None) -> None:
-    """torch's intra-op threads for the calling thread: OpenMP keeps the count per thread, and Ray Data runs a
-    batch on a pool thread, not the constructor's (which builds the stage on one thread: an OpenMP team started
-    there would stay beside the pool thread's, and with more OpenMP threads than cores libgomp stops spinning and
-    sleeps between every op). Measured on one 256² image, diffuse in the Ray Data actor: 14.5 s with the count set
-    only in the constructor, 13.3 s like this, 11.5 s in the plain loop; an actor-level runtime_env with
-    OMP_NUM_THREADS and OMP_WAIT_POLICY=ACTIVE reached 11.2 s but made Ray Data hang with two CPU model actors on
-    two cores (and ACTIVE spins idle threads forever), so it is not used; PASSIVE made a plain Ray task 26% slower."""
-    if threads:
-        import torch
-
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
 
 
 def _graph(cfg: JobConfig, plan: Plan) -> StageGraph:

@@ -13,7 +13,6 @@ deadline (`timeout_s`) unless an operator sets it, and may not be set shorter.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import Counter
 
 from pydantic import (
@@ -28,6 +27,7 @@ from pydantic import (
 from ray import serve
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
+from pipeline.runtime import use_threads
 from pipeline.stages import run_stage
 
 DRAIN_MARGIN_S = 5.0  # past the deadline: the ingress's cancel reaches the stage, which stops at its next step
@@ -173,7 +173,6 @@ class StageDeployment:
         if threads:  # a CPU replica: Ray pins OMP_NUM_THREADS to its (fractional) CPU share
             torch.set_num_threads(threads)
         self.threads = threads
-        self.thread_set = threading.local()  # the torch thread count set on each of this replica's pool threads
         check_batch_settings({"max_batch_tiles": max_batch_tiles, "batch_wait_s": batch_wait_s})
         self.spec, self.stage = spec, spec.build()
         if hasattr(self.stage, "warmup"):  # before `ready` answers: no request pays for kernel compiles
@@ -211,13 +210,9 @@ class StageDeployment:
         return await asyncio.to_thread(self._run_here, rows)
 
     def _run_here(self, rows: list[dict]) -> list[dict]:
-        """The stage on the calling (pool) thread: a CPU replica's thread count is set on that thread, since OpenMP
-        counts threads per calling thread (set only in the constructor, the work ran on Ray's one-thread share)."""
-        if self.threads and getattr(self.thread_set, "threads", None) != self.threads:  # once a thread: ~5 ms a call
-            import torch
-
-            torch.set_num_threads(self.threads)  # (get_num_threads on a new thread reports a count it does not use)
-            self.thread_set.threads = self.threads
+        """The stage on the calling (pool) thread, with a CPU replica's thread count set on that thread (set only in
+        the constructor, the work ran on Ray's one-thread share)."""
+        use_threads(self.threads)
         return run_stage(self.stage, self.spec.name, rows)
 
     async def __call__(self, row: dict) -> dict:

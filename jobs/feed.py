@@ -118,10 +118,10 @@ class RayFeed:
         import queue
 
         q: queue.Queue = queue.Queue(maxsize=4 * CHUNK_ROWS)
-        end, gone = object(), self.halt
+        end = object()
 
         def hand(item) -> bool:  # False once this end has stopped taking rows (then the planner stops too)
-            while not gone.is_set():
+            while not self.halt.is_set():
                 try:
                     q.put(item, timeout=0.5)
                     return True
@@ -154,7 +154,7 @@ class RayFeed:
                 if chunk and (row is None or len(chunk) >= CHUNK_ROWS):
                     self._put(next_id, chunk)
                     chunk, next_id = [], next_id + 1
-            if chunk and not self.halt.is_set():
+            if chunk:
                 self._put(next_id, chunk)
         except _Halted:
             pass
@@ -162,7 +162,7 @@ class RayFeed:
             self.error = self.error or e
         finally:
             stopping = self.halt.is_set()
-            gone.set()
+            self.halt.set()  # the planner thread stops handing rows
             if not stopping and self.ray.is_initialized():
                 self.actor.close.remote()
 

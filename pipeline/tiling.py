@@ -192,22 +192,28 @@ def bucket_shapes(lo_px: int, hi_px: int, out_per_lat: int, m: int, unit: int, o
     shapes = [(a, b) for a in sides for b in sides]
     images = [(-(-h // unit), -(-w // unit)) for w, h in COMMON_SIZES]
     cost = np.array([[_shape_cost(img, s, ov)[0] for img in images] for s in shapes], dtype=np.float64)
-    k = min(MAX_BUCKET_SHAPES, len(shapes))
+    return tuple(sorted(shapes[i] for i in cheapest_rows(cost, min(MAX_BUCKET_SHAPES, len(shapes)))))
+
+
+def cheapest_rows(cost: np.ndarray, k: int) -> list[int]:
+    """k rows of cost [option, image] whose per-image minimum sums low: a greedy pick, then single swaps while one
+    lowers the sum (a local optimum, not always the best set)."""
+    n = len(cost)
 
     def total(pick: list[int]) -> float:
         return float(cost[pick].min(axis=0).sum())
 
     pick: list[int] = []
     for _ in range(k):
-        pick.append(min((j for j in range(len(shapes)) if j not in pick), key=lambda j: total(pick + [j])))
+        pick.append(min((j for j in range(n) if j not in pick), key=lambda j: total(pick + [j])))
     better = True
     while better:
         better = False
-        for i, j in itertools.product(range(k), range(len(shapes))):
+        for i, j in itertools.product(range(k), range(n)):
             trial = pick[:i] + [j] + pick[i + 1 :]
             if j not in pick and total(trial) < total(pick):
                 pick, better = trial, True
-    return tuple(sorted(shapes[i] for i in pick))
+    return pick
 
 
 def _shape_cost(lat: tuple[int, int], shape: tuple[int, int], ov: int) -> tuple[int, int]:

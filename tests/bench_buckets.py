@@ -21,35 +21,31 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.model.presets import get_preset  # noqa: E402
-from pipeline.tiling import COMMON_SIZES, MAX_BUCKET_SHAPES, _shape_cost, diffused_pixels, plan_tiles  # noqa: E402
+from pipeline.tiling import (  # noqa: E402
+    COMMON_SIZES,
+    MAX_BUCKET_SHAPES,
+    _shape_cost,
+    cheapest_rows,
+    diffused_pixels,
+    plan_tiles,
+)
 
 
 def best_shapes(cost: np.ndarray, k: int) -> list[int]:
-    """Rows of cost [shape, image] whose per-image minimum sums lowest, k of them."""
+    """Rows of cost [shape, image] whose per-image minimum sums lowest, k of them: every set when there are few
+    enough, else the tiler's own local search."""
     n = len(cost)
-    if math.comb(n, k) < 3_000_000:
-        best, best_sum = None, math.inf
-        combos = itertools.combinations(range(n), k)
-        while chunk := list(itertools.islice(combos, 200_000)):
-            arr = np.array(chunk)
-            sums = cost[arr].min(axis=1).sum(axis=1)
-            i = int(sums.argmin())
-            if sums[i] < best_sum:
-                best, best_sum = list(arr[i]), sums[i]
-        return best
-    chosen: list[int] = []
-    for _ in range(k):
-        chosen.append(min((j for j in range(n) if j not in chosen), key=lambda j: cost[chosen + [j]].min(0).sum()))
-    better = True
-    while better:
-        better = False
-        for i, j in itertools.product(range(k), range(n)):
-            if j in chosen:
-                continue
-            trial = chosen[:i] + [j] + chosen[i + 1 :]
-            if cost[trial].min(0).sum() < cost[chosen].min(0).sum():
-                chosen, better = trial, True
-    return chosen
+    if math.comb(n, k) >= 3_000_000:
+        return cheapest_rows(cost, k)
+    best, best_sum = None, math.inf
+    combos = itertools.combinations(range(n), k)
+    while chunk := list(itertools.islice(combos, 200_000)):
+        arr = np.array(chunk)
+        sums = cost[arr].min(axis=1).sum(axis=1)
+        i = int(sums.argmin())
+        if sums[i] < best_sum:
+            best, best_sum = list(arr[i]), sums[i]
+    return best
 
 
 def main() -> None:

@@ -1,6 +1,8 @@
 """The endpoint's admission: who may call (the bearer token, Origin and Host: no cross-site or DNS-rebinding use of
-a local server), and the body, counted while it streams in and bounded in bytes and time. Every refusal is a typed
-error whose kind gives the status (`pipeline.errors.HTTP_STATUS`)."""
+a local server), and the body, counted while it streams in and bounded in bytes and time. A body still arriving is
+an upload, counted apart from the work slots (`max_in_flight`) and bounded per client address and in all; it must
+keep up a minimum rate after a grace period, so a trickle is cut in seconds whatever length it declares. Every
+refusal is a typed error whose kind gives the status (`pipeline.errors.HTTP_STATUS`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import asyncio
 import hmac
 import ipaddress
 import os
+import time
+from collections import Counter
 
 from fastapi import Request
 
@@ -32,6 +36,9 @@ class Admission:
 
     def __init__(self, args):
         self.max_bytes, self.timeout_s, self.body_timeout_s = args.max_bytes, args.timeout_s, args.body_timeout_s
+        self.min_rate, self.grace_s = args.body_min_bytes_per_s, args.body_grace_s
+        self.max_uploads, self.max_uploads_per_client = args.max_uploads, args.max_uploads_per_client
+        self.uploads: Counter = Counter()  # bodies being received, by client address
         self.token = args.token or os.environ.get(TOKEN_ENV) or None
         if args.require_token and not self.token:
             raise RuntimeError(f"require_token is set but no token was given (args or ${TOKEN_ENV}): not starting")
@@ -71,11 +78,23 @@ class Admission:
         if int(length) > limit:
             raise TooLarge(f"request body is {int(length):,} bytes, over the limit of {limit:,}")
         body = bytearray()  # one buffer, no join copy
-        async for chunk in request.stream():
+        start, chunks = time.monotonic(), request.stream().__aiter__()
+        while True:
+            # the body may not fall behind min_rate after the grace period: with n bytes in, the next chunk is due
+            # by start + grace + n / rate
+            due = start + self.grace_s + len(body) / self.min_rate - time.monotonic()
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), timeout=max(due, 0.0))
+            except StopAsyncIteration:
+                return body
+            except asyncio.TimeoutError:
+                took = time.monotonic() - start
+                raise Refused("slow_client", f"the request body arrived slower than {self.min_rate:,} bytes/s "
+                              f"(after the first {self.grace_s:g}s): {len(body):,} of {int(length):,} bytes in "
+                              f"{took:.1f}s") from None  # fmt: skip
             if len(body) + len(chunk) > limit:
                 raise TooLarge(f"request body is over the limit of {limit:,} bytes")
             body += chunk
-        return body
 
     async def read_image(self, request: Request, field: str = "image") -> tuple[bytes, dict]:
         ctype = request.headers.get("content-type", "").lower()
@@ -101,12 +120,32 @@ class Admission:
         data = await upload.read()
         return data, {k: v for k, v in form.items() if k != field and isinstance(v, str)}
 
-    async def within_body_timeout(self, read):
-        """The request body (`read`: a coroutine reading it), or a 408 refusal when it does not arrive in time."""
+    @property
+    def receiving(self) -> int:
+        """Bodies being received now, from all clients."""
+        return sum(self.uploads.values())
+
+    async def within_body_timeout(self, read, request: Request):
+        """The request body (`read`: a coroutine reading it), counted as an upload of its client address while it
+        arrives, never as work: past max_uploads_per_client from one address or max_uploads in all, a 503 at once;
+        a body that does not arrive within body_timeout_s (or falls behind the minimum rate) is a 408."""
+        client = request.client.host if request.client else ""
+        if self.uploads[client] >= self.max_uploads_per_client or self.receiving >= self.max_uploads:
+            read.close()  # never started: no body is read
+            mine = self.uploads[client] >= self.max_uploads_per_client
+            raise Refused("busy", f"{self.uploads[client] if mine else self.receiving} uploads "
+                                  f"{'from this address ' if mine else ''}are still arriving (the limit is "
+                                  f"{self.max_uploads_per_client if mine else self.max_uploads}); retry when they "
+                                  "are in")  # fmt: skip
+        self.uploads[client] += 1
         try:
             return await asyncio.wait_for(read, timeout=self.body_timeout_s)
         except asyncio.TimeoutError:
             raise Refused("slow_client", f"the request body did not arrive within {self.body_timeout_s:g}s") from None
+        finally:
+            self.uploads[client] -= 1
+            if self.uploads[client] <= 0:
+                del self.uploads[client]
 
     def timeout(self, params: dict) -> float:
         if params.get("timeout") in (None, ""):

@@ -3,7 +3,7 @@
 serve/builder.py      AppArgs and build_app: the workflows each route runs, resolved once; one deployment per
                       model-holding stage
 serve/routes.py       the ingress: FastAPI routes, each route's stage chain (deployments chained unawaited)
-serve/admission.py    token, Origin/Host, the body bounded in bytes and time
+serve/admission.py    token, Origin/Host, the body bounded in bytes, time and rate, uploads counted apart from work
 serve/params.py       query/form parameters and JSON fields, typed; the cost model (pixels × steps)
 serve/deployments.py  StageDeployment (a stage in a replica, batched in tiles) and per-deployment Serve options
 """

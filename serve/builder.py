@@ -12,7 +12,7 @@ fit one. No stage is named here: adding a stage to a workflow adds its deploymen
 import dataclasses
 import os
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.graph import StageGraph
 from pipeline.runtime import ModelOptions
@@ -29,6 +29,42 @@ from serve.deployments import (
     stage_default,
 )
 from serve.routes import Chains, Ingress
+
+# The endpoint's numeric settings and their ranges (lowest, highest; an int range for an integer setting), checked
+# when the app is built: a value outside (NaN and infinities included) is refused with the setting's name and its
+# range, never left to fail every request (no decode slots: all time out) or to switch a limit off (a NaN cost).
+SETTING_RANGES = {
+    "threads": (0, 1024),  # 0: the machine's cores
+    "max_bytes": (1 << 10, 2 << 30),
+    "timeout_s": (1.0, 3600.0),
+    "body_timeout_s": (1.0, 600.0),
+    "body_grace_s": (0.5, 120.0),
+    "body_min_bytes_per_s": (1, 1 << 30),
+    "max_cost_mpx_steps": (0.01, 1e6),  # unset: the device's default
+    "max_in_flight": (1, 4096),
+    "max_uploads": (1, 4096),
+    "max_uploads_per_client": (1, 4096),
+    "decode_concurrency": (1, 256),
+}
+OUTPUT_S3_KEYS = ("uri", "s3")
+
+
+def check_output_s3(value: dict) -> dict:
+    """output_s3: {"uri": "s3://bucket/prefix", "s3": {S3Settings fields}}, nothing else; ValueError saying what."""
+    from pipeline.storage import Location, S3Settings
+
+    unknown = sorted(set(value) - set(OUTPUT_S3_KEYS))
+    if unknown:
+        raise ValueError(f"output_s3 takes {list(OUTPUT_S3_KEYS)}, not {unknown}")
+    uri = value.get("uri")
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise ValueError(f"output_s3.uri must be an s3://bucket/prefix URI, got {str(uri)[:80]!r}")
+    try:
+        Location(uri).bucket_prefix
+        S3Settings(**(value.get("s3") or {}))
+    except Exception as e:  # a bad bucket name (SetupError), an unknown S3 setting (TypeError)
+        raise ValueError(f"output_s3: {str(e)[:300]}") from None
+    return value
 
 
 class AppArgs(BaseModel):
@@ -52,8 +88,13 @@ class AppArgs(BaseModel):
     max_bytes: int = 50 << 20
     timeout_s: float = 120.0
     body_timeout_s: float = 30.0
+    # a body still arriving must keep up body_min_bytes_per_s once body_grace_s have passed (408 otherwise)
+    body_grace_s: float = 5.0
+    body_min_bytes_per_s: int = 16 << 10
     max_cost_mpx_steps: float | None = None  # None: 1000 with a GPU, 8 on CPUs
-    max_in_flight: int = 16
+    max_in_flight: int = 16  # work slots: requests whose body is in
+    max_uploads: int = 32  # bodies still arriving, in all and from one client address: never a work slot
+    max_uploads_per_client: int = 8
     decode_concurrency: int = 2
     token: str | None = None
     require_token: bool = False
@@ -64,6 +105,27 @@ class AppArgs(BaseModel):
     # /v1/generate: a text-to-image preset served beside the PiD one, e.g. {"preset": "pixeldit-2k", "weights": DIR,
     # "text_encoder": DIR, "options": {GenerateOptions defaults}}; None: no text-to-image on this endpoint
     generate: dict | None = None
+
+    @field_validator(*SETTING_RANGES, mode="wrap")
+    @classmethod
+    def _in_range(cls, value, handler, info):
+        lo, hi = SETTING_RANGES[info.field_name]
+        what = f"an integer in {lo}..{hi}" if isinstance(lo, int) else f"a number in [{lo:g}, {hi:g}]"
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        try:
+            parsed = handler(value)
+        except ValidationError:
+            if number:  # a number its type refuses (1e20 or 2.5 for an integer): the range says why
+                raise ValueError(f"{info.field_name} must be {what}, got {value!r}") from None
+            raise
+        if parsed is not None and (isinstance(value, bool) or not lo <= parsed <= hi):  # NaN is in no range
+            raise ValueError(f"{info.field_name} must be {what}, got {value!r}")
+        return parsed
+
+    @field_validator("output_s3")
+    @classmethod
+    def _output_s3(cls, value):
+        return value if value is None else check_output_s3(value)
 
     @model_validator(mode="after")
     def _drain_covers_the_deadline(self):

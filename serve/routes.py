@@ -31,7 +31,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from pipeline import safejson
-from pipeline.errors import HTTP_STATUS, BadParameter, kind_of
+from pipeline.errors import HTTP_STATUS, BadParameter, Refused, kind_of
 from pipeline.graph import StageGraph
 from pipeline.imageio import output_format, probe
 from pipeline.model.presets import PRESETS
@@ -146,6 +146,15 @@ class Ingress:
         return _error("busy", f"the endpoint is busy ({self.max_in_flight} requests in progress); retry shortly",
                       {"Retry-After": "2"})  # fmt: skip
 
+    def _take_slot(self, request: Request) -> None:
+        """One of the max_in_flight work slots, taken once the body is in (a request still receiving its body holds
+        none: it is an upload, see Admission); released by `_handle`. Busy (503) when none is free."""
+        if self.in_flight >= self.max_in_flight:
+            raise Refused("busy", f"the endpoint is busy ({self.max_in_flight} requests in progress); retry shortly")
+        self.in_flight += 1
+        request.state.work_slot = True
+        self.metrics.queue(self.in_flight)
+
     async def _pipeline(self, row: dict, chain: list[Link]) -> dict:
         """The row through a chain: a run of local stages in one thread (a few rows at a time); a run of
         deployments is chained, each handed the previous one's response unawaited, and only the last one's result
@@ -197,11 +206,12 @@ class Ingress:
         if self.chains.generate is None:
             return _error("bad_parameter", "this endpoint does not generate images (start it with generate="
                           "{preset: pixeldit-2k, ...})")  # fmt: skip
-        if self.in_flight > self.max_in_flight:
+        if self.in_flight >= self.max_in_flight:  # full: refused before its body is read
             return self._busy()
         if not request.headers.get("content-type", "").lower().startswith("application/json"):
             return _error("unsupported_media", 'send the request as application/json: {"prompt": ...}')
-        body = await self.gate.within_body_timeout(self.gate.read_body(request, MAX_JSON_BYTES))
+        body = await self.gate.within_body_timeout(self.gate.read_body(request, MAX_JSON_BYTES), request)
+        self._take_slot(request)
         req = safejson.loads(bytes(body), "the body", MAX_JSON_BYTES, max_depth=4)
         if not isinstance(req, dict):
             return _error("bad_input", "the body must be a JSON object with a prompt")
@@ -247,8 +257,6 @@ class Ingress:
     async def _handle(self, fn, request: Request):
         t0 = time.perf_counter()
         status = 500
-        self.in_flight += 1
-        self.metrics.queue(self.in_flight)
         try:
             try:
                 if not self.gate.authorized(request):  # every route: the token, then the site, before anything else
@@ -258,11 +266,13 @@ class Ingress:
                     resp = await fn(request)
             except Exception as e:  # typed refusals and errors: status from the kind, message without a trace
                 kind = kind_of(e)
-                resp = _error(kind, str(e) if kind != "internal" else f"internal error: {type(e).__name__}")
+                resp = _error(kind, str(e) if kind != "internal" else f"internal error: {type(e).__name__}",
+                              {"Retry-After": "2"} if kind == "busy" else None)  # fmt: skip
             status = resp.status_code
             return resp
         finally:
-            self.in_flight -= 1
+            if getattr(request.state, "work_slot", False):
+                self.in_flight -= 1
             dt = time.perf_counter() - t0
             self.latencies.append(dt)
             self.metrics.request(status, dt)
@@ -271,10 +281,11 @@ class Ingress:
                 self.refused[status] += 1
 
     async def _upscale(self, request: Request):
-        if self.in_flight > self.max_in_flight:
+        if self.in_flight >= self.max_in_flight:  # full: refused before its body is read
             return self._busy()
         arrived = time.time()
-        data, fields = await self.gate.within_body_timeout(self.gate.read_image(request))
+        data, fields = await self.gate.within_body_timeout(self.gate.read_image(request), request)
+        self._take_slot(request)
         params = {**dict(request.query_params), **fields}
         over, opts = request_row(params, self.preset, self.options, s3_configured=bool(self.output_s3))
         row = {"key": "request", "bytes": data, **over, "opts": opts}  # options resolved once, where it enters
@@ -294,11 +305,12 @@ class Ingress:
         if self.chains.decode is None:
             return _error("bad_parameter", f"preset {self.preset.name!r} has no latent decoder ({self.preset.vae} "
                           "conditioning); serve a VAE preset to decode latents")  # fmt: skip
-        if self.in_flight > self.max_in_flight:
+        if self.in_flight >= self.max_in_flight:  # full: refused before its body is read
             return self._busy()
         arrived = time.time()
         timeout = self.gate.timeout(dict(request.query_params))
-        data, fields = await self.gate.within_body_timeout(self.gate.read_image(request, "latent"))
+        data, fields = await self.gate.within_body_timeout(self.gate.read_image(request, "latent"), request)
+        self._take_slot(request)
         params = {**dict(request.query_params), **fields}
         over, opts = request_row(params, self.preset, self.options, bool(self.output_s3), DECODE_PARAMS)
         row = {"key": latent_name(bytes(data[:16])), "bytes": bytes(data), **over, "opts": opts}
@@ -379,8 +391,9 @@ class Ingress:
         lat = sorted(self.latencies)
         pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None  # noqa: E731
         stages = {s.name: await t.stats.remote() for s, t in self.model_links}
-        return {"in_flight": self.in_flight, "requests": len(lat), "p50_s": pct(0.5), "p99_s": pct(0.99),
-                "refused": dict(self.refused), "stages": stages, **stages[self.probe_name]}  # fmt: skip
+        return {"in_flight": self.in_flight, "receiving": self.gate.receiving, "requests": len(lat),
+                "p50_s": pct(0.5), "p99_s": pct(0.99), "refused": dict(self.refused), "stages": stages,
+                **stages[self.probe_name]}  # fmt: skip
 
     @app.get("/")
     def page(self):

@@ -17,6 +17,9 @@ from pipeline.errors import SetupError
 from serve.admission import TOKEN_ENV, is_loopback
 
 RAY_LOG = os.path.join(os.environ.get("TMPDIR", "/tmp"), "pidray-serve.log")
+# How long Serve's HTTP server keeps an idle connection open between requests (its default: 90 s, sized for a load
+# balancer in front). Locally nothing sits in front: idle connections close after this.
+KEEP_ALIVE_S = 5
 
 
 def check_port(host: str, port: int) -> None:
@@ -110,7 +113,7 @@ def start(args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: int |
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": KEEP_ALIVE_S})
     args = {"bind_host": host, **args}
     try:
         serve.run(build_app(args), name="pidray", route_prefix="/", blocking=False)

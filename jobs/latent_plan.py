@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from jobs.rules import latent_key
@@ -34,7 +35,7 @@ def _latent_inputs(src: Location, entries: list[Entry]):
             got = ids(e)
         except Exception as err:
             return e, None, ("too_large" if isinstance(err, TooLarge) else "bad_input", str(err))
-        twice = sorted({i for i in got if got.count(i) > 1}) if len(set(got)) != len(got) else []
+        twice = sorted(i for i, n in Counter(got).items() if n > 1)  # one pass, whatever the count of ids
         if twice:  # a crafted archive: two latents under one name would share a manifest row and an output
             return e, None, ("bad_input", f"the file holds latent id(s) {twice[:5]} more than once")
         if len(got) > 1 and "" in got:

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import display
+from pipeline.errors import PidrayError
+from pipeline.storage import display, shown
 
 MANIFEST_NAME = "_pidray_manifest.parquet"
 STAGES = ("read", "decode", "encode", "diffuse", "merge", "write", "latent", "generate", "ldm")
@@ -31,7 +32,8 @@ SCHEMA = pa.schema(
     [("key", pa.string()), ("key_bytes", pa.binary()), ("status", pa.string()), ("error", pa.string()),
      ("error_kind", pa.string()), ("output_key", pa.string()), ("in_bytes", pa.int64()), ("in_h", pa.int64()),
      ("in_w", pa.int64()), ("out_h", pa.int64()), ("out_w", pa.int64()), ("model", pa.string()),
-     ("seed", pa.int64()), ("notes", pa.string()), ("node", pa.string())]
+     ("seed", pa.int64()), ("notes", pa.string()), ("node", pa.string()), ("written_by", pa.string()),
+     ("out_bytes", pa.int64())]
     + [(f"t_{s}", pa.float64()) for s in STAGES]
 )  # fmt: skip
 
@@ -66,8 +68,29 @@ def manifest_row(row: dict, model: str) -> dict:
         "seed": int(row.get("seed", -1)),
         "notes": _printable(notes if isinstance(notes, str) else "; ".join(notes)),
         "node": row.get("node", "") or "",  # the Ray node that diffused it (a Ray Data job); "" in the local loop
+        # the proof that a pidray job wrote `output_key`: that job's id, and the size it wrote (jobs/rules.py)
+        "written_by": row.get("written_by", "") or "",
+        "out_bytes": int(row.get("out_bytes", -1)),
         **{f"t_{s}": float(timings.get(s, row.get(f"t_{s}", float("nan")))) for s in STAGES},
     }
+
+
+def proof(row: dict | None) -> str:
+    """The output a manifest row proves a pidray job wrote (its printable key), or "".
+
+    The proof is the row of DST's own manifest that recorded the write: the job's id (`written_by`) beside the output
+    key, set by the job whose write stage created that file (no write ever replaces a file it did not make). Rows of
+    manifests written before that column existed prove an output when they say `ok`, or `skipped` with the timings
+    of the write carried over from one. A row that merely names a file found in DST (an older --resume's `skipped`
+    row without timings) proves nothing."""
+    if not row or not row.get("output_key"):
+        return ""
+    if row.get("written_by"):
+        return row["output_key"]
+    t_write = row.get("t_write")
+    legacy = row.get("status") == "ok" or (row.get("status") == "skipped" and isinstance(t_write, float)
+                                            and t_write == t_write)  # fmt: skip
+    return row["output_key"] if legacy else ""
 
 
 def _printable(text: str) -> str:
@@ -99,14 +122,38 @@ def write_manifest(dst, rows: list[dict], meta: dict[bytes, bytes] | None = None
                 shutil.rmtree(os.path.join(dst.uri, MANIFEST_NAME))  # only temporaries of a stopped flush are left
             _into_place(dst, COMPACTING, MANIFEST_NAME)
         return f"{dst.uri.rstrip('/')}/{MANIFEST_NAME}"
-    except Exception:
-        return _fallback(data)
+    except Exception as e:
+        return _fallback(data, dst, e)
 
 
-def _fallback(data: bytes) -> str:
-    fallback = os.path.abspath(f"_pidray_manifest-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.parquet")
-    with open(fallback, "wb") as f:
-        f.write(data)
+def _fallback(data: bytes, dst=None, why: BaseException | None = None, into: str = "") -> str:
+    """Write manifest `data` to a new file in the current folder, and say so (one warning line: where, and why DST
+    could not take it). Never replaces a file: two fallbacks in one second get names of their own. `into`: a file an
+    earlier fallback of the same job made (and said): its rows and these are written there together, atomically."""
+    if into:
+        table = pa.concat_tables([pq.read_table(into), pq.read_table(io.BytesIO(data))])
+        tmp = f"{into}.{os.getpid()}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, into)
+        return into
+    stem = os.path.abspath(f"_pidray_manifest-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    for n in range(1000):
+        fallback = f"{stem}{f'-{n}' if n else ''}.parquet"
+        try:
+            with open(fallback, "xb") as f:
+                f.write(data)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"{stem}.parquet")
+    if why is not None:
+        from jobs.terminal import _warn
+
+        reason = str(why) if isinstance(why, PidrayError) else f"{type(why).__name__}: {why}"
+        reason = shown(" ".join(reason.split()), 300)
+        where = f"DST {display(dst.uri)}" if dst is not None else "DST"
+        _warn(f"the manifest could not be written into {where} ({reason}); it is written to {fallback} instead")
     return fallback
 
 
@@ -174,14 +221,14 @@ class ManifestWriter:
         self.last = t0
         if not self.rows:
             return 0.0
-        if not self.parts:
-            self._clear()
         key = f"{MANIFEST_NAME}/{PART.format(len(self.parts), self.tag)}"
         data = manifest_bytes(self.rows, self.meta)
         try:
+            if not self.parts:
+                self._clear()
             self.dst.write(key, data, overwrite=True)  # S3: one PUT; local: a temporary renamed into place
-        except Exception:
-            self.fallback = _fallback(data)
+        except Exception as e:  # DST cannot take it (or is no longer this job's): the rows go elsewhere, said
+            self.fallback = _fallback(data, self.dst, e, into=self.fallback)  # one file: said once
         else:
             self.parts.append(key)
         self.written += len(self.rows)
@@ -199,6 +246,9 @@ class ManifestWriter:
 
     def close(self) -> str:
         """The last rows; a small job's parts folded into one file. Returns where the manifest is."""
+        if self.fallback:  # DST could not take a part: the last rows go where those went (or into DST, if it can)
+            self.flush()
+            return self.fallback
         if not self.parts and (self.rows or self.written == 0):
             rows, self.rows = self.rows, []
             self.written += len(rows)
@@ -224,7 +274,8 @@ def read_manifest(dst) -> list[dict]:
 
 STATUSES = ("ok", "failed", "skipped", "interrupted")
 # columns an older pidray did not write yet: filled in when missing; every other column must be there
-LATER_COLUMNS = {"key_bytes", "error_kind", "node", *(f"t_{s}" for s in STAGES)}
+LATER_COLUMNS = {"key_bytes", "error_kind", "node", "written_by", "out_bytes", *(f"t_{s}" for s in STAGES)}
+LATER_DEFAULTS = {"key_bytes": None, "error_kind": "", "node": "", "written_by": "", "out_bytes": -1}  # else NaN
 MAX_MANIFEST_BYTES = 256 << 20  # ~2 M rows
 
 
@@ -235,6 +286,7 @@ class Previous:
     rows: dict[str, dict] = field(default_factory=dict)
     problem: str = ""
     set_aside: int = 0  # rows not used (all of them when the file itself cannot be used)
+    bad: list[str] = field(default_factory=list)  # the parts of a folder that could not be used at all
 
 
 def _check_row(r: dict) -> dict:
@@ -244,8 +296,8 @@ def _check_row(r: dict) -> dict:
         v = r.get(f.name)
         got = "null" if v is None else type(v).__name__
         if v is None and f.name in LATER_COLUMNS:
-            v = {"key_bytes": None, "error_kind": "", "node": ""}.get(f.name, float("nan"))
-        elif v is None and f.name in ("error", "error_kind", "output_key", "notes", "node"):
+            v = LATER_DEFAULTS.get(f.name, float("nan"))
+        elif v is None and f.name in ("error", "error_kind", "output_key", "notes", "node", "written_by"):
             v = ""
         elif pa.types.is_string(f.type) and not isinstance(v, str):
             raise ValueError(f"column {f.name!r} holds {got}, expected text")
@@ -261,6 +313,24 @@ def _check_row(r: dict) -> dict:
     if out["key_bytes"] is None:  # manifests written before names were stored as bytes
         out["key_bytes"] = os.fsencode(out["key"])
     return out
+
+
+def _salvage(r: dict, why: str) -> dict | None:
+    """From a row set aside, what still proves its output (`proof`): its key, status, output key and proof fields
+    where each has its right type, the rest as a row that failed; None when not even that is there."""
+    key, key_bytes, out = r.get("key"), r.get("key_bytes"), r.get("output_key")
+    if not isinstance(key, str) or not key or not isinstance(out, str) or not out:
+        return None
+    if key_bytes is not None and not isinstance(key_bytes, bytes):
+        return None
+    status = r.get("status") if r.get("status") in STATUSES else "failed"
+    row = manifest_row({"key": os.fsdecode(key_bytes) if key_bytes else key, "status": status,
+                        "error": f"its earlier row was set aside ({why})"[:300]}, "")  # fmt: skip
+    row["output_key"] = out
+    for name, kind in (("written_by", str), ("out_bytes", int), ("t_write", float)):
+        if type(r.get(name)) is kind:
+            row[name] = r[name]
+    return row
 
 
 def read_previous(dst) -> Previous:
@@ -294,24 +364,38 @@ def scan_previous(dst, add) -> Previous:
             names = f.schema_arrow.names
             missing = [c.name for c in SCHEMA if c.name not in names and c.name not in LATER_COLUMNS]
             if missing:
-                prev.set_aside = prev.set_aside + f.metadata.num_rows if prev.set_aside >= 0 else -1
                 reasons.append(f"it lacks the column(s) {missing}")
+            if not {"key", "status"} <= set(names):  # not a pidray manifest: nothing in it can be used
+                prev.set_aside = prev.set_aside + f.metadata.num_rows if prev.set_aside >= 0 else -1
                 continue
             for batch in f.iter_batches(65_536):
                 for r in batch.to_pylist():
                     total += 1
                     try:
+                        if missing:
+                            raise ValueError(f"it lacks the column(s) {missing}")
                         add(_check_row(r))
                     except ValueError as e:
                         prev.set_aside += prev.set_aside >= 0
                         reasons.append(str(e))
-        except _Unusable as e:
-            prev.set_aside = -1
-            reasons.append(str(e))
+                        kept = _salvage(r, str(e))
+                        if kept is not None:  # what proves its output survives the damage
+                            add(kept)
         except Exception as e:
-            prev.set_aside = -1
-            reasons.append(f"it cannot be read as a pidray manifest ({type(e).__name__}: {e})"[:300])
-    if reasons and prev.set_aside > 0 and not reasons[0].startswith("it "):
+            if isinstance(e, _Unusable):
+                why = str(e)
+            else:
+                why = f"it cannot be read as a pidray manifest ({type(e).__name__}: {e})"[:300]
+            if not _is_folder(parts):
+                prev.set_aside = -1
+                reasons.append(why)
+            else:  # one part of a folder: only its rows are lost; every other part's rows are kept
+                prev.bad.append(key)
+                reasons.append(f"its part {key.rpartition('/')[2]!r}: {why.removeprefix('it ')}")
+    if prev.bad:
+        more = f", and {prev.set_aside} row(s) of other parts do not fit" if prev.set_aside > 0 else ""
+        prev.problem = f"{len(prev.bad)} of its {len(parts)} parts cannot be used (first: {reasons[0]}){more}"
+    elif reasons and prev.set_aside > 0 and not reasons[0].startswith("it "):
         prev.problem = f"{prev.set_aside} of {total} rows do not fit (first: {reasons[0]})"
     elif reasons:
         prev.problem = reasons[0]
@@ -325,12 +409,13 @@ class _Unusable(Exception):
 def set_aside(dst, prev: Previous) -> str:
     """Keep the manifest found at DST as a backup beside it (its rows were set aside); returns the backup's name
     (a folder of parts is kept part by part under it)."""
-    backup = f"{MANIFEST_NAME}.bad-{time.strftime('%Y%m%d-%H%M%S')}"
+    backup = f"{MANIFEST_NAME}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
     parts = manifest_parts(dst)
     if not _is_folder(parts):
         dst.copy(parts[0] if parts else MANIFEST_NAME, backup)
         return backup
-    for key in parts:
+    # a folder: the parts that could not be used (every part, when only some of their rows were set aside)
+    for key in [k for k in parts if k in prev.bad] or parts:
         dst.copy(key, f"{backup}/{key.rpartition('/')[2]}")
     return backup
 

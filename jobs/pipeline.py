@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from jobs.config import KEEP_ROWS, JobConfig, Summary
-from jobs.lease import Lease
+from jobs.lease import Fenced, Lease, LeaseLost
 from jobs.manifest import MANIFEST_NAME, ManifestWriter, manifest_row, set_aside
 from jobs.plan import Plan, output_candidates, plan_job
 from jobs.preflight import preflight
@@ -26,6 +26,7 @@ from jobs.progress import JobProgress, Weigher
 from jobs.raydata import StageActor, _ensure_ray, _iter_local, _iter_ray, stage_task
 from jobs.settings import run_metadata
 from jobs.terminal import _RayQuiet, _warn, quiet_ray_data_threads
+from pipeline import receipts
 from pipeline.storage import Location, display
 
 MAX_IN_FLIGHT = 4096  # planned rows not yet back from the stages (far above the rows a stage batches: 16)
@@ -92,10 +93,13 @@ def _run(cfg: JobConfig, lease: Lease | None, on_row, t0: float) -> Summary:
 
 def _run_plan(cfg: JobConfig, plan: Plan, lease: Lease | None, on_row, t0: float) -> Summary:
     if lease is not None:
-        plan.dst.tag = lease.owner  # its temporaries carry the job's id: it removes only its own
-        if lease.taken_over:
-            n = plan.dst.remove_temporaries(lease.taken_over)
-            _warn(f"took over DST's lease from job {lease.taken_over}, which is gone"
+        # its temporaries carry the job's id: it removes only its own; the write stage reads DST's lease for this id
+        # before each output it publishes, and stops writing once another job holds it
+        plan.dst.tag = lease.owner
+        if lease.took_over:  # only a lease that names a job id has temporaries to remove, and only with that id
+            n = plan.dst.remove_temporaries(lease.taken_over) if lease.taken_over else 0
+            _warn(f"took over DST's lease from {f'job {lease.taken_over}' if lease.taken_over else 'a lease file'}, "
+                  f"which was stale ({lease.took_over})"
                   + (f"; removed its {n} unfinished temporary file(s)" if n else ""))  # fmt: skip
     if plan.previous.problem:
         where = f"{plan.dst.uri.rstrip('/')}/{MANIFEST_NAME}"
@@ -105,13 +109,18 @@ def _run_plan(cfg: JobConfig, plan: Plan, lease: Lease | None, on_row, t0: float
                 kept = f"it is kept as {set_aside(plan.dst, plan.previous)}"
             except Exception as e:
                 kept = f"it could not be kept as a backup ({type(e).__name__}: {e})"
-        what = "its rows were" if plan.previous.set_aside < 0 else f"{plan.previous.set_aside} row(s) were"
-        _warn(f"the manifest {where} does not fit ({plan.previous.problem}): {what} set aside and {kept}; outputs "
-              "already in DST are still trusted, and a new manifest is written")  # fmt: skip
+        prev = plan.previous
+        what = ("the rows of the part(s) that cannot be used were" if getattr(prev, "bad", None)
+                else "its rows were" if prev.set_aside < 0 else f"{prev.set_aside} row(s) were")  # fmt: skip
+        _warn(f"the manifest {where} does not fit ({prev.problem}): {what} set aside and {kept}; every other row is "
+              "kept, and a new manifest is written (an output no kept row records is kept by --resume only where "
+              "its receipt proves a pidray job wrote it)")  # fmt: skip
     if cfg.dry_run:
         return _dry_run(cfg, plan, on_row)
     meta = run_metadata(cfg, t0)  # the settings, pidray's version and the start, in every part's Parquet metadata
-    writer = ManifestWriter(plan.dst, tag=lease.owner if lease else "", every_s=FLUSH_EVERY_S, meta=meta)
+    # a leased job publishes each manifest file only while DST's lease is still its own (Fenced)
+    writer = ManifestWriter(Fenced(plan.dst, lease) if lease else plan.dst, tag=lease.owner if lease else "",
+                            every_s=FLUSH_EVERY_S, meta=meta)  # fmt: skip
     job = _Job(cfg, plan, writer)
     summary = job.summary
     local = use_local_loop(cfg, job.peek_small())
@@ -145,11 +154,13 @@ def _run_plan(cfg: JobConfig, plan: Plan, lease: Lease | None, on_row, t0: float
                     lease.check()  # never two jobs writing one DST: stop if another job took the lease
     except Interrupted as e:
         summary.interrupted = e.signum
+    except LeaseLost:
+        pass  # said below, once the manifest is written (never into DST): where it went
     finally:
         job.stop()
         for feed in feeds:  # before Ray goes: the feed's thread must not call into a stopped Ray
             feed.stop()
-        if summary.interrupted and not local:
+        if (summary.interrupted or (lease is not None and lease.lost)) and not local:
             with _on_signals(signal.SIG_IGN):
                 _stop_ray()  # the job's tasks and actors end with it: no output lands after DST is looked at below
         job.bar.close()
@@ -157,6 +168,12 @@ def _run_plan(cfg: JobConfig, plan: Plan, lease: Lease | None, on_row, t0: float
             summary.seconds = time.time() - t0
             summary.manifest = job.close(look=True)
             plan.dst.remove_temporaries(plan.dst.tag)  # this job's own, never another job's
+            if summary.manifest == f"{plan.dst.uri.rstrip('/')}/{MANIFEST_NAME}":  # its rows carry the proof now
+                whole = not summary.interrupted and cfg.limit is None and not (lease is not None and lease.lost)
+                receipts.remove(plan.dst, None if whole and job.planned_all else plan.dst.tag)
+    if lease is not None and lease.lost:  # another job holds DST now: this job stopped writing there
+        raise LeaseLost(f"stopped: {lease.lost}, so this job wrote nothing more into DST; its manifest is at "
+                        f"{summary.manifest}", said=True)  # fmt: skip
     return summary
 
 
@@ -226,6 +243,7 @@ class _Job:
         self.ahead: list[tuple[str, dict]] = []  # items looked at before the run started (peek_small)
         self.bar: JobProgress | None = None
         self.weigh = None  # a planned row -> its work (jobs.progress.Weigher)
+        self.planned_all = False
 
     def peek_small(self) -> int:
         """How many inputs the job has to do, up to AUTO_LOCAL_MAX + 1 (which runner suits it)."""
@@ -274,6 +292,7 @@ class _Job:
                         self.bar.say(f"failed  {row['key']}: {row['error']}")
             if kind == "todo":
                 yield row
+        self.planned_all = True  # every input of SRC was planned (none left by --limit or a stop)
 
     def finished(self, row: dict) -> bool:
         with self.lock:
@@ -281,6 +300,8 @@ class _Job:
                 return False
             self.room.release()
             m = manifest_row(row, self.cfg.model.preset)
+            if m["status"] == "ok" and m["output_key"]:
+                m["written_by"] = self.plan.dst.tag  # the proof that this job wrote it (jobs.manifest.proof)
             self.writer.add(m)
             self.summary.count(m)
         return True
@@ -315,24 +336,38 @@ def _unfinished(cfg: JobConfig, plan: Plan, rows: list[dict], look: bool = True)
 
     A worker may have written an output (atomically: it is complete) that the driver had not heard of yet.
     """
-    listings: dict[str, set[str]] = {}
+    listings: dict[str, dict] = {}
     out = {}
+    job = plan.dst.tag
+    mine = {k: size for k, (by, size) in receipts.read(plan.dst).items() if by == job} if look and rows else {}
     for r in rows:
         folder = r["output_stem"].rpartition("/")[0]
         if look and folder not in listings:
             try:
-                listings[folder] = plan.dst.names(folder)
+                listings[folder] = plan.dst.files(folder)
             except Exception:  # DST not listable now: say nothing about outputs
-                listings[folder] = set()
-        existing = listings.get(folder, set())
+                listings[folder] = {}
+        existing = listings.get(folder, {})
         outs = output_candidates(r["output_stem"], cfg.options.format, r.get("theirs", ()))
-        hit = next((c for c in outs if c in existing), "")
+        # an output this job's write stage published and receipted, not yet reported to the driver
+        hit = next((c for c in outs if c in existing and _receipted(plan.dst, c, existing[c], mine, job)), "")
         error = ("interrupted after its output was written (complete; --resume keeps it)" if hit
                  else "interrupted before it finished; --resume does it" if look
                  else "not finished when this manifest was written; --resume does it if the job stops")  # fmt: skip
         out[r["key"]] = manifest_row({**r, "status": "interrupted", "error": error}, cfg.model.preset)
         out[r["key"]]["output_key"] = display(hit)
+        if hit:
+            out[r["key"]].update(written_by=job, out_bytes=existing[hit].size)
     return out
+
+
+def _receipted(dst: Location, key: str, found, mine: dict[str, int], job: str) -> bool:
+    """Whether `key` in DST is this job's own output, by its receipt (pipeline/receipts.py)."""
+    if not found.regular:
+        return False
+    if dst.is_s3:
+        return bool(job) and receipts.s3_job(dst, key) == job
+    return mine.get(key) == found.size
 
 
 AUTO_LOCAL_MAX = 16  # inputs: below this, with no cluster configured, Ray's start-up costs more than it saves

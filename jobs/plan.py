@@ -21,16 +21,15 @@ from jobs.rules import (
     Inputs,
     Plan,
     _batch_name,
-    _exists_row,
     _refusal,
     _row,
-    _taken,
     existing_outputs,
     latent_key,
     locations,
     output_candidates,
     output_stems,
     recorded_outputs,
+    settle_taken,
     with_non_images,
 )
 from pipeline.errors import SetupError
@@ -145,21 +144,15 @@ def _plan_folder(cfg, plan: Plan, folder: str, listed: list[Entry], protected: I
         if theirs.get(key):
             row["theirs"] = theirs[key]
         hits = [c for c in output_candidates(stem, cfg.options.format, theirs.get(key, ())) if c in existing]
-        hit = hits[0] if hits and cfg.resume else None
-        if hits and not cfg.resume:
-            taken = _taken(hits, recorded, cfg)
-            if taken is not None:
-                out.append(("rejected", _exists_row(_row(e, "failed", cfg, key=key, seed=seed), taken, recorded)))
+        if hits:
+            failed, skipped = _row(e, "failed", cfg, key=key, seed=seed), _row(e, "skipped", cfg, key=key, seed=seed)
+            kind, got = settle_taken(plan, cfg, hits, existing, previous.get(key), recorded, failed, skipped)
+            if kind != "replace":
+                out.append((kind, got))
+                if kind == "skipped" and got["out_h"] < 0:
+                    unknown.append((got, e.key, next(h for h in hits if display(h) == got["output_key"])))
                 continue
-            row["replace"] = hits  # --overwrite: each of these is an output a pidray job wrote
-        if hit:
-            prev = previous.get(key)
-            base = prev if prev and prev.get("status") == "ok" else _row(e, "skipped", cfg, key=key, seed=row["seed"])
-            done = {**base, "status": "skipped", "error": "", "error_kind": "", "output_key": display(hit)}
-            out.append(("skipped", done))
-            if done["out_h"] < 0:
-                unknown.append((done, e.key, hit))
-            continue
+            row["replace"] = got
         out.append(("todo", row))
     _fill_sizes(unknown, src, dst)
     out.sort(key=lambda kr: kr[1]["key"])

@@ -11,7 +11,7 @@ import tempfile
 import weakref
 from collections.abc import Iterator
 
-from jobs.manifest import Previous, manifest_parts, scan_previous
+from jobs.manifest import Previous, manifest_parts, proof, scan_previous
 
 
 class PreviousIndex:
@@ -28,6 +28,7 @@ class PreviousIndex:
             "CREATE TABLE rows (k BLOB PRIMARY KEY, out TEXT, row BLOB, touched INTEGER DEFAULT 0);"
         )
         self.problem, self.set_aside, self.count = "", 0, 0
+        self.bad: list[str] = []  # parts of a folder manifest that could not be used
         self.rows, self.outputs = _Rows(self), _Outputs(self)
         self._pending: list[tuple] = []
         self._gone = weakref.finalize(self, _remove, self.db, self.path)  # also when a caller never closes it
@@ -39,11 +40,11 @@ class PreviousIndex:
         verdict: Previous = scan_previous(dst, index._add)
         index._commit()
         index.db.execute("CREATE INDEX outs ON rows (out)")
-        index.problem, index.set_aside = verdict.problem, verdict.set_aside
+        index.problem, index.set_aside, index.bad = verdict.problem, verdict.set_aside, verdict.bad
         return index
 
     def _add(self, row: dict) -> None:
-        self._pending.append((row["key_bytes"], row.get("output_key") or None, pickle.dumps(row)))
+        self._pending.append((row["key_bytes"], proof(row) or None, pickle.dumps(row)))  # outputs proven pidray's
         if len(self._pending) >= 10_000:
             self._commit()
 
@@ -96,9 +97,14 @@ class _Outputs:
         self.index = index
 
     def __contains__(self, name: str) -> bool:
+        return self.get(name) is not None
+
+    def get(self, name: str, default=None):
+        """The row that proves `name` a pidray output (jobs.manifest.proof), or `default`."""
         if not self.index.count:
-            return False
-        return self.index.db.execute("SELECT 1 FROM rows WHERE out = ? LIMIT 1", (name,)).fetchone() is not None
+            return default
+        got = self.index.db.execute("SELECT row FROM rows WHERE out = ? LIMIT 1", (name,)).fetchone()
+        return pickle.loads(got[0]) if got else default
 
 
 def has_manifest(dst) -> bool:

@@ -10,14 +10,14 @@ from jobs.manifest import manifest_row
 from jobs.previous import PreviousIndex, has_manifest
 from jobs.rules import (
     Plan,
-    _exists_row,
     _safe_name,
-    _taken,
     existing_outputs,
     locations,
     output_candidates,
+    output_name_problem,
     output_stems,
     recorded_outputs,
+    settle_taken,
 )
 from pipeline.errors import BadParameter, SetupError, is_number
 from pipeline.noise import file_seed
@@ -28,6 +28,8 @@ PROMPT_FIELDS = ("prompt", "seed", "size", "steps", "shift", "cfg_scale", "negat
 MAX_PROMPTS = 1_000_000
 MAX_PROMPT_FILE_BYTES = 64 << 20
 MAX_FIELD_CHARS = 1 << 17  # a prompt, negative prompt or name longer than this fails its line
+MAX_NAME_CHARS, MAX_NAME_BYTES = 96, 192  # what an output is named after, of a name's (in UTF-8: 4 bytes a character
+# at most), leaving room for --suffix, a counter and the extension within a file name's 255 bytes
 
 
 def read_prompts(name: str, text: str) -> list[tuple[int, dict | str]]:
@@ -143,10 +145,14 @@ def _text(value, what: str) -> str:
 
 
 def _prompt_name(n: int, item: dict) -> str:
-    """What line n's output is named after: its `name` made safe for a file name, else its number and prompt."""
+    """What line n's output is named after: its `name` made safe for a file name, else its number and prompt. A long
+    name is cut to its first 96 characters and then to at most 192 bytes in UTF-8 (on a character boundary: never
+    half a character), so that its file name fits; with --suffix, a name still too long fails its line."""
     name = item.get("name")
     if isinstance(name, str) and name.strip(" ._"):
-        return _safe_name(name).strip(" ._")[:96] or f"{n:06d}-image"
+        safe = _safe_name(name).strip(" ._")[:MAX_NAME_CHARS]
+        safe = safe.encode("utf-8", "surrogatepass")[:MAX_NAME_BYTES].decode("utf-8", "ignore").strip(" ._")
+        return safe or f"{n:06d}-image"
     prompt = item.get("prompt") if isinstance(item.get("prompt"), str) else ""
     slug = re.sub(r"[^a-z0-9]+", "-", prompt[:1000].lower()).strip("-")[:48] or "image"
     return f"{n:06d}-{slug}"
@@ -207,6 +213,11 @@ def _plan_prompts(cfg) -> Plan:
                                                "error_kind": "bad_parameter"}, cfg.model.preset))  # fmt: skip
             continue
         stem = stems[n]
+        problem = output_name_problem(stem, cfg.options.format, dst)
+        if problem:
+            plan.rejected.append(manifest_row({"key": key, "status": "failed", "error_kind": "bad_input",
+                                               "error": f"plan: line {n}: {problem}"}, cfg.model.preset))  # fmt: skip
+            continue
         if any(dst.identity(c) in protected for c in output_candidates(stem, cfg.options.format)):
             plan.rejected.append(manifest_row({"key": key, "status": "failed", "error_kind": "bad_input",
                                                "error": f"plan: line {n}: its output {display(stem)}.* would "
@@ -215,20 +226,14 @@ def _plan_prompts(cfg) -> Plan:
         row = {"key": key, "prompt": prompt, "gen": gen, "seed": gen["seed"], "output_stem": stem, "in_bytes": 0}
         row["opts"] = resolve(cfg.options, {"seed": gen["seed"]})
         hits = [c for c in output_candidates(stem, cfg.options.format) if c in existing]
-        hit = hits[0] if hits and cfg.resume else None
-        if hits and not cfg.resume:
-            taken = _taken(hits, recorded, cfg)
-            if taken is not None:
-                failed = manifest_row({"key": key, "status": "failed", "seed": gen["seed"]}, cfg.model.preset)
-                plan.rejected.append(_exists_row(failed, (taken[0], f"line {n}: {taken[1]}"), recorded))
+        if hits:
+            failed = manifest_row({"key": key, "status": "failed", "seed": gen["seed"]}, cfg.model.preset)
+            skipped = manifest_row({**row, "status": "skipped"}, cfg.model.preset)
+            kind, got = settle_taken(plan, cfg, hits, existing, previous.get(key), recorded, failed, skipped,
+                                     line=f"line {n}: ")  # fmt: skip
+            if kind != "replace":
+                (plan.skipped if kind == "skipped" else plan.rejected).append(got)
                 continue
-            row["replace"] = hits
-        if hit:
-            prev = previous.get(key)
-            done = prev if prev and prev.get("status") == "ok" else manifest_row({**row, "status": "skipped"},
-                                                                                 cfg.model.preset)  # fmt: skip
-            plan.skipped.append({**done, "status": "skipped", "error": "", "error_kind": "",
-                                 "output_key": display(hit)})  # fmt: skip
-            continue
+            row["replace"] = got
         plan.todo.append(row)
     return plan

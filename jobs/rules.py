@@ -22,11 +22,12 @@ from collections import OrderedDict, defaultdict
 from pathlib import PurePosixPath
 
 from jobs.config import enters
-from jobs.manifest import Previous, manifest_row
+from jobs.manifest import Previous, manifest_row, proof
 from jobs.naming import natural_extension
+from pipeline import receipts
 from pipeline.errors import SetupError
 from pipeline.imageio import EXTENSIONS, FORMATS
-from pipeline.storage import MAX_INPUT_BYTES, Entry, Location, display, key_problem
+from pipeline.storage import MAX_INPUT_BYTES, Entry, FileInfo, Location, display, key_problem
 
 OUTPUT_EXTENSIONS = sorted(set(EXTENSIONS.values()))
 
@@ -41,9 +42,24 @@ class Plan:
         self.previous = Previous()
         self.stream = stream  # an iterator of (kind, row), or None once gathered
         self.lists: dict[str, list[dict]] = {"todo": [], "skipped": [], "rejected": []}
+        self._receipts: dict[str, tuple[str, int]] | None = None  # DST's receipts, read when first needed
 
     def add(self, kind: str, row: dict) -> None:
         self.lists[kind].append(row)
+
+    def receipt(self, hit: str, found: FileInfo) -> dict | None:
+        """The proof that a pidray job wrote the file `hit` of DST when no manifest row carries it (a job stopped
+        before its manifest's next part): its receipt (pipeline/receipts.py), for a regular file of the size it
+        wrote. -> the manifest fields that keep that proof, or None."""
+        if not found.regular:
+            return None
+        if self.dst.is_s3:
+            job = receipts.s3_job(self.dst, hit)
+            return {"written_by": job, "out_bytes": found.size} if job else None
+        if self._receipts is None:
+            self._receipts = receipts.read(self.dst)
+        job, size = self._receipts.get(hit, ("", -1))
+        return {"written_by": job, "out_bytes": size} if job and size == found.size else None
 
     def items(self):
         """Every row once, as planned (the rows gathered so far, then the rest of the stream)."""
@@ -75,13 +91,24 @@ class Plan:
         return self._gathered("rejected")
 
 
-def existing_outputs(dst: Location, folder: str) -> set[str]:
-    """The keys in one folder of DST, from one listing of it: --resume trusts an output found there (writes are
-    atomic); otherwise an output name that is taken is refused, or (--overwrite) replaced when it is pidray's own."""
+def existing_outputs(dst: Location, folder: str) -> dict[str, FileInfo]:
+    """The files in one folder of DST (key -> size, time, regular), from one listing of it: an output name that is
+    taken is kept as this input's output by --resume, or replaced by --overwrite, only when it is proven pidray's
+    own (`proven`); otherwise its input fails with the reason."""
     try:
-        return dst.names(folder)
+        return dst.files(folder)
     except SetupError:  # DST does not exist yet: nothing done
-        return set()
+        return {}
+
+
+def proven(hit: str, row: dict | None, found: FileInfo | None) -> bool:
+    """Whether the file `hit` found in DST is the output a pidray job wrote, as `row` (the input's row in DST's
+    manifest, or the row recording that output) proves: the row names it, and it is still a regular file of the
+    size that job wrote (a link, a FIFO, or a file replaced since by another of a different size is not)."""
+    if found is None or not found.regular or proof(row) != display(hit):
+        return False
+    wrote = int(row.get("out_bytes", -1) if row.get("out_bytes") is not None else -1)
+    return wrote < 0 or wrote == found.size
 
 
 def locations(cfg) -> tuple[Location, Location, Entry | None]:
@@ -156,7 +183,7 @@ def with_non_images(entries: list[Entry]) -> list[Entry]:
     """A listing of every file in a folder of SRC -> the images (and unreadable folders), plus each other file
     marked skipped as "not an image" (notes.txt, a name without an extension); never pidray's own files, and hidden
     files that are not images stay out as before."""
-    from pipeline.storage import RESERVED_PREFIX, is_image_key
+    from pipeline.storage import RESERVED_PREFIX, is_hidden, is_image_key
 
     out = []
     for e in entries:
@@ -166,8 +193,10 @@ def with_non_images(entries: list[Entry]) -> list[Entry]:
             continue
         if is_image_key(e.key):
             out.append(e)
-        elif not e.skip:  # a hidden non-image (.DS_Store) is no input anyone meant
+        elif not e.skip:
             out.append(Entry(e.key, e.size, skip=NOT_AN_IMAGE))
+        elif not is_hidden(e.key):  # a FIFO or a link: on record with its reason; a hidden file (.DS_Store) is not
+            out.append(e)
     return out
 
 
@@ -198,6 +227,45 @@ def latent_key(file_key: str, latent_id: str = "") -> str:
     return f"{escaped}#{latent_id}" if latent_id else escaped
 
 
+MAX_NAME_BYTES = 255  # one file or folder name, on the file systems outputs are written to
+MAX_PATH_BYTES = 4095  # a whole local path (Linux's PATH_MAX, less its NUL)
+MAX_S3_KEY_BYTES = 1024
+
+
+def output_name_problem(stem: str, fmt: str | None, dst: Location) -> str | None:
+    """Why the output of `stem` cannot be written at DST, whichever extension it takes, else None: a file or folder
+    name over 255 bytes, a local path over 4,095 bytes or an S3 key over 1,024 bytes (counted in UTF-8, as the file
+    system and S3 count them), said at planning instead of failing the write after the model ran."""
+
+    def _nbytes(text: str) -> int:
+        try:
+            return len(os.fsencode(text))  # a name read from disk: its own bytes
+        except UnicodeEncodeError:
+            return len(text.encode("utf-8", "surrogatepass"))
+
+    out = max(output_candidates(stem, fmt), key=_nbytes)  # the longest extension
+    how = "choose a shorter --suffix, or give the input (the latent's id, the prompt's name) a shorter name"
+    if dst.is_s3:
+        prefix = dst.bucket_prefix[1]
+        n = _nbytes(f"{prefix}/{out}" if prefix else out)
+        if n > MAX_S3_KEY_BYTES:
+            return f"its output's S3 key would be {n:,} bytes, over S3's limit of {MAX_S3_KEY_BYTES:,}: {how}"
+        return None
+    parts = out.split("/")
+    for i, part in enumerate(parts):
+        n = _nbytes(part)
+        if n > MAX_NAME_BYTES:
+            name = display(stem.split("/")[i])  # without the extension, which depends on what the image turns out
+            short = name if len(name) <= 60 else f"{name[:40]}...{name[-16:]}"
+            what = "file name" if i == len(parts) - 1 else "folder name"
+            return (f"its output's {what} ({short!r}, with its extension) would be up to {n:,} bytes, over the limit "
+                    f"of {MAX_NAME_BYTES} bytes a name may have: {how}")  # fmt: skip
+    n = _nbytes(os.path.join(os.path.abspath(dst.uri), out))
+    if n > MAX_PATH_BYTES:
+        return f"its output's path in DST would be {n:,} bytes, over the limit of {MAX_PATH_BYTES:,}: {how}"
+    return None
+
+
 def _refusal(e: Entry, stem: str, cfg, dst: Location, protected: Inputs) -> tuple[str, str] | None:
     """(kind, reason) when this input must not be processed, else None."""
     problem = key_problem(e.key, s3=dst.is_s3)
@@ -205,49 +273,107 @@ def _refusal(e: Entry, stem: str, cfg, dst: Location, protected: Inputs) -> tupl
         return "bad_input", problem
     if e.size > MAX_INPUT_BYTES:
         return "too_large", f"file is {e.size:,} bytes, over the limit of {MAX_INPUT_BYTES:,}"
+    problem = output_name_problem(stem, cfg.options.format, dst)
+    if problem:
+        return "bad_input", problem
     for out in output_candidates(stem, cfg.options.format) if protected else ():
         if protected.hit(out):
             return "bad_input", f"its output {display(out)!r} would overwrite an input; choose another DST or --suffix"
     return None
 
 
-def recorded_outputs(previous) -> set[str]:
-    """The output keys (printable form) that DST's manifest records as written by a pidray job (a set, or the
-    on-disk index's `outputs`: anything `name in` asks)."""
+def recorded_outputs(previous):
+    """The outputs (printable keys) that DST's manifest proves a pidray job wrote, each with the row that proves it:
+    `name in recorded`, `recorded.get(name)` (the on-disk index's `outputs`, or a dict for a manifest in memory)."""
     if hasattr(previous, "outputs"):
         return previous.outputs
-    return {r["output_key"] for r in previous.rows.values() if r.get("output_key")}
+    return {proof(r): r for r in previous.rows.values() if proof(r)}
 
 
-def _taken(hits: list[str], recorded: set[str], cfg) -> tuple[str, str] | None:
-    """(the existing output name, why the input fails) when files at its output names may not be replaced; None
-    when --overwrite may replace them all (each one recorded by DST's manifest as a pidray output)."""
-    theirs = [h for h in hits if display(h) not in recorded]
-    name = display((theirs or hits)[0])
+def _taken(hits: list[str], ours: dict[str, dict], cfg, why_not) -> tuple[str, str] | None:
+    """(the existing output's key, why the input fails) when files at its output names may not be replaced; None
+    when --overwrite may replace them all. ours: the hits proven outputs of a pidray job (-> the proof); why_not:
+    hit -> why it is not proven one (`_not_ours`)."""
+    theirs = [h for h in hits if h not in ours]
+    hit = (theirs or hits)[0]
+    name = display(hit)
     if not theirs and cfg.overwrite:
         return None
     if not theirs:
-        return name, (f"its output {name!r} already exists in DST (an earlier pidray job wrote it, as DST's manifest "
-                      "records): --resume keeps it, --overwrite replaces it")  # fmt: skip
-    if cfg.overwrite:
-        return name, (
-            f"its output {name!r} already exists in DST and DST's pidray manifest does not record it as a "
-            "pidray output, so --overwrite does not replace it (it replaces only pidray's own outputs): "
-            "--resume keeps it as this input's output; or move it away, or choose another DST or --suffix"
-        )
-    return name, (f"its output {name!r} already exists in DST (not written by pidray, as far as DST's manifest "
-                  "shows): it is kept; --resume keeps it as this input's output, or move it away, or choose another "
-                  "DST or --suffix (--overwrite replaces only outputs a pidray job wrote)")  # fmt: skip
+        return hit, (f"its output {name!r} already exists in DST (an earlier pidray job wrote it, as DST's manifest "
+                     "records): --resume keeps it, --overwrite replaces it")  # fmt: skip
+    flags = "--overwrite does not replace it" if cfg.overwrite else "neither --resume nor --overwrite touches it"
+    return hit, (f"its output {name!r} {why_not(hit)}, so {flags} (they keep or replace only outputs a pidray job "
+                 "wrote): it is kept; move it away, or choose another DST or --suffix")  # fmt: skip
 
 
-def _exists_row(row: dict, taken: tuple[str, str], recorded: set[str]) -> dict:
+def _not_ours(found: FileInfo, name: str, row: dict | None) -> str:
+    """Why the file `name` found in DST is not proven an output of a pidray job (`proven`), for a message."""
+    if not found.regular:
+        return "is in DST but is not a regular file (a link, a FIFO, a device)"
+    if proof(row) == name:
+        return (f"already exists in DST and was changed since a pidray job wrote it ({found.size:,} bytes now, "
+                f"{row.get('out_bytes'):,} then)")  # fmt: skip
+    return "already exists in DST and was not written by pidray (no row of DST's manifest records it, no receipt)"
+
+
+def _exists_row(row: dict, taken: tuple[str, str], ours: dict[str, dict]) -> dict:
     """The manifest row of an input refused because its output name is taken. When the file there is pidray's own
-    output, the row still names it, so the manifest keeps recording it as one (a later --overwrite may replace it)."""
-    name, reason = taken
+    output, the row still names it with its proof, so the manifest keeps recording it as one (a later --overwrite
+    may replace it)."""
+    hit, reason = taken
     row = {**row, "error": f"plan: {reason}", "error_kind": "bad_input"}
-    if name in recorded:
-        row["output_key"] = name
+    if hit in ours:
+        row.update(output_key=display(hit), **ours[hit])
     return row
+
+
+def settle_taken(
+    plan: Plan,
+    cfg,
+    hits: list[str],
+    existing: dict[str, FileInfo],
+    prev: dict | None,
+    recorded,
+    failed: dict,
+    skipped: dict,
+    line: str = "",
+) -> tuple[str, dict | list[str]]:
+    """What becomes of an input whose output names `hits` are taken in DST (by the rules above):
+    ("skipped", its row: --resume keeps a proven output), ("rejected", its failed row), or ("replace", the hits
+    --overwrite may replace). prev: the input's row in DST's manifest; failed/skipped: its rows to build on; line:
+    said before the reason ("line 3: " of a prompt file)."""
+    if cfg.resume:  # kept only when proven pidray's: this input's manifest row, or a receipt
+        hit = next((h for h in hits if proven(h, prev, existing[h])), None)
+        base = prev
+        if hit is None:
+            hit, by = next(((h, by) for h in hits if (by := plan.receipt(h, existing[h]))), (None, None))
+            base = {**skipped, **(by or {})}
+        if hit is None:
+            row = _unproven_row(failed, hits, existing, prev)
+            return "rejected", {**row, "error": row["error"].replace("plan: ", f"plan: {line}", 1)}
+        return "skipped", {**base, "status": "skipped", "error": "", "error_kind": "", "output_key": display(hit)}
+    ours = {}  # the hits proven pidray's -> the proof, carried into the input's row
+    for h in hits:
+        by = recorded.get(display(h))
+        if proven(h, by, existing[h]):
+            ours[h] = {"written_by": by.get("written_by") or "earlier", "out_bytes": by.get("out_bytes", -1)}
+        elif proof_of := plan.receipt(h, existing[h]):
+            ours[h] = proof_of
+    taken = _taken(hits, ours, cfg, lambda h: _not_ours(existing[h], display(h), recorded.get(display(h)) or prev))
+    if taken is not None:
+        return "rejected", _exists_row(failed, (taken[0], f"{line}{taken[1]}"), ours)
+    return "replace", hits  # --overwrite: each of these is an output a pidray job wrote
+
+
+def _unproven_row(row: dict, hits: list[str], existing: dict[str, FileInfo], prev: dict | None) -> dict:
+    """The manifest row of an input --resume cannot finish: a file is at its output name, and nothing proves a
+    pidray job wrote it (the input's manifest row, or a receipt), so it is neither kept as the output nor replaced."""
+    name = display(hits[0])
+    why = _not_ours(existing[hits[0]], name, prev)
+    return {**row, "error": f"plan: its output {name!r} {why}, so --resume does not keep it as this input's output "
+            "(it keeps only outputs a pidray job wrote): it is kept as it is; move it away, or choose another DST "
+            "or --suffix", "error_kind": "bad_input"}  # fmt: skip
 
 
 class Inputs:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -45,6 +46,7 @@ MAX_LATENT_BYTES = 1 << 30  # all the latents of one file, decompressed (the siz
 MAX_MEMBERS = 100_000  # latents (named tensors, .npz members) in one file
 MAX_HEADER = 16 << 20  # a safetensors header's JSON
 MAX_CAPTION_CHARS = 4000  # a caption in a latent file: as long as a prompt may be
+READ_CHUNK = 1 << 20  # an array's data is read (inflated) this much at a time, into the array itself
 
 
 def is_latent_key(key: str) -> bool:
@@ -76,7 +78,8 @@ class LatentFile:
     (MAX_LATENT_ELEMS), the bytes all of them take decompressed (`max_bytes`) and how many there are (`max_members`).
 
     `data` is the file's bytes; an .npz may also be a seekable file object (planning lists its ids from the zip
-    directory without reading the members)."""
+    directory without reading the members). `index` maps every id to its place in `ids` (a batch file of 100,000
+    latents is looked up per row in constant time)."""
 
     def __init__(self, name: str, data, max_bytes: int = MAX_LATENT_BYTES, max_members: int = MAX_MEMBERS):
         self.name, self.max_bytes, self.max_members = name, max_bytes, max_members
@@ -93,17 +96,25 @@ class LatentFile:
             self._index_npz()
         else:
             raise BadInput(f"not a latent file ({', '.join(LATENT_EXTENSIONS)}): {name}")
+        self.index = {i: n for n, i in enumerate(self.ids)}
 
-    def item(self, id_: str = "") -> LatentItem:
-        """The latent `id_` ("" when the file holds one latent without an id), validated for shape and values."""
-        if id_ not in self.ids:
+    def item(self, id_: str = "", limit: Callable[[tuple], None] | None = None) -> LatentItem:
+        """The latent `id_` ("" when the file holds one latent without an id), validated for shape and values.
+        limit: a check of the latent's [C, h, w] shape (`output_limit`), made from the file's header before its data
+        is read or inflated, like the shape's own rules."""
+        if id_ not in self.index:
             raise BadInput(f"no latent {id_!r} in the file" if id_ else "the file holds several latents: name one")
+        what = f"latent {id_!r}" if id_ else "latent"
+
+        def check(shape: tuple) -> None:
+            _check_shape(shape, what, limit)
+
         if self.ext == ".safetensors":
-            latent = self._st_array(id_)
+            latent = self._st_array(id_, check)
         elif self.ext == ".npy":
-            latent = _load_npy(self.data)
+            latent = _load_npy(self.data, check)
         else:
-            latent = self._npz_array(id_)
+            latent = self._npz_array(id_, check)
         caption = self.captions.get(id_, self.common["caption"])
         sigma = self.sigmas[id_] if id_ in self.sigmas else self.common["sigma"]
         return LatentItem(id_ or None, _as_chw(latent, id_ or None), caption, sigma, self.common["format"])
@@ -122,18 +133,20 @@ class LatentFile:
         self.common = {"caption": _caption(meta.get("caption"), "caption"), "sigma": _float(meta.get("sigma"), "sigma"),
                        "format": meta.get("format")}  # fmt: skip
 
-    def _st_array(self, id_: str) -> np.ndarray:
+    def _st_array(self, id_: str, check=None) -> np.ndarray:
         one = len(self.entries) == 1
         name = next(iter(self.entries)) if one else id_
         dtype, shape, begin, end = self.entries[name]
         what = f"tensor {name!r}"
         if dtype not in ST_FLOATS:
             raise BadInput(f"{what} must be floating point ({', '.join(ST_FLOATS)}), got {dtype}")
+        if check is not None:  # from the header, before the data is touched
+            check(shape[1:] if one and self.ids != [""] else shape)
         a = np.frombuffer(self.data, ST_DTYPES[dtype], math.prod(shape), self.base + begin).reshape(shape)
         if dtype == "BF16":  # the top half of a float32
             a = (a.astype(np.uint32) << 16).view(np.float32)
         if one and self.ids != [""]:  # one [N, C, h, w] tensor with its ids in the metadata
-            a = a[self.ids.index(id_)]
+            a = a[self.index[id_]]
         return a
 
     # ------------------------------------------------------------------ npz
@@ -183,18 +196,22 @@ class LatentFile:
             raise BadInput(f".npz member {info.filename!r} must hold one value, got {a.size} (shape {list(a.shape)})")
         return a.reshape(()).item()
 
-    def _npz_array(self, id_: str) -> np.ndarray:
-        return self._npz_read(self.members[id_], "f")
+    def _npz_array(self, id_: str, check=None) -> np.ndarray:
+        return self._npz_read(self.members[id_], "f", check)
 
-    def _npz_read(self, info, kinds: str) -> np.ndarray:
+    def _npz_read(self, info, kinds: str, check=None) -> np.ndarray:
         import zipfile
         import zlib
 
         what = f".npz member {info.filename!r}"
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):  # what numpy writes; the others'
+            # decompressors cannot be told to stop at a size, so a small stream could inflate past any limit
+            raise BadInput(f"{what} is compressed with method {info.compress_type}: an .npz member must be stored or "
+                           "deflated (numpy.savez, numpy.savez_compressed)")  # fmt: skip
         _check_local_header(self.zip.fp, info, what)
         try:
             with self.zip.open(info) as f:  # streamed: the array's header is checked before the member inflates
-                return _read_array(f, what, info.file_size, kinds)
+                return _read_array(f, what, info.file_size, kinds, check)
         except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError, OSError):
             # zipfile inflates at most the declared size and checks the CRC: a member whose size lies ends here
             raise BadInput(f"{what} is damaged: it does not inflate to the {info.file_size:,} bytes its zip "
@@ -392,9 +409,11 @@ def open_latents(name: str, data, max_bytes: int = MAX_LATENT_BYTES, max_members
     return f
 
 
-def _read_array(f, what: str, limit: int, kinds: str = "f") -> np.ndarray:
+def _read_array(f, what: str, limit: int, kinds: str = "f", check=None) -> np.ndarray:
     """One .npy stream: its header checked (no pickles, an allowed dtype, a size within the limit and within the
-    `limit` bytes the stream holds) before any data is allocated."""
+    `limit` bytes the stream holds, and `check(shape)` when given) before any data is allocated or inflated; then
+    the data read a chunk at a time into the array itself (never more than the header's size, never a second
+    copy)."""
     from numpy.lib import format as npf
 
     try:
@@ -412,23 +431,80 @@ def _read_array(f, what: str, limit: int, kinds: str = "f") -> np.ndarray:
         raise BadInput(f"{what} must be {want}, got {dtype}")
     elems = math.prod(shape)
     if elems > MAX_LATENT_ELEMS:
-        raise TooLarge(f"{what} has {elems:,} elements, over the limit of {MAX_LATENT_ELEMS:,}")
+        raise TooLarge(f"{what} has {elems:,} elements (shape {list(shape)}), over the limit of {MAX_LATENT_ELEMS:,}")
     nbytes = elems * dtype.itemsize
     if nbytes > limit:
         raise BadInput(f"{what} claims {nbytes:,} bytes of data ({dtype}, shape {list(shape)}); it holds at most "
                        f"{limit:,}")  # fmt: skip
-    buf = f.read(nbytes)
-    if len(buf) != nbytes:
-        raise BadInput(f"{what} is cut short: {len(buf):,} of its {nbytes:,} bytes of data")
-    return np.frombuffer(buf, dtype).reshape(shape, order="F" if fortran else "C")
+    if check is not None:
+        check(tuple(shape))
+    a = np.empty(elems, dtype)
+    view = memoryview(a.view(np.uint8)) if nbytes else memoryview(b"")
+    got = 0
+    while got < nbytes:
+        n = f.readinto(view[got : got + READ_CHUNK])
+        if not n:
+            break
+        got += n
+    if got != nbytes:
+        raise BadInput(f"{what} is cut short: {got:,} of its {nbytes:,} bytes of data")
+    return a.reshape(shape, order="F" if fortran else "C")
 
 
-def _load_npy(data: bytes) -> np.ndarray:
-    a = _read_array(io.BytesIO(data), ".npy file", len(data))
-    if a.ndim == 4 and a.shape[0] > 1:
-        raise BadInput(f"a batch of {a.shape[0]} latents without ids: save an .npz with one named array per latent, "
-                       "or one latent per file")  # fmt: skip
-    return a
+def _chw_shape(shape: tuple) -> tuple | None:
+    """The [C, h, w] a latent's shape stands for, by the rules of `_as_chw` (None: none)."""
+    s = tuple(shape)
+    if len(s) == 5 and s[0] == 1:  # [1, C, T, h, w]
+        s = s[1:]
+    if len(s) == 4 and s[0] == 1:
+        s = s[1:]
+    elif len(s) == 4 and s[1] == 1:  # [C, 1, h, w]
+        s = (s[0], *s[2:])
+    return s if len(s) == 3 else None
+
+
+def _check_shape(shape: tuple, what: str, limit=None) -> None:
+    """A latent's shape from its file's header: one `_as_chw` takes, with no empty dimension, and within `limit`."""
+    chw = _chw_shape(shape)
+    if chw is None:
+        raise BadInput(f"{what} must be [C, h, w] (or [1, C, h, w]), got shape {list(shape)}")
+    if min(chw) < 1:
+        raise BadInput(f"{what} has an empty dimension: {list(shape)}")
+    if limit is not None:
+        try:
+            limit(chw)
+        except TooLarge as e:
+            raise TooLarge(f"{what} of shape {list(shape)}: {e}") from None
+
+
+def output_limit(preset, options, out_size=None) -> Callable[[tuple], None]:
+    """A latent's [C, h, w] checked against the output-size limit the encode stage applies to the output it stands
+    for (latent × the VAE factor × the preset's scale, then `options.scale`; options.max_output_side), so a latent
+    whose output would be refused is refused from its file's header, before its data is read or inflated. With an
+    explicit output size (out_size), that size is what the encode stage checks, and this check passes."""
+    from pipeline.tiling import check_output_side, target_size
+
+    unit, sr, side = preset.lq_unit, preset.scale, options.max_output_side
+
+    def check(chw: tuple) -> None:
+        if out_size:
+            return
+        in_hw = (chw[1] * unit, chw[2] * unit)
+        check_output_side((in_hw[0] * sr, in_hw[1] * sr), side)
+        check_output_side(target_size(in_hw, sr, options.scale), side)
+
+    return check
+
+
+def _load_npy(data: bytes, check=None) -> np.ndarray:
+    def first(shape: tuple) -> None:  # from the header
+        if len(shape) == 4 and shape[0] > 1:
+            raise BadInput(f"a batch of {shape[0]} latents without ids: save an .npz with one named array per latent, "
+                           "or one latent per file")  # fmt: skip
+        if check is not None:
+            check(shape)
+
+    return _read_array(io.BytesIO(data), ".npy file", len(data), check=first)
 
 
 def npz_ids(data) -> list[str]:

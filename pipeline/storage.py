@@ -21,9 +21,11 @@ is seen beside the other.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import BadInput, OutputExists, SetupError, TooLarge
+from pipeline.receipts import s3_receipt, valid_job
 
 MAX_INPUT_BYTES = 1 << 30  # a file larger than this is refused before it is read (no input we take is that big)
 BUCKET_NAME = re.compile(r"[a-zA-Z0-9._-]{1,255}")  # what S3 clients accept (AWS itself: 3-63 of [a-z0-9.-])
@@ -99,6 +102,16 @@ class Entry:
     note: str = ""
     folder: bool = False  # a folder that could not be read: reported, with its reason
     target: str = ""  # a symbolic link's target (followed or not): the file it names
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What a listing says of one file: size in bytes, modification time (seconds), and whether it is a regular file
+    (locally; every S3 object is one)."""
+
+    size: int
+    mtime: float
+    regular: bool = True
 
 
 def explain_storage_error(e: BaseException, action: str, uri: str, endpoint: str | None = None) -> str:
@@ -275,6 +288,36 @@ class Location:
         except OSError:
             return set()
 
+    def files(self, folder: str) -> dict[str, FileInfo]:
+        """`names`, with what each one is (from the same one listing; locally an `lstat` per entry, never an open):
+        its size, its modification time, and whether it is a regular file (not a link, a FIFO, a device)."""
+        rel = f"{folder}/" if folder else ""
+        if self.is_s3:
+            bucket, prefix = self.bucket_prefix
+            start = f"{prefix}/{rel}" if prefix else rel
+            out = {}
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start, Delimiter="/")
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    out[rel + obj["Key"][len(start) :]] = FileInfo(int(obj["Size"]), obj["LastModified"].timestamp())
+            return out
+        path = os.path.join(self.uri, folder) if folder else self.uri
+        if folder and os.path.realpath(path) != os.path.join(os.path.realpath(self.uri), folder):
+            return {}
+        out = {}
+        try:
+            with os.scandir(path) as it:
+                for e in it:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if not stat.S_ISDIR(st.st_mode):
+                        out[rel + e.name] = FileInfo(st.st_size, st.st_mtime, stat.S_ISREG(st.st_mode))
+        except OSError:
+            return {}
+        return out
+
     def _walk_s3(self, exclude: Location | None) -> Iterator[tuple[str, list[Entry]]]:
         bucket, prefix = self.bucket_prefix
         base = f"{prefix}/" if prefix else ""
@@ -330,6 +373,10 @@ class Location:
                         out.append(
                             Entry(key, os.stat(target).st_size, note=f"symbolic link to {target}", target=target)
                         )
+                    else:  # a link to a FIFO, a device (/dev/zero), or to nothing: on record, never opened
+                        what = _file_type(os.stat(target).st_mode) if os.path.exists(target) else "missing"
+                        why = f"symbolic link to {target}, which is {what}, not a regular file"
+                        out.append(Entry(key, -1, skip=why, target=target))
                     continue
                 if e.is_dir(follow_symlinks=False):
                     if skip_dir is not None and os.path.realpath(e.path) == skip_dir:
@@ -337,6 +384,9 @@ class Location:
                     subs.append((e.path, key + "/"))
                 elif e.is_file(follow_symlinks=False):
                     out.append(Entry(key, e.stat(follow_symlinks=False).st_size))
+                else:  # a FIFO, a socket, a device: on record, never opened (reading one may block for ever)
+                    what = _file_type(e.stat(follow_symlinks=False).st_mode)
+                    out.append(Entry(key, -1, skip=f"{what}, not a regular file: it is not read"))
             yield rel.rstrip("/"), out
             stack += reversed(subs)  # popped in name order
 
@@ -415,7 +465,14 @@ class Location:
             bucket, _ = self.bucket_prefix
             return _RangedObject(self.client, bucket, self._s3_key(key))
         flags = os.O_RDONLY | (0 if self.follow_symlinks else os.O_NOFOLLOW)  # a file swapped for a link is refused
-        return os.fdopen(os.open(os.path.join(self.uri, key), flags), "rb")
+        fd = os.open(os.path.join(self.uri, key), flags | os.O_NONBLOCK)  # a FIFO put at its name cannot hang it
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            what = _file_type(mode)
+            raise BadInput(f"{display(key)!r} is {what}, not a regular file: it is not read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
 
     def _local_path(self, key: str) -> Path:
         """The path for `key`, proven inside the location after resolving every existing symlink."""
@@ -464,11 +521,12 @@ class Location:
         bucket, _ = self.bucket_prefix
         full = self._s3_key(key)
         cond = {} if overwrite else {"IfNoneMatch": "*"}
+        meta = {"Metadata": s3_receipt(self.tag, key)} if valid_job(self.tag) else {}  # the proof of origin
         try:
             if len(data) <= PART_BYTES:
-                self.client.put_object(Bucket=bucket, Key=full, Body=data, **cond)
+                self.client.put_object(Bucket=bucket, Key=full, Body=data, **cond, **meta)
                 return
-            upload = self.client.create_multipart_upload(Bucket=bucket, Key=full)["UploadId"]
+            upload = self.client.create_multipart_upload(Bucket=bucket, Key=full, **meta)["UploadId"]
             try:
                 parts = []
                 for n, start in enumerate(range(0, len(data), PART_BYTES), 1):
@@ -524,19 +582,38 @@ class Location:
                                     CopySource={"Bucket": bucket, "Key": self._s3_key(key)})  # fmt: skip
             return
         src, dst = self._local_path(key), self._local_path(new_key)
-        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        self._local_path(new_key)  # again after creating folders: nothing swapped a folder for a link meanwhile
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise BadInput(f"{display(key)!r} is not a regular file: it is not copied")
         with os.fdopen(fd, "rb") as f, open(dst, "xb") as out:
             shutil.copyfileobj(f, out)
 
     def remove_temporaries(self, tag: str) -> int:
         """Delete the temporary files of job `tag` (this job's, or a dead job's whose lease was taken over) below a
-        local folder; another job's are never touched."""
-        if self.is_s3 or not tag or not Path(self.uri).is_dir():
+        local folder; another job's are never touched.
+
+        `tag` is data (it may come from a lease file another program wrote): nothing is done unless it is a job id
+        as pidray makes them (12 lowercase hex digits), and it never becomes part of a path or a pattern. DST is
+        walked without following links (a folder that links elsewhere is never entered), and only regular files
+        whose name is exactly one this code gives a temporary of that job (`.pidray-<id>-<8 random>.part`) go."""
+        if self.is_s3 or not valid_job(tag) or not os.path.isdir(self.uri):
             return 0
-        mine = list(Path(self.uri).rglob(f"{temp_prefix(tag)}*.part"))
-        for p in mine:
-            p.unlink(missing_ok=True)
-        return len(mine)
+        prefix, n = temp_prefix(tag), 0
+        for _, _, names, dirfd in os.fwalk(os.path.realpath(self.uri), follow_symlinks=False):
+            for name in names:
+                rest = name[len(prefix) :] if name.startswith(prefix) else ""
+                if not _TEMP_TAIL.fullmatch(rest):
+                    continue
+                try:
+                    if stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+                        os.unlink(name, dir_fd=dirfd)
+                        n += 1
+                except FileNotFoundError:
+                    pass
+        return n
 
     # ------------------------------------------------------------------ conditional writes (the job's lease)
     def create_exclusive(self, key: str, data: bytes) -> str:
@@ -571,10 +648,27 @@ class Location:
             except self.client.exceptions.NoSuchKey:
                 return None
             return got["Body"].read(1 << 20), got["ETag"]
+        path = os.path.join(self.uri, key)
         try:
-            return self.read(key, 1 << 20), ""
+            st = os.lstat(path)
         except FileNotFoundError:
             return None
+        if not stat.S_ISREG(st.st_mode):  # never opened: a FIFO would block, a link could lead anywhere
+            raise NotAFile(key, what_is(path, st.st_mode))
+        try:  # O_NONBLOCK: swapped for a FIFO since the look above, the open still returns at once
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError:  # swapped for a link since the look above (ELOOP); anything else is told as it is
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode):
+                raise
+            raise NotAFile(key, what_is(path, mode)) from None
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise NotAFile(key, what_is(path, mode))
+            return f.read(1 << 20), ""
 
     def replace_versioned(self, key: str, data: bytes, token: str) -> str:
         """Overwrite `key` only if it is still at version `token` (S3: If-Match; FileExistsError when it moved on);
@@ -599,9 +693,94 @@ class Location:
         self._local_path(key).unlink(missing_ok=True)
 
 
+def _file_type(mode: int) -> str:
+    """What a file that is not a regular file is, for a message."""
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
 def temp_prefix(tag: str) -> str:
-    """The name every temporary file of job `tag` starts with."""
-    return f".pidray-{tag}-" if tag else ".pidray-"
+    """The name every temporary file of job `tag` starts with (a tag that is not a job id names no job)."""
+    return f".pidray-{tag}-" if valid_job(tag) else ".pidray-"
+
+
+_TEMP_TAIL = re.compile(r"[a-z0-9_]{8}\.part")  # what follows temp_prefix in a temporary's name (mkstemp's 8)
+
+
+LEASE_KEY = ".pidray-lock"  # DST's lease (jobs/lease.py): the job it names is the one job that may write DST
+
+
+class LeaseLost(SetupError):
+    """This job's lease on DST is gone (another job took DST over): it must never write into DST again."""
+
+    def __init__(self, reason: str, said: bool = False):
+        super().__init__(reason if said else f"{reason}: this job writes nothing more into DST")
+        self.reason = reason
+
+
+def check_lease(dst: Location, job: str) -> tuple[bytes, str]:
+    """The lease file's (bytes, version token) while DST's lease still names job `job`; LeaseLost otherwise. One small
+    read, made before each output or manifest file is published, so that a job stalled past its lease (and taken
+    over by another job) writes nothing more into DST."""
+    where = display(dst.uri)
+    try:
+        found = dst.read_with_etag(LEASE_KEY)
+    except NotAFile as e:
+        raise LeaseLost(f"DST {where}'s lease file {LEASE_KEY} is now {e.what}") from None
+    if found is None:
+        raise LeaseLost(f"DST {where}'s lease file {LEASE_KEY} was removed")
+    try:
+        info = json.loads(found[0])
+    except (ValueError, RecursionError):
+        info = None
+    holder = info.get("owner") if isinstance(info, dict) else None
+    if holder != job:
+        raise LeaseLost(f"another job ({shown(holder) if holder is not None else 'none'}) holds DST {where} now")
+    return found
+
+
+def shown(value, cap: int = 64) -> str:
+    """A value read from a file another program may have written, as it may be printed: text with every character
+    that is not printable escaped (no terminal control sequence gets through), at most `cap` characters."""
+    if isinstance(value, str):
+        text = value
+    elif value is None or isinstance(value, (bool, int, float)):
+        try:
+            text = repr(value)
+        except ValueError:  # an int of more digits than Python prints
+            text = "a huge number"
+    else:
+        text = type(value).__name__
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[: cap + 1])
+    return out if len(out) <= cap else out[:cap] + "..."
+
+
+class NotAFile(SetupError):
+    """A name that must hold a small file of pidray's (DST's lease) holds something else: a folder, a link, a FIFO,
+    a socket or a device. It is never opened, followed or removed."""
+
+    def __init__(self, key: str, what: str):
+        super().__init__(f"{key} is {what}, not a file")
+        self.key, self.what = key, what
+
+
+def what_is(path: str, mode: int) -> str:
+    """What is at `path`, in words, from its lstat mode."""
+    if stat.S_ISLNK(mode):
+        try:
+            return f"a symbolic link (to {display(os.readlink(path))[:200]!r})"
+        except OSError:
+            return "a symbolic link"
+    kinds = {stat.S_ISDIR: "a folder (directory)", stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket",
+             stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}  # fmt: skip
+    return next((what for test, what in kinds.items() if test(mode)), "not a regular file")
 
 
 def _exists_message(key: str) -> str:

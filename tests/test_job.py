@@ -148,7 +148,7 @@ def test_resume_after_a_crash_writes_only_missing_outputs(bicubic_weights, tmp_p
     cmd = [sys.executable, "-m", "pidray.cli", "upscale", str(src), str(dst), "--local", "--weights", bicubic_weights]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len([p for p in dst.rglob("*.*") if p.is_file()]) < 3:
+    while time.time() < deadline and len([p for p in dst.rglob("*.*") if p.is_file() and p.name[0] != "."]) < 3:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # a crash: no manifest, no clean-up
     proc.wait()

@@ -69,28 +69,32 @@ def test_a_plain_job_never_replaces_a_users_file(bicubic_weights, tmp_path):
 
 
 def test_overwrite_replaces_only_outputs_a_manifest_records(bicubic_weights, tmp_path):
-    src, dst = _src(tmp_path), tmp_path / "out"
-    assert run_job(_job(src, dst, bicubic_weights)).ok == 2
+    src, dst = _src(tmp_path, ("a.png", "b.png", "d.png")), tmp_path / "out"
+    assert run_job(_job(src, dst, bicubic_weights)).ok == 3
     made = (dst / "a.png").read_bytes()
-    (dst / "a.png").write_bytes(b"stale")  # an earlier output, changed since: still pidray's own by the record
+    (dst / "a.png").write_bytes(b"stale")  # an earlier output, changed since: no longer what pidray wrote
     _save(src / "c.png", color=(0, 0, 250))
     (dst / "c.png").write_bytes(USER)  # the user's, at the output name of a new input
+    d_inode = (dst / "d.png").stat().st_ino  # pidray's own, as it wrote it
 
     plain = run_job(_job(src, dst, bicubic_weights))  # without a flag: nothing replaced, every taken name said
-    assert plain.ok == 0 and plain.failed == 3
+    assert plain.ok == 0 and plain.failed == 4
     rows = _rows(dst)
-    assert "an earlier pidray job wrote it" in rows["a.png"]["error"] and rows["a.png"]["output_key"] == "a.png"
+    assert "an earlier pidray job wrote it" in rows["b.png"]["error"] and rows["b.png"]["output_key"] == "b.png"
+    assert "changed since a pidray job wrote it" in rows["a.png"]["error"] and rows["a.png"]["output_key"] == ""
     assert "not written by pidray" in rows["c.png"]["error"] and rows["c.png"]["output_key"] == ""
     assert (dst / "a.png").read_bytes() == b"stale" and (dst / "c.png").read_bytes() == USER
 
     again = run_job(_job(src, dst, bicubic_weights, overwrite=True))  # the record survived the plain run
-    assert again.ok == 2 and again.failed == 1
-    assert (dst / "a.png").read_bytes() == made and (dst / "c.png").read_bytes() == USER
+    assert again.ok == 2 and again.failed == 2
+    assert (dst / "a.png").read_bytes() == b"stale" and (dst / "c.png").read_bytes() == USER
+    assert (dst / "d.png").stat().st_ino != d_inode and (dst / "b.png").is_file()  # replaced: written anew
     rows = _rows(dst)
-    assert rows["a.png"]["status"] == "ok" and rows["b.png"]["status"] == "ok"
-    c = rows["c.png"]
-    assert c["status"] == "failed" and c["error_kind"] == "bad_input"
-    assert "--overwrite does not replace it" in c["error"] and "'c.png'" in c["error"]
+    assert rows["b.png"]["status"] == "ok" and rows["d.png"]["status"] == "ok"
+    for k in ("a.png", "c.png"):
+        assert rows[k]["status"] == "failed" and rows[k]["error_kind"] == "bad_input"
+        assert "--overwrite does not replace it" in rows[k]["error"] and f"'{k}'" in rows[k]["error"]
+    assert made != b"stale"
 
 
 def test_resume_still_keeps_what_is_done(bicubic_weights, tmp_path):
@@ -266,6 +270,7 @@ def test_a_prompt_job_never_replaces_a_users_file(t2i, tmp_path):
     rows = {int(r["key"].rsplit(":", 1)[1]): r for r in read_manifest(Location(str(dst)))}
     assert "line 1: its output 'cat.png' already exists" in rows[1]["error"] and rows[2]["status"] == "ok"
     dog = (dst / "dog.png").read_bytes()
-    (dst / "dog.png").write_bytes(b"stale")
+    dog_inode = (dst / "dog.png").stat().st_ino
     again = job(overwrite=True)
     assert again.ok == 1 and (dst / "dog.png").read_bytes() == dog and (dst / "cat.png").read_bytes() == USER
+    assert (dst / "dog.png").stat().st_ino != dog_inode  # pidray's own output: replaced by a new write

@@ -88,7 +88,8 @@ def test_a_damaged_part_is_set_aside_and_the_others_used(tmp_path):
     w.close()
     (tmp_path / MANIFEST_NAME / "part-000009-x.parquet").write_bytes(b"PAR1 not really")
     prev = read_previous(dst)
-    assert set(prev.rows) == {"a.png", "b.png"} and "cannot be read" in prev.problem and prev.set_aside == -1
+    assert set(prev.rows) == {"a.png", "b.png"} and "cannot be read" in prev.problem
+    assert prev.bad == [f"{MANIFEST_NAME}/part-000009-x.parquet"] and prev.set_aside == 0  # only its own rows lost
 
 
 def test_resume_from_a_manifest_of_parts_redoes_nothing_done(bicubic_weights, tmp_path):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pipeline import receipts
 from pipeline.errors import BadInput, TooLarge
 from pipeline.stages.rows import MergedRow, ReadRow
-from pipeline.storage import Location
+from pipeline.storage import Location, check_lease
 
 
 class ReadStage:
@@ -44,5 +45,10 @@ class WriteStage:
         row = dict(row)
         row["output_key"] = row["output_stem"] + row["extension"]
         allowed = row["output_key"] in (row.get("replace") or ())
-        self.dst.write(row["output_key"], row.pop("output"), overwrite=allowed)
+        data = row.pop("output")
+        if self.dst.tag:  # a leased job's DST: published only while DST's lease still names this job (LeaseLost)
+            check_lease(self.dst, self.dst.tag)
+        self.dst.write(row["output_key"], data, overwrite=allowed)
+        receipts.add(self.dst, row["output_key"], len(data))  # the proof that this job wrote it, kept at once
+        row["out_bytes"] = len(data)  # the manifest's proof of what this job wrote (with the job's id)
         return row

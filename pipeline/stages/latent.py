@@ -22,6 +22,7 @@ from pipeline.latents import (
     check_format,
     check_latent,
     open_latents,
+    output_limit,
     to_training_frame,
 )
 from pipeline.model.presets import Preset
@@ -69,10 +70,11 @@ class LatentStage:
         if not want and len(f.ids) > 1:
             ids = ", ".join(repr(i) for i in f.ids[:5]) + (", ..." if len(f.ids) > 5 else "")
             raise BadInput(f"the file holds {len(f.ids)} latents ({ids}): name one (id)")
-        item = f.item(want or f.ids[0])
+        o = options_of(row, self.options)
+        # an output over the size limit is refused from the latent's header, before its data is inflated
+        item = f.item(want or f.ids[0], limit=output_limit(self.preset, o, row.get("out_size")))
         check_format(row.pop("latent_format", None) or self.format or item.format, self.preset)  # the row's first
         check_latent(item.latent, self.preset)
-        o = options_of(row, self.options)
         sigma = row.get("sigma", item.sigma)
         latent, sigma = to_training_frame(item.latent, sigma, self.preset)
         over = {}

@@ -23,7 +23,7 @@ from jobs.config import JobConfig
 from jobs.feed import RayFeed, feed_task
 from jobs.rules import Plan
 from pipeline.errors import SetupError
-from pipeline.graph import StageGraph, StageSpec
+from pipeline.graph import StageGraph, StageSpec, batch_parts
 from pipeline.runtime import use_threads
 from pipeline.stages import run_stage
 
@@ -42,10 +42,13 @@ _INSTANCES: dict = {}
 def _apply(stage, name: str, batch: dict, node: str | None = None) -> dict:
     """One Ray Data batch through the shared envelope; rows travel pickled (images, tensors: not Arrow data). node:
     the Ray node of a model stage's actor, recorded on its rows (the manifest's `node`: who did the model work)."""
-    rows = run_stage(stage, name, [pickle.loads(b) for b in batch["row"]])
+    return _batch(batch["i"], run_stage(stage, name, [pickle.loads(b) for b in batch["row"]]), node)
+
+
+def _batch(i, rows: list[dict], node: str | None = None) -> dict:
     if node:
         rows = [{**r, "node": node} for r in rows]
-    return {"i": batch["i"], "row": np.array([pickle.dumps(r) for r in rows], dtype=object)}
+    return {"i": i, "row": np.array([pickle.dumps(r) for r in rows], dtype=object)}
 
 
 def stage_task(batch: dict, *, spec: StageSpec) -> dict:
@@ -71,9 +74,15 @@ class StageActor:
 
         self.node = ray.get_runtime_context().get_node_id()[:12]
 
-    def __call__(self, batch: dict) -> dict:
-        use_threads(self.threads)  # OpenMP's thread count is per calling thread: Ray may call from another one
-        return _apply(self.stage, self.spec.name, batch, self.node if self.spec.records_node else None)
+    def __call__(self, batch: dict) -> Iterator[dict]:
+        """The batch's rows, a part at a time as each is done (`batch_parts`: the diffuse stage's groups of images
+        that share network calls): a finished part leaves while the next one runs, so its images are merged and
+        written without waiting for the rest of the batch."""
+        rows = [pickle.loads(b) for b in batch["row"]]
+        for part in batch_parts(self.stage, rows):
+            use_threads(self.threads)  # OpenMP's thread count is per calling thread: Ray may call from another one
+            done = run_stage(self.stage, self.spec.name, [rows[j] for j in part])
+            yield _batch(batch["i"][part], done, self.node if self.spec.records_node else None)
 
 
 def _graph(cfg: JobConfig, plan: Plan) -> StageGraph:
@@ -127,15 +136,16 @@ def _iter_ray(cfg: JobConfig, plan: Plan, rows: Iterable[dict], feed_out: list |
     if gpus and graph.gpus_needed(actors) > gpus:
         raise SetupError(f"the actors asked for ({actors}) need {graph.gpus_needed(actors):g} GPUs; the cluster has "
                          f"{gpus}")  # fmt: skip
+    # Small blocks: a task's results leave it a few rows at a time, not in one block at its end (each part the
+    # diffuse actor yields goes on to merge and write while it runs the next; the driver, its progress and the
+    # manifest hear of each row soon after its output lands); a large row is a block.
+    ctx.target_max_block_size = TARGET_BLOCK_BYTES
     rows = iter(rows)
     first = list(itertools.islice(rows, SMALL_JOB_ROWS + 1))
     feed = None
     if len(first) <= SMALL_JOB_ROWS:  # the whole job is planned already: its rows enter at once
         ds = ray.data.from_items([{"i": i, "row": pickle.dumps(r)} for i, r in enumerate(first)])
     else:
-        # Small blocks: a task's results leave it a few rows at a time, not in one block at its end (the driver,
-        # its progress and the manifest hear of each row soon after its output lands); a large row is a block.
-        ctx.target_max_block_size = TARGET_BLOCK_BYTES
         feed = RayFeed(ray, itertools.chain(first, rows))
         if feed_out is not None:
             feed_out.append(feed)

@@ -1,6 +1,7 @@
 """The stage graph: the stages of a workflow (`pipeline.workflow`), and what every driver runs them with.
 
-- `StageGraph.run_local` (here): a plain Python loop, used by `pidray upscale --local` and the Python API;
+- `StageGraph.run_local` (here): a plain Python loop, used by `pidray upscale --local` and the Python API; a row
+  goes on to merge and write as soon as its own group of images is diffused (`batch_parts`);
 - `jobs/pipeline.py`: Ray Data, one `map_batches` per stage (actor pools for stages that hold a model);
 - `serve/`: Ray Serve, one deployment per model-holding stage; the others run inside the ingress.
 Each `StageSpec` (`pipeline.spec`) names its class, constructor arguments (resolved objects), whether it holds a
@@ -14,12 +15,12 @@ from collections.abc import Iterable, Iterator
 
 from pipeline.runtime import ModelOptions, pick_device, pick_dtype
 from pipeline.spec import Footprint, StageSpec, hidden_gpu_env
-from pipeline.stages import run_stage
+from pipeline.stages import is_failed, run_stage
 from pipeline.stages.common import UpscaleOptions
 from pipeline.stages.encode import plan_for
 from pipeline.workflow import DEFAULT_WORKFLOW, WORKFLOWS, Workflow, io_stages, resolve_workflow
 
-__all__ = ["StageGraph", "StageSpec", "WORKFLOWS", "hidden_gpu_env", "upscale_bytes"]
+__all__ = ["StageGraph", "StageSpec", "WORKFLOWS", "batch_parts", "hidden_gpu_env", "upscale_bytes"]
 
 
 class StageGraph:
@@ -77,13 +78,54 @@ class StageGraph:
 
     def run_local(self, rows: Iterable[dict], stages: list | None = None, batch: int = 8) -> Iterator[dict]:
         """Run rows through every stage in this process (stages built once), `batch` rows at a time so that
-        the model stages batch across images; results come out in input order."""
+        the model stages batch across images. A row goes on through the later stages, and comes out, as soon as
+        its own part of a stage's batch is done (`batch_parts`): the diffuse stage runs a chunk as groups of images
+        that share network calls, and each group is merged and written before the next one diffuses. Rows come out
+        in the order they finish: a part's rows in input order, a row that failed earlier with the row before it."""
         stages = stages or self.build_all()
+        pairs = list(zip(self.stages, stages))
         it = (self.workflow.enter(r) for r in rows)  # where rows enter: options resolved once
         while chunk := [r for _, r in zip(range(batch), it)]:
-            for spec, stage in zip(self.stages, stages):
-                chunk = run_stage(stage, spec.name, chunk)
-            yield from chunk
+            yield from _flow(pairs, chunk)
+
+
+def batch_parts(stage, rows: list[dict]) -> list[list[int]]:
+    """The parts to run `rows` through `stage` in, as index lists, each a batch whose rows may go on as soon as it is
+    done: the stage's own parts (`stage.batch_parts`: rows that share its calls), or all the rows as one part. A row
+    that failed earlier (every stage passes it untouched) goes with the part of the row before it, so rows keep their
+    input order wherever the parts allow."""
+    split = getattr(stage, "batch_parts", None)
+    live = [i for i, r in enumerate(rows) if not is_failed(r)]
+    if split is None or len(live) < 2:
+        return [list(range(len(rows)))]
+    try:
+        parts = [[live[j] for j in part] for part in split([rows[i] for i in live])]
+    except Exception:  # never costs a row: the batch runs as one (the envelope isolates a bad row)
+        return [list(range(len(rows)))]
+    if sorted(i for part in parts for i in part) != live or not all(parts):
+        return [list(range(len(rows)))]
+    where = {i: k for k, part in enumerate(parts) for i in part}
+    k = 0
+    for i in range(len(rows)):
+        if i in where:
+            k = where[i]
+        else:
+            parts[k].append(i)
+    return [sorted(part) for part in parts]
+
+
+def _flow(pairs: list, rows: list[dict]) -> Iterator[dict]:
+    """`rows` through the stages `pairs` ((spec, stage), in order); where a stage runs them in several parts, each
+    part goes on through the later stages before the next part runs. Yields the rows that leave the last stage."""
+    for k, (spec, stage) in enumerate(pairs):
+        parts = batch_parts(stage, rows)
+        if len(parts) == 1:
+            rows = run_stage(stage, spec.name, rows)
+            continue
+        for part in parts:
+            yield from _flow(pairs[k + 1 :], run_stage(stage, spec.name, [rows[i] for i in part]))
+        return
+    yield from rows
 
 
 def upscale_bytes(data: bytes, model: ModelOptions | None = None, options: UpscaleOptions | None = None, **row):

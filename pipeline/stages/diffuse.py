@@ -79,6 +79,11 @@ class DiffuseItem:
     key: str = ""  # the row's key: progress reports name the image
 
 
+def _group(item: DiffuseItem) -> tuple:
+    """What rows share to be sampled together (their tiles in the same network calls): tile shape, steps, guidance."""
+    return item.plan.tile, item.steps, item.guidance
+
+
 class DiffuseStage(Cancellable):
     def __init__(
         self,
@@ -118,7 +123,7 @@ class DiffuseStage(Cancellable):
                 self.stopped += 1
                 out[i] = failed(rows[i], "diffuse", Cancelled("cancelled or past its deadline: not run"))
             else:
-                groups.setdefault((it.plan.tile, it.steps, it.guidance), []).append(i)
+                groups.setdefault(_group(it), []).append(i)
         for (_, steps, _), idx in groups.items():
             stop = lambda idx=idx: all(self._gone(rows[i]) for i in idx)  # noqa: E731
             t0 = time.perf_counter()
@@ -144,6 +149,21 @@ class DiffuseStage(Cancellable):
             if "work_s" in r:
                 r["work_share"] = r.pop("work_s") / spent if spent > 0 else 1 / len(out)
         return out
+
+    def batch_parts(self, rows: list[EncodedRow]) -> list[list[int]]:
+        """The parts `process_batch` runs these rows in, as their indices, in its order: each group of rows that share
+        their network calls (one tile shape, steps and guidance). A part run as a batch of its own gives the same
+        rows, so a driver may run the parts one at a time and pass each on as soon as it is done: its images are
+        written while the next part diffuses (the local loop and Ray Data do). A row that cannot be read is a part
+        of its own (the envelope fails it alone)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            try:
+                key = _group(self.request(r))
+            except Exception:
+                key = ("unreadable", i)
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
 
     def warmup(self, force: bool = False) -> bool:
         """One step per tile shape this stage expects, before a replica reports ready or an actor takes work, so no

@@ -75,10 +75,13 @@ class Summary:
     failures: list[dict] = field(default_factory=list)
     kept_all: bool = True  # False once `rows` stopped keeping
     failures_shown: bool = False  # each failed input was said on the terminal as it happened
+    already: int = 0  # of `skipped`: inputs an earlier run did (kept by --resume; `ok` in the manifest)
 
-    def count(self, row: dict) -> None:
-        """One manifest row of the job, counted (and kept while the job is small)."""
-        status = row.get("status")
+    def count(self, row: dict, already: bool = False) -> None:
+        """One manifest row of the job, counted (and kept while the job is small). already: an input an earlier run
+        did (its row says `ok`; this run skipped it)."""
+        status = "skipped" if already else row.get("status")
+        self.already += already
         if status in ("ok", "failed", "skipped", "planned"):  # `interrupted` is told by the summary's signal
             setattr(self, status, getattr(self, status) + 1)
         if status == "failed" and len(self.failures) < KEEP_FAILED:
@@ -95,6 +98,7 @@ class Summary:
     def line(self) -> str:
         head = f"interrupted ({signal.Signals(self.interrupted).name})" if self.interrupted else "done"
         return (
-            f"{head}: {self.ok} ok, {self.failed} failed, {self.skipped} skipped in {self.seconds:.1f}s "
+            f"{head}: {self.ok} ok, {self.failed} failed, {self.skipped} skipped"
+            f"{f' ({self.already} done by an earlier run)' if self.already else ''} in {self.seconds:.1f}s "
             f"({self.images_per_second:.2f} images/s, {self.runner or 'nothing to run'}); manifest: {self.manifest}"
         )

@@ -89,6 +89,17 @@ def _pid(info: dict) -> int | None:
     return pid if isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid <= PID_MAX else None
 
 
+def _namespace() -> str:
+    """Where a pid means this process: the boot and the pid namespace (a container with the same host name, or a
+    pod on the host's network, has its own pids). "" where the system does not say."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read(64).strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -107,7 +118,7 @@ class Lease:
         self.ttl = ttl if ttl is not None else _seconds(TTL_ENV, LEASE_TTL_S)
         self.every = _seconds(RENEW_ENV, min(RENEW_EVERY_S, self.ttl / 8))  # the heartbeat's interval: 8 a lease
         self.owner = owner or uuid.uuid4().hex[:12]
-        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.host, self.pid, self.ns = socket.gethostname(), os.getpid(), _namespace()
         self.token: str | None = None  # our version of the lease file while we hold it
         self.lost = ""  # why the lease is no longer ours (another job took it over), or ""
         self.taken_over = ""  # the id of a dead job whose lease we took over ("" when its lease named none)
@@ -119,7 +130,7 @@ class Lease:
 
     def _body(self) -> bytes:
         now = time.time()
-        return json.dumps({"owner": self.owner, "host": self.host, "pid": self.pid, "renewed": now,
+        return json.dumps({"owner": self.owner, "host": self.host, "pid": self.pid, "ns": self.ns, "renewed": now,
                            "expires": now + self.ttl}).encode()  # fmt: skip
 
     @staticmethod
@@ -140,7 +151,8 @@ class Lease:
             return "it cannot be read: its expiry is not a time"
         if expires < time.time():
             return f"it expired at {time.strftime('%H:%M:%S', time.localtime(expires))}"
-        if info.get("host") == self.host and pid is not None and not _alive(pid):
+        same = info.get("host") == self.host and self.ns and info.get("ns") == self.ns  # its pids are ours to ask
+        if same and pid is not None and not _alive(pid):
             return f"its process {pid} on this host is gone"
         return ""
 
@@ -189,7 +201,8 @@ class Lease:
                     f"or choose another DST; if that job is gone for good, delete {LEASE_NAME} in DST"
                 )
             if self._take_over(found, info):
-                self.taken_over = info["owner"] if valid_job(info.get("owner")) else ""  # only an id goes on
+                # only a lease that reads as a whole names a job whose temporaries may go
+                self.taken_over = info["owner"] if not why.startswith("it cannot be read") else ""
                 self.took_over = why
                 return
         raise SetupError(f"DST {self.dst.uri}: could not take its lease ({LEASE_NAME}); another job keeps taking it")

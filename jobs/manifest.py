@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -114,16 +113,38 @@ def write_manifest(dst, rows: list[dict], meta: dict[bytes, bytes] | None = None
     data = manifest_bytes(rows, meta)
     try:
         parts = manifest_parts(dst)
+        if not parts and not dst.is_s3 and os.path.isdir(os.path.join(dst.uri, MANIFEST_NAME)):
+            parts = [f"{MANIFEST_NAME}/{PART.format(0, 'all')}"]  # a folder with no parts in it: one goes there
         dst.write(MANIFEST_NAME if not _is_folder(parts) else COMPACTING, data, overwrite=True)
         if _is_folder(parts):  # one file replaces the parts: the file lands beside them first
             for key in parts:
                 dst.delete(key)
-            if not dst.is_s3 and os.path.isdir(os.path.join(dst.uri, MANIFEST_NAME)):
-                shutil.rmtree(os.path.join(dst.uri, MANIFEST_NAME))  # only temporaries of a stopped flush are left
-            _into_place(dst, COMPACTING, MANIFEST_NAME)
+            if not _empty_folder(dst):  # files pidray did not make are in it: they stay, and so does the folder
+                _into_place(dst, COMPACTING, f"{MANIFEST_NAME}/{PART.format(0, 'all')}")
+            else:
+                _into_place(dst, COMPACTING, MANIFEST_NAME)
         return f"{dst.uri.rstrip('/')}/{MANIFEST_NAME}"
     except Exception as e:
         return _fallback(data, dst, e)
+
+
+def _empty_folder(dst) -> bool:
+    """Local DST's manifest folder, emptied of the temporaries a stopped flush left (the only files pidray makes
+    there besides parts) and removed; False when something else is in it (kept, with the folder)."""
+    if dst.is_s3:
+        return True
+    folder = os.path.join(dst.uri, MANIFEST_NAME)
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.startswith(".pidray-") and e.name.endswith(".part") and e.is_file(follow_symlinks=False):
+                    os.unlink(e.path)
+        os.rmdir(folder)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _fallback(data: bytes, dst=None, why: BaseException | None = None, into: str = "") -> str:
@@ -411,12 +432,28 @@ def set_aside(dst, prev: Previous) -> str:
     (a folder of parts is kept part by part under it)."""
     backup = f"{MANIFEST_NAME}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
     parts = manifest_parts(dst)
-    if not _is_folder(parts):
-        dst.copy(parts[0] if parts else MANIFEST_NAME, backup)
+    if not _is_folder(parts):  # a copy (the file stays until the new manifest replaces it); moved when it cannot be
+        key = parts[0] if parts else MANIFEST_NAME
+        size = dst.size(key)
+        if 0 <= size <= MAX_MANIFEST_BYTES:
+            try:
+                dst.copy(key, backup)
+                return backup
+            except Exception:
+                pass
+        _into_place(dst, key, backup)  # over the limit (maybe sparse), or not a regular file: never copied
         return backup
-    # a folder: the parts that could not be used (every part, when only some of their rows were set aside)
+    # a folder: the parts that could not be used, moved (their rows are lost anyway), each on its own
+    left = []
     for key in [k for k in parts if k in prev.bad] or parts:
-        dst.copy(key, f"{backup}/{key.rpartition('/')[2]}")
+        try:
+            if not dst.is_s3:
+                os.makedirs(os.path.join(dst.uri, backup), exist_ok=True)
+            _into_place(dst, key, f"{backup}/{key.rpartition('/')[2]}")
+        except Exception as e:
+            left.append(f"{key.rpartition('/')[2]} ({type(e).__name__})")
+    if left:
+        raise OSError(f"{backup} holds the bad parts but {', '.join(left)}, which could not be moved")
     return backup
 
 

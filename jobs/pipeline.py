@@ -27,6 +27,7 @@ from jobs.raydata import StageActor, _ensure_ray, _iter_local, _iter_ray, stage_
 from jobs.settings import run_metadata
 from jobs.terminal import _RayQuiet, _warn, quiet_ray_data_threads
 from pipeline import receipts
+from pipeline.errors import SetupError
 from pipeline.storage import Location, display
 
 MAX_IN_FLIGHT = 4096  # planned rows not yet back from the stages (far above the rows a stage batches: 16)
@@ -124,6 +125,15 @@ def _run_plan(cfg: JobConfig, plan: Plan, lease: Lease | None, on_row, t0: float
     job = _Job(cfg, plan, writer)
     summary = job.summary
     local = use_local_loop(cfg, job.peek_small())
+    if not (cfg.resume or cfg.overwrite):  # before any model loads: DST holds this job's outputs from an earlier run
+        earlier = [r for kind, r in job.ahead if kind == "rejected" and r.get("written_by")]
+        if earlier:
+            many = "" if len(earlier) == 1 else f" and {len(earlier) - 1} more"
+            raise SetupError(
+                f"DST {cfg.dst} already holds this job's outputs from an earlier pidray run ({earlier[0]['key']} -> "
+                f"{earlier[0]['output_key']}{many}): add --resume to keep them and do only what is missing, or "
+                "--overwrite to do them again"
+            )
     summary.runner = "local loop" if local else "Ray Data"
     quiet = _RayQuiet(enabled=not local and not cfg.verbose)
     # the tile-step bars: in the local loop the diffusion stage reports each network call, so rows are weighed
@@ -220,7 +230,7 @@ def _dry_run(cfg: JobConfig, plan: Plan, on_row) -> Summary:
             n += 1
             r = {**manifest_row(r, cfg.model.preset), "status": "planned",
                  "output_key": display(r["output_stem"]) + ".*"}  # fmt: skip
-        summary.count(r)
+        summary.count(r, already=kind == "skipped" and r["status"] == "ok")
         if on_row:
             on_row(r)
     return summary
@@ -287,7 +297,7 @@ class _Job:
                 else:
                     row = manifest_row(row, preset)
                     self.writer.add(row)
-                    self.summary.count(row)
+                    self.summary.count(row, already=kind == "skipped" and row["status"] == "ok")
                     if row["status"] == "failed" and self.bar is not None:  # refused at planning: said now
                         self.bar.say(f"failed  {row['key']}: {row['error']}")
             if kind == "todo":

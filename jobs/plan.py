@@ -37,7 +37,7 @@ from pipeline.imageio import FORMATS, probe
 from pipeline.latents import LATENT_EXTENSIONS, is_latent_key
 from pipeline.noise import file_seed
 from pipeline.stages.common import resolve
-from pipeline.storage import Entry, Location, display, is_image_key
+from pipeline.storage import Entry, FileInfo, Location, display, is_image_key
 
 __all__ = ["MANIFEST_NAME", "NOT_AN_IMAGE", "OUTPUT_EXTENSIONS", "Plan", "latent_key", "locations",
            "output_candidates", "output_stems", "plan_job", "read_prompts", "recorded_outputs",
@@ -99,7 +99,7 @@ def _plan_folder(cfg, plan: Plan, folder: str, listed: list[Entry], protected: I
     in_place_outputs = set()
     if cfg.in_place:  # earlier outputs sit beside the inputs: they are not inputs -- when a manifest says so
         in_place_outputs = {e.key for e in listed if PurePosixPath(e.key).stem.endswith(cfg.suffix)
-                            and display(e.key) in recorded}  # fmt: skip
+                            and (display(e.key) in recorded or plan.receipt(e.key, FileInfo(e.size, 0.0)))}  # fmt: skip
     candidates = [e for e in listed if not e.skip and e.key not in in_place_outputs]
     for e in listed:
         if e.skip:

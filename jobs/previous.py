@@ -100,11 +100,16 @@ class _Outputs:
         return self.get(name) is not None
 
     def get(self, name: str, default=None):
-        """The row that proves `name` a pidray output (jobs.manifest.proof), or `default`."""
+        """A row that says a pidray job wrote `name` (jobs.manifest.proof), or `default`."""
+        rows = self.all(name)
+        return rows[0] if rows else default
+
+    def all(self, name: str) -> list[dict]:
+        """Every row that says a pidray job wrote `name` (an input renamed since leaves an older one)."""
         if not self.index.count:
-            return default
-        got = self.index.db.execute("SELECT row FROM rows WHERE out = ? LIMIT 1", (name,)).fetchone()
-        return pickle.loads(got[0]) if got else default
+            return []
+        got = self.index.db.execute("SELECT row FROM rows WHERE out = ? ORDER BY rowid DESC LIMIT 64", (name,))
+        return [pickle.loads(r[0]) for r in got.fetchall()]
 
 
 def has_manifest(dst) -> bool:

@@ -26,7 +26,7 @@ from jobs.manifest import Previous, manifest_row, proof
 from jobs.naming import natural_extension
 from pipeline import receipts
 from pipeline.errors import SetupError
-from pipeline.imageio import EXTENSIONS, FORMATS
+from pipeline.imageio import EXTENSIONS, FORMATS, probe
 from pipeline.storage import MAX_INPUT_BYTES, Entry, FileInfo, Location, display, key_problem
 
 OUTPUT_EXTENSIONS = sorted(set(EXTENSIONS.values()))
@@ -101,14 +101,24 @@ def existing_outputs(dst: Location, folder: str) -> dict[str, FileInfo]:
         return {}
 
 
-def proven(hit: str, row: dict | None, found: FileInfo | None) -> bool:
+def proven(hit: str, row: dict | None, found: FileInfo | None, dst: Location | None = None) -> bool:
     """Whether the file `hit` found in DST is the output a pidray job wrote, as `row` (the input's row in DST's
     manifest, or the row recording that output) proves: the row names it, and it is still a regular file of the
-    size that job wrote (a link, a FIFO, or a file replaced since by another of a different size is not)."""
+    size that job wrote (a link, a FIFO, or a file replaced since by another of a different size is not). A row with
+    no size on record (an older pidray's manifest, a damaged row) proves it only when the image in `dst` has the
+    height and width the row records, read from its header."""
     if found is None or not found.regular or proof(row) != display(hit):
         return False
-    wrote = int(row.get("out_bytes", -1) if row.get("out_bytes") is not None else -1)
-    return wrote < 0 or wrote == found.size
+    wrote = row.get("out_bytes")
+    if type(wrote) is int and wrote >= 0:
+        return wrote == found.size
+    h, w = row.get("out_h"), row.get("out_w")
+    if dst is None or type(h) is not int or type(w) is not int or h <= 0 or w <= 0:
+        return False
+    try:
+        return probe(dst.read(hit, 1 << 20), max_pixels=1 << 62) == (h, w)
+    except Exception:  # not an image (any more), a header past its first MiB, unreadable: not proven
+        return False
 
 
 def locations(cfg) -> tuple[Location, Location, Entry | None]:
@@ -283,11 +293,27 @@ def _refusal(e: Entry, stem: str, cfg, dst: Location, protected: Inputs) -> tupl
 
 
 def recorded_outputs(previous):
-    """The outputs (printable keys) that DST's manifest proves a pidray job wrote, each with the row that proves it:
-    `name in recorded`, `recorded.get(name)` (the on-disk index's `outputs`, or a dict for a manifest in memory)."""
+    """The outputs (printable keys) that DST's manifest says a pidray job wrote, with the rows that say so:
+    `name in recorded`, `recorded.get(name)`, `recorded.all(name)` (the on-disk index's `outputs`, or the same
+    for a manifest in memory)."""
     if hasattr(previous, "outputs"):
         return previous.outputs
-    return {proof(r): r for r in previous.rows.values() if proof(r)}
+    out = _Recorded()
+    for r in previous.rows.values():
+        if proof(r):
+            out.setdefault(proof(r), []).append(r)
+    return out
+
+
+class _Recorded(dict):
+    """output name -> the rows naming it, asked as the on-disk index is (`get`: the first; `all`)."""
+
+    def get(self, name, default=None):
+        rows = super().get(name)
+        return rows[0] if rows else default
+
+    def all(self, name) -> list[dict]:
+        return super().get(name, [])
 
 
 def _taken(hits: list[str], ours: dict[str, dict], cfg, why_not) -> tuple[str, str] | None:
@@ -322,7 +348,7 @@ def _exists_row(row: dict, taken: tuple[str, str], ours: dict[str, dict]) -> dic
     output, the row still names it with its proof, so the manifest keeps recording it as one (a later --overwrite
     may replace it)."""
     hit, reason = taken
-    row = {**row, "error": f"plan: {reason}", "error_kind": "bad_input"}
+    row = {**row, "error": f"plan: {reason}", "error_kind": "exists"}
     if hit in ours:
         row.update(output_key=display(hit), **ours[hit])
     return row
@@ -343,27 +369,44 @@ def settle_taken(
     ("skipped", its row: --resume keeps a proven output), ("rejected", its failed row), or ("replace", the hits
     --overwrite may replace). prev: the input's row in DST's manifest; failed/skipped: its rows to build on; line:
     said before the reason ("line 3: " of a prompt file)."""
-    if cfg.resume:  # kept only when proven pidray's: this input's manifest row, or a receipt
-        hit = next((h for h in hits if proven(h, prev, existing[h])), None)
+    dst = plan.dst
+    if cfg.resume:  # kept only when proven pidray's: this input's manifest row, or (where no row claims it) a receipt
+        hit = next((h for h in hits if proven(h, prev, existing[h], dst)), None)
         base = prev
         if hit is None:
-            hit, by = next(((h, by) for h in hits if (by := plan.receipt(h, existing[h]))), (None, None))
+            unclaimed = [h for h in hits if proof(prev) != display(h) and not recorded.all(display(h))]
+            hit, by = next(((h, by) for h in unclaimed if (by := plan.receipt(h, existing[h]))), (None, None))
             base = {**skipped, **(by or {})}
         if hit is None:
             row = _unproven_row(failed, hits, existing, prev)
             return "rejected", {**row, "error": row["error"].replace("plan: ", f"plan: {line}", 1)}
-        return "skipped", {**base, "status": "skipped", "error": "", "error_kind": "", "output_key": display(hit)}
+        return "skipped", already_done(base, display(hit))
     ours = {}  # the hits proven pidray's -> the proof, carried into the input's row
     for h in hits:
-        by = recorded.get(display(h))
-        if proven(h, by, existing[h]):
-            ours[h] = {"written_by": by.get("written_by") or "earlier", "out_bytes": by.get("out_bytes", -1)}
-        elif proof_of := plan.receipt(h, existing[h]):
+        rows = recorded.all(display(h))  # every row that names it (an input renamed since leaves an older one)
+        by = next((r for r in rows if proven(h, r, existing[h], dst)), None)
+        if by is not None:
+            ours[h] = {"written_by": by.get("written_by") or "earlier", "out_bytes": existing[h].size}
+        elif not rows and (proof_of := plan.receipt(h, existing[h])):  # a row that names it and fails decides
             ours[h] = proof_of
     taken = _taken(hits, ours, cfg, lambda h: _not_ours(existing[h], display(h), recorded.get(display(h)) or prev))
     if taken is not None:
         return "rejected", _exists_row(failed, (taken[0], f"{line}{taken[1]}"), ours)
-    return "replace", hits  # --overwrite: each of these is an output a pidray job wrote
+    # --overwrite: each of these is an output a pidray job wrote, replaced only while it is still the file planned
+    return "replace", {h: existing[h].identity() for h in hits}
+
+
+DONE_EARLIER = "done by an earlier run (kept by --resume)"
+
+
+def already_done(base: dict, output_key: str) -> dict:
+    """The row of an input whose output an earlier run wrote, carried into this run's manifest as it was: `ok`,
+    with its sizes, timings and proof, and a note saying so; the manifest describes the whole job, not the last run.
+    (A job's summary counts these as skipped: this run did nothing for them.)"""
+    notes = base.get("notes") or ""
+    if DONE_EARLIER not in notes:
+        notes = f"{notes}; {DONE_EARLIER}" if notes else DONE_EARLIER
+    return {**base, "status": "ok", "error": "", "error_kind": "", "output_key": output_key, "notes": notes}
 
 
 def _unproven_row(row: dict, hits: list[str], existing: dict[str, FileInfo], prev: dict | None) -> dict:
@@ -373,7 +416,7 @@ def _unproven_row(row: dict, hits: list[str], existing: dict[str, FileInfo], pre
     why = _not_ours(existing[hits[0]], name, prev)
     return {**row, "error": f"plan: its output {name!r} {why}, so --resume does not keep it as this input's output "
             "(it keeps only outputs a pidray job wrote): it is kept as it is; move it away, or choose another DST "
-            "or --suffix", "error_kind": "bad_input"}  # fmt: skip
+            "or --suffix", "error_kind": "exists"}  # fmt: skip
 
 
 class Inputs:

@@ -19,7 +19,7 @@ SETTINGS_KEY, VERSION_KEY, STARTED_KEY = b"pidray.settings", b"pidray.version", 
 REDO_CHANGED = "redo-changed"
 # the settings compared by --resume, in the order they are named when they differ
 SHAPING = ("preset", "scale", "format", "steps", "seed", "tile", "overlap", "precision", "sampler", "ensemble",
-           "cfg_scale", "shift", "degrade_sigma", "fusion", "quality", "caption")  # fmt: skip
+           "cfg_scale", "shift", "degrade_sigma", "fusion", "quality", "caption", "background")  # fmt: skip
 
 
 def output_settings(cfg) -> dict:
@@ -29,7 +29,8 @@ def output_settings(cfg) -> dict:
     out = {"preset": cfg.model.preset, "format": o.format.lower() if o.format else "keep", "seed": o.seed,
            "tile": o.tile or "auto", "overlap": o.overlap if o.overlap is not None else "preset",
            "sampler": o.sampler, "degrade_sigma": o.degrade_sigma, "fusion": o.fusion, "quality": o.quality,
-           "caption": o.caption, "cfg_scale": o.cfg_scale, "shift": o.shift}  # fmt: skip
+           "caption": o.caption, "cfg_scale": o.cfg_scale, "shift": o.shift,
+           "background": getattr(o, "background", "white")}  # fmt: skip
     try:
         from pipeline.stages.common import ensemble_shift, sampler_steps
 

@@ -29,6 +29,8 @@ class OutputExists(BadInput):
     """A file is already at an output's name in DST and the job may not replace it (pidray never overwrites a file
     it did not write): found at planning, or appeared before the write."""
 
+    kind = "exists"  # not a bad input: the input is fine, its output's name is taken
+
     def __init__(self, key: str, message: str):
         super().__init__(message)
         self.key = key
@@ -90,6 +92,7 @@ HTTP_STATUS = {
     "too_large": 413,  # bytes, pixels, output side, work per request
     "unsupported_media": 415,  # a raw body that does not say it is an image
     "bad_parameter": 422,
+    "exists": 409,  # an output's name is taken by a file pidray may not replace
     "internal": 500,
     "setup": 500,
     "busy": 503,  # the endpoint's queue is full (with Retry-After)

@@ -189,10 +189,24 @@ def output_format(src: Decoded, requested: str | None) -> str:
     return fmt
 
 
-def encode(rgb: np.ndarray, src: Decoded, fmt: str, *, quality: int = 95, alpha: np.ndarray | None = None) -> bytes:
-    """rgb [H, W, 3] uint8/uint16 (already at output size) -> file bytes in the source's mode where fmt allows."""
+def flatten(rgb: np.ndarray, alpha: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """rgb over `background` by `alpha` (same dtype as rgb: uint8 or uint16), rounded to rgb's dtype."""
+    top = 65535.0 if rgb.dtype == np.uint16 else 255.0
+    a = alpha.astype(np.float32)[..., None] / top
+    bg = np.asarray(background, np.float32) * (top / 255.0)
+    out = rgb.astype(np.float32) * a + bg * (1.0 - a)
+    return np.clip(np.rint(out), 0, top).astype(rgb.dtype)
+
+
+def encode(rgb: np.ndarray, src: Decoded, fmt: str, *, quality: int = 95, alpha: np.ndarray | None = None,
+           background: tuple[int, int, int] = (255, 255, 255)) -> bytes:  # fmt: skip
+    """rgb [H, W, 3] uint8/uint16 (already at output size) -> file bytes in the source's mode where fmt allows. A
+    format without alpha gets the image flattened onto `background` (as an editor flattens it): what was hidden under
+    transparent pixels never shows."""
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
+    if alpha is not None and fmt not in ALPHA_FORMATS:
+        rgb, alpha = flatten(rgb, alpha, background), None
     sixteen = rgb.dtype == np.uint16
     if sixteen and fmt in ("PNG", "TIFF"):
         luma = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)

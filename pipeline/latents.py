@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import tokenize
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -235,6 +236,8 @@ def _zip_entry_count(f) -> int | None:
 def _check_local_header(fp, info, what: str) -> None:
     """A member's local header must agree with the zip directory: its method, and its sizes and CRC, given in the
     header or in the data descriptor after the data (zip64 or not)."""
+    if not 0 <= info.header_offset < 1 << 62:  # a directory whose offsets were tampered with
+        raise BadInput(f"{what} is damaged: its zip directory places it at offset {info.header_offset}")
     fp.seek(info.header_offset)
     head = fp.read(30)
     if len(head) < 30 or head[:4] != b"PK\x03\x04":
@@ -422,7 +425,9 @@ def _read_array(f, what: str, limit: int, kinds: str = "f", check=None) -> np.nd
             raise ValueError
         read_header = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
         shape, fortran, dtype = read_header(f)  # the header only: nothing allocated yet
-    except ValueError:  # numpy's reasons name its internals: ours says what the user can act on
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError, tokenize.TokenError, EOFError):
+        # numpy's reasons name its internals (a header that is no dict, cut short, not Python): ours says what the
+        # user can act on
         raise BadInput(f"{what} is not a readable .npy array (its header is damaged)") from None
     if dtype.hasobject:
         raise BadInput(f"{what} holds Python objects (a pickle), which pidray never loads")

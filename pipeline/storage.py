@@ -112,6 +112,11 @@ class FileInfo:
     size: int
     mtime: float
     regular: bool = True
+    etag: str = ""  # S3: the object's version as listed
+
+    def identity(self) -> tuple:
+        """What a write that replaces this file checks is still there (`Location.write(expect=...)`)."""
+        return (self.size, self.mtime, self.etag)
 
 
 def explain_storage_error(e: BaseException, action: str, uri: str, endpoint: str | None = None) -> str:
@@ -299,7 +304,8 @@ class Location:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start, Delimiter="/")
             for page in pages:
                 for obj in page.get("Contents", []):
-                    out[rel + obj["Key"][len(start) :]] = FileInfo(int(obj["Size"]), obj["LastModified"].timestamp())
+                    when = obj["LastModified"].timestamp()
+                    out[rel + obj["Key"][len(start) :]] = FileInfo(int(obj["Size"]), when, etag=obj.get("ETag", ""))
             return out
         path = os.path.join(self.uri, folder) if folder else self.uri
         if folder and os.path.realpath(path) != os.path.join(os.path.realpath(self.uri), folder):
@@ -312,8 +318,8 @@ class Location:
                         st = e.stat(follow_symlinks=False)
                     except OSError:
                         continue
-                    if not stat.S_ISDIR(st.st_mode):
-                        out[rel + e.name] = FileInfo(st.st_size, st.st_mtime, stat.S_ISREG(st.st_mode))
+                    # a folder is listed too (not a regular file): an output name it holds is taken
+                    out[rel + e.name] = FileInfo(st.st_size, st.st_mtime, stat.S_ISREG(st.st_mode))
         except OSError:
             return {}
         return out
@@ -486,14 +492,16 @@ class Location:
             raise BadInput(f"refusing to write {display(key)!r}: it would land outside DST ({parent})")
         return path
 
-    def write(self, key: str, data: bytes, overwrite: bool = False) -> None:
+    def write(self, key: str, data: bytes, overwrite: bool = False, expect: tuple | None = None) -> None:
         """Write `key` whole. Unless `overwrite`, an existing file or object at `key` is never replaced: OutputExists
-        instead (checked by the storage itself at the moment the file lands, not by an earlier look)."""
+        instead (checked by the storage itself at the moment the file lands, not by an earlier look). expect: with
+        `overwrite`, the identity (`FileInfo.identity`) of the file the job planned to replace: anything else there
+        now (a file changed or put there since) is kept, and OutputExists raised; nothing there: written as new."""
         if self.is_s3:
             problem = key_problem(key, s3=True)
             if problem:
                 raise BadInput(problem)
-            self._put_s3(key, data, overwrite)
+            self._put_s3(key, data, overwrite, expect[2] if overwrite and expect and expect[2] else None)
             return
         path = self._local_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -503,6 +511,15 @@ class Location:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
+            if overwrite and expect is not None:
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:  # gone since planning: written as a new file, never over another
+                    overwrite = False
+                else:
+                    if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime) != tuple(expect[:2]):
+                        raise OutputExists(key, f"{display(key)!r} changed in DST after the job was planned: it is "
+                                                "kept, and this input fails")  # fmt: skip
             if overwrite:
                 os.replace(tmp, path)  # replaces a link at `path` itself, never what it points to
                 return
@@ -515,12 +532,13 @@ class Location:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def _put_s3(self, key: str, data: bytes, overwrite: bool) -> None:
+    def _put_s3(self, key: str, data: bytes, overwrite: bool, etag: str | None = None) -> None:
         """One PUT, or a multipart upload for a large object; unless `overwrite`, with If-None-Match: * on the PUT
-        or on the completion, so S3 itself refuses when the key exists."""
+        or on the completion, so S3 itself refuses when the key exists; with `etag`, If-Match on it, so S3 refuses
+        when the object changed since it was listed."""
         bucket, _ = self.bucket_prefix
         full = self._s3_key(key)
-        cond = {} if overwrite else {"IfNoneMatch": "*"}
+        cond = {"IfMatch": etag} if etag else {} if overwrite else {"IfNoneMatch": "*"}
         meta = {"Metadata": s3_receipt(self.tag, key)} if valid_job(self.tag) else {}  # the proof of origin
         try:
             if len(data) <= PART_BYTES:
@@ -542,7 +560,7 @@ class Location:
                     pass
                 raise
         except self.client.exceptions.ClientError as e:
-            if not overwrite and _precondition_failed(e):
+            if (etag or not overwrite) and _precondition_failed(e):
                 raise OutputExists(key, _exists_message(key)) from None
             raise
 

@@ -165,3 +165,30 @@ def test_too_large_output_fails_up_front(run):
         plan_for(get_preset("small"), UpscaleOptions(), (4100, 10))
     row = run(png_bytes(Image.new("RGB", (4100, 2))))
     assert row["status"] == "failed" and "16384" in row["error"] and "output" not in row
+
+
+def test_a_transparent_image_written_without_alpha_is_flattened_onto_the_background():
+    """What transparent pixels hide never shows in a JPEG: they come out as the background (white by default), and
+    half-transparent ones as the blend an editor's flatten gives."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.imageio import decode, encode
+    from pipeline.stages.common import parse_color
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = (250, 0, 0)  # red under full transparency on the left, half on the right
+    rgba[:, 4:, 3] = 128
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+    src = decode(buf.getvalue())
+    for bg, expect_left in (("white", (255, 255, 255)), ("#202020", (32, 32, 32))):
+        out = np.asarray(Image.open(io.BytesIO(encode(src.rgb, src, "JPEG", quality=100, alpha=src.alpha,
+                                                      background=parse_color(bg)))).convert("RGB"), float)  # fmt: skip
+        assert np.abs(out[:, :2] - expect_left).max() < 6, (bg, out[0, 0])
+        half = np.array([250, 0, 0]) * 128 / 255 + np.array(expect_left) * (1 - 128 / 255)
+        assert np.abs(out[:, 6:] - half).max() < 8, (bg, out[0, 7], half)
+    png = Image.open(io.BytesIO(encode(src.rgb, src, "PNG", alpha=src.alpha)))
+    assert png.mode == "RGBA" and np.asarray(png)[0, 0, 0] == 250  # a format with alpha keeps everything

@@ -290,3 +290,27 @@ def test_prompt_names_are_cut_to_fit_a_file_name_and_a_long_suffix_fails_the_lin
     assert sorted(todo) == [2, 3] and sorted(rejected) == [1]
     assert rejected[1]["error_kind"] == "bad_input" and rejected[1]["error"].startswith("plan: line 1: ")
     assert "over the limit of 255 bytes" in rejected[1]["error"]
+
+
+def test_a_header_that_is_no_dict_and_a_tampered_zip_directory_are_bad_inputs():
+    """Two damaged files a fuzzer found: a .npy header whose dict is never closed (numpy raises a tokenizer error)
+    and an .npz whose directory offset was moved (a negative seek): each a BadInput naming the file or member."""
+    import io
+    import struct
+
+    from pipeline.errors import BadInput
+    from pipeline.latents import open_latents
+
+    hdr = b"{'descr': '<f4', 'fortran_order': False, 'shape': (4, 8, 8), "
+    hdr = hdr + b" " * (64 - 10 - len(hdr) - 1) + b"\n"
+    npy = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(hdr)) + hdr + bytes(4 * 8 * 8 * 4)
+    buf = io.BytesIO()
+    np.savez(buf, a=np.zeros((4, 8, 8), np.float32))
+    z = bytearray(buf.getvalue())
+    end = z.rfind(b"PK\x05\x06")
+    z[end + 16 : end + 20] = struct.pack("<I", struct.unpack("<I", z[end + 16 : end + 20])[0] + 5)
+    for name, data, says in (("bad.npy", npy, "header is damaged"), ("neg.npz", bytes(z), "'a.npy' is damaged")):
+        with pytest.raises(BadInput, match=says):
+            f = open_latents(name, data)
+            for i in f.ids:
+                f.item(i)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.lease import LEASE_NAME, Lease
+from jobs.lease import LEASE_NAME, Lease, _namespace
 from jobs.manifest import MANIFEST_NAME, read_manifest
 from jobs.pipeline import JobConfig, run_job
 from pipeline.errors import SetupError
@@ -61,7 +61,8 @@ def _dead_pid() -> int:
 def _lease(dst: Path, raw_expires: str | None = None, **info) -> None:
     """A lease file as another program could write it (`raw_expires`: the expiry's JSON text, written as is)."""
     dst.mkdir(parents=True, exist_ok=True)
-    base = {"owner": LIVE, "host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + 100}
+    base = {"owner": LIVE, "host": socket.gethostname(), "pid": os.getpid(), "ns": _namespace(),
+            "expires": time.time() + 100}  # fmt: skip
     text = json.dumps({**base, **info})
     if raw_expires is not None:
         text = text[:-1] + f', "expires": {raw_expires}}}'  # the last key wins in JSON objects as Python reads them
@@ -317,7 +318,7 @@ def test_c_an_expiry_that_is_no_time_makes_the_lease_stale(tmp_path):
         lease = Lease(Location(str(dst)))
         assert "cannot be read" in lease.stale(lease.parse((dst / LEASE_NAME).read_bytes())), raw
         lease.acquire()
-        assert lease.took_over and lease.taken_over == LIVE, raw
+        assert lease.took_over and lease.taken_over == "", raw  # nothing trustworthy: no temporaries of it go
         lease.release()
         assert not (dst / LEASE_NAME).exists()
     _lease(dst)  # a lease that checks out, held by a live process: still refused
@@ -331,7 +332,7 @@ def test_c_a_nan_expiry_does_not_lock_dst_forever(bicubic_weights, tmp_path, cap
     _lease(dst, raw_expires="NaN")  # held by this live process, with an expiry that is no time
     assert run_job(_job(src, dst, bicubic_weights)).ok == 1
     err = capsys.readouterr().err
-    said = f"took over DST's lease from job {LIVE}, which was stale (it cannot be read: its expiry is not a time)"
+    said = "took over DST's lease from a lease file, which was stale (it cannot be read: its expiry is not a time)"
     assert said in err
     assert not (dst / LEASE_NAME).exists()
 
@@ -348,3 +349,29 @@ def test_b_the_lease_timings_are_set_from_the_environment_and_checked(tmp_path, 
         with pytest.raises(SetupError, match="PIDRAY_LEASE_TTL_S=.* is not a number of seconds") as e:
             Lease(Location(str(tmp_path)))
         assert "\x1b" not in str(e.value)
+
+
+def test_a_pid_is_asked_only_in_the_namespace_that_gave_it(tmp_path):
+    """A lease written by a job in another pid namespace on a host of the same name (a container, a pod on the
+    host's network): its pid means nothing here, so a pid that is gone here does not make it stale."""
+    dst = tmp_path / "dst"
+    _lease(dst, owner=DEAD, pid=_dead_pid(), ns="another-boot:4026531836")
+    lease = Lease(Location(str(dst)))
+    with pytest.raises(SetupError, match="in use by another pidray job"):
+        lease.acquire()
+    _lease(dst, owner=DEAD, pid=_dead_pid())  # this namespace: its process is gone, stale
+    lease.acquire()
+    lease.release()
+
+
+def test_an_unreadable_lease_removes_no_temporaries(tmp_path):
+    """A lease that names a job id but whose expiry cannot be read is stale, yet says nothing trustworthy about that
+    job: its temporaries stay."""
+    dst = tmp_path / "dst"
+    _lease(dst, raw_expires="NaN", owner=DEAD)
+    part = dst / f".pidray-{DEAD}-abcd1234.part"
+    part.write_bytes(b"someone's")
+    lease = Lease(Location(str(dst)))
+    lease.acquire()
+    assert lease.took_over and lease.taken_over == "" and part.exists()
+    lease.release()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from jobs.manifest import MANIFEST_NAME, read_manifest
 from jobs.pipeline import JobConfig, run_job
-from pipeline.errors import OutputExists
+from pipeline.errors import OutputExists, SetupError
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
 from pipeline.storage import PART_BYTES, Location, S3Settings
@@ -63,7 +63,7 @@ def test_a_plain_job_never_replaces_a_users_file(bicubic_weights, tmp_path):
     assert summary.ok == 1 and summary.failed == 1
     rows = _rows(dst)
     a = rows["a.png"]
-    assert a["status"] == "failed" and a["error_kind"] == "bad_input" and a["output_key"] == ""
+    assert a["status"] == "failed" and a["error_kind"] == "exists" and a["output_key"] == ""
     assert "'a.png' already exists in DST" in a["error"] and "--resume" in a["error"] and "--overwrite" in a["error"]
     assert rows["b.png"]["status"] == "ok" and Image.open(dst / "b.png").size == (48, 40)
 
@@ -77,9 +77,11 @@ def test_overwrite_replaces_only_outputs_a_manifest_records(bicubic_weights, tmp
     (dst / "c.png").write_bytes(USER)  # the user's, at the output name of a new input
     d_inode = (dst / "d.png").stat().st_ino  # pidray's own, as it wrote it
 
-    plain = run_job(_job(src, dst, bicubic_weights))  # without a flag: nothing replaced, every taken name said
-    assert plain.ok == 0 and plain.failed == 4
-    rows = _rows(dst)
+    with pytest.raises(SetupError, match="already holds this job's outputs from an earlier pidray run .*--resume"):
+        run_job(_job(src, dst, bicubic_weights))  # without a flag: refused before any model loads, nothing touched
+    plain = run_job(_job(src, dst, bicubic_weights, dry_run=True))  # what each taken name would be
+    assert plain.planned == 0 and plain.failed == 4
+    rows = {r["key"]: r for r in plain.rows}
     assert "an earlier pidray job wrote it" in rows["b.png"]["error"] and rows["b.png"]["output_key"] == "b.png"
     assert "changed since a pidray job wrote it" in rows["a.png"]["error"] and rows["a.png"]["output_key"] == ""
     assert "not written by pidray" in rows["c.png"]["error"] and rows["c.png"]["output_key"] == ""
@@ -92,7 +94,7 @@ def test_overwrite_replaces_only_outputs_a_manifest_records(bicubic_weights, tmp
     rows = _rows(dst)
     assert rows["b.png"]["status"] == "ok" and rows["d.png"]["status"] == "ok"
     for k in ("a.png", "c.png"):
-        assert rows[k]["status"] == "failed" and rows[k]["error_kind"] == "bad_input"
+        assert rows[k]["status"] == "failed" and rows[k]["error_kind"] == "exists"
         assert "--overwrite does not replace it" in rows[k]["error"] and f"'{k}'" in rows[k]["error"]
     assert made != b"stale"
 
@@ -103,7 +105,7 @@ def test_resume_still_keeps_what_is_done(bicubic_weights, tmp_path):
     (dst / "b.png").unlink()
     summary = run_job(_job(src, dst, bicubic_weights, resume=True))
     assert (summary.ok, summary.skipped, summary.failed) == (1, 1, 0)
-    assert _rows(dst)["a.png"]["status"] == "skipped" and (dst / "b.png").is_file()
+    assert _rows(dst)["a.png"]["status"] == "ok" and (dst / "b.png").is_file()  # done earlier: still ok
 
 
 def test_a_dry_run_shows_the_taken_name(bicubic_weights, tmp_path):
@@ -158,7 +160,7 @@ def test_a_file_appearing_after_planning_is_not_replaced(bicubic_weights, tmp_pa
     summary = run_job(_job(src, dst, bicubic_weights))
     assert (dst / "a.png").read_bytes() == USER and summary.ok == 1 and summary.failed == 1
     a = _rows(dst)["a.png"]
-    assert a["status"] == "failed" and a["error_kind"] == "bad_input" and "appeared in DST" in a["error"]
+    assert a["status"] == "failed" and a["error_kind"] == "exists" and "appeared in DST" in a["error"]
     assert sorted(p.name for p in dst.iterdir()) == sorted(["a.png", "b.png", MANIFEST_NAME])  # no temporaries
 
 

@@ -50,7 +50,7 @@ def test_resume_never_adopts_a_users_file_and_overwrite_then_keeps_it(bicubic_we
     first = run_job(_job(src, dst, bicubic_weights, resume=True))
     assert (first.ok, first.skipped, first.failed) == (1, 0, 1)
     a = _rows(dst)["a.png"]
-    assert a["status"] == "failed" and a["error_kind"] == "bad_input" and a["output_key"] == "" and not a["written_by"]
+    assert a["status"] == "failed" and a["error_kind"] == "exists" and a["output_key"] == "" and not a["written_by"]
     assert "not written by pidray" in a["error"] and "--resume does not keep it" in a["error"]
     again = run_job(_job(src, dst, bicubic_weights, overwrite=True))
     assert again.failed == 1 and (dst / "a.png").read_bytes() == USER
@@ -66,7 +66,7 @@ def test_a_file_that_appeared_mid_job_is_never_adopted(bicubic_weights, tmp_path
     resumed = run_job(_job(src, dst, bicubic_weights, resume=True))
     assert (resumed.skipped, resumed.failed) == (1, 1)  # b.png: pidray's, kept; a.png: the user's, not adopted
     rows = _rows(dst)
-    assert rows["b.png"]["status"] == "skipped" and rows["b.png"]["written_by"]
+    assert rows["b.png"]["status"] == "ok" and rows["b.png"]["written_by"]
     assert rows["a.png"]["status"] == "failed" and rows["a.png"]["output_key"] == ""
     assert run_job(_job(src, dst, bicubic_weights, overwrite=True)).failed == 1
     assert (dst / "a.png").read_bytes() == USER
@@ -87,7 +87,7 @@ def test_a_changed_output_and_a_link_at_an_output_name_are_not_pidrays(bicubic_w
     assert (resumed.skipped, resumed.failed) == (1, 2)
     rows = _rows(dst)
     assert "not a regular file" in rows["a.png"]["error"] and "changed since" in rows["b.png"]["error"]
-    assert rows["c.png"]["status"] == "skipped"
+    assert rows["c.png"]["status"] == "ok" and "done by an earlier run" in rows["c.png"]["notes"]
     over = run_job(_job(src, dst, bicubic_weights, overwrite=True))
     assert (over.ok, over.failed) == (1, 2)
     assert os.path.islink(dst / "a.png") and (dst / "b.png").read_bytes() == USER and _snapshot(elsewhere) == before
@@ -126,7 +126,7 @@ def test_a_crash_before_the_manifest_keeps_outputs_by_their_receipts(bicubic_wei
     (dst / ".pidray-written-*-1").write_text(f'{{"key": "c.png", "size": {sizes["c.png"]}}}\n')  # not a name we make
     resumed = run_job(_job(src, dst, bicubic_weights, resume=True))
     rows = _rows(dst)
-    assert rows["a.png"]["status"] == "skipped" and rows["a.png"]["written_by"] == job
+    assert rows["a.png"]["status"] == "ok" and rows["a.png"]["written_by"] == job
     assert rows["a.png"]["out_h"] == 40  # its size read from the file's header
     assert rows["b.png"]["status"] == "failed" and rows["c.png"]["status"] == "failed"
     assert (resumed.skipped, resumed.failed) == (1, 2)
@@ -150,9 +150,9 @@ def test_sigkill_mid_job_then_resume_keeps_every_finished_output(bicubic_weights
     out = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     rows = _rows(dst)
-    assert all(rows[k]["status"] == "skipped" for k in done)
+    assert all(rows[k]["status"] == "ok" and "earlier run" in rows[k]["notes"] for k in done)
     assert all((dst / k).stat().st_ino == i for k, i in done.items())  # kept, not written again
-    assert sum(r["status"] == "ok" for r in rows.values()) == 16 - len(done)
+    assert sum("earlier run" not in r["notes"] and r["status"] == "ok" for r in rows.values()) == 16 - len(done)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
@@ -172,7 +172,7 @@ def test_fifos_at_output_names_and_in_src_never_hang(bicubic_weights, tmp_path):
     for key in ("pipe.png", "pipe"):
         assert rows[key]["status"] == "skipped" and "named pipe" in rows[key]["error"], rows[key]
     assert rows["zero.png"]["status"] == "skipped" and "/dev/zero" in rows["zero.png"]["error"]
-    assert (rows["b.png"]["status"], rows["c.png"]["status"]) == ("skipped", "skipped")
+    assert (rows["b.png"]["status"], rows["c.png"]["status"]) == ("ok", "ok")
 
 
 def test_a_damaged_part_of_a_manifest_folder_loses_only_its_own_rows(bicubic_weights, tmp_path):
@@ -188,7 +188,7 @@ def test_a_damaged_part_of_a_manifest_folder_loses_only_its_own_rows(bicubic_wei
     assert out.returncode == 0, out.stderr
     assert "1 of its 2 parts cannot be used" in out.stderr and "part-000001-bbbb.parquet" in out.stderr
     rows = _rows(dst)
-    assert len(rows) == 3 and all(r["status"] == "skipped" and r["written_by"] for r in rows.values())
+    assert len(rows) == 3 and all(r["status"] == "ok" and r["written_by"] for r in rows.values())
     backups = [p for p in os.listdir(dst) if p.startswith(f"{MANIFEST_NAME}.bad-")]
     assert len(backups) == 1 and (dst / backups[0]).is_dir(), os.listdir(dst)
     assert (dst / backups[0] / "part-000001-bbbb.parquet").read_bytes() == junk
@@ -213,10 +213,108 @@ def test_s3_resume_keeps_only_objects_a_job_wrote_here(s3_server, bicubic_weight
     s3.delete_object(Bucket="proof", Key=f"out/{MANIFEST_NAME}")  # the record is lost: the objects still prove it
     resumed = run_job(_job(src, dst.uri, bicubic_weights, s3=settings, resume=True))
     rows = _rows(dst)
-    assert rows["a.png"]["status"] == "skipped" and rows["b.png"]["status"] == "skipped"
+    assert rows["a.png"]["status"] == "ok" and rows["b.png"]["status"] == "ok"
     assert rows["c.png"]["status"] == "failed" and rows["sub/x.png"]["status"] == "failed"
     assert resumed.failed == 2
     assert s3.get_object(Bucket="proof", Key="out/c.png")["Body"].read() == USER
     inner = Image.open(__import__("io").BytesIO(s3.get_object(Bucket="proof", Key="out/sub/x.png")["Body"].read()))
     assert inner.convert("RGB").getpixel((5, 5))[2] > 200  # still the inner job's blue image
     assert read_manifest(Location("s3://proof/out/sub", settings))[0]["status"] == "ok"
+
+
+def test_a_resumed_job_keeps_its_history(bicubic_weights, tmp_path):
+    """After --resume the manifest and `pidray status` describe the whole job: inputs done by the earlier run stay
+    `ok`, with their timings and sizes, and the run's summary says they were done earlier."""
+    src, dst = _src(tmp_path, ("a.png", "b.png", "c.png")), tmp_path / "out"
+    first = _cli("upscale", str(src), str(dst), "--local", "--weights", bicubic_weights)
+    assert first.returncode == 0, first.stderr
+    before = _rows(dst)
+    (dst / "c.png").unlink()
+    again = _cli("upscale", str(src), str(dst), "--local", "--weights", bicubic_weights, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "1 ok, 0 failed, 2 skipped (2 done by an earlier run)" in again.stdout + again.stderr
+    rows = _rows(dst)
+    for k in ("a.png", "b.png"):
+        assert rows[k]["status"] == "ok" and "done by an earlier run" in rows[k]["notes"]
+        assert rows[k]["t_diffuse"] == before[k]["t_diffuse"] and rows[k]["out_h"] == before[k]["out_h"]
+    assert rows["c.png"]["status"] == "ok" and "earlier run" not in rows["c.png"]["notes"]
+    status = _cli("status", str(dst))
+    assert "3 rows (3 ok, 0 failed, 0 skipped, 0 interrupted)" in status.stdout, status.stdout
+    third = _cli("upscale", str(src), str(dst), "--local", "--weights", bicubic_weights, "--resume")
+    assert _rows(dst)["a.png"]["notes"].count("done by an earlier run") == 1, third.stderr
+
+
+def test_a_manifest_of_an_older_pidray_proves_only_images_of_the_size_it_recorded(bicubic_weights, tmp_path):
+    """Rows without the size written (an older pidray's manifest, a damaged column): the output is proven only when
+    its header shows the height and width the row records; a file the user wrote over it is not."""
+    src, dst = _src(tmp_path, ("a.png", "b.png")), tmp_path / "out"
+    assert run_job(_job(src, dst, bicubic_weights)).ok == 2
+    table = pq.read_table(dst / MANIFEST_NAME).drop_columns(["written_by", "out_bytes"])
+    pq.write_table(table, dst / MANIFEST_NAME)
+    (dst / "a.png").write_bytes(b"USER EDIT")
+    over = run_job(_job(src, dst, bicubic_weights, overwrite=True))
+    assert (over.ok, over.failed) == (1, 1) and (dst / "a.png").read_bytes() == b"USER EDIT"
+    assert "changed since a pidray job wrote it" in _rows(dst)["a.png"]["error"]
+    assert _rows(dst)["b.png"]["out_bytes"] == (dst / "b.png").stat().st_size  # its proof, whole again
+
+
+def test_overwrite_keeps_a_file_changed_after_the_job_was_planned(bicubic_weights, tmp_path, monkeypatch):
+    src, dst = _src(tmp_path), tmp_path / "out"
+    assert run_job(_job(src, dst, bicubic_weights)).ok == 2
+
+    def change(loc):
+        (dst / "a.png").write_bytes(USER)  # the user's edit lands between planning and the write
+
+    _appear_before_write(monkeypatch, "a.png", change)
+    over = run_job(_job(src, dst, bicubic_weights, overwrite=True))
+    assert (over.ok, over.failed) == (1, 1) and (dst / "a.png").read_bytes() == USER
+    assert "changed in DST after the job was planned" in _rows(dst)["a.png"]["error"]
+
+
+def test_a_renamed_input_leaves_an_older_row_that_does_not_block_overwrite(bicubic_weights, tmp_path):
+    src, dst = tmp_path / "in", tmp_path / "out"
+    _save(src / "x.png", color=(200, 0, 0))
+    assert run_job(_job(src, dst, bicubic_weights)).ok == 1
+    (src / "x.png").unlink()
+    Image.new("RGB", (14, 9), (0, 200, 0)).save(src / "x.tif")  # the same output name, another input
+    from dataclasses import replace
+
+    from pipeline.stages import UpscaleOptions
+
+    for _ in range(2):
+        cfg = replace(_job(src, dst, bicubic_weights, overwrite=True), options=UpscaleOptions(format="png"))
+        again = run_job(cfg)
+        assert again.ok == 1, _rows(dst)
+    assert Image.open(dst / "x.png").size == (56, 36)
+
+
+def test_a_sparse_damaged_manifest_is_moved_aside_and_foreign_files_in_its_folder_stay(bicubic_weights, tmp_path):
+    src, dst = _src(tmp_path), tmp_path / "out"
+    dst.mkdir()
+    with open(dst / MANIFEST_NAME, "wb") as f:  # 300 MB that take no disk: never read, never copied
+        f.truncate(300 << 20)
+    out = _cli("upscale", str(src), str(dst), "--local", "--weights", bicubic_weights)
+    assert out.returncode == 0, out.stderr
+    backup = next(p for p in dst.iterdir() if p.name.startswith(f"{MANIFEST_NAME}.bad-"))
+    assert backup.stat().st_size == 300 << 20 and backup.stat().st_blocks == 0  # moved, not copied
+    # a manifest folder holding a file of the user's: the manifest goes in it as a part, and the file stays
+    other = tmp_path / "other"
+    (other / MANIFEST_NAME).mkdir(parents=True)
+    (other / MANIFEST_NAME / "README.txt").write_text("mine")
+    again = _cli("upscale", str(src), str(other), "--local", "--weights", bicubic_weights)
+    assert again.returncode == 0 and "warning" not in again.stderr, again.stderr
+    assert (other / MANIFEST_NAME / "README.txt").read_text() == "mine" and len(_rows(other)) == 2
+
+
+def test_in_place_resume_after_a_crash_knows_its_outputs_by_their_receipts(bicubic_weights, tmp_path, monkeypatch):
+    d = tmp_path / "d"
+    _save(d / "p.png", color=(200, 0, 0))
+    _save(d / "q.png", color=(0, 200, 0))
+    monkeypatch.setattr("jobs.pipeline.receipts.remove", lambda dst, job: None)  # as a crash leaves DST
+    assert run_job(_job(d, d, bicubic_weights, in_place=True, suffix="_x4")).ok == 2
+    monkeypatch.undo()
+    (d / MANIFEST_NAME).unlink()
+    plan = run_job(_job(d, d, bicubic_weights, in_place=True, suffix="_x4", resume=True, dry_run=True))
+    rows = {r["key"]: r for r in plan.rows}
+    assert rows["p_x4.png"]["status"] == "skipped" and "earlier in-place run" in rows["p_x4.png"]["error"]
+    assert rows["p.png"]["status"] == "ok" and plan.planned == 0, rows

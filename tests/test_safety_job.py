@@ -382,7 +382,7 @@ def test_f8_output_format_size_limit_alpha_and_resume_sizes(bicubic_weights, tmp
     (tmp_path / "s16" / MANIFEST_NAME).unlink()  # as a crash leaves it: the outputs' receipts, no manifest
     resumed = run_job(_job(src, tmp_path / "s16", bicubic_weights, options=UpscaleOptions(scale=16), resume=True))
     rows = _rows(tmp_path / "s16")
-    assert resumed.skipped == 2 and rows["photo.png"]["status"] == "skipped"
+    assert resumed.skipped == 2 and resumed.already == 2 and rows["photo.png"]["status"] == "ok"
     assert (rows["photo.png"]["in_h"], rows["photo.png"]["out_h"], rows["photo.png"]["out_w"]) == (8, 128, 160)
 
 
@@ -430,7 +430,10 @@ def _lease_file(dst: Path, **info) -> None:
     import socket
 
     dst.mkdir(parents=True, exist_ok=True)
-    base = {"owner": "otherjob", "host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + 100}
+    from jobs.lease import _namespace
+
+    base = {"owner": "otherjob", "host": socket.gethostname(), "pid": os.getpid(), "ns": _namespace(),
+            "expires": time.time() + 100}  # fmt: skip
     (dst / ".pidray-lock").write_text(json.dumps({**base, **info}))
 
 
@@ -648,7 +651,7 @@ def test_a_damaged_manifest_is_set_aside_and_a_new_one_written(bicubic_weights, 
     assert len(backups) == 1 and backups[0].read_bytes() == data and backups[0].name in err
     fresh = read_previous(Location(str(dst)))
     assert not fresh.problem and set(fresh.rows) == {"a.png", "b.png"}
-    assert fresh.rows["a.png"]["status"] == ("failed" if lost else "skipped") and fresh.rows["b.png"]["status"] == "ok"
+    assert fresh.rows["a.png"]["status"] == ("failed" if lost else "ok") and fresh.rows["b.png"]["status"] == "ok"
     assert (dst / "a.png").is_file()
     if damage == "null out_h":  # the one good row (b.png) was kept; a.png's was set aside
         assert "1 of 2 rows" in err

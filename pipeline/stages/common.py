@@ -29,6 +29,7 @@ class UpscaleOptions:
     tile_buckets: bool = False  # every tile one of six fixed shapes per preset (few shapes, more pixels diffused)
     format: str | None = None  # None: keep the input's format (PNG when it has alpha)
     quality: int = 95
+    background: str = "white"  # what a transparent image is flattened onto for a format without alpha (JPEG)
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_output_side: int = DEFAULT_MAX_OUTPUT_SIDE
 
@@ -48,6 +49,7 @@ class UpscaleOptions:
             raise BadParameter(f"sampler must be 'sde' or 'ode', got {self.sampler!r}")
         if not 1 <= int(self.quality) <= 100:
             raise BadParameter(f"quality must be in 1..100, got {self.quality}")
+        parse_color(self.background)
         if self.tile is not None and (not isinstance(self.tile, int) or self.tile < 16):
             raise BadParameter(f"tile (--tile) must be an integer >= 16 output pixels, got {self.tile!r}")
         if self.overlap is not None and (not isinstance(self.overlap, int) or self.overlap < 0):
@@ -97,6 +99,19 @@ def parse_size(value) -> tuple[int, int]:
     return h, w
 
 
+def parse_color(value) -> tuple[int, int, int]:
+    """A colour as users write it (`white`, `#202020`, `rgb(32,32,32)`: any name or form PIL knows) -> (r, g, b)."""
+    from PIL import ImageColor
+
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        raise BadParameter(f"background must be a colour such as white, black or #202020, got {value!r}")
+    try:
+        rgb = ImageColor.getrgb(value.strip())
+    except ValueError:
+        raise BadParameter(f"background must be a colour such as white, black or #202020, got {value!r}") from None
+    return tuple(rgb[:3])
+
+
 def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise BadParameter(f"seed must be an integer in [0, 2^63), got {seed!r}")
@@ -106,7 +121,7 @@ def check_seed(seed) -> int:
 # The options a row (a job's row, a request's parameters) may set over the defaults, with their types: declared
 # here only; the typed rows (`stages.rows.Overrides`) and the endpoint's parameters are made from it.
 OVERRIDES = {"seed": int, "caption": str, "degrade_sigma": float, "steps": int, "cfg_scale": float, "shift": float,
-             "scale": float, "format": str, "quality": int}  # fmt: skip
+             "scale": float, "format": str, "quality": int, "background": str}  # fmt: skip
 ROW_OVERRIDES = tuple(OVERRIDES)
 
 

@@ -44,11 +44,13 @@ class WriteStage:
     def process(self, row: MergedRow) -> MergedRow:
         row = dict(row)
         row["output_key"] = row["output_stem"] + row["extension"]
-        allowed = row["output_key"] in (row.get("replace") or ())
+        replace = row.get("replace") or {}
+        allowed = row["output_key"] in replace
+        expect = replace.get(row["output_key"]) if isinstance(replace, dict) else None
         data = row.pop("output")
         if self.dst.tag:  # a leased job's DST: published only while DST's lease still names this job (LeaseLost)
             check_lease(self.dst, self.dst.tag)
-        self.dst.write(row["output_key"], data, overwrite=allowed)
+        self.dst.write(row["output_key"], data, overwrite=allowed, expect=expect)
         receipts.add(self.dst, row["output_key"], len(data))  # the proof that this job wrote it, kept at once
         row["out_bytes"] = len(data)  # the manifest's proof of what this job wrote (with the job's id)
         return row

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.imageio import ALPHA_FORMATS, CONTENT_TYPES, EXTENSIONS, encode, output_format, resize_plane
-from pipeline.stages.common import UpscaleOptions, options_of
+from pipeline.stages.common import UpscaleOptions, options_of, parse_color
 from pipeline.stages.rows import DiffusedRow, MergedRow
 from pipeline.tiling import target_size
 
@@ -26,9 +26,10 @@ class MergeStage:
             rgb = np.stack([resize_plane(rgb[..., c], size) for c in range(3)], axis=-1)
         alpha = resize_plane(src.alpha, size) if src.alpha is not None else None
         fmt = output_format(src, o.format)
-        data = encode(rgb, src, fmt, quality=o.quality, alpha=alpha)
+        data = encode(rgb, src, fmt, quality=o.quality, alpha=alpha, background=parse_color(o.background))
         if alpha is not None and fmt not in ALPHA_FORMATS:  # said in the row's notes and on the terminal
-            note = f"transparency dropped: {fmt} has no alpha channel (-f png keeps it)"
+            note = (f"transparency dropped: {fmt} has no alpha channel; flattened onto {o.background} (-f png keeps "
+                    "it, --background picks the colour)")  # fmt: skip
             row["notes"] = [*row.get("notes", []), note]
             row["warnings"] = [*row.get("warnings", []), note]
         row.update(

@@ -6,18 +6,21 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
-from jobs.pipeline import JobConfig, run_job
 from jobs.upscale import report, seed_arg, size_arg
 from pipeline.errors import SetupError, exit_code
-from pipeline.runtime import ModelOptions
-from pipeline.stages import UpscaleOptions
 from pipeline.storage import S3Settings
+
+if TYPE_CHECKING:
+    from jobs.pipeline import JobConfig
+
+# What the job runs on (jobs.pipeline, pipeline.runtime, pipeline.stages) loads torch: imported where the job starts,
+# so that the parser, --help and usage errors answer at once.
 
 
 def add_generate_parser(sub, parents=()) -> None:
-    p = sub.add_parser("generate", parents=list(parents),
-                       help="text-to-image with PixelDiT: PROMPT OUT_FILE, or --prompts FILE DST_FOLDER")  # fmt: skip
+    p = sub.add_parser("generate", parents=list(parents))  # its summary: pidray.cli.COMMANDS
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (or use --prompts)")
     p.add_argument("out", help="output file (one prompt) or folder / s3:// prefix (--prompts)")
     p.add_argument("--prompts", default=None, help="prompt file: text (a prompt a line), CSV or JSONL with "
@@ -43,17 +46,15 @@ def add_generate_parser(sub, parents=()) -> None:
     g.add_argument("--shift", type=float, default=None, help="flow shift")
     g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (1: off)")
     g.add_argument("--negative-prompt", default=None)
-    w = p.add_argument_group(
-        "generate-then-decode: a latent diffusion model's latent, decoded by PiD (-m: a PiD preset)"
-    )
+    w = p.add_argument_group("another text-to-image model's latent, decoded by PiD (-m: the PiD preset)")
     w.add_argument(
         "--with",
         dest="with_",
         default=None,
         metavar="MODEL",
-        help="zimage-turbo, zimage, sd3, sdxl, or a local diffusers folder of one (pidray[generate])",
+        help="zimage-turbo, zimage, sd3, sdxl, or a local diffusers folder of one (needs pidray[generate])",
     )
-    u = p.add_argument_group("upscale the result with PiD (the seed's recommended generate-then-upscale)")
+    u = p.add_argument_group("upscale each image with PiD in the same run")
     u.add_argument("--upscale", default=None, metavar="PRESET", help="a PiD preset (e.g. flux-2kto4k-v1.5)")
     u.add_argument("--upscale-weights", default=None, help="its weights folder (default: --weights)")
     u.add_argument("--upscale-steps", type=int, default=None, help="default: the upscale preset's")
@@ -77,6 +78,10 @@ def add_generate_parser(sub, parents=()) -> None:
 
 
 def _config(args, src: str, dst: str) -> JobConfig:
+    from jobs.pipeline import JobConfig
+    from pipeline.runtime import ModelOptions
+    from pipeline.stages import UpscaleOptions
+
     gen = {k: v for k, v in (("seed", args.seed), ("size", args.size), ("steps", args.steps), ("shift", args.shift),
                              ("cfg_scale", args.cfg_scale), ("negative_prompt", args.negative_prompt))
            if v is not None}  # fmt: skip
@@ -110,6 +115,8 @@ def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.prompts is None):
         raise SetupError("give one PROMPT and an output file, or --prompts FILE and an output folder")
     if args.prompts:
+        from jobs.pipeline import run_job
+
         return report(run_job(_config(args, args.prompts, args.out)), per="prompts")
     return _one(args)
 

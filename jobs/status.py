@@ -16,8 +16,7 @@ FIRST_FAILURES = 10
 
 
 def add_status_parser(sub, parents=()) -> None:
-    what = "what a job's manifest at DST says (a finished or a running job); --json for scripts"
-    p = sub.add_parser("status", parents=list(parents), help=what)
+    p = sub.add_parser("status", parents=list(parents))  # its summary: pidray.cli.COMMANDS
     p.add_argument("dst", help="the job's DST: folder or s3://bucket/prefix")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--failures", type=int, default=FIRST_FAILURES, help="how many failures to list")

@@ -7,14 +7,16 @@ import csv
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jobs.pipeline import JobConfig, run_job
 from pipeline.errors import exit_code
-from pipeline.runtime import ModelOptions
-from pipeline.stages import UpscaleOptions
-from pipeline.stages.common import check_seed, parse_size
 from pipeline.storage import S3Settings
-from pipeline.workflow import DEFAULT_WORKFLOW
+
+if TYPE_CHECKING:
+    from jobs.pipeline import JobConfig
+
+# What the job runs on (jobs.pipeline, pipeline.runtime, pipeline.stages) loads torch: imported where the job starts,
+# so that the parser, --help and usage errors answer at once.
 
 
 def read_captions(path: str) -> dict[str, str]:
@@ -60,6 +62,8 @@ def seed_arg(text: str) -> int:
         seed = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    from pipeline.stages.common import check_seed
+
     try:
         return check_seed(seed)
     except ValueError as e:
@@ -74,6 +78,8 @@ def suffix_arg(text: str) -> str:
 
 def size_arg(text: str) -> tuple[int, int]:
     """WxH -> (H, W)."""
+    from pipeline.stages.common import parse_size
+
     try:
         return parse_size(text)
     except ValueError as e:
@@ -81,8 +87,7 @@ def size_arg(text: str) -> tuple[int, int]:
 
 
 def add_upscale_parser(sub, parents=()) -> None:
-    p = sub.add_parser("upscale", parents=list(parents),
-                       help="upscale a file, a folder or an s3:// prefix into DST (same relative keys)")  # fmt: skip
+    p = sub.add_parser("upscale", parents=list(parents))  # its summary: pidray.cli.COMMANDS
     p.add_argument("src", help="file, folder or s3://bucket/prefix")
     p.add_argument("dst", help="folder or s3://bucket/prefix; with one SRC file, also a file name (out.png)")
     _job_arguments(p, default_preset="small")
@@ -92,11 +97,7 @@ def add_upscale_parser(sub, parents=()) -> None:
 def add_decode_parser(sub, parents=()) -> None:
     from pipeline.latents import FORMATS
 
-    p = sub.add_parser(
-        "decode",
-        parents=list(parents),
-        help="decode latent files (.safetensors/.npy/.npz: a generator's latents) with PiD into DST",
-    )
+    p = sub.add_parser("decode", parents=list(parents))
     p.add_argument("src", help="latent file, folder or s3://bucket/prefix")
     p.add_argument("dst", help="folder or s3://bucket/prefix")
     d = p.add_argument_group("latents")
@@ -188,10 +189,13 @@ def _job_arguments(p, default_preset: str) -> None:
                         "small, ~2x work; RGB-conditioned models only)")  # fmt: skip
     o.add_argument("-f", "--format", default=None, help="png, jpeg, webp, tiff, bmp (default: keep the input's)")
     o.add_argument("-q", "--quality", type=int, default=95, help="JPEG/WebP quality, 1-100")
+    o.add_argument("--background", default="white", metavar="COLOR",
+                   help="what a transparent image is flattened onto when the format has no alpha (JPEG): a name or "
+                        "#rrggbb (default: white)")  # fmt: skip
     o.add_argument("--suffix", default="", type=suffix_arg, help="added to each output file name's stem")
-    o.add_argument("--max-pixels", type=int, default=UpscaleOptions.max_pixels, help="refuse larger inputs")
-    o.add_argument("--max-output-side", type=int, default=UpscaleOptions.max_output_side,
-                   help="refuse outputs longer than this on a side")  # fmt: skip
+    # UpscaleOptions' defaults, written out (their modules load torch); tests/test_cli_first_line.py holds them equal
+    o.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger inputs (pixels)")
+    o.add_argument("--max-output-side", type=int, default=16384, help="refuse outputs longer than this on a side")
     j = p.add_argument_group("job")
     run = j.add_mutually_exclusive_group()
     run.add_argument(
@@ -200,7 +204,7 @@ def _job_arguments(p, default_preset: str) -> None:
         action="store_const",
         const=True,
         default=None,
-        help="the in-process loop (default for small jobs with no RAY_ADDRESS)",
+        help="run in this process (the default for small jobs when RAY_ADDRESS is not set)",
     )
     run.add_argument("--ray", dest="local", action="store_const", const=False, help="Ray Data, whatever the size")
     j.add_argument("--verbose", action="store_true", help="let Ray's own messages through")
@@ -240,12 +244,18 @@ def _job_arguments(p, default_preset: str) -> None:
 
 
 def config_from_args(args) -> JobConfig:
+    from jobs.pipeline import JobConfig
+    from pipeline.runtime import ModelOptions
+    from pipeline.stages import UpscaleOptions
+    from pipeline.workflow import DEFAULT_WORKFLOW
+
     options = UpscaleOptions(
         scale=args.scale, steps=args.steps, seed=args.seed, caption=args.caption, degrade_sigma=args.degrade_sigma,
         sampler=args.sampler, tile=args.tile, overlap=args.overlap, fusion=not args.no_fusion, format=args.format,
         ensemble=getattr(args, "ensemble", None), cfg_scale=args.cfg_scale, shift=args.shift,
         tile_buckets=getattr(args, "tile_buckets", False),
-        quality=args.quality, max_pixels=args.max_pixels, max_output_side=args.max_output_side,
+        quality=args.quality, background=getattr(args, "background", "white"), max_pixels=args.max_pixels,
+        max_output_side=args.max_output_side,
     )  # fmt: skip
     if args.format:
         from pipeline.imageio import output_format
@@ -294,6 +304,7 @@ def _resume(args) -> bool | str:
 
 
 def cmd_upscale(args) -> int:
+    from jobs.pipeline import run_job
     from jobs.settings import check_resume
     from jobs.single import file_destination
 

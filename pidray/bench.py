@@ -9,10 +9,14 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jobs.pipeline import JobConfig, run_job
-from pipeline.runtime import ModelOptions
-from pipeline.stages import UpscaleOptions
+if TYPE_CHECKING:
+    from pipeline.runtime import ModelOptions
+    from pipeline.stages import UpscaleOptions
+
+# What a benchmark runs (jobs.pipeline, pipeline.runtime, pipeline.stages) loads torch: imported where it starts, so
+# that the parser, --help and usage errors answer at once.
 
 
 def _make_inputs(folder: Path, n: int, size: int) -> None:
@@ -31,6 +35,8 @@ def _make_inputs(folder: Path, n: int, size: int) -> None:
 def _runs(src: Path, out: Path, model: ModelOptions, options: UpscaleOptions, **kw) -> dict[str, dict]:
     """Each runner twice on the same inputs in this process: the first pays for start-up (Ray, actors, models),
     the second is the warm one (Ray already up). Throughput in images per second of the whole job."""
+    from jobs.pipeline import JobConfig, run_job
+
     res = {}
     for name, local in (("loop", True), ("ray", False)):
         times = []
@@ -56,7 +62,7 @@ def bench_pipeline(n: int, size: int, model: ModelOptions, options: UpscaleOptio
 def add_bench_parser(sub) -> None:
     from pipeline import doctor
 
-    p = sub.add_parser("bench", help="benchmarks: pipeline (Ray Data vs loop), serve (latency), kernels (GPU)")
+    p = sub.add_parser("bench")  # its summary: pidray.cli.MAINTENANCE
     bsub = p.add_subparsers(dest="what", required=True)
     q = bsub.add_parser("pipeline", help="Ray Data job vs a plain in-process loop over the same stages")
     q.add_argument("-n", type=int, default=24, help="images")
@@ -89,6 +95,8 @@ def bench_serve(n: int, size: int, weights: str | None) -> dict:
     from PIL import Image
 
     from pipeline.graph import StageGraph
+    from pipeline.runtime import ModelOptions
+    from pipeline.stages import UpscaleOptions
     from serve.run import start
 
     arr = (np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)
@@ -146,6 +154,9 @@ def cmd_bench_serve(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from pipeline.runtime import ModelOptions
+    from pipeline.stages import UpscaleOptions
+
     model = ModelOptions(args.preset, args.weights)
     cases = [(f"{args.n} × {args.size}²", args.n, args.size)] + ([(f"1 × {args.large}²", 1, args.large)]
                                                                if args.large else [])  # fmt: skip

@@ -1,22 +1,77 @@
 """`pidray` command line: upscaling jobs, the endpoint, checkpoint tools and benchmarks.
 
-The one place that sees every subcommand (the jobs' and the endpoint's parsers are added from their own modules):
-the shared flags, the did-you-mean hints, the error-to-exit-code handling, and the small checkpoint commands.
+Every subcommand is named here (COMMANDS, with its one-line summary); its options are added by the module that
+runs it, imported only when that command is parsed, so `--help`, `--version` and usage errors answer without
+loading torch or Ray. Here too: the shared flags, the did-you-mean hints, the error-to-exit-code handling, the first
+line a command says on a terminal, and the small checkpoint commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
-# Flags other upscalers use that pidray spells differently: the hint replaces "unrecognized arguments".
-_POSITIONAL = "SRC and DST are positional, with no flag: pidray upscale in.png out.png"
-_MODEL = "choose the model with -m/--model (pidray presets lists them)"
-FOREIGN_FLAGS = {"-i": _POSITIONAL, "--input": _POSITIONAL, "-o": _POSITIONAL, "--output": _POSITIONAL, "-n": _MODEL,
-                 "--model-name": _MODEL}  # fmt: skip
+DESCRIPTION = (
+    "Upscale images with NVIDIA's PiD diffusion upscaler: a file, a folder or an s3:// prefix, on this machine or a "
+    "Ray cluster, or behind an HTTP endpoint."
+)
+
+# Flags other upscalers (Real-ESRGAN, realesrgan-ncnn-vulkan) use that pidray spells differently or lacks: the hint
+# ({flag}: the flag as typed) goes after "unrecognized arguments". Each is (hint, the pidray option it points to:
+# given only where the command has that option; None: always).
+_POSITIONAL = ("SRC and DST are positional, with no flag: pidray upscale in.png out.png", None)
+_MODEL = ("choose the model with -m/--model (pidray presets lists them)", None)
+_TTA = ("{flag} is another upscaler's test-time augmentation; pidray has none: its nearest is --ensemble, which "
+        "averages in a second prediction made on a shifted grid", "--ensemble")  # fmt: skip
+_FACE = ("{flag} is Real-ESRGAN's GFPGAN face pass; pidray has no face enhancement: one model upscales the whole "
+         "image", None)  # fmt: skip
+_PAD = ("{flag} is Real-ESRGAN's tile padding; pidray's tiles overlap by --overlap latent pixels and are blended",
+        "--overlap")  # fmt: skip
+FOREIGN_FLAGS = {
+    "-i": _POSITIONAL, "--input": _POSITIONAL, "-o": _POSITIONAL, "--output": _POSITIONAL,
+    "-n": _MODEL, "--model-name": _MODEL, "--model_name": _MODEL,
+    "-x": _TTA, "--tta": _TTA,
+    "-j": ("-j is realesrgan-ncnn-vulkan's load:proc:save thread counts; pidray sizes its workers itself; "
+           "--encode-actors and --diffuse-actors set a Ray job's", "--diffuse-actors"),
+    "-v": ("-v is realesrgan-ncnn-vulkan's verbose output; pidray's is --verbose, which lets Ray's own messages "
+           "through", "--verbose"),
+    "--face-enhance": _FACE, "--face_enhance": _FACE, "--tile_pad": _PAD, "--tile-pad": _PAD, "--pre_pad": _PAD,
+    "--outscale": ("--outscale is Real-ESRGAN's output scale; pidray's is -s/--scale", "--scale"),
+    "--ext": ("--ext is Real-ESRGAN's output extension; pidray's is -f/--format, by default the input's", "--format"),
+    "--gpu-id": ("--gpu-id is Real-ESRGAN's GPU choice; pidray's is -g N or --device cuda:N", "--device"),
+    "--model_path": ("--model_path is Real-ESRGAN's checkpoint; pidray's is --weights, a file or a weights folder",
+                     "--weights"),
+    "--alpha_upsampler": ("--alpha_upsampler is Real-ESRGAN's; pidray resizes an alpha channel with Lanczos", None),
+}  # fmt: skip
+
+# The commands, in the order `pidray --help` lists them (by use), each with its one-line summary and what adds its
+# options: "module:function" (imported only when the command is parsed) or a function of this module's.
+COMMANDS = {
+    "upscale": ("upscale images: a file, a folder or an s3:// prefix into DST, keeping their names",
+                "jobs.upscale:add_upscale_parser"),
+    "decode": ("turn a generator's latents (.safetensors, .npy, .npz) into images with PiD",
+               "jobs.upscale:add_decode_parser"),
+    "generate": ("make images from text with PixelDiT, optionally upscaled: PROMPT OUT_FILE, or --prompts FILE DST",
+                 "jobs.generate:add_generate_parser"),
+    "serve": ("run the upscaling endpoint on this machine: an HTTP API and a web page", "serve.run:add_serve_parser"),
+    "status": ("show a job's progress and failures from its manifest in DST, while it runs or after",
+               "jobs.status:add_status_parser"),
+    "presets": ("list the models: what each is for, and which are ready to run here", "_add_presets"),
+    "download": ("download a model's released weights (NVIDIA non-commercial licence)", "_add_download"),
+    "doctor": ("check this machine: versions and attention backends; --gpu: every check (~8 min)", "_add_doctor"),
+}  # fmt: skip
+# Tools for checkpoints, test fixtures and speed, listed under their own heading.
+MAINTENANCE = {
+    "golden": ("check golden fixture files against this implementation (exit 1 on any failure)", "_add_golden"),
+    "info": ("a model's parameter count and, with --keys, its checkpoint's tensor names and shapes", "_add_info"),
+    "convert": ("convert an official checkpoint (.pth) to a safetensors file, strictly validated", "_add_convert"),
+    "eval-small": ("measure the bundled small model against bicubic upscaling on held-out photos", "_add_eval_small"),
+    "bench": ("benchmarks: the Ray job vs the in-process loop, endpoint latency, GPU kernels", "_add_bench"),
+}  # fmt: skip
 
 
 def version() -> str:
@@ -39,6 +94,11 @@ class _HelpFormatter(argparse.HelpFormatter):
         ):
             return text
         return f"{text} (default: {default})" if text else f"(default: {default})"
+
+    def _format_action(self, action):
+        if isinstance(action, argparse._SubParsersAction):  # its commands, a line each, with no line of its own
+            return "".join(self._format_action(a) for a in action._get_subactions())
+        return super()._format_action(action)
 
 
 class Parser(argparse.ArgumentParser):
@@ -66,8 +126,10 @@ class Parser(argparse.ArgumentParser):
         for arg in extra:
             name = arg.split("=", 1)[0]
             if name in FOREIGN_FLAGS:
-                if FOREIGN_FLAGS[name] not in hints:
-                    hints.append(FOREIGN_FLAGS[name])
+                hint, needs = FOREIGN_FLAGS[name]
+                hint = hint.format(flag=name)
+                if hint not in hints and (needs is None or needs in self._option_string_actions):
+                    hints.append(hint)
             elif name.startswith("-"):
                 near = difflib.get_close_matches(name if name.startswith("--") else f"-{name}", flags, n=1, cutoff=0.7)
                 if near:
@@ -88,6 +150,22 @@ class Parser(argparse.ArgumentParser):
         message = message.replace("argument --resume-mode:", "--resume=MODE:")
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _Commands(argparse._SubParsersAction):
+    """pidray's subcommands: each one's summary (its line in `pidray --help`, and the opening of its own --help)
+    comes from COMMANDS or MAINTENANCE, whichever module adds its parser; the maintenance ones are listed under
+    their own heading (`maintenance`, an argument group of the top-level parser)."""
+
+    maintenance: argparse._ArgumentGroup | None = None
+
+    def add_parser(self, name, **kw):
+        summary = {**COMMANDS, **MAINTENANCE}[name][0]
+        kw.setdefault("description", f"{summary[0].upper()}{summary[1:]}.")
+        parser = super().add_parser(name, help=summary, **kw)
+        if name in MAINTENANCE and self.maintenance is not None:  # its line moves under the heading
+            self.maintenance._group_actions.append(self._choices_actions.pop())
+        return parser
 
 
 def tile_arg(text: str) -> int | None:
@@ -113,7 +191,7 @@ COMMON_HELP = {
     "steps": "sampler steps (default: the preset's)",
     "negative_prompt": "what the image should not show (default: the preset's)",
     "quality": "JPEG/WebP quality, 1-100",
-    "local": "the in-process loop (default for small jobs with no RAY_ADDRESS)",
+    "local": "run in this process (the default for small jobs when RAY_ADDRESS is not set)",
     "s3_endpoint": "S3-compatible endpoint URL",
     "s3_region": "S3 region (default: the AWS configuration's)",
     "no_progress": "no progress bar or progress lines",
@@ -165,7 +243,7 @@ def _add_aliases(parser: argparse.ArgumentParser) -> None:
         )
     if "--tile" in opts:
         opts["--tile"].type = tile_arg
-        opts["--tile"].help = "tile side in output pixels; 0: automatic, from the model's envelope"
+        opts["--tile"].help = "tile side in output pixels; 0: automatic, the output sizes the model was trained on"
 
 
 def _cmd_golden(args) -> int:
@@ -182,43 +260,60 @@ def _cmd_golden(args) -> int:
     return worst
 
 
+# `pidray presets`: how to choose, said before the table (its first line comes before the model list is loaded).
+PRESETS_GUIDE = """\
+Which model (-m/--model):
+  photos, renders     small (bundled): a light model that runs on a CPU; with NVIDIA's released
+                      weights, flux-2kto4k-v1.5 for 2K-4K outputs, a -2k preset for about 2K
+  generator latents   the preset whose latents column names the generator (pidray decode)
+  text to image       pixeldit-2k (pidray generate)
+  reference quality   an -undistilled preset: 25 steps of 2 passes each, ~12x slower than its twin
+"""
+# The resolution each released variant was trained for (the size of its output tiles).
+TRAINED = {"2k": "2K", "2kto4k": "2K-4K", "2kto4k_v1pt5": "2K-4K", "t2i": "2K"}
+
+
 def _cmd_presets(args) -> int:
+    print(PRESETS_GUIDE, flush=True)
+    from pipeline.latents import FORMATS
     from pipeline.model.presets import ALIASES, PRESETS
     from pipeline.runtime import LQ_ENCODERS
     from pipeline.weights import WeightsNotFound, resolve
 
+    def latents(p) -> str:  # the --latent-format names of the generators whose latents it decodes
+        if not p.decodes_latents:
+            return "-"
+        names = sorted(n for n, family in FORMATS.items() if family == p.vae and n != p.vae) or [p.vae]
+        return ", ".join(names)
+
     w = max(map(len, PRESETS))
-    print(f"{'preset':{w}s} {'variant':13s} scale  {'encoder':10s} latent_ch  {'does':14s} {'sampler':17s} "
-          f"{'here':17s} checkpoint")  # fmt: skip
-    for name, p in PRESETS.items():
-        if p.task == "t2i":
-            does = "text->image"
-        else:  # upscales images when its encoder is implemented; decodes latents when it takes a VAE latent
-            does = (
-                "+".join(w for w, ok in (("images", p.vae in LQ_ENCODERS), ("latents", p.decodes_latents)) if ok)
-                or "no"
-            )
+    print(f"{'preset':{w}s}  scale  size   steps  {'latents':12s}  here")
+    order = sorted(PRESETS.values(), key=lambda p: (not p.bundled, p.task != "upscale"))  # the bundled one first
+    for p in order:
+        name = p.name
         scale = f"x{p.scale}" if p.task == "upscale" else "-"
+        size = TRAINED.get(p.variant, "any")  # the bundled model: any size, in 128-pixel tiles
         if p.task == "t2i":
-            sampler = f"guided, {p.t2i.get('steps')} steps"
-        elif p.sampler == "guided":
-            sampler = f"guided, {p.default_steps}x2 fwd"
+            steps = f"{p.t2i.get('steps')}x2"
         else:
-            sampler = f"{p.default_steps} steps"
+            steps = f"{p.default_steps}x2" if p.sampler == "guided" else str(p.default_steps)
         try:  # usable here: every file the network and its encoder need is found (never downloaded)
             resolve(p, args.weights, allow_download=False)
             here = "ready"
         except WeightsNotFound:
             here = "weights missing"
+        if p.task == "upscale" and p.vae not in LQ_ENCODERS:
+            here += ", latents only"  # its image encoder is not implemented: pidray decode only
         if p.text_encoder != "none":
             here += "+captioner"  # it also needs the Gemma caption encoder (--text-encoder DIR)
-        print(f"{name:{w}s} {p.variant:13s} {scale:6s} {p.vae:10s} {p.latent_channels:<9d}  {does:14s} {sampler:17s} "
-              f"{here:17s} {p.checkpoint}")  # fmt: skip
-    print("aliases:", ", ".join(f"{a}->{b}" for a, b in ALIASES.items()))
+        print(f"{name:{w}s}  {scale:5s}  {size:5s}  {steps:5s}  {latents(p):12s}  {here}")
+    print("size: the output size it was trained for (larger ones are made in tiles); steps: network passes")
+    print("aliases:", ", ".join(f"{a}={b}" for a, b in ALIASES.items()))
     where = args.weights or os.environ.get("PIDRAY_WEIGHTS")
-    print(f"here: 'ready' = all weights found {'under ' + where if where else '(no --weights DIR or PIDRAY_WEIGHTS)'}"
-          "; '+captioner' = also needs the Gemma-2-2B-it caption encoder (--text-encoder DIR); "
-          "pidray download PRESET fetches a preset's weights")  # fmt: skip
+    where = f"under {where}" if where else "(no --weights DIR or PIDRAY_WEIGHTS)"
+    print(f"here: ready = every weight file found {where};")
+    print("      +captioner = also needs the Gemma-2-2B-it caption encoder (--text-encoder DIR);")
+    print("      pidray download NAME fetches a preset's weights")
     return 0
 
 
@@ -273,48 +368,71 @@ def _cmd_eval_small(args) -> int:
     return eval_main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(prog="pidray", description=__doc__, epilog="pidray COMMAND --help shows a command's options.")
-    ap.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
-    ap.add_argument("--version", action="version", version=f"pidray {version()}")
-    common = argparse.ArgumentParser(add_help=False)  # --debug is accepted after the command too
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
+def _cmd_doctor(args) -> int:
+    from pipeline import doctor
 
-    p = sub.add_parser("golden", help="verify golden fixtures against our implementation (exit 1 on any failure)")
-    p.add_argument("files", nargs="+", help="fixture files, or folders of them")
-    p.set_defaults(fn=_cmd_golden)
+    if not (args.gpu or args.smoke or args.steps):
+        args.steps = "versions"
+    return doctor.cmd(args)
 
-    p = sub.add_parser("presets", help="list the model presets and which of them are ready to run here")
+
+# ------------------------------------------------------------------ the options of the commands defined here
+def _add_presets(sub, parents) -> None:
+    p = sub.add_parser("presets", parents=parents)
     p.add_argument("--weights", default=None, help="the weights folder to look in (default: $PIDRAY_WEIGHTS)")
     p.set_defaults(fn=_cmd_presets)
 
-    p = sub.add_parser("info", help="build a preset's network on the meta device; parameter count, keys")
+
+def _add_download(sub, parents) -> None:
+    p = sub.add_parser("download", parents=parents)
+    p.add_argument("preset", help="a preset name (pidray presets)")
+    p.add_argument("--weights", default=None, help="folder to put them in, laid out like the hub repository "
+                   "(default: $PIDRAY_WEIGHTS, else Hugging Face's cache)")  # fmt: skip
+    p.set_defaults(fn=_cmd_download)
+
+
+def _add_doctor(sub, parents) -> None:
+    from pipeline import doctor
+
+    p = sub.add_parser("doctor", parents=parents)
+    p.add_argument("--gpu", action="store_true", help="run every check (default: versions and attention backends)")
+    doctor.add_args(p)
+    p.set_defaults(fn=_cmd_doctor)
+
+
+def _add_golden(sub, parents) -> None:
+    p = sub.add_parser("golden", parents=parents)
+    p.add_argument("files", nargs="+", help="fixture files, or folders of them")
+    p.set_defaults(fn=_cmd_golden)
+
+
+def _add_info(sub, parents) -> None:
+    p = sub.add_parser("info", parents=parents)
     p.add_argument("preset", help="a preset name (pidray presets) or a preset file (.json)")
-    p.add_argument("--keys", action="store_true", help="print every state-dict key (official names) and shape")
+    p.add_argument("--keys", action="store_true", help="also list every tensor: its official name and shape")
     p.set_defaults(fn=_cmd_info)
 
-    p = sub.add_parser("convert", help="official model_ema_bf16.pth -> pidray safetensors (strictly validated)")
-    p.add_argument("src", help="the official checkpoint (.pth)")
+
+def _add_convert(sub, parents) -> None:
+    p = sub.add_parser("convert", parents=parents)
+    p.add_argument("src", help="the official checkpoint (model_ema_bf16.pth)")
     p.add_argument("dst", help="the safetensors file to write")
-    p.add_argument("--preset", required=True, help="the preset whose architecture the checkpoint has")
+    p.add_argument("--preset", required=True, help="the preset the checkpoint belongs to (pidray presets)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: keep the source's")
     p.set_defaults(fn=_cmd_convert)
 
-    p = sub.add_parser("download", help="download a preset's released weights (NVIDIA non-commercial licence)")
-    p.add_argument("preset", help="a preset name (pidray presets)")
-    p.add_argument("--weights", default=None, help="directory to place them in (hub layout)")
-    p.set_defaults(fn=_cmd_download)
 
-    p = sub.add_parser("eval-small", help="evaluate the bundled small model against bicubic on held-out photos")
-    p.add_argument("--weights", default=None, help="a small-model safetensors (default: the bundled one)")
-    p.add_argument("--size", type=int, default=256, help="HQ centre-crop size")
+def _add_eval_small(sub, parents) -> None:
+    p = sub.add_parser("eval-small", parents=parents)
+    p.add_argument("--weights", default=None, help="a small-model safetensors file (default: the bundled one)")
+    p.add_argument("--size", type=int, default=256, help="side of the centre crop of each photo, in pixels")
     p.add_argument("--runs", type=int, default=5, help="timed runs of the 256->1024 upscale")
     p.add_argument("--report", default="out/eval_small", help="folder for the side-by-side PNGs and JSON")
     p.add_argument(
         "--compare",
         default=None,
-        help="another small-model safetensors measured side by side; 'previous': the first bundled model",
+        help="another small-model safetensors file, measured side by side; 'previous': the bundled model's "
+        "previous version",
     )
     p.add_argument(
         "--steps",
@@ -324,37 +442,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=_cmd_eval_small)
 
-    from pipeline import doctor
 
-    p = sub.add_parser("doctor", help="the device check (--gpu: every step, ~8 min; --smoke: CPU, tiny, seconds)")
-    p.add_argument("--gpu", action="store_true", help="run every step (default: versions and SDPA backends only)")
-    doctor.add_args(p)
-    p.set_defaults(fn=_cmd_doctor)
-
-    from jobs.upscale import add_decode_parser, add_upscale_parser
+def _add_bench(sub, parents) -> None:
     from pidray.bench import add_bench_parser
-    from serve.run import add_serve_parser
 
-    add_upscale_parser(sub, parents=[common])
-    add_decode_parser(sub, parents=[common])
-    from jobs.generate import add_generate_parser
-
-    add_generate_parser(sub, parents=[common])
-    from jobs.status import add_status_parser
-
-    add_status_parser(sub, parents=[common])
     add_bench_parser(sub)
-    add_serve_parser(sub, parents=[common])
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `pidray` parser. With `only` (a command's name, or "" for none), just that command's options are added
+    and the others are names with summaries: a command imports only its own module to parse its arguments, and
+    `pidray --help` imports none."""
+    ap = Parser(prog="pidray", description=DESCRIPTION, epilog="pidray COMMAND --help shows a command's options.")
+    ap.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    ap.add_argument("--version", action="version", version=f"pidray {version()}")
+    common = argparse.ArgumentParser(add_help=False)  # --debug is accepted after the command too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = ap.add_subparsers(title="commands", dest="cmd", metavar="COMMAND", parser_class=Parser, action=_Commands)
+    sub.maintenance = ap.add_argument_group("maintenance", "tools for checkpoints, reference fixtures and benchmarks")
+    ap._action_groups.append(ap._action_groups.pop(1))  # the options after the commands
+    for name, (_, where) in {**COMMANDS, **MAINTENANCE}.items():
+        if only is not None and name != only:
+            sub.add_parser(name)  # listed, and a choice; its options are not needed
+        elif ":" in where:
+            module, function = where.split(":")
+            getattr(importlib.import_module(module), function)(sub, parents=[common])
+        else:
+            globals()[where](sub, [common])
     _finish(ap)
     return ap
 
 
-def _cmd_doctor(args) -> int:
-    from pipeline import doctor
-
-    if not (args.gpu or args.smoke or args.steps):
-        args.steps = "versions"
-    return doctor.cmd(args)
+def _command_in(argv: list[str]) -> str:
+    """The command word of a `pidray` command line: its first argument that is not an option ("" when none; the
+    top-level options take no value)."""
+    return next((a for a in argv if not a.startswith("-")), "")
 
 
 def _failure(e: BaseException) -> tuple[str, str]:
@@ -377,12 +499,33 @@ def _failure(e: BaseException) -> tuple[str, str]:
     return "internal", str(e)
 
 
+def starting_line(args) -> str:
+    """What a command does first, said before it: loading PyTorch and a model, or starting Ray, takes seconds (more
+    on a busy machine) before its own first output. "" for the commands that answer at once."""
+    cmd = args.cmd
+    if cmd in ("upscale", "decode"):
+        return f"pidray {cmd}: loading PyTorch and the {args.preset} model..."
+    if cmd == "generate":
+        return f"pidray generate: loading PyTorch and the {args.preset or 'pixeldit-2k'} model..."
+    if cmd == "serve":
+        return f"pidray serve: starting Ray and the endpoint ({args.preset} model) on {args.host}:{args.port}..."
+    if cmd == "download":
+        return f"pidray download: looking up {args.preset}..."
+    if cmd in ("doctor", "golden", "info", "convert", "eval-small", "bench"):
+        return f"pidray {cmd}: loading PyTorch..."
+    return ""  # status, presets: their own output comes first
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_command_in(argv))
     args = parser.parse_args(argv)
     if args.cmd is None:  # bare `pidray`: what it does and its commands
         parser.print_help()
         return 0
+    line = starting_line(args)
+    if line and sys.stderr.isatty() and not getattr(args, "no_progress", False):  # a terminal: never seconds of silence
+        print(line, file=sys.stderr, flush=True)
     try:
         return args.fn(args) or 0
     except BrokenPipeError:  # `pidray info ... | head`: the reader left; say nothing more

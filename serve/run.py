@@ -14,7 +14,6 @@ import time
 from contextlib import contextmanager
 
 from pipeline.errors import SetupError
-from serve.admission import TOKEN_ENV, is_loopback
 
 RAY_LOG = os.path.join(os.environ.get("TMPDIR", "/tmp"), "pidray-serve.log")
 # How long Serve's HTTP server keeps an idle connection open between requests (its default: 90 s, sized for a load
@@ -79,6 +78,16 @@ def ray_notices_to_log(enabled: bool = True):
         os.close(saved)
 
 
+def __getattr__(name):
+    """serve.admission's TOKEN_ENV and is_loopback, as names of this module: imported when first used (it loads
+    FastAPI), so that the parser, --help and the first line of `pidray serve` come at once."""
+    if name in ("TOKEN_ENV", "is_loopback"):
+        from serve import admission
+
+        return getattr(admission, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class _Stop(BaseException):
     """SIGTERM while serving: stop as for Ctrl-C."""
 
@@ -89,6 +98,8 @@ def _stop(signum, frame):
 
 def read_token(path: str | None) -> str | None:
     """The bearer token from a file (first line), else $PIDRAY_API_TOKEN, else None. Never from the command line."""
+    from serve.admission import TOKEN_ENV
+
     if path:
         try:
             with open(path) as f:
@@ -124,7 +135,7 @@ def start(args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: int |
 
 
 def add_serve_parser(sub, parents=()) -> None:
-    p = sub.add_parser("serve", parents=list(parents), help="run the upscaling endpoint locally (Ray Serve)")
+    p = sub.add_parser("serve", parents=list(parents))  # its summary: pidray.cli.COMMANDS
     p.add_argument("-m", "--model", "--preset", dest="preset", default="small", help="preset (pidray presets)")
     p.add_argument("--weights", default=None, help="hub-layout weights folder, or a checkpoint file")
     p.add_argument("--text-encoder", default=None, help="local Gemma-2-2B-it folder (released presets)")
@@ -133,7 +144,7 @@ def add_serve_parser(sub, parents=()) -> None:
     p.add_argument(
         "--token-file",
         default=None,
-        help=f"require the bearer token in this file (default: ${TOKEN_ENV}; never on the command line)",
+        help="require the bearer token in this file (default: $PIDRAY_API_TOKEN; never on the command line)",
     )
     p.add_argument("--token", help=argparse.SUPPRESS)  # refused with a message: see cmd_serve
     p.add_argument("--allowed-origin", action="append", default=[], help="a web origin allowed to call the API")
@@ -145,6 +156,8 @@ def add_serve_parser(sub, parents=()) -> None:
 
 
 def cmd_serve(args) -> int:
+    from serve.admission import TOKEN_ENV, is_loopback
+
     if args.token:
         raise SetupError(f"--token would show the token to every user of `ps`; put it in a file (--token-file) or "
                          f"${TOKEN_ENV}")  # fmt: skip

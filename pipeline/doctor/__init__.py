@@ -28,23 +28,35 @@ is not counted.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 import traceback
 
-from pipeline.doctor.common import build_net, forward_flops, kernel_cases, tiny_config  # noqa: F401 (the API)
-from pipeline.doctor.device_steps import step_forward, step_kernels, step_versions
-from pipeline.doctor.harness import Check, Report
-from pipeline.doctor.hot_path import step_hot_path
-from pipeline.doctor.loop_steps import step_diffuse_loop, step_golden, step_graph
-from pipeline.doctor.precision_steps import step_precision, step_weights
+# Each step and the module beside this one that defines it (step_<name>). The modules load torch: a step's module is
+# imported when the step runs, so the options (`pidray doctor --help`, a usage error) need no torch.
+STEPS = {"versions": "device_steps", "kernels": "device_steps", "forward": "device_steps",
+         "diffuse_loop": "loop_steps", "golden": "loop_steps", "graph": "loop_steps",
+         "precision": "precision_steps", "hot_path": "hot_path", "weights": "precision_steps"}  # fmt: skip
+# The API, imported on first use: name -> its module
+_API = {"build_net": "common", "forward_flops": "common", "kernel_cases": "common", "tiny_config": "common",
+        "Check": "harness", "Report": "harness"}  # fmt: skip
 
-STEPS = {"versions": step_versions, "kernels": step_kernels, "forward": step_forward,
-         "diffuse_loop": step_diffuse_loop, "golden": step_golden, "graph": step_graph,
-         "precision": step_precision, "hot_path": step_hot_path, "weights": step_weights}  # fmt: skip
+
+def __getattr__(name):
+    if name in _API:
+        return getattr(importlib.import_module(f"pipeline.doctor.{_API[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def step(name: str):
+    """The function that runs step `name`: step(c, put)."""
+    return getattr(importlib.import_module(f"pipeline.doctor.{STEPS[name]}"), f"step_{name}")
 
 
 def run(args) -> dict:
+    from pipeline.doctor.harness import Check
+
     c = Check(args)
     wanted = args.steps.split(",") if args.steps else list(STEPS)
     unknown = sorted(set(wanted) - set(STEPS))
@@ -58,7 +70,7 @@ def run(args) -> dict:
             continue
         t0 = time.time()
         try:
-            STEPS[name](c, lambda k, v, _n=name: c.report.put(_n, k, v))
+            step(name)(c, lambda k, v, _n=name: c.report.put(_n, k, v))
             status = "ok"
         except Exception as e:  # a step's failure is a finding: recorded, and the next step runs
             status = f"error: {type(e).__name__}: {e}"
@@ -80,11 +92,14 @@ def add_args(ap) -> None:
     ap.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the forward step")
     ap.add_argument("--no-fp8", action="store_true", help="leave the FP8 (`--precision fp8`) items out")
     ap.add_argument("--budget", type=float, default=480.0, help="seconds: steps that would run past it are skipped")
-    ap.add_argument("--golden", default=None, help="folder of golden fixtures (default .gpu/ or ../shared/golden)")
+    ap.add_argument("--golden", default=None, help="folder of golden fixtures (default: a source checkout's, if "
+                    "any; without fixtures the golden step is skipped)")  # fmt: skip
     ap.add_argument("--out", default="out/doctor", help="report folder (doctor.json, doctor.md), rewritten as it goes")
 
 
 def cmd(args) -> int:
+    from pipeline.doctor.harness import Report
+
     rep = run(args)
     md = Report(None)
     md.data = rep

@@ -36,8 +36,9 @@ def test_one_file_to_a_file_name(tmp_path):
     img = Image.open(tmp_path / "big.png")
     assert img.format == "PNG" and img.size == (96, 64)  # the extension chose the format; 4x
     assert not (tmp_path / "big.png").is_dir()
-    again = pidray("upscale", src, tmp_path / "big.png", "--no-progress")  # never over an existing file
-    assert again.returncode == 3 and "already exists" in again.stderr
+    again = pidray("upscale", src, tmp_path / "big.png", "--no-progress")  # never over an existing file: asked first
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert "already holds this job's outputs" in again.stderr and "--resume" in again.stderr, again.stderr
     assert pidray("upscale", src, tmp_path / "big.png", "--no-progress", "--overwrite").returncode == 0
     same = pidray("upscale", src, src)  # never over SRC: one line, nothing written
     assert same.returncode == 2 and same.stderr.count("\n") == 1 and "is SRC" in same.stderr
@@ -368,3 +369,29 @@ def test_x_png_and_x_jpg_keep_their_names_and_resume_finds_each(tmp_path):
     assert {k: r["output_key"] for k, r in rows.items()} == names
     one_format = pidray("upscale", src, tmp_path / "jpgs", "-f", "jpg", "--dry-run")  # one format: they would collide
     assert "x.png -> x.png.*" in one_format.stdout and "x.jpg -> x.jpg.*" in one_format.stdout
+
+
+@pytest.mark.slow
+def test_the_readme_tour_runs_in_the_order_written():
+    """The README's set-up and tour commands, in order, on a fresh clone of this commit (the installed venv reused):
+    every one exits 0."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from readme_tour import commands, run
+
+    names = commands((Path(__file__).parent.parent / "README.md").read_text())
+    assert names[0] == "./dev.sh run" and any(c.startswith("pidray status") for c in names), names
+    done = run(venv=str(Path(sys.executable).parent.parent))
+    assert len(done) == len(names) and all(rc == 0 for _, rc, _ in done), done
+
+
+def test_a_transparent_image_as_jpeg_is_flattened_onto_the_background(tmp_path):
+    rgba = Image.new("RGBA", (12, 12), (250, 0, 0, 0))  # red, fully transparent: hidden, and must stay hidden
+    rgba.save(tmp_path / "t.png")
+    for bg, want in (("white", 255), ("#000000", 0)):
+        out = pidray("upscale", tmp_path / "t.png", tmp_path / f"t{want}.jpg", "--no-progress", "--background", bg)
+        assert out.returncode == 0, out.stderr
+        assert "transparency dropped" in out.stderr and f"flattened onto {bg}" in out.stderr
+        px = Image.open(tmp_path / f"t{want}.jpg").convert("RGB").getpixel((20, 20))
+        assert all(abs(c - want) < 8 for c in px), (bg, px)
+    bad = pidray("upscale", tmp_path / "t.png", tmp_path / "x.jpg", "--background", "no-such-colour")
+    assert bad.returncode == 2 and "background must be a colour" in bad.stderr and not (tmp_path / "x.jpg").exists()

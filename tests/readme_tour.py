@@ -4,8 +4,8 @@
 
 The commands are read from the README's first two `bash` blocks (set-up, then the tour), so the README cannot drift
 from what works. `./dev.sh test` is left out (it is the test suite itself). `pidray serve` runs until its page
-answers, then gets Ctrl-C. --venv: reuse an installed virtual environment instead of installing one into the clone
-(`./dev.sh run` then finds it up to date).
+answers, then gets Ctrl-C (its exit code 130 counts as a clean stop). --venv: reuse an installed virtual
+environment instead of installing one into the clone (`./dev.sh run` then finds it up to date).
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def run(venv: str | None = None) -> list[tuple[str, int, float]]:
         t0 = time.time()
         if cmd.split()[:2] == ["pidray", "serve"]:
             rc = _serve(cmd, env, clone)
+            rc = 0 if rc == 130 else rc  # stopped by Ctrl-C, as a person stops it: 128 + SIGINT
         else:
             rc = subprocess.run(cmd, shell=True, cwd=clone, env=env).returncode
         done.append((cmd, rc, time.time() - t0))

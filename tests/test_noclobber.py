@@ -181,7 +181,7 @@ def test_local_write_never_replaces_unless_asked(tmp_path):
     loc.write("x/a.png", b"one")
     with pytest.raises(OutputExists, match="'x/a.png' appeared in DST") as e:
         loc.write("x/a.png", b"two")
-    assert e.value.key == "x/a.png" and e.value.kind == "bad_input"
+    assert e.value.key == "x/a.png" and e.value.kind == "exists"  # the input is fine: its output's name is taken
     assert (tmp_path / "dst" / "x" / "a.png").read_bytes() == b"one"
     assert os.listdir(tmp_path / "dst" / "x") == ["a.png"]  # the temporary is gone
     (tmp_path / "elsewhere").write_bytes(b"target")

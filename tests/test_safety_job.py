@@ -359,7 +359,7 @@ def test_f8_hidden_files_and_links_are_recorded_not_silently_dropped(bicubic_wei
     assert summary.ok == 1 and rows["..png"]["status"] == "skipped" and "--include-hidden" in rows["..png"]["error"]
     assert rows["link.png"]["status"] == "skipped" and "not followed" in rows["link.png"]["error"]
     assert not (dst / "link.png").exists()
-    summary = run_job(_job(src, dst, bicubic_weights, include_hidden=True, follow_symlinks=True))
+    summary = run_job(_job(src, dst, bicubic_weights, include_hidden=True, follow_symlinks=True, resume=True))
     rows = _rows(dst)
     assert rows["..png"]["status"] == "ok" and (dst / "..png").is_file()
     assert rows["link.png"]["status"] == "ok" and "symbolic link to" in rows["link.png"]["notes"]

@@ -40,6 +40,7 @@ class JobConfig:
     ldm: str | None = None  # generate-then-decode: the latent diffusion model (name or folder); `model` decodes
     limit: int | None = None  # only the first N planned inputs (None: all)
     output_name: str = ""  # SRC is one file, DST named a file: the output's name in DST without its extension
+    manifest: str = ""  # a file job's manifest goes here (a local path); "" for one: none (only the file is written)
 
     @cached_property
     def flow(self) -> Workflow:

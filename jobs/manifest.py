@@ -282,6 +282,34 @@ class ManifestWriter:
         return f"{self.dst.uri.rstrip('/')}/{MANIFEST_NAME}"
 
 
+class FileManifest:
+    """The manifest of a job of one file to one named file: kept in memory and written, at the end, only where
+    `--manifest PATH` asks (never beside the output: one file to one file leaves only that file)."""
+
+    def __init__(self, path: str = "", meta: dict[bytes, bytes] | None = None):
+        self.path, self.meta, self.rows, self.fallback = path, meta, [], ""
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def due(self) -> bool:
+        return False
+
+    def flush(self) -> float:
+        return 0.0
+
+    def close(self) -> str:
+        if not self.path:
+            return ""
+        data = manifest_bytes(self.rows, self.meta)
+        try:
+            with open(self.path, "xb") as f:  # never over a file: the path was checked free before the job
+                f.write(data)
+        except OSError as e:
+            return _fallback(data, None, e)
+        return os.path.abspath(self.path)
+
+
 def iter_manifest(dst, batch: int = 65_536) -> Iterator[dict]:
     """The rows of DST's manifest (a file or a folder of parts), one record batch at a time: never all at once."""
     for key in manifest_parts(dst):

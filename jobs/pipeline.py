@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 from jobs.config import KEEP_ROWS, JobConfig, Summary
 from jobs.lease import Fenced, Lease, LeaseLost
-from jobs.manifest import MANIFEST_NAME, ManifestWriter, manifest_row, set_aside
+from jobs.manifest import MANIFEST_NAME, FileManifest, ManifestWriter, manifest_row, set_aside
 from jobs.plan import Plan, output_candidates, plan_job
 from jobs.preflight import preflight
 from jobs.progress import JobProgress, Weigher
@@ -102,7 +102,7 @@ def _run_plan(cfg: JobConfig, plan: Plan, lease: Lease | None, on_row, t0: float
             _warn(f"took over DST's lease from {f'job {lease.taken_over}' if lease.taken_over else 'a lease file'}, "
                   f"which was stale ({lease.took_over})"
                   + (f"; removed its {n} unfinished temporary file(s)" if n else ""))  # fmt: skip
-    if plan.previous.problem:
+    if plan.previous.problem and not (cfg.output_name and plan.single is not None):  # a file job leaves it be
         where = f"{plan.dst.uri.rstrip('/')}/{MANIFEST_NAME}"
         kept = "it would be kept beside it as a backup"
         if not cfg.dry_run:
@@ -120,13 +120,20 @@ def _run_plan(cfg: JobConfig, plan: Plan, lease: Lease | None, on_row, t0: float
         return _dry_run(cfg, plan, on_row)
     meta = run_metadata(cfg, t0)  # the settings, pidray's version and the start, in every part's Parquet metadata
     # a leased job publishes each manifest file only while DST's lease is still its own (Fenced)
-    writer = ManifestWriter(Fenced(plan.dst, lease) if lease else plan.dst, tag=lease.owner if lease else "",
-                            every_s=FLUSH_EVERY_S, meta=meta)  # fmt: skip
+    if cfg.output_name and plan.single is not None:  # one file to one named file: only that file is written
+        writer = FileManifest(cfg.manifest, meta=meta)
+    else:
+        writer = ManifestWriter(Fenced(plan.dst, lease) if lease else plan.dst, tag=lease.owner if lease else "",
+                                every_s=FLUSH_EVERY_S, meta=meta)  # fmt: skip
     job = _Job(cfg, plan, writer)
     summary = job.summary
     local = use_local_loop(cfg, job.peek_small())
     if not (cfg.resume or cfg.overwrite):  # before any model loads: DST holds this job's outputs from an earlier run
         earlier = [r for kind, r in job.ahead if kind == "rejected" and r.get("written_by")]
+        named = [r for kind, r in job.ahead if kind == "rejected" and r.get("error_kind") == "exists"]
+        if cfg.output_name and plan.single is not None and named:  # the one file DST names is there
+            name = f"{plan.dst.uri.rstrip('/')}/{display(cfg.output_name)}.{cfg.options.format}"
+            raise SetupError(f"{name} exists: --overwrite replaces it, --resume keeps it, or name another file")
         if earlier:
             many = "" if len(earlier) == 1 else f" and {len(earlier) - 1} more"
             raise SetupError(
@@ -178,7 +185,9 @@ def _run_plan(cfg: JobConfig, plan: Plan, lease: Lease | None, on_row, t0: float
             summary.seconds = time.time() - t0
             summary.manifest = job.close(look=True)
             plan.dst.remove_temporaries(plan.dst.tag)  # this job's own, never another job's
-            if summary.manifest == f"{plan.dst.uri.rstrip('/')}/{MANIFEST_NAME}":  # its rows carry the proof now
+            if isinstance(job.writer, FileManifest):  # the output's name was given: no receipt is kept beside it
+                receipts.remove(plan.dst, plan.dst.tag)
+            elif summary.manifest == f"{plan.dst.uri.rstrip('/')}/{MANIFEST_NAME}":  # its rows carry the proof now
                 whole = not summary.interrupted and cfg.limit is None and not (lease is not None and lease.lost)
                 receipts.remove(plan.dst, None if whole and job.planned_all else plan.dst.tag)
     if lease is not None and lease.lost:  # another job holds DST now: this job stopped writing there

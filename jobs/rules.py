@@ -370,6 +370,12 @@ def settle_taken(
     --overwrite may replace). prev: the input's row in DST's manifest; failed/skipped: its rows to build on; line:
     said before the reason ("line 3: " of a prompt file)."""
     dst = plan.dst
+    # DST named this one output file: the user named the very file, so --resume keeps and --overwrite replaces it
+    # (a regular file only), whoever wrote it
+    named = plan.single is not None and bool(getattr(cfg, "output_name", "")) and existing[hits[0]].regular
+    if cfg.resume and named and not proven(hits[0], prev, existing[hits[0]], dst):
+        return "skipped", {**skipped, "output_key": display(hits[0]), "error": "DST names this file, which exists: "
+                           "--resume keeps it as it is", "error_kind": "skipped"}  # fmt: skip
     if cfg.resume:  # kept only when proven pidray's: this input's manifest row, or (where no row claims it) a receipt
         hit = next((h for h in hits if proven(h, prev, existing[h], dst)), None)
         base = prev
@@ -389,6 +395,8 @@ def settle_taken(
             ours[h] = {"written_by": by.get("written_by") or "earlier", "out_bytes": existing[h].size}
         elif not rows and (proof_of := plan.receipt(h, existing[h])):  # a row that names it and fails decides
             ours[h] = proof_of
+        elif named:
+            ours[h] = {}
     taken = _taken(hits, ours, cfg, lambda h: _not_ours(existing[h], display(h), recorded.get(display(h)) or prev))
     if taken is not None:
         return "rejected", _exists_row(failed, (taken[0], f"{line}{taken[1]}"), ours)

@@ -45,12 +45,18 @@ def file_destination(cfg, note=_note):
     """The job config with a file DST turned into (its folder, the output's name, the format); unchanged when DST
     is a folder. A folder SRC with a DST that looks like a file name gets a one-line note: DST is a folder."""
     if enters(cfg) != "images" or cfg.in_place or not names_a_file(cfg.dst):
+        if getattr(cfg, "manifest", ""):
+            raise SetupError("--manifest is for one file to one named file; a folder job's manifest is always "
+                             "DST/_pidray_manifest.parquet")  # fmt: skip
         return cfg
     try:
         single = Location(cfg.src, cfg.s3).single()
     except Exception:  # SRC cannot be looked at now: preflight says why, in its own words
         return cfg
     if single is None:
+        if getattr(cfg, "manifest", ""):
+            raise SetupError("--manifest is for one file to one named file; a folder job's manifest is always "
+                             "DST/_pidray_manifest.parquet")  # fmt: skip
         note(f"pidray: note: SRC {cfg.src} is a folder, so DST {cfg.dst} is the folder its outputs go into")
         return cfg
     if not cfg.dst.startswith("s3://") and os.path.realpath(cfg.dst) == os.path.realpath(cfg.src):
@@ -64,6 +70,10 @@ def file_destination(cfg, note=_note):
         raise SetupError(f"DST {cfg.dst} names the output file itself: --suffix does not apply")
     if not stem or stem in (".", ".."):
         raise SetupError(f"DST {cfg.dst}: the output file needs a name before the extension")
+    manifest = getattr(cfg, "manifest", "")
+    if manifest and (os.path.lexists(manifest) or not os.path.isdir(os.path.dirname(os.path.abspath(manifest)))):
+        what = "exists (pidray never writes over a file)" if os.path.lexists(manifest) else "is in no folder there is"
+        raise SetupError(f"--manifest {manifest} {what}: name a new file")
     if EXTENSIONS[fmt] != f".{ext}":
         note(f"pidray: note: {fmt} outputs are named {EXTENSIONS[fmt]}: writing {stem}{EXTENSIONS[fmt]} in {parent}")
     return replace(cfg, dst=parent, output_name=stem, options=replace(cfg.options, format=ext.lower()))

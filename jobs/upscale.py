@@ -223,6 +223,9 @@ def _job_arguments(p, default_preset: str) -> None:
         action="store_true",
         help="replace outputs already in DST, only those DST's manifest records as written by pidray",
     )
+    j.add_argument("--manifest", default="", metavar="PATH",
+                   help="one file to one named file: also write the job's manifest (Parquet) to PATH; otherwise "
+                        "only the output file is written (a folder job's is DST/_pidray_manifest.parquet)")  # fmt: skip
     j.add_argument("--dry-run", action="store_true", help="list what would be done (as SRC is listed)")
     j.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="process only the first N planned inputs (to try a job)")  # fmt: skip
@@ -280,7 +283,7 @@ def config_from_args(args) -> JobConfig:
         concurrency={k: v for k, v in (("encode", args.encode_actors), ("diffuse", args.diffuse_actors)) if v},
         progress=not args.no_progress, verbose=args.verbose, workflow=getattr(args, "workflow", DEFAULT_WORKFLOW),
         latent_format=getattr(args, "latent_format", None), out_size=getattr(args, "size", None),
-        sigma=getattr(args, "sigma", None), limit=getattr(args, "limit", None),
+        sigma=getattr(args, "sigma", None), limit=getattr(args, "limit", None), manifest=getattr(args, "manifest", ""),
     )  # fmt: skip
     from pipeline.stages.common import ensemble_shift, sampler_steps
 

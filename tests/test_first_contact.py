@@ -38,7 +38,7 @@ def test_one_file_to_a_file_name(tmp_path):
     assert not (tmp_path / "big.png").is_dir()
     again = pidray("upscale", src, tmp_path / "big.png", "--no-progress")  # never over an existing file: asked first
     assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
-    assert "already holds this job's outputs" in again.stderr and "--resume" in again.stderr, again.stderr
+    assert "big.png exists: --overwrite replaces it" in again.stderr, again.stderr
     assert pidray("upscale", src, tmp_path / "big.png", "--no-progress", "--overwrite").returncode == 0
     same = pidray("upscale", src, src)  # never over SRC: one line, nothing written
     assert same.returncode == 2 and same.stderr.count("\n") == 1 and "is SRC" in same.stderr
@@ -395,3 +395,25 @@ def test_a_transparent_image_as_jpeg_is_flattened_onto_the_background(tmp_path):
         assert all(abs(c - want) < 8 for c in px), (bg, px)
     bad = pidray("upscale", tmp_path / "t.png", tmp_path / "x.jpg", "--background", "no-such-colour")
     assert bad.returncode == 2 and "background must be a colour" in bad.stderr and not (tmp_path / "x.jpg").exists()
+
+
+def test_one_file_to_one_file_leaves_only_that_file(tmp_path):
+    """No manifest, receipt or lock is left beside a named output (`--manifest PATH` writes one where asked); the
+    doctor's report goes to the cache folder and says where, never into the current folder."""
+    work = tmp_path / "work"
+    work.mkdir()
+    src = _tiny(tmp_path / "one.png")
+    out = pidray("upscale", src, "big.png", "--no-progress", cwd=work)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["big.png"]
+    again = pidray("upscale", src, "big.png", "--no-progress", "--overwrite", "--manifest", tmp_path / "m.parquet",
+                   cwd=work)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["big.png"] and (tmp_path / "m.parquet").is_file()
+    taken = pidray("upscale", src, "big.png", "--manifest", tmp_path / "m.parquet", cwd=work)
+    assert taken.returncode == 2 and "m.parquet exists" in taken.stderr
+    folder = pidray("upscale", tmp_path / "work", tmp_path / "o", "--manifest", tmp_path / "n.parquet")
+    assert folder.returncode == 2 and "--manifest is for one file" in folder.stderr
+    doc = pidray("doctor", "--smoke", "--steps", "versions", cwd=work, env={"XDG_CACHE_HOME": str(tmp_path / "c")})
+    assert sorted(p.name for p in work.iterdir()) == ["big.png"], doc.stdout
+    assert (tmp_path / "c" / "pidray" / "doctor" / "doctor.json").is_file() and "report in" in doc.stdout

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 import traceback
@@ -94,12 +95,21 @@ def add_args(ap) -> None:
     ap.add_argument("--budget", type=float, default=480.0, help="seconds: steps that would run past it are skipped")
     ap.add_argument("--golden", default=None, help="folder of golden fixtures (default: a source checkout's, if "
                     "any; without fixtures the golden step is skipped)")  # fmt: skip
-    ap.add_argument("--out", default="out/doctor", help="report folder (doctor.json, doctor.md), rewritten as it goes")
+    ap.add_argument("--out", default=None, help="report folder (doctor.json, doctor.md), rewritten as it goes "
+                    "(default: pidray/doctor in your cache folder, ~/.cache or $XDG_CACHE_HOME)")  # fmt: skip
+
+
+def default_out() -> str:
+    """Where the report goes unless --out says: the user's cache folder, never the current one."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "pidray", "doctor")
 
 
 def cmd(args) -> int:
     from pipeline.doctor.harness import Report
 
+    if args.out is None:  # "" writes no report
+        args.out = default_out()
     rep = run(args)
     md = Report(None)
     md.data = rep
@@ -108,6 +118,8 @@ def cmd(args) -> int:
         ("ok", "skipped"))] + rep.get("failures", [])  # fmt: skip
     for b in bad:
         print(f"doctor: FAILED {b}")
+    if args.out:
+        print(f"doctor: report in {os.path.abspath(args.out)} (doctor.json, doctor.md)")
     return 1 if bad else 0
 
 

@@ -101,5 +101,6 @@ class Summary:
         return (
             f"{head}: {self.ok} ok, {self.failed} failed, {self.skipped} skipped"
             f"{f' ({self.already} done by an earlier run)' if self.already else ''} in {self.seconds:.1f}s "
-            f"({self.images_per_second:.2f} images/s, {self.runner or 'nothing to run'}); manifest: {self.manifest}"
+            f"({self.images_per_second:.2f} images/s, {self.runner or 'nothing to run'})"
+            + (f"; manifest: {self.manifest}" if self.manifest else "")
         )

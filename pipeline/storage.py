@@ -380,7 +380,7 @@ class Location:
                             Entry(key, os.stat(target).st_size, note=f"symbolic link to {target}", target=target)
                         )
                     else:  # a link to a FIFO, a device (/dev/zero), or to nothing: on record, never opened
-                        what = _file_type(os.stat(target).st_mode) if os.path.exists(target) else "missing"
+                        what = what_is(target, os.stat(target).st_mode) if os.path.exists(target) else "missing"
                         why = f"symbolic link to {target}, which is {what}, not a regular file"
                         out.append(Entry(key, -1, skip=why, target=target))
                     continue
@@ -391,7 +391,7 @@ class Location:
                 elif e.is_file(follow_symlinks=False):
                     out.append(Entry(key, e.stat(follow_symlinks=False).st_size))
                 else:  # a FIFO, a socket, a device: on record, never opened (reading one may block for ever)
-                    what = _file_type(e.stat(follow_symlinks=False).st_mode)
+                    what = what_is(e.path, e.stat(follow_symlinks=False).st_mode)
                     out.append(Entry(key, -1, skip=f"{what}, not a regular file: it is not read"))
             yield rel.rstrip("/"), out
             stack += reversed(subs)  # popped in name order
@@ -475,7 +475,7 @@ class Location:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             os.close(fd)
-            what = _file_type(mode)
+            what = what_is(os.path.join(self.uri, key), mode)
             raise BadInput(f"{display(key)!r} is {what}, not a regular file: it is not read")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
@@ -709,19 +709,6 @@ class Location:
             self.client.delete_object(Bucket=bucket, Key=self._s3_key(key))
             return
         self._local_path(key).unlink(missing_ok=True)
-
-
-def _file_type(mode: int) -> str:
-    """What a file that is not a regular file is, for a message."""
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
 
 
 def temp_prefix(tag: str) -> str:

@@ -136,11 +136,18 @@ def test_a_crash_before_the_manifest_keeps_outputs_by_their_receipts(bicubic_wei
 def test_sigkill_mid_job_then_resume_keeps_every_finished_output(bicubic_weights, tmp_path):
     src, dst = tmp_path / "in", tmp_path / "out"
     for i in range(16):
-        _save(src / f"p{i:02d}.png", color=(15 * i, 90, 200), size=(96, 72))
+        # sizes apart: each image is a diffusion group of its own, written seconds after the one before (images of
+        # one size land back to back, and a kill between an output's link and its receipt leaves it unproven)
+        _save(src / f"p{i:02d}.png", color=(15 * i, 90, 200), size=(96 + 8 * i, 72))
     cmd = [sys.executable, "-m", "pidray.cli", "upscale", str(src), str(dst), "--local", "--weights", bicubic_weights]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(dst.glob("p*.png")):
+
+    def receipted() -> bool:  # an output is finished once it is in place and its receipt line follows it
+        lines = "".join(p.read_text() for p in dst.glob(".pidray-written-*"))
+        return any(f'"key": "{p.name}"' in lines for p in dst.glob("p*.png"))
+
+    while time.time() < deadline and not (dst.is_dir() and receipted()):
         time.sleep(0.02)
     assert proc.poll() is None, "the job ended before it could be killed"
     proc.send_signal(signal.SIGKILL)

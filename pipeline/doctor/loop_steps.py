@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from pipeline.doctor.common import build_net, sync
-from pipeline.doctor.harness import Check
+from pipeline.doctor.harness import Check, Skipped
+from pipeline.doctor.plan import loop_batches
 
 
 def _doctor_preset(c: Check):
@@ -26,8 +26,9 @@ def _doctor_preset(c: Check):
 
 
 def step_diffuse_loop(c: Check, put) -> None:
-    """The diffuse stage's real sampler (x, x0, noise on the device; 4 steps) at 1, 2 and 4 tiles per network call,
-    an image of 2×2 tiles with fusion (the tiled 4K case at 2048² tiles), and with FP8 matmuls / torch.compile.
+    """The diffuse stage's real sampler (x, x0, noise on the device; 4 steps) at 1 and 2 (--full: and 4) tiles per
+    network call, an image of 2×2 tiles with fusion (the tiled 4K case at 2048² tiles), and at one tile a call with
+    FP8 matmuls and with torch.compile (--full: FP8 tiled too).
     Every (batch, tile shape) is warmed before it is timed; the median of `--reps` runs is reported. The host's
     share of a step = 1 - (time in the network's forward) / (time of the whole step)."""
     from pipeline.stages.diffuse import DiffuseItem, DiffuseStage
@@ -43,24 +44,31 @@ def step_diffuse_loop(c: Check, put) -> None:
     chans = cfg.lq_latent_channels or cfg.lq_in_channels
     y = torch.zeros(cfg.txt_max_length, cfg.txt_embed_dim)
     backend = "triton" if dev.type == "cuda" else "torch"
-    nets = {"": build_net(cfg, dev, c.dtype, backend)}
-    if c.fp8:
-        from pipeline.kernels.fp8 import quantize_fp8
+    nets: dict = {}
 
-        nets["fp8 "] = build_net(cfg, dev, c.dtype, backend)
-        quantize_fp8(nets["fp8 "])
-    if c.compile:
-        nets["compile "] = build_net(cfg, dev, c.dtype, "torch")
-        nets["compile "].compile()
-    cases = [("", f"{size}² batch {b}", one, b) for b in (1, 2, 4)]
+    def net_of(key):  # built on first use: a network that fails to build fails its own items only
+        if key not in nets:
+            if key == "compile ":
+                net = build_net(cfg, dev, c.dtype, "torch")
+                net.compile()
+            else:
+                net = build_net(cfg, dev, c.dtype, backend)
+                if key == "fp8 ":
+                    from pipeline.kernels.fp8 import quantize_fp8
+
+                    quantize_fp8(net)
+            nets[key] = net
+        return nets[key]
+
+    variants = [""] + (["fp8 "] if c.fp8 else []) + (["compile "] if c.compile else [])
+    cases = [("", f"{size}² batch {b}", one, b) for b in loop_batches(c.full)]
     cases.append(("", f"tiled 2x2 of {size}² (fusion) per image", four, 1))
-    cases += [(k, f"{k}{size}² batch 1", one, 1) for k in nets if k]
-    cases += [(k, f"{k}tiled 2x2 of {size}²", four, 1) for k in nets if k]
-    for key, label, plan, batch in cases:
-        if not c.has(45):
-            put(label, "skipped: time budget")
-            continue
-        net = nets[key]
+    cases += [(k, f"{k}{size}² batch 1", one, 1) for k in variants if k]
+    if c.full:  # compiled, the tiled case would be a second graph (4 tiles a call): another compile, same finding
+        cases += [(k, f"{k}tiled 2x2 of {size}²", four, 1) for k in variants if k and k != "compile "]
+
+    def run_case(key, plan, batch):
+        net = net_of(key)
         stage = DiffuseStage(loaded=(preset, net), memory_budget=1 << 40)
         lh, lw = plan.lat_hw
         items = [DiffuseItem(torch.randn(chans, lh, lw), y, plan, i, 0.1, 4) for i in range(batch)]
@@ -74,8 +82,13 @@ def step_diffuse_loop(c: Check, put) -> None:
             walls.append(wall)
             shares.append(1 - fwd / wall)
         wall = statistics.median(walls)
-        put(label, {"s_per_image": wall / batch, "tiles_per_s": batch * plan.n_tiles / wall,
-                    "host_share": statistics.median(shares), "warm_s": round(warm_s, 2), "reps": c.reps})  # fmt: skip
+        return {"s_per_image": wall / batch, "tiles_per_s": batch * plan.n_tiles / wall,
+                "host_share": statistics.median(shares), "warm_s": round(warm_s, 2), "reps": c.reps}  # fmt: skip
+
+    for key, label, plan, batch in cases:
+        res = c.item(put, label, lambda key=key, plan=plan, batch=batch: run_case(key, plan, batch))
+        if res is not None:
+            put(label, res)
 
 
 class _Timed:
@@ -110,28 +123,31 @@ def _timed_run(stage, net, items, dev) -> tuple[float, float]:
 
 
 def step_golden(c: Check, put) -> None:
+    """The parity fixtures with the networks on the device, one item per fixture. Fixtures asked for with --golden
+    that are not there fail the step; with none found in a source checkout's places it is skipped, and says so."""
     from pipeline.golden import verify
 
-    folder = (
-        Path(c.golden)
-        if c.golden
-        else next(
-            (p for p in (Path(".gpu"), Path(__file__).resolve().parents[2] / "shared" / "golden") if p.is_dir()), None
-        )
-    )
-    files = sorted(folder.glob("*.safetensors")) if folder else []
+    files = c.golden_files()  # raises for an empty or missing --golden DIR
     if not files:
-        put("skipped", "no fixtures found (pass --golden DIR)")
-        return
+        from pipeline.doctor.harness import golden_places
+
+        raise Skipped(f"no golden fixtures found (looked in {', '.join(map(str, golden_places()))}; pass --golden DIR)")
+    put("folder", str(files[0].parent))
     if c.device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = False  # parity in fp32, not TF32
         torch.backends.cuda.matmul.allow_tf32 = False
-    for f in files:
+
+    def one(f):
         rep = verify(f, device=c.device)
         put(f.name, {"kind": rep.kind, "ok": rep.ok,
                      **{ch.name: ch.error if ch.error is not None else ch.note for ch in rep.checks},
                      **{f"{ch.name} tolerance": ch.tolerance for ch in rep.checks},
                      **({"problem": rep.problem} if rep.problem else {})})  # fmt: skip
+        if not rep.ok:
+            c.report.data.setdefault("failures", []).append(f"golden {f.name}: {rep.problem or 'out of tolerance'}")
+
+    for f in files:
+        c.item(put, f.name, lambda f=f: one(f))
 
 
 def step_graph(c: Check, put) -> None:
@@ -141,20 +157,29 @@ def step_graph(c: Check, put) -> None:
     import numpy as np
     from PIL import Image
 
-    from pipeline.graph import StageGraph
-    from pipeline.runtime import ModelOptions
-
     side = 24 if c.smoke else 96
     arr = (np.random.default_rng(0).random((side, side, 3)) * 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "PNG")
+    c.item(put, f"small {side}² -> {side * 4}²", lambda: _graph(c, put, side, buf.getvalue()))
+
+
+def _graph(c: Check, put, side: int, data: bytes) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.graph import StageGraph
+    from pipeline.runtime import ModelOptions
+
     outs, times = {}, {}
     for dev in dict.fromkeys([str(c.device), "cpu"]):
         graph = StageGraph(ModelOptions(preset="small", device=dev, dtype="fp32"))
         stages = graph.build_all()
-        next(graph.run_local([{"key": "w", "bytes": buf.getvalue()}], stages))  # warm
+        next(graph.run_local([{"key": "w", "bytes": data}], stages))  # warm
         t0 = time.perf_counter()
-        row = next(graph.run_local([{"key": "x", "bytes": buf.getvalue()}], stages))
+        row = next(graph.run_local([{"key": "x", "bytes": data}], stages))
         times[dev] = time.perf_counter() - t0
         if row.get("status") != "ok":
             raise RuntimeError(f"the small preset failed on {dev}: {row.get('error')}")

@@ -49,8 +49,10 @@ def row_bucket(n_rows: int) -> int:
     return sum(n_rows >= b for b in ROW_BUCKETS)
 
 
-MAX_ELEMS_PER_THREAD = 16  # above this sm_90 may spill (pipeline.kernels.aot: 64 spilled on triton 3.9; 32 spilled
-# 208-280 bytes in rms_norm_modulate on triton 3.7.1, the version torch 2.13's CUDA wheel requires)
+MAX_ELEMS_PER_THREAD = 8  # above this sm_90 may spill, and the triton that runs is the GPU machine's, not ours
+# (pipeline.kernels.aot): at 16 elements a thread triton 3.6 spilled 16 bytes in rms_norm_modulate (rows of 128,
+# BLOCK_R 16, 4 warps: 16 values each of x, shift and scale a thread, with their 64-bit addresses) where 3.7.1 did
+# not; at 32, 3.7.1 spilled 208-280 bytes there; at 64, 3.9 spilled. 8 halves the pressure that spilled on 3.6.
 MAX_CONFIGS = 4  # configs tried per autotune key: each one is a compile on a replica's first request
 
 

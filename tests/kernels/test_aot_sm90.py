@@ -65,3 +65,18 @@ def test_tuning_space_is_small_and_fits_the_registers():
             space = tuning_space(all_configs(*op.candidates), row)
             assert 1 <= len(space) <= 4
             assert len(space) == 1 or all(elems_per_thread(c, row) <= MAX_ELEMS_PER_THREAD for c in space)
+
+
+def test_the_config_that_spilled_on_triton_36_is_out_of_the_space():
+    """Compiled for sm_90 by triton 3.6 (the GPU machines' version), rms_norm_modulate with rows of 128, BLOCK_R 16
+    and 4 warps (16 elements a thread) spilled 16 bytes where 3.7.1 does not: nothing that dense may be tried."""
+    from pipeline.kernels import OPS
+    from pipeline.kernels._common import MAX_ELEMS_PER_THREAD, all_configs, elems_per_thread, tuning_space
+
+    assert MAX_ELEMS_PER_THREAD <= 8
+    op = next(op for op in OPS if op.name == "rms_norm_modulate")
+    space = tuning_space(all_configs(*op.candidates), 128)
+    assert (16, 4) not in {(c.kwargs["BLOCK_R"], c.num_warps) for c in space}
+    for op in (op for op in OPS if op.aot_cases is not None):
+        for _, row in op.aot_cases(lambda n: 1 << (n - 1).bit_length()):
+            assert all(elems_per_thread(c, row) < 16 for c in tuning_space(all_configs(*op.candidates), row))

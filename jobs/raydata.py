@@ -120,11 +120,34 @@ def _warm_workers(ray, n: int) -> None:
         task.remote()
 
 
+def add_stages(ds, graph: StageGraph, actors: dict[str, int], gpus: int, cpus: int):
+    """`ds` (rows as {"i", "row": pickled stage row}) through every stage of `graph`: a model stage as an actor pool
+    of `actors[name]` actors (its share of a GPU where the cluster has `gpus`), the others as tasks. Lazy, as Ray
+    Data is: also what `pidray.data` adds to a user's own dataset."""
+    from ray.data import ActorPoolStrategy
+
+    for spec in graph.stages:
+        common = {"batch_size": spec.batch_rows, "batch_format": "numpy", **spec.ray_options(gpus)}
+        if spec.holds_model:
+            on_gpu = common["num_gpus"] > 0
+            n = actors[spec.name]
+            threads = None if on_gpu else max(1, cpus // n)
+            ds = ds.map_batches(
+                StageActor, fn_constructor_kwargs={"spec": spec, "threads": threads},
+                # one batch in flight per actor: a batch is already 16 rows, and one queued behind a busy actor
+                # would wait while another actor (maybe on another node) idles
+                compute=ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1), **common,
+            )  # fmt: skip
+        else:
+            ds = ds.map_batches(stage_task, fn_kwargs={"spec": spec}, **common)
+    return ds
+
+
 def _iter_ray(cfg: JobConfig, plan: Plan, rows: Iterable[dict], feed_out: list | None = None) -> Iterator[dict]:
     """Rows through Ray Data as they come from `rows` (a stream); results as Ray Data gives them back. feed_out:
     gets the RayFeed, so the driver can say which rows came back."""
     ray = _ensure_ray()
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the job prints its own progress with ETA
@@ -155,20 +178,7 @@ def _iter_ray(cfg: JobConfig, plan: Plan, rows: Iterable[dict], feed_out: list |
         ds = feed.dataset().map_batches(feed_task, fn_kwargs={"feed": feed.actor}, batch_size=1,
                                         batch_format="numpy", num_cpus=0,
                                         ray_remote_args_fn=lambda: {"scheduling_strategy": here})  # fmt: skip
-    for spec in graph.stages:
-        common = {"batch_size": spec.batch_rows, "batch_format": "numpy", **spec.ray_options(gpus)}
-        if spec.holds_model:
-            on_gpu = common["num_gpus"] > 0
-            n = actors[spec.name]
-            threads = None if on_gpu else max(1, cpus // n)
-            ds = ds.map_batches(
-                StageActor, fn_constructor_kwargs={"spec": spec, "threads": threads},
-                # one batch in flight per actor: a batch is already 16 rows, and one queued behind a busy actor
-                # would wait while another actor (maybe on another node) idles
-                compute=ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1), **common,
-            )  # fmt: skip
-        else:
-            ds = ds.map_batches(stage_task, fn_kwargs={"spec": spec}, **common)
+    ds = add_stages(ds, graph, actors, gpus, cpus)
     if feed is None:
         for item in ds.iter_rows():
             yield pickle.loads(item["row"])

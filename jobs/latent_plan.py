@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from jobs.rules import latent_key
+from jobs.naming import latent_key
 from pipeline.errors import TooLarge
 from pipeline.latents import header_ids, npz_ids, st_header_bytes
 from pipeline.storage import MAX_INPUT_BYTES, Entry, Location

@@ -6,6 +6,9 @@ part before it (written whole under a temporary name, then renamed into place: a
 a job stopped at any moment leaves every row it recorded exactly once). A job that ends with few rows folds its
 parts back into one file.
 
+Here: the schema and the row, the layout at DST (one file or a folder of parts), and reading a manifest back (every
+row checked; what does not fit set aside). Writing it as the job goes: `jobs.manifest_writer`.
+
 Names are stored losslessly: `key` is the printable form (bytes that are not UTF-8 shown as \\xNN) and `key_bytes`
 the name's exact bytes, so a folder with any file names still gets its manifest, and --resume maps rows back.
 """
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import io
 import os
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,8 +24,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import PidrayError
-from pipeline.storage import display, shown
+from pipeline.storage import display
 
 MANIFEST_NAME = "_pidray_manifest.parquet"
 STAGES = ("read", "decode", "encode", "diffuse", "merge", "write", "latent", "generate", "ldm")
@@ -97,92 +98,11 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def manifest_bytes(rows: list[dict], meta: dict[bytes, bytes] | None = None) -> bytes:
-    """A manifest file (or part); `meta`: the run's Parquet key-value metadata (jobs/settings.py)."""
-    table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["key_bytes"]), schema=SCHEMA)
-    if meta:
-        table = table.replace_schema_metadata(meta)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
-
-
-def write_manifest(dst, rows: list[dict], meta: dict[bytes, bytes] | None = None) -> str:
-    """Write the manifest at DST as one file (replacing a folder of parts); when DST cannot take it, write it to the
-    current folder. Returns where it went."""
-    data = manifest_bytes(rows, meta)
-    try:
-        parts = manifest_parts(dst)
-        if not parts and not dst.is_s3 and os.path.isdir(os.path.join(dst.uri, MANIFEST_NAME)):
-            parts = [f"{MANIFEST_NAME}/{PART.format(0, 'all')}"]  # a folder with no parts in it: one goes there
-        dst.write(MANIFEST_NAME if not _is_folder(parts) else COMPACTING, data, overwrite=True)
-        if _is_folder(parts):  # one file replaces the parts: the file lands beside them first
-            for key in parts:
-                dst.delete(key)
-            if not _empty_folder(dst):  # files pidray did not make are in it: they stay, and so does the folder
-                _into_place(dst, COMPACTING, f"{MANIFEST_NAME}/{PART.format(0, 'all')}")
-            else:
-                _into_place(dst, COMPACTING, MANIFEST_NAME)
-        return f"{dst.uri.rstrip('/')}/{MANIFEST_NAME}"
-    except Exception as e:
-        return _fallback(data, dst, e)
-
-
-def _empty_folder(dst) -> bool:
-    """Local DST's manifest folder, emptied of the temporaries a stopped flush left (the only files pidray makes
-    there besides parts) and removed; False when something else is in it (kept, with the folder)."""
-    if dst.is_s3:
-        return True
-    folder = os.path.join(dst.uri, MANIFEST_NAME)
-    try:
-        with os.scandir(folder) as it:
-            for e in it:
-                if e.name.startswith(".pidray-") and e.name.endswith(".part") and e.is_file(follow_symlinks=False):
-                    os.unlink(e.path)
-        os.rmdir(folder)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def _fallback(data: bytes, dst=None, why: BaseException | None = None, into: str = "") -> str:
-    """Write manifest `data` to a new file in the current folder, and say so (one warning line: where, and why DST
-    could not take it). Never replaces a file: two fallbacks in one second get names of their own. `into`: a file an
-    earlier fallback of the same job made (and said): its rows and these are written there together, atomically."""
-    if into:
-        table = pa.concat_tables([pq.read_table(into), pq.read_table(io.BytesIO(data))])
-        tmp = f"{into}.{os.getpid()}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, into)
-        return into
-    stem = os.path.abspath(f"_pidray_manifest-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    for n in range(1000):
-        fallback = f"{stem}{f'-{n}' if n else ''}.parquet"
-        try:
-            with open(fallback, "xb") as f:
-                f.write(data)
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise FileExistsError(f"{stem}.parquet")
-    if why is not None:
-        from jobs.terminal import _warn
-
-        reason = str(why) if isinstance(why, PidrayError) else f"{type(why).__name__}: {why}"
-        reason = shown(" ".join(reason.split()), 300)
-        where = f"DST {display(dst.uri)}" if dst is not None else "DST"
-        _warn(f"the manifest could not be written into {where} ({reason}); it is written to {fallback} instead")
-    return fallback
-
-
 COMPACTING = f"{MANIFEST_NAME}.compacting"  # the single file that replaces a folder of parts, before its rename
 PART = "part-{:06d}-{}.parquet"
 
 
-def _is_folder(parts: list[str]) -> bool:
+def is_folder(parts: list[str]) -> bool:
     return bool(parts) and parts[0] != MANIFEST_NAME and parts[0] != COMPACTING
 
 
@@ -201,113 +121,13 @@ def _is_part(name: str) -> bool:
     return name.endswith(".parquet") and not name.startswith((".", "_"))
 
 
-def _into_place(dst, key: str, final: str) -> None:
+def into_place(dst, key: str, final: str) -> None:
     """Move `key` to `final` (local: a rename, atomic; S3: a copy, then the delete)."""
     if dst.is_s3:
         dst.copy(key, final)
         dst.delete(key)
     else:
         os.replace(os.path.join(dst.uri, key), os.path.join(dst.uri, final))
-
-
-class ManifestWriter:
-    """The manifest of a running job, grown by parts: `add` takes finished rows (nothing else is kept), `flush`
-    writes the rows since the last flush as one new part, so a flush costs what those rows cost, whatever the job's
-    size. The first flush replaces a manifest found at DST (its rows were read before: the job writes each of them
-    again or carries it over at the end). `close` writes the last part, and folds the parts into one file when the
-    job is small (at most `fold_max` rows)."""
-
-    def __init__(self, dst, tag: str = "", every_s: float = 20.0, fold_max: int = 50_000,
-                 meta: dict[bytes, bytes] | None = None):  # fmt: skip
-        self.dst, self.tag, self.every_s, self.fold_max = dst, tag or os.urandom(4).hex(), every_s, fold_max
-        self.meta = meta  # the run's settings, in every part's Parquet metadata
-        self.rows: list[dict] = []  # finished since the last flush
-        self.parts: list[str] = []
-        self.written = 0
-        self.last = time.time()
-        self.fallback = ""  # where rows went when DST could not take them
-        # pyarrow imports pandas on its first conversion of Python values (0.3-0.6 s here): done while the job
-        # works, not after its last image, where a short job's user would wait for it
-        threading.Thread(target=pa.array, args=([0],), name="pidray-pyarrow-warm", daemon=True).start()
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-
-    def due(self) -> bool:
-        return bool(self.rows) and time.time() - self.last >= self.every_s
-
-    def flush(self) -> float:
-        """Write the rows since the last flush as one part; returns the seconds it took."""
-        t0 = time.time()
-        self.last = t0
-        if not self.rows:
-            return 0.0
-        key = f"{MANIFEST_NAME}/{PART.format(len(self.parts), self.tag)}"
-        data = manifest_bytes(self.rows, self.meta)
-        try:
-            if not self.parts:
-                self._clear()
-            self.dst.write(key, data, overwrite=True)  # S3: one PUT; local: a temporary renamed into place
-        except Exception as e:  # DST cannot take it (or is no longer this job's): the rows go elsewhere, said
-            self.fallback = _fallback(data, self.dst, e, into=self.fallback)  # one file: said once
-        else:
-            self.parts.append(key)
-        self.written += len(self.rows)
-        self.rows = []
-        return time.time() - t0
-
-    def _clear(self) -> None:
-        """Before the first part: what was at DST's manifest goes (the job read it already)."""
-        try:
-            old = manifest_parts(self.dst)
-        except Exception:
-            return
-        for key in old:
-            self.dst.delete(key)
-
-    def close(self) -> str:
-        """The last rows; a small job's parts folded into one file. Returns where the manifest is."""
-        if self.fallback:  # DST could not take a part: the last rows go where those went (or into DST, if it can)
-            self.flush()
-            return self.fallback
-        if not self.parts and (self.rows or self.written == 0):
-            rows, self.rows = self.rows, []
-            self.written += len(rows)
-            return write_manifest(self.dst, rows, self.meta)
-        self.flush()
-        if self.fallback:
-            return self.fallback
-        if self.written <= self.fold_max:
-            return write_manifest(self.dst, list(iter_manifest(self.dst)), self.meta)
-        return f"{self.dst.uri.rstrip('/')}/{MANIFEST_NAME}"
-
-
-class FileManifest:
-    """The manifest of a job of one file to one named file: kept in memory and written, at the end, only where
-    `--manifest PATH` asks (never beside the output: one file to one file leaves only that file)."""
-
-    def __init__(self, path: str = "", meta: dict[bytes, bytes] | None = None):
-        self.path, self.meta, self.rows, self.fallback = path, meta, [], ""
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-
-    def due(self) -> bool:
-        return False
-
-    def flush(self) -> float:
-        return 0.0
-
-    def close(self) -> str:
-        if not self.path:
-            return ""
-        data = manifest_bytes(self.rows, self.meta)
-        try:
-            with open(self.path, "xb") as f:  # never over a file: the path was checked free before the job
-                f.write(data)
-        except OSError as e:
-            return _fallback(data, None, e)
-        return os.path.abspath(self.path)
 
 
 def iter_manifest(dst, batch: int = 65_536) -> Iterator[dict]:
@@ -435,7 +255,7 @@ def scan_previous(dst, add) -> Previous:
                 why = str(e)
             else:
                 why = f"it cannot be read as a pidray manifest ({type(e).__name__}: {e})"[:300]
-            if not _is_folder(parts):
+            if not is_folder(parts):
                 prev.set_aside = -1
                 reasons.append(why)
             else:  # one part of a folder: only its rows are lost; every other part's rows are kept
@@ -460,7 +280,7 @@ def set_aside(dst, prev: Previous) -> str:
     (a folder of parts is kept part by part under it)."""
     backup = f"{MANIFEST_NAME}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
     parts = manifest_parts(dst)
-    if not _is_folder(parts):  # a copy (the file stays until the new manifest replaces it); moved when it cannot be
+    if not is_folder(parts):  # a copy (the file stays until the new manifest replaces it); moved when it cannot be
         key = parts[0] if parts else MANIFEST_NAME
         size = dst.size(key)
         if 0 <= size <= MAX_MANIFEST_BYTES:
@@ -469,7 +289,7 @@ def set_aside(dst, prev: Previous) -> str:
                 return backup
             except Exception:
                 pass
-        _into_place(dst, key, backup)  # over the limit (maybe sparse), or not a regular file: never copied
+        into_place(dst, key, backup)  # over the limit (maybe sparse), or not a regular file: never copied
         return backup
     # a folder: the parts that could not be used, moved (their rows are lost anyway), each on its own
     left = []
@@ -477,7 +297,7 @@ def set_aside(dst, prev: Previous) -> str:
         try:
             if not dst.is_s3:
                 os.makedirs(os.path.join(dst.uri, backup), exist_ok=True)
-            _into_place(dst, key, f"{backup}/{key.rpartition('/')[2]}")
+            into_place(dst, key, f"{backup}/{key.rpartition('/')[2]}")
         except Exception as e:
             left.append(f"{key.rpartition('/')[2]} ({type(e).__name__})")
     if left:

@@ -12,22 +12,25 @@ from pathlib import PurePosixPath
 from jobs.config import enters
 from jobs.latent_plan import _latent_inputs
 from jobs.manifest import MANIFEST_NAME
-from jobs.naming import natural_extension, sibling_extensions
+from jobs.naming import (
+    OUTPUT_EXTENSIONS,
+    batch_name,
+    latent_key,
+    natural_extension,
+    output_candidates,
+    output_stems,
+    sibling_extensions,
+)
 from jobs.previous import PreviousIndex, has_manifest
 from jobs.prompts import _plan_prompts, read_prompts
 from jobs.rules import (
     NOT_AN_IMAGE,
-    OUTPUT_EXTENSIONS,
     Inputs,
     Plan,
-    _batch_name,
     _refusal,
     _row,
     existing_outputs,
-    latent_key,
     locations,
-    output_candidates,
-    output_stems,
     recorded_outputs,
     settle_taken,
     with_non_images,
@@ -114,7 +117,7 @@ def _plan_folder(cfg, plan: Plan, folder: str, listed: list[Entry], protected: I
         inputs, unreadable = _latent_inputs(src, candidates)
         out += [("rejected", _row(e, "failed", cfg, error=f"plan: {why}", error_kind=kind))
                 for e, (kind, why) in unreadable]  # fmt: skip
-    names = {k: (_batch_name(e.key, i) if i else e.key) for e, k, i in inputs}
+    names = {k: (batch_name(e.key, i) if i else e.key) for e, k, i in inputs}
     order = sorted(((k, n) for k, n in names.items()), key=lambda kn: (kn[1], kn[0]))
     stems = output_stems(order, cfg.suffix, cfg.options.format, twins.taken(folder))
     theirs = sibling_extensions(names, stems, cfg.options.format)  # x.jpg's output is never taken for x.png's

@@ -7,15 +7,12 @@ import re
 from pathlib import PurePosixPath
 
 from jobs.manifest import manifest_row
+from jobs.naming import output_candidates, output_name_problem, output_stems, safe_name
 from jobs.previous import PreviousIndex, has_manifest
 from jobs.rules import (
     Plan,
-    _safe_name,
     existing_outputs,
     locations,
-    output_candidates,
-    output_name_problem,
-    output_stems,
     recorded_outputs,
     settle_taken,
 )
@@ -150,7 +147,7 @@ def _prompt_name(n: int, item: dict) -> str:
     half a character), so that its file name fits; with --suffix, a name still too long fails its line."""
     name = item.get("name")
     if isinstance(name, str) and name.strip(" ._"):
-        safe = _safe_name(name).strip(" ._")[:MAX_NAME_CHARS]
+        safe = safe_name(name).strip(" ._")[:MAX_NAME_CHARS]
         safe = safe.encode("utf-8", "surrogatepass")[:MAX_NAME_BYTES].decode("utf-8", "ignore").strip(" ._")
         return safe or f"{n:06d}-image"
     prompt = item.get("prompt") if isinstance(item.get("prompt"), str) else ""

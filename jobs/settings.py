@@ -14,23 +14,22 @@ from dataclasses import replace
 
 from jobs.config import enters
 from pipeline.errors import SetupError
+from pipeline.options import SHAPING_OPTIONS
 
 SETTINGS_KEY, VERSION_KEY, STARTED_KEY = b"pidray.settings", b"pidray.version", b"pidray.started"
 REDO_CHANGED = "redo-changed"
-# the settings compared by --resume, in the order they are named when they differ
-SHAPING = ("preset", "scale", "format", "steps", "seed", "tile", "overlap", "precision", "sampler", "ensemble",
-           "cfg_scale", "shift", "degrade_sigma", "fusion", "quality", "caption", "background")  # fmt: skip
+# the settings compared by --resume, in the order they are named when they differ: the model, then every option
+# declared as shaping the output (pipeline.options)
+SHAPING = ("preset", "precision", *SHAPING_OPTIONS)
 
 
 def output_settings(cfg) -> dict:
     """What shapes every output of this job, resolved (the preset's defaults filled in) so that an explicit
     default and an omitted flag compare equal."""
     o = cfg.options
-    out = {"preset": cfg.model.preset, "format": o.format.lower() if o.format else "keep", "seed": o.seed,
-           "tile": o.tile or "auto", "overlap": o.overlap if o.overlap is not None else "preset",
-           "sampler": o.sampler, "degrade_sigma": o.degrade_sigma, "fusion": o.fusion, "quality": o.quality,
-           "caption": o.caption, "cfg_scale": o.cfg_scale, "shift": o.shift,
-           "background": getattr(o, "background", "white")}  # fmt: skip
+    out = {name: getattr(o, name) for name in SHAPING_OPTIONS}
+    out.update(preset=cfg.model.preset, format=o.format.lower() if o.format else "keep", tile=o.tile or "auto",
+               overlap=o.overlap if o.overlap is not None else "preset")  # fmt: skip
     try:
         from pipeline.stages.common import ensemble_shift, sampler_steps
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.errors import exit_code
+from pipeline.options import add_arguments as add_option_arguments
+from pipeline.options import from_args as options_from_args
 from pipeline.storage import S3Settings
 
 if TYPE_CHECKING:
@@ -62,7 +64,7 @@ def seed_arg(text: str) -> int:
         seed = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    from pipeline.stages.common import check_seed
+    from pipeline.values import check_seed
 
     try:
         return check_seed(seed)
@@ -149,53 +151,9 @@ def _job_arguments(p, default_preset: str) -> None:
         help="torch.compile the network (default: on CUDA only; warmed per tile shape before work)",
     )
     o = p.add_argument_group("upscaling")
-    o.add_argument("-s", "--scale", type=float, default=None, help="output scale (default: the model's native 4x)")
-    o.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="sampler steps (default: the preset's: 4 distilled (at most 4), 25 undistilled, 1 small)",
-    )
-    o.add_argument(
-        "--cfg-scale",
-        type=float,
-        default=None,
-        help="guidance scale of the undistilled presets (default: the preset's, 5)",
-    )
-    o.add_argument(
-        "--shift",
-        type=float,
-        default=None,
-        help="flow shift of the undistilled presets (default: dynamic, 6 x sqrt(sqrt(H*W)/2048))",
-    )
-    o.add_argument("--seed", type=seed_arg, default=0, help="run seed; each file's seed derives from it and its key")
-    o.add_argument("--caption", default="", help="caption for every image")
+    add_option_arguments(o, parse={"seed": seed_arg})  # every option of pipeline.options, in its declared order
     o.add_argument("--captions", default=None, help="per-file captions: CSV (key,caption) or JSONL")
-    o.add_argument("--degrade-sigma", type=float, default=0.0, help="noise added to the LQ latent before diffusion")
-    o.add_argument("--sampler", choices=["sde", "ode"], default="sde", help="fresh noise each step (sde) or none (ode)")
-    o.add_argument("-t", "--tile", type=int, default=None, help="tile side in output pixels (default: envelope)")
-    o.add_argument(
-        "--overlap",
-        type=int,
-        default=None,
-        help="tile overlap in latent pixels (default: the preset's, 5 for released presets, 8 for small)",
-    )
-    o.add_argument("--no-fusion", action="store_true", help="blend tiles only at the end")
-    o.add_argument("--tile-buckets", action="store_true",
-                   help="every tile one of six fixed shapes per model, whatever the image size: few shapes to "
-                        "compile and warm up, ~8-13%% more pixels diffused")  # fmt: skip
-    o.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=None,
-                   help="average with the prediction on a half-patch-shifted grid (default: the preset's; on for "
-                        "small, ~2x work; RGB-conditioned models only)")  # fmt: skip
-    o.add_argument("-f", "--format", default=None, help="png, jpeg, webp, tiff, bmp (default: keep the input's)")
-    o.add_argument("-q", "--quality", type=int, default=95, help="JPEG/WebP quality, 1-100")
-    o.add_argument("--background", default="white", metavar="COLOR",
-                   help="what a transparent image is flattened onto when the format has no alpha (JPEG): a name or "
-                        "#rrggbb (default: white)")  # fmt: skip
     o.add_argument("--suffix", default="", type=suffix_arg, help="added to each output file name's stem")
-    # UpscaleOptions' defaults, written out (their modules load torch); tests/test_cli_first_line.py holds them equal
-    o.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger inputs (pixels)")
-    o.add_argument("--max-output-side", type=int, default=16384, help="refuse outputs longer than this on a side")
     j = p.add_argument_group("job")
     run = j.add_mutually_exclusive_group()
     run.add_argument(
@@ -252,14 +210,7 @@ def config_from_args(args) -> JobConfig:
     from pipeline.stages import UpscaleOptions
     from pipeline.workflow import DEFAULT_WORKFLOW
 
-    options = UpscaleOptions(
-        scale=args.scale, steps=args.steps, seed=args.seed, caption=args.caption, degrade_sigma=args.degrade_sigma,
-        sampler=args.sampler, tile=args.tile, overlap=args.overlap, fusion=not args.no_fusion, format=args.format,
-        ensemble=getattr(args, "ensemble", None), cfg_scale=args.cfg_scale, shift=args.shift,
-        tile_buckets=getattr(args, "tile_buckets", False),
-        quality=args.quality, background=getattr(args, "background", "white"), max_pixels=args.max_pixels,
-        max_output_side=args.max_output_side,
-    )  # fmt: skip
+    options = UpscaleOptions(**options_from_args(args))
     if args.format:
         from pipeline.imageio import output_format
 

@@ -2,18 +2,16 @@
 
 Every subcommand is named here (COMMANDS, with its one-line summary); its options are added by the module that
 runs it, imported only when that command is parsed, so `--help`, `--version` and usage errors answer without
-loading torch or Ray. Here too: the shared flags, the did-you-mean hints, the error-to-exit-code handling, the first
-line a command says on a terminal, and the small checkpoint commands.
+loading torch or Ray. Here too: the shared flags, the did-you-mean hints, the error-to-exit-code handling and the first
+line a command says on a terminal. The small model and checkpoint commands: `pidray.tools`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
-from pathlib import Path
 
 DESCRIPTION = (
     "Upscale images with NVIDIA's PiD diffusion upscaler: a file, a folder or an s3:// prefix, on this machine or a "
@@ -60,15 +58,21 @@ COMMANDS = {
     "serve": ("run the upscaling endpoint on this machine: an HTTP API and a web page", "serve.run:add_serve_parser"),
     "status": ("show a job's progress and failures from its manifest in DST, while it runs or after",
                "jobs.status:add_status_parser"),
-    "presets": ("list the models: what each is for, and which are ready to run here", "_add_presets"),
-    "download": ("download a model's released weights (NVIDIA non-commercial licence)", "_add_download"),
-    "doctor": ("check this machine: versions and attention backends; --gpu: every check (~8 min)", "_add_doctor"),
+    "presets": ("list the models: what each is for, and which are ready to run here",
+                "pidray.tools:add_presets_parser"),
+    "download": ("download a model's released weights (NVIDIA non-commercial licence)",
+                 "pidray.tools:add_download_parser"),
+    "doctor": ("check this machine: versions and attention backends; --gpu: every check (~7 min)",
+               "pidray.tools:add_doctor_parser"),
 }  # fmt: skip
 # Tools for checkpoints, test fixtures and speed, listed under their own heading.
 MAINTENANCE = {
-    "golden": ("check golden fixture files against this implementation (exit 1 on any failure)", "_add_golden"),
-    "info": ("a model's parameter count and, with --keys, its checkpoint's tensor names and shapes", "_add_info"),
-    "convert": ("convert an official checkpoint (.pth) to a safetensors file, strictly validated", "_add_convert"),
+    "golden": ("check golden fixture files against this implementation (exit 1 on any failure)",
+               "pidray.tools:add_golden_parser"),
+    "info": ("a model's parameter count and, with --keys, its checkpoint's tensor names and shapes",
+             "pidray.tools:add_info_parser"),
+    "convert": ("convert an official checkpoint (.pth) to a safetensors file, strictly validated",
+                "pidray.tools:add_convert_parser"),
     "eval-small": ("measure the bundled small model against bicubic upscaling on held-out photos", "_add_eval_small"),
     "bench": ("benchmarks: the Ray job vs the in-process loop, endpoint latency, GPU kernels", "_add_bench"),
 }  # fmt: skip
@@ -243,123 +247,8 @@ def _add_aliases(parser: argparse.ArgumentParser) -> None:
         )
     if "--tile" in opts:
         opts["--tile"].type = tile_arg
-        opts["--tile"].help = "tile side in output pixels; 0: automatic, the output sizes the model was trained on"
-
-
-def _cmd_golden(args) -> int:
-    from pipeline.golden import verify
-
-    worst = 0
-    files = []
-    for path in args.files:  # a folder: every fixture in it
-        files += sorted(str(f) for f in Path(path).glob("*.safetensors")) if Path(path).is_dir() else [path]
-    for path in files:
-        rep = verify(path)
-        print("\n".join(rep.lines()))
-        worst = max(worst, 0 if rep.ok else 1)
-    return worst
-
-
-# `pidray presets`: how to choose, said before the table (its first line comes before the model list is loaded).
-PRESETS_GUIDE = """\
-Which model (-m/--model):
-  photos, renders     small (bundled): a light model that runs on a CPU; with NVIDIA's released
-                      weights, flux-2kto4k-v1.5 for 2K-4K outputs, a -2k preset for about 2K
-  generator latents   the preset whose latents column names the generator (pidray decode)
-  text to image       pixeldit-2k (pidray generate)
-  reference quality   an -undistilled preset: 25 steps of 2 passes each, ~12x slower than its twin
-"""
-# The resolution each released variant was trained for (the size of its output tiles).
-TRAINED = {"2k": "2K", "2kto4k": "2K-4K", "2kto4k_v1pt5": "2K-4K", "t2i": "2K"}
-
-
-def _cmd_presets(args) -> int:
-    print(PRESETS_GUIDE, flush=True)
-    from pipeline.latents import FORMATS
-    from pipeline.model.presets import ALIASES, PRESETS
-    from pipeline.runtime import LQ_ENCODERS
-    from pipeline.weights import WeightsNotFound, resolve
-
-    def latents(p) -> str:  # the --latent-format names of the generators whose latents it decodes
-        if not p.decodes_latents:
-            return "-"
-        names = sorted(n for n, family in FORMATS.items() if family == p.vae and n != p.vae) or [p.vae]
-        return ", ".join(names)
-
-    w = max(map(len, PRESETS))
-    print(f"{'preset':{w}s}  scale  size   steps  {'latents':12s}  here")
-    order = sorted(PRESETS.values(), key=lambda p: (not p.bundled, p.task != "upscale"))  # the bundled one first
-    for p in order:
-        name = p.name
-        scale = f"x{p.scale}" if p.task == "upscale" else "-"
-        size = TRAINED.get(p.variant, "any")  # the bundled model: any size, in 128-pixel tiles
-        if p.task == "t2i":
-            steps = f"{p.t2i.get('steps')}x2"
-        else:
-            steps = f"{p.default_steps}x2" if p.sampler == "guided" else str(p.default_steps)
-        try:  # usable here: every file the network and its encoder need is found (never downloaded)
-            resolve(p, args.weights, allow_download=False)
-            here = "ready"
-        except WeightsNotFound:
-            here = "weights missing"
-        if p.task == "upscale" and p.vae not in LQ_ENCODERS:
-            here += ", latents only"  # its image encoder is not implemented: pidray decode only
-        if p.text_encoder != "none":
-            here += "+captioner"  # it also needs the Gemma caption encoder (--text-encoder DIR)
-        print(f"{name:{w}s}  {scale:5s}  {size:5s}  {steps:5s}  {latents(p):12s}  {here}")
-    print("size: the output size it was trained for (larger ones are made in tiles); steps: network passes")
-    print("aliases:", ", ".join(f"{a}={b}" for a, b in ALIASES.items()))
-    where = args.weights or os.environ.get("PIDRAY_WEIGHTS")
-    where = f"under {where}" if where else "(no --weights DIR or PIDRAY_WEIGHTS)"
-    print(f"here: ready = every weight file found {where};")
-    print("      +captioner = also needs the Gemma-2-2B-it caption encoder (--text-encoder DIR);")
-    print("      pidray download NAME fetches a preset's weights")
-    return 0
-
-
-def _cmd_info(args) -> int:
-    import torch
-
-    from pipeline.model.loading import to_official
-    from pipeline.model.network import PidNet
-    from pipeline.model.presets import get_preset
-
-    preset = get_preset(args.preset)
-    with torch.device("meta"):
-        net = PidNet(preset.config)
-    n = sum(p.numel() for p in net.parameters())
-    print(f"preset {preset.name}: {n:,} parameters ({n / 1e9:.3f} B), checkpoint {preset.checkpoint}")
-    if args.keys:
-        for k, v in net.state_dict().items():
-            print(f"  {to_official(k)} {list(v.shape)}")
-    return 0
-
-
-def _cmd_convert(args) -> int:
-    import torch
-
-    from pipeline.model.loading import convert
-    from pipeline.model.presets import get_preset
-
-    preset = get_preset(args.preset)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]
-    n = convert(args.src, args.dst, preset.config, dtype=dtype)
-    print(f"wrote {args.dst}: {n} tensors, preset {preset.name}")
-    return 0
-
-
-def _cmd_download(args) -> int:
-    from pipeline.model.presets import HUB_REPO, get_preset
-    from pipeline.weights import LICENCE_NOTE, resolve
-
-    preset = get_preset(args.preset)
-    print(LICENCE_NOTE, file=sys.stderr)
-    for f in preset.weight_files():
-        if f.repo != HUB_REPO:
-            print(f"{f.local}: from {f.repo}, {f.licence}", file=sys.stderr)
-    paths = resolve(preset, args.weights, allow_download=True)
-    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
-    return 0
+        opts["--tile"].help = ("tile side in output pixels; 0: automatic (the preset's: the output size it was trained "
+                               "on, or a larger one where that is as good and faster)")  # fmt: skip
 
 
 def _cmd_eval_small(args) -> int:
@@ -368,60 +257,7 @@ def _cmd_eval_small(args) -> int:
     return eval_main(args)
 
 
-def _cmd_doctor(args) -> int:
-    from pipeline import doctor
-
-    if not (args.gpu or args.smoke or args.steps):
-        args.steps = "versions"
-    return doctor.cmd(args)
-
-
 # ------------------------------------------------------------------ the options of the commands defined here
-def _add_presets(sub, parents) -> None:
-    p = sub.add_parser("presets", parents=parents)
-    p.add_argument("--weights", default=None, help="the weights folder to look in (default: $PIDRAY_WEIGHTS)")
-    p.set_defaults(fn=_cmd_presets)
-
-
-def _add_download(sub, parents) -> None:
-    p = sub.add_parser("download", parents=parents)
-    p.add_argument("preset", help="a preset name (pidray presets)")
-    p.add_argument("--weights", default=None, help="folder to put them in, laid out like the hub repository "
-                   "(default: $PIDRAY_WEIGHTS, else Hugging Face's cache)")  # fmt: skip
-    p.set_defaults(fn=_cmd_download)
-
-
-def _add_doctor(sub, parents) -> None:
-    from pipeline import doctor
-
-    p = sub.add_parser("doctor", parents=parents)
-    p.add_argument("--gpu", action="store_true", help="run every check (default: versions and attention backends)")
-    doctor.add_args(p)
-    p.set_defaults(fn=_cmd_doctor)
-
-
-def _add_golden(sub, parents) -> None:
-    p = sub.add_parser("golden", parents=parents)
-    p.add_argument("files", nargs="+", help="fixture files, or folders of them")
-    p.set_defaults(fn=_cmd_golden)
-
-
-def _add_info(sub, parents) -> None:
-    p = sub.add_parser("info", parents=parents)
-    p.add_argument("preset", help="a preset name (pidray presets) or a preset file (.json)")
-    p.add_argument("--keys", action="store_true", help="also list every tensor: its official name and shape")
-    p.set_defaults(fn=_cmd_info)
-
-
-def _add_convert(sub, parents) -> None:
-    p = sub.add_parser("convert", parents=parents)
-    p.add_argument("src", help="the official checkpoint (model_ema_bf16.pth)")
-    p.add_argument("dst", help="the safetensors file to write")
-    p.add_argument("--preset", required=True, help="the preset the checkpoint belongs to (pidray presets)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: keep the source's")
-    p.set_defaults(fn=_cmd_convert)
-
-
 def _add_eval_small(sub, parents) -> None:
     p = sub.add_parser("eval-small", parents=parents)
     p.add_argument("--weights", default=None, help="a small-model safetensors file (default: the bundled one)")
@@ -440,6 +276,12 @@ def _add_eval_small(sub, parents) -> None:
         default=None,
         help="sampler steps (default: what each model was trained for, from its metadata)",
     )
+    p.add_argument("--sweep", action="store_true",
+                   help="find the fastest CPU settings (tile, tiles per call, threads) whose output stays within "
+                   "45 dB PSNR of the model at its trained tile, one knob at a time")  # fmt: skip
+    p.add_argument("--tiles", default="128,192,256,320,384", help="--sweep: tile sides to try (output pixels)")
+    p.add_argument("--calls", default="1,2,4,8", help="--sweep: tiles per network call to try")
+    p.add_argument("--threads", default="1", help="--sweep: thread counts to try besides all cores")
     p.set_defaults(fn=_cmd_eval_small)
 
 
@@ -480,23 +322,16 @@ def _command_in(argv: list[str]) -> str:
 
 
 def _failure(e: BaseException) -> tuple[str, str]:
-    """The kind (pipeline.errors, which gives the exit code) and the message of a failure that ended a command: a
-    user's (bad input, setup, storage) is one line; a bug is "internal"."""
-    from pipeline.errors import PidrayError, kind_of
+    """The kind (pipeline.errors' one table, which gives the exit code) and the message of a failure that ended a
+    command: a user's (bad input, setup, storage) is one line; a bug is "internal"."""
+    from pipeline.errors import command_kind, is_storage_error
 
-    if isinstance(e, PidrayError) or isinstance(e, ValueError):
-        return kind_of(e), str(e)
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
-        return "setup", str(e)
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:
-        return "internal", str(e)
-    if isinstance(e, (BotoCoreError, ClientError)):
+    kind = command_kind(e)
+    if kind == "setup" and is_storage_error(e):  # botocore's text is lines of jargon: what, where, how to fix
         from pipeline.storage import explain_storage_error
 
-        return "setup", explain_storage_error(e, "use", "S3")
-    return "internal", str(e)
+        return kind, explain_storage_error(e, "use", "S3")
+    return kind, str(e)
 
 
 def starting_line(args) -> str:

@@ -19,8 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import BadInput, BadParameter
 from pipeline.errors import TooLarge as _TooLarge
+from pipeline.options import DEFAULT_MAX_PIXELS  # input pixels; configurable per job / endpoint
 
-DEFAULT_MAX_PIXELS = 64_000_000  # input pixels; configurable per job / endpoint
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit with a clear error instead of Pillow's warning
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "tif": "TIFF", "bmp": "BMP"}

@@ -107,7 +107,7 @@ def s3_job(dst, key: str) -> str:
     """The job id an S3 object at `key` of DST carries, written there as `key` of this DST ("" when none)."""
     bucket, _ = dst.bucket_prefix
     try:
-        meta = dst.client.head_object(Bucket=bucket, Key=dst._s3_key(key)).get("Metadata") or {}
+        meta = dst.client.head_object(Bucket=bucket, Key=dst.object_key(key)).get("Metadata") or {}
     except Exception:
         return ""
     job = meta.get(S3_META, "")

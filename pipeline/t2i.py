@@ -16,6 +16,7 @@ import torch
 
 from pipeline.errors import BadParameter
 from pipeline.model.t2i_sampler import dpm_solver_pp
+from pipeline.values import check_seed, strict_from_dict
 
 MAX_STEPS = 200
 MAX_PROMPT_CHARS = 4000
@@ -82,8 +83,6 @@ class GenerateOptions:
     max_side: int = 4096
 
     def __post_init__(self):
-        from pipeline.stages.common import check_seed
-
         check_seed(self.seed)
         if self.negative_prompt is not None:
             if not isinstance(self.negative_prompt, str) or not _is_text(self.negative_prompt):
@@ -126,8 +125,6 @@ class GenerateOptions:
 
     @classmethod
     def from_dict(cls, d: dict) -> GenerateOptions:
-        from pipeline.stages.common import strict_from_dict
-
         return strict_from_dict(cls, d)
 
 

@@ -19,9 +19,9 @@ import torch
 
 from pipeline.errors import BadParameter
 from pipeline.imageio import TooLarge
+from pipeline.options import DEFAULT_MAX_OUTPUT_SIDE
 
 DEFAULT_OVERLAP = 8  # latent pixels (256 output pixels at 32 output pixels per latent pixel)
-DEFAULT_MAX_OUTPUT_SIDE = 16384
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,48 @@ from pipeline.t2i import MAX_PROMPT_CHARS
 from pipeline.tiling import TilePlan, check_output_side, target_size
 
 ROW_PARAMS = OVERRIDES  # a request's row parameters are the job's row overrides, with their types
-DECODE_PARAMS = ("latent_format", "id", "sigma", "size")  # /v1/decode only
+# The endpoint's own query/form fields besides the options (their OpenAPI type and description)
+ENDPOINT_PARAMS = {
+    "preset": ("string", "the preset this endpoint serves, by name (any other is refused)"),
+    "store": ("string", "s3: store the output under the endpoint's S3 prefix and answer with its location"),
+    "timeout": ("number", "seconds this request may take, at most the endpoint's own limit"),
+}
+DECODE_FIELDS = {
+    "latent_format": ("string", "what the latent holds (default: the file's metadata, else the preset's VAE)"),
+    "id": ("string", "which latent of a file holding several"),
+    "sigma": ("number", "the latent is x_t captured at this scheduler sigma (default: the file's, else clean)"),
+    "size": ("string", "output WIDTHxHEIGHT (default: latent size x the VAE factor x the preset's scale)"),
+}
+DECODE_PARAMS = tuple(DECODE_FIELDS)  # /v1/decode only
 LATENT_INFLATE_FACTOR = 4  # a latent body may inflate (an .npz) to this many times max_bytes
 MAX_LATENT_MEMBERS = 1024  # latents one body may hold: its zip directory or header is all that is parsed of others
+
+
+def openapi_doc(fields: dict, body_field: str) -> dict:
+    """The OpenAPI description of a route's query/form fields (every row option with its type, range and default,
+    then the endpoint's own and the route's `fields`) and of its body (raw, or the multipart field `body_field`),
+    made from the declarations the requests are checked against."""
+    from pipeline.options import openapi_parameters
+
+    params = openapi_parameters(ROW_PARAMS) + [
+        {"name": name, "in": "query", "required": False, "schema": {"type": kind}, "description": text}
+        for name, (kind, text) in {**ENDPOINT_PARAMS, **fields}.items()
+    ]
+    media = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+             "multipart/form-data": {"schema": {"type": "object", "required": [body_field], "properties": {
+                 body_field: {"type": "string", "format": "binary"}}}}}  # fmt: skip
+    return {"parameters": params, "requestBody": {"required": True, "content": media}}
+
+
+def openapi_generate() -> dict:
+    """/v1/generate's JSON body as OpenAPI (its fields and their types, as `check_json_fields` takes them)."""
+    names = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array"}
+    props = {}
+    for name, types in JSON_FIELDS.items():
+        kinds = [{"type": names[t], **({"items": {"type": "integer"}} if t is list else {})} for t in types]
+        props[name] = kinds[0] if len(kinds) == 1 else {"oneOf": kinds}
+    schema = {"type": "object", "required": ["prompt"], "properties": props}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def parse_params(params: dict, preset, options: UpscaleOptions, s3_configured: bool, extra: tuple = ()) -> dict:

@@ -37,12 +37,14 @@ from pipeline.imageio import output_format, probe
 from pipeline.model.presets import PRESETS
 from pipeline.spec import StageSpec
 from pipeline.stages import run_stage
-from pipeline.stages.common import check_seed, parse_size, resolve
+from pipeline.stages.common import parse_size, resolve
 from pipeline.stages.encode import given_latent_in_hw
+from pipeline.values import check_seed
 from pipeline.workflow import Workflow
 from serve.admission import Admission
 from serve.metrics import ServeMetrics
 from serve.params import (
+    DECODE_FIELDS,
     DECODE_PARAMS,
     LATENT_INFLATE_FACTOR,
     MAX_JSON_BYTES,
@@ -50,6 +52,8 @@ from serve.params import (
     check_generate_cost,
     check_json_fields,
     latent_name,
+    openapi_doc,
+    openapi_generate,
     request_row,
     upscale_plan,
 )
@@ -71,7 +75,7 @@ class Chains:
 Link = tuple[StageSpec, object]  # a stage of a chain: its spec, and its deployment's handle or the stage itself
 
 
-app = FastAPI(title="pidray", docs_url=None, redoc_url=None, openapi_url=None)
+app = FastAPI(title="pidray", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")  # parameters: params.py
 
 
 def _error(kind: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -188,15 +192,15 @@ class Ingress:
         return row
 
     # -------------------------------------------------------------------------------- routes
-    @app.post("/v1/upscale")
+    @app.post("/v1/upscale", openapi_extra=openapi_doc({}, "image"))
     async def upscale(self, request: Request):
         return await self._handle(self._upscale, request)
 
-    @app.post("/v1/decode")
+    @app.post("/v1/decode", openapi_extra=openapi_doc(DECODE_FIELDS, "latent"))
     async def decode(self, request: Request):
         return await self._handle(self._decode, request)
 
-    @app.post("/v1/generate")
+    @app.post("/v1/generate", openapi_extra=openapi_generate())
     async def generate(self, request: Request):
         return await self._handle(self._generate, request)
 

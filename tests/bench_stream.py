@@ -177,7 +177,8 @@ def s3_bench(work: Path, w: str) -> dict:
 
 
 def flush_bench(work: Path) -> dict:
-    from jobs.manifest import ManifestWriter, manifest_row
+    from jobs.manifest import manifest_row
+    from jobs.manifest_writer import ManifestWriter
     from pipeline.storage import Location
 
     def rows(start: int, n: int):

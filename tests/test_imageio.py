@@ -176,7 +176,7 @@ def test_a_transparent_image_written_without_alpha_is_flattened_onto_the_backgro
     from PIL import Image
 
     from pipeline.imageio import decode, encode
-    from pipeline.stages.common import parse_color
+    from pipeline.options import parse_color
 
     rgba = np.zeros((8, 8, 4), np.uint8)
     rgba[..., :3] = (250, 0, 0)  # red under full transparency on the left, half on the right

@@ -18,7 +18,7 @@ from pipeline.model.presets import get_preset
 from pipeline.stages import run_stage
 from pipeline.stages.io import ReadStage
 from pipeline.stages.latent import LatentStage
-from pipeline.storage import Location
+from pipeline.storage import LocalLocation, Location
 
 # what a message must never hold: Python's own words for a failure, or a trace
 PYTHON_SPEAK = re.compile(r"object has no attribute|unhashable|not iterable|can't multiply|can only convert|"
@@ -113,7 +113,7 @@ def test_npz_member_sizes_that_lie_are_refused(monkeypatch, where):
 def test_batch_file_is_read_and_indexed_once_for_all_its_rows(tmp_path, monkeypatch):
     """N rows of one batch file (an .npz, a safetensors of named tensors): one read, one index, whatever N; the
     latents are each their own. A new version of the file is indexed anew."""
-    import pipeline.latents as latents
+    import pipeline.latents.file as latents  # where LatentFile reads a safetensors header
 
     n = 200
     g = np.random.default_rng(0)
@@ -121,9 +121,9 @@ def test_batch_file_is_read_and_indexed_once_for_all_its_rows(tmp_path, monkeypa
     (tmp_path / "b.npz").write_bytes(_npz(arrays))
     (tmp_path / "b.safetensors").write_bytes(st_save({k: torch.from_numpy(v) for k, v in arrays.items()}))
     zips, headers, reads = [], [], []
-    real_zip, real_header, real_read = zipfile.ZipFile, latents._st_header, Location.read_versioned
+    real_zip, real_header, real_read = zipfile.ZipFile, latents.st_header, Location.read_versioned
     monkeypatch.setattr(zipfile, "ZipFile", lambda *a, **k: zips.append(1) or real_zip(*a, **k))
-    monkeypatch.setattr(latents, "_st_header", lambda *a: headers.append(1) or real_header(*a))
+    monkeypatch.setattr(latents, "st_header", lambda *a: headers.append(1) or real_header(*a))
     monkeypatch.setattr(Location, "read_versioned", lambda self, k, *a: reads.append(k) or real_read(self, k, *a))
     read, stage = ReadStage(Location(str(tmp_path))), LatentStage(get_preset("flux-2k"))
     for name in ("b.npz", "b.safetensors"):
@@ -152,8 +152,8 @@ def test_files_over_the_limit_are_refused_from_their_size(tmp_path, monkeypatch)
             f.truncate(3 << 29)
     (src / "ok.npy").write_bytes(b"\x93NUMPY")
     touched = []
-    real_open, real_read = Location.open, Location.read
-    monkeypatch.setattr(Location, "open", lambda self, k: touched.append(k) or real_open(self, k))
+    real_open, real_read = LocalLocation.open, Location.read  # open: the local backend's own
+    monkeypatch.setattr(LocalLocation, "open", lambda self, k: touched.append(k) or real_open(self, k))
     monkeypatch.setattr(Location, "read", lambda self, k, *a, **kw: touched.append(k) or real_read(self, k, *a, **kw))
 
     from jobs.pipeline import JobConfig

@@ -21,7 +21,7 @@ from jobs.pipeline import JobConfig, run_job
 from pipeline.errors import BadInput, SetupError
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
-from pipeline.storage import Location, S3Settings
+from pipeline.storage import LocalLocation, Location, S3Settings
 
 from conftest import ROOT, S3_CREDS, free_port, png_bytes
 
@@ -398,9 +398,10 @@ def test_f8_info_into_a_closed_pipe_is_quiet():
 
 
 def test_f8_manifest_falls_back_when_dst_cannot_take_it(tmp_path, monkeypatch):
-    from jobs.manifest import manifest_row, write_manifest
+    from jobs.manifest import manifest_row
+    from jobs.manifest_writer import write_manifest
 
-    class Broken(Location):
+    class Broken(LocalLocation):  # a local DST that refuses every write
         def write(self, key, data):
             raise PermissionError(13, "denied")
 
@@ -410,7 +411,8 @@ def test_f8_manifest_falls_back_when_dst_cannot_take_it(tmp_path, monkeypatch):
 
 
 def test_f8_resume_reads_previous_manifest_rows(tmp_path):
-    from jobs.manifest import load_manifest, manifest_row, write_manifest
+    from jobs.manifest import load_manifest, manifest_row
+    from jobs.manifest_writer import write_manifest
 
     loc = Location(str(tmp_path))
     write_manifest(loc, [manifest_row({"key": os.fsdecode(b"x\xff.png"), "status": "ok", "in_hw": [3, 4]}, "small")])

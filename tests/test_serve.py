@@ -95,6 +95,23 @@ def test_models_and_health(endpoint):
     assert requests.get(endpoint + "/healthz", timeout=10).json()["status"] == "ok"
 
 
+def test_openapi_schema_lists_every_parameter(endpoint):
+    """/openapi.json (and the /docs page on it) describe every request option with its type, range and default,
+    from the same declaration the requests are checked against."""
+    from pipeline.options import OVERRIDES
+    from serve.params import DECODE_PARAMS
+
+    spec = requests.get(endpoint + "/openapi.json", timeout=30).json()
+    up = {p["name"]: p["schema"] for p in spec["paths"]["/v1/upscale"]["post"]["parameters"]}
+    dec = {p["name"] for p in spec["paths"]["/v1/decode"]["post"]["parameters"]}
+    assert set(OVERRIDES) | {"timeout", "store"} <= set(up) and set(DECODE_PARAMS) <= dec
+    assert up["steps"] == {"type": "integer", "minimum": 1, "maximum": 200} and up["quality"]["default"] == 95
+    gen = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert gen["required"] == ["prompt"] and gen["properties"]["seed"] == {"type": "integer"}
+    page = requests.get(endpoint + "/docs", timeout=30)
+    assert page.status_code == 200 and "/openapi.json" in page.text
+
+
 def test_auth_required(endpoint):
     assert requests.post(endpoint + "/v1/upscale", data=_img(), timeout=30).status_code == 401
     bad = {"Authorization": "Bearer nope"}

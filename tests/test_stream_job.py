@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.manifest import MANIFEST_NAME, ManifestWriter, manifest_parts, manifest_row, read_manifest, read_previous
+from jobs.manifest import MANIFEST_NAME, manifest_parts, manifest_row, read_manifest, read_previous
+from jobs.manifest_writer import ManifestWriter
 from jobs.pipeline import JobConfig, run_job
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions

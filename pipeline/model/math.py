@@ -1,7 +1,7 @@
 """Position encodings and attention: 2-D RoPE (plain and NTK-aware), 1-D text RoPE, sin-cos pixel positions.
 
-RoPE tables are (cos, sin) pairs of shape [N, head_dim // 2]; `apply_rope` rotates adjacent
-channel pairs (x[2i], x[2i+1]) by angle i, the convention of the official checkpoints.
+RoPE tables are (cos, sin) pairs of shape [N, head_dim // 2]; `pipeline.kernels.qk_norm_rope.apply_rope` rotates
+adjacent channel pairs (x[2i], x[2i+1]) by angle i, the convention of the official checkpoints.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-from pipeline.kernels.qk_norm_rope import apply_rope  # noqa: F401  (re-exported: one implementation)
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 

@@ -3,89 +3,10 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import replace
 
-from pipeline.errors import BadParameter, is_number, kind_of
-from pipeline.imageio import DEFAULT_MAX_PIXELS
-from pipeline.tiling import DEFAULT_MAX_OUTPUT_SIDE
-
-
-@dataclass
-class UpscaleOptions:
-    """Per-job (or per-request) settings; a row may override caption, seed and degrade_sigma."""
-
-    scale: float | None = None  # None: the preset's native factor; others resize the native result (Lanczos)
-    steps: int | None = None  # None: the preset's default_steps (4 distilled, 25 undistilled, 1 for `small`)
-    cfg_scale: float | None = None  # guidance scale of the undistilled presets; None: the preset's (5)
-    shift: float | None = None  # flow shift of the undistilled presets; None: the preset's (dynamic: by output size)
-    seed: int = 0
-    caption: str = ""
-    degrade_sigma: float = 0.0
-    sampler: str = "sde"  # "sde" (official) | "ode"
-    ensemble: bool | None = None  # the shifted-grid ensemble; None: the preset's (on for `small`, ~2x work)
-    tile: int | None = None  # tile side in output pixels; None: the preset's envelope
-    overlap: int | None = None  # latent pixels; None: the preset's tile_overlap
-    fusion: bool = True  # average overlapping x0 estimates every step (all tiles of an image in one process)
-    tile_buckets: bool = False  # every tile one of six fixed shapes per preset (few shapes, more pixels diffused)
-    format: str | None = None  # None: keep the input's format (PNG when it has alpha)
-    quality: int = 95
-    background: str = "white"  # what a transparent image is flattened onto for a format without alpha (JPEG)
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_output_side: int = DEFAULT_MAX_OUTPUT_SIDE
-
-    def __post_init__(self):
-        check_seed(self.seed)
-        if self.steps is not None and (
-            isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS
-        ):
-            raise BadParameter(f"steps must be an integer in 1..{MAX_STEPS}, got {self.steps!r}")
-        self.cfg_scale = _number("cfg_scale", self.cfg_scale, 0.0, 50.0)
-        self.shift = _number("shift", self.shift, 0.1, 100.0)
-        if not 0.0 <= float(self.degrade_sigma) <= 1.0:
-            raise BadParameter(f"degrade_sigma must be in [0, 1], got {self.degrade_sigma}")
-        if self.scale is not None and not 0.25 <= float(self.scale) <= 16:
-            raise BadParameter(f"scale must be in [0.25, 16], got {self.scale}")
-        if self.sampler not in ("sde", "ode"):
-            raise BadParameter(f"sampler must be 'sde' or 'ode', got {self.sampler!r}")
-        if not 1 <= int(self.quality) <= 100:
-            raise BadParameter(f"quality must be in 1..100, got {self.quality}")
-        parse_color(self.background)
-        if self.tile is not None and (not isinstance(self.tile, int) or self.tile < 16):
-            raise BadParameter(f"tile (--tile) must be an integer >= 16 output pixels, got {self.tile!r}")
-        if self.overlap is not None and (not isinstance(self.overlap, int) or self.overlap < 0):
-            raise BadParameter(f"overlap (--overlap) must be an integer >= 0 latent pixels, got {self.overlap!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> UpscaleOptions:
-        return strict_from_dict(cls, d)
-
-
-MAX_STEPS = 200  # sampler steps a job or request may ask for (distilled presets: at most their schedule's)
-
-
-def _number(name: str, value, lo: float, hi: float) -> float | None:
-    """An optional finite number in [lo, hi] (bools and strings refused), as a float; BadParameter otherwise."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadParameter(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
-    if not is_number(value) or not lo <= value <= hi:
-        raise BadParameter(f"{name} must be in [{lo:g}, {hi:g}], got {value!r}")
-    return float(value)
-
-
-def strict_from_dict(cls, d: dict):
-    """`cls(**d)` for an options dataclass, refusing unknown fields with their names (BadParameter)."""
-    unknown = sorted(set(d) - {f.name for f in fields(cls)})
-    if unknown:
-        raise BadParameter(f"unknown option(s): {unknown}")
-    return cls(**d)
-
-
-SEED_LIMIT = 1 << 63  # seeds are 63-bit: torch generators and our noise keys take them as they are
+from pipeline.errors import BadParameter, kind_of
+from pipeline.options import OVERRIDES, UpscaleOptions
 
 
 def parse_size(value) -> tuple[int, int]:
@@ -99,29 +20,6 @@ def parse_size(value) -> tuple[int, int]:
     return h, w
 
 
-def parse_color(value) -> tuple[int, int, int]:
-    """A colour as users write it (`white`, `#202020`, `rgb(32,32,32)`: any name or form PIL knows) -> (r, g, b)."""
-    from PIL import ImageColor
-
-    if not isinstance(value, str) or not 0 < len(value) <= 64:
-        raise BadParameter(f"background must be a colour such as white, black or #202020, got {value!r}")
-    try:
-        rgb = ImageColor.getrgb(value.strip())
-    except ValueError:
-        raise BadParameter(f"background must be a colour such as white, black or #202020, got {value!r}") from None
-    return tuple(rgb[:3])
-
-
-def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise BadParameter(f"seed must be an integer in [0, 2^63), got {seed!r}")
-    return seed
-
-
-# The options a row (a job's row, a request's parameters) may set over the defaults, with their types: declared
-# here only; the typed rows (`stages.rows.Overrides`) and the endpoint's parameters are made from it.
-OVERRIDES = {"seed": int, "caption": str, "degrade_sigma": float, "steps": int, "cfg_scale": float, "shift": float,
-             "scale": float, "format": str, "quality": int, "background": str}  # fmt: skip
 ROW_OVERRIDES = tuple(OVERRIDES)
 
 

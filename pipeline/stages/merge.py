@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.imageio import ALPHA_FORMATS, CONTENT_TYPES, EXTENSIONS, encode, output_format, resize_plane
-from pipeline.stages.common import UpscaleOptions, options_of, parse_color
+from pipeline.options import parse_color
+from pipeline.stages.common import UpscaleOptions, options_of
 from pipeline.stages.rows import DiffusedRow, MergedRow
 from pipeline.tiling import target_size
 

@@ -1,0 +1,138 @@
+"""The shape of the code, read from the source (AST) of every module of pipeline/, jobs/, serve/ and pidray/: no import
+circle, no arrow back up the layers, no module over 450 lines.
+
+The import graph: one node per module file (a package's `__init__.py` is the node of the package's own name), one
+edge per import statement that names a module of these packages, at module level or inside a function or class
+alike (an import inside a function is a circle all the same, only later). `import a.b` and `from a.b import c` give
+an edge to `a.b`, or to `a.b.c` when `c` is a submodule; the implicit import of a parent package's `__init__.py` that
+Python makes first is not an edge (otherwise a package whose `__init__.py` re-exports its modules would be in a circle
+with each of them), but an import of a name from the package itself (`from pipeline.storage import Location` inside
+pipeline/storage/) is an edge to its `__init__.py`, as it should be.
+"""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "jobs", "serve", "pidray")
+MAX_LINES = 450
+
+# The layers, top to bottom: a module may import its own layer and those below it, never one above. Modules in none
+# of these (storage, latents, errors, imageio, tiling, ...) are helpers below the stages: they import no stage,
+# workflow, graph or front end.
+LAYERS = [("pidray", 8), ("pipeline.doctor", 8), ("jobs", 7), ("serve", 7), ("pipeline.graph", 6),
+          ("pipeline.workflow", 5), ("pipeline.stages", 4), ("pipeline.runtime", 3), ("pipeline.encoders", 2),
+          ("pipeline.model", 1), ("pipeline.kernels", 0)]  # fmt: skip
+HELPER_CEILING = 3  # the highest layer a helper module may import (pipeline.runtime)
+# Known arrows up, each with its reason; the test fails when one disappears too, so this list stays true.
+UPWARD = {
+    # the kernel's benchmark/test cases build a RoPE table with the model's own function (inside a function)
+    ("pipeline.kernels.qk_norm_rope", "pipeline.model.math"),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph = {}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in modules}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: from the module's package (a package's own, for an __init__)
+                    base = name.split(".") if is_package else name.split(".")[:-1]
+                    base = base[: len(base) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module
+                for a in node.names:
+                    sub = f"{target}.{a.name}"
+                    if sub in modules:
+                        deps.add(sub)
+                    elif target in modules:
+                        deps.add(target)
+        deps.discard(name)
+        graph[name] = deps
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _layer(module: str) -> int | None:
+    return next((rank for prefix, rank in LAYERS if module == prefix or module.startswith(prefix + ".")), None)
+
+
+def test_the_graph_sees_in_function_imports_and_packages():
+    """The graph itself: an import inside a function is an edge; a package's __init__ re-exporting is its own node."""
+    graph = _graph()
+    assert "pipeline.model.t2i_sampler" in graph["pipeline.t2i"]  # module level
+    assert "pipeline.storage" in graph and "pipeline.storage.local" in graph["pipeline.storage"]  # re-exports
+    assert "pipeline.storage" in graph["jobs.settings"]  # `from pipeline.storage import Location` inside a function
+    assert "pipeline.storage.base" in graph["pipeline.storage.local"]
+
+
+def test_no_import_circle_anywhere():
+    """No two modules import each other, directly or through others, counting imports inside functions."""
+    cycles = _cycles(_graph())
+    assert not cycles, cycles
+
+
+def test_no_arrow_back_up_the_layers():
+    """pidray -> jobs/serve -> graph -> workflow -> stages -> runtime -> encoders -> model -> kernels: nothing imports
+    a layer above its own; a helper module imports nothing above the runtime."""
+    found = set()
+    for module, deps in _graph().items():
+        mine = _layer(module)
+        for dep in deps:
+            theirs = _layer(dep)
+            if theirs is not None and theirs > (HELPER_CEILING if mine is None else mine):
+                found.add((module, dep))
+    assert found - UPWARD == set(), sorted(found - UPWARD)
+    assert UPWARD <= found, f"no longer imported upward (remove from UPWARD): {sorted(UPWARD - found)}"
+
+
+def test_no_module_over_450_lines():
+    """A module that grows past MAX_LINES is split by concern (storage: base/local/s3; latents: values/containers/
+    file/preset), not let grow."""
+    over = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not over, over

@@ -33,7 +33,7 @@ SCHEMA = pa.schema(
      ("error_kind", pa.string()), ("output_key", pa.string()), ("in_bytes", pa.int64()), ("in_h", pa.int64()),
      ("in_w", pa.int64()), ("out_h", pa.int64()), ("out_w", pa.int64()), ("model", pa.string()),
      ("seed", pa.int64()), ("notes", pa.string()), ("node", pa.string()), ("written_by", pa.string()),
-     ("out_bytes", pa.int64())]
+     ("out_bytes", pa.int64()), ("caption", pa.string())]
     + [(f"t_{s}", pa.float64()) for s in STAGES]
 )  # fmt: skip
 
@@ -71,6 +71,7 @@ def manifest_row(row: dict, model: str) -> dict:
         # the proof that a pidray job wrote `output_key`: that job's id, and the size it wrote (jobs/rules.py)
         "written_by": row.get("written_by", "") or "",
         "out_bytes": int(row.get("out_bytes", -1)),
+        "caption": _printable(row.get("caption") or ""),  # the caption PiD was given (a dataset's, or --captions')
         **{f"t_{s}": float(timings.get(s, row.get(f"t_{s}", float("nan")))) for s in STAGES},
     }
 
@@ -143,8 +144,9 @@ def read_manifest(dst) -> list[dict]:
 
 STATUSES = ("ok", "failed", "skipped", "interrupted")
 # columns an older pidray did not write yet: filled in when missing; every other column must be there
-LATER_COLUMNS = {"key_bytes", "error_kind", "node", "written_by", "out_bytes", *(f"t_{s}" for s in STAGES)}
-LATER_DEFAULTS = {"key_bytes": None, "error_kind": "", "node": "", "written_by": "", "out_bytes": -1}  # else NaN
+LATER_COLUMNS = {"key_bytes", "error_kind", "node", "written_by", "out_bytes", "caption", *(f"t_{s}" for s in STAGES)}
+LATER_DEFAULTS = {"key_bytes": None, "error_kind": "", "node": "", "written_by": "", "out_bytes": -1,
+                  "caption": ""}  # else NaN  # fmt: skip
 MAX_MANIFEST_BYTES = 256 << 20  # ~2 M rows
 
 

@@ -93,6 +93,9 @@ def add_upscale_parser(sub, parents=()) -> None:
     p.add_argument("src", help="file, folder or s3://bucket/prefix")
     p.add_argument("dst", help="folder or s3://bucket/prefix; with one SRC file, also a file name (out.png)")
     _job_arguments(p, default_preset="small")
+    from jobs.datasets import add_dataset_arguments
+
+    add_dataset_arguments(p)  # WebDataset shards, Parquet tables
     p.set_defaults(fn=cmd_upscale, workflow="upscale")
 
 
@@ -236,7 +239,8 @@ def config_from_args(args) -> JobConfig:
         latent_format=getattr(args, "latent_format", None), out_size=getattr(args, "size", None),
         sigma=getattr(args, "sigma", None), limit=getattr(args, "limit", None), manifest=getattr(args, "manifest", ""),
     )  # fmt: skip
-    from pipeline.stages.common import ensemble_shift, sampler_steps
+    from pipeline.model.sampling import ensemble_shift
+    from pipeline.stages.common import sampler_steps
 
     preset = cfg.flow.preset  # the job's workflow, resolved here where the job enters
     sampler_steps(preset, options)  # steps, --cfg-scale and --shift refused up front where the sampler cannot
@@ -262,6 +266,12 @@ def cmd_upscale(args) -> int:
     from jobs.settings import check_resume
     from jobs.single import file_destination
 
+    if hasattr(args, "dataset"):  # pidray upscale has the dataset flags; `decode` none
+        from jobs.datasets import dataset_of
+
+        ds = dataset_of(args, note=lambda text: print(text, file=sys.stderr))
+        if ds is not None:
+            return _dataset_job(args, ds)
     cfg = file_destination(config_from_args(args))  # `pidray upscale one.png big.png` writes big.png
     cfg = check_resume(cfg, note=lambda text: print(text, file=sys.stderr))  # outputs made otherwise are not kept
     _note_ignored_captions(cfg)
@@ -270,6 +280,19 @@ def cmd_upscale(args) -> int:
         print(f"dry run: {summary.planned} to do, {summary.skipped} skipped, {summary.failed} refused")
         return 0
     return report(run_job(cfg))
+
+
+def _dataset_job(args, ds) -> int:
+    from jobs.dataset_run import run_dataset_job
+    from jobs.settings import check_resume
+
+    cfg = check_resume(config_from_args(args), note=lambda text: print(text, file=sys.stderr))
+    _note_ignored_captions(cfg)
+    if cfg.dry_run:
+        summary = run_dataset_job(cfg, ds, on_row=_print_planned)
+        print(f"dry run: {summary.planned} to do, {summary.skipped} skipped, {summary.failed} refused")
+        return 0
+    return report(run_dataset_job(cfg, ds))
 
 
 def _print_planned(r: dict) -> None:

@@ -153,14 +153,15 @@ class Published:
     reader never sees a half-written one. A writer that is not closed (an error, a kill) leaves only its temporary
     (`.pidray-<job>-XXXXXXXX.part`, as the job's other temporaries, which a later job of the same id clears)."""
 
-    def __init__(self, folder: str, name: str, tag: str | None = None):
+    def __init__(self, folder: str, name: str, tag: str | None = None, replace: bool = False):
         self.folder = os.path.realpath(folder)
         self.name = check_name(name)
+        self.replace = replace  # the caller proved the file at the name is its own earlier output: it is replaced
         os.makedirs(self.folder, exist_ok=True)
         if not stat.S_ISDIR(os.lstat(self.folder).st_mode):
             raise BadInput(f"{self.folder!r} is not a folder")
         self.path = os.path.join(self.folder, self.name)
-        if os.path.lexists(self.path):  # said before any work; the link below is what guarantees it
+        if not replace and os.path.lexists(self.path):  # said before any work; the link below guarantees it
             raise OutputExists(self.name, f"{self.name!r} already exists in {self.folder}: it is kept (pidray never "
                                           "replaces a file it did not write)")  # fmt: skip
         prefix = f".pidray-{tag}-" if tag and tag.isalnum() else ".pidray-"
@@ -173,6 +174,9 @@ class Published:
         os.fsync(f.fileno())
         f.close()
         os.chmod(self.tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
+        if self.replace and os.path.lexists(self.path):
+            os.replace(self.tmp, self.path)  # atomic; a link at the name is replaced, never what it points to
+            return self.path
         try:
             os.link(self.tmp, self.path)  # atomic; fails if anything (a file, a link) is at the name
         except FileExistsError:

@@ -286,9 +286,9 @@ class TableWriter:
     nothing. Each chunk is written as one row group."""
 
     def __init__(self, folder: str, name: str, schema: pa.Schema, tag: str | None = None,
-                 spill_dir: str | None = None):  # fmt: skip
+                 spill_dir: str | None = None, replace: bool = False):  # fmt: skip
         self.schema = schema
-        self.out = Published(folder, name, tag)
+        self.out = Published(folder, name, tag, replace)
         self.writer = pq.ParquetWriter(self.out.tmp, schema)
         self.order = Reorder(self._write, spill_dir)
         self.rows = 0

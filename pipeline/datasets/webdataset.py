@@ -286,8 +286,9 @@ class ShardWriter:
     `close()` publishes it whole (`common.Published`), or `abort()` leaves nothing. `tag`: the job's id, in the
     temporary's name."""
 
-    def __init__(self, folder: str, name: str, tag: str | None = None, spill_dir: str | None = None):
-        self.out = Published(folder, name, tag)
+    def __init__(self, folder: str, name: str, tag: str | None = None, spill_dir: str | None = None,
+                 replace: bool = False):  # fmt: skip
+        self.out = Published(folder, name, tag, replace)
         self.tar = tarfile.open(fileobj=self.out.file, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8")
         self.order = Reorder(self._write, spill_dir)
         self.written = 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from pipeline.runtime import ModelOptions
@@ -38,15 +38,29 @@ class JobConfig:
     gen: dict = field(default_factory=dict)  # generate: GenerateOptions fields (SRC is a prompt file)
     upscale: ModelOptions | None = None  # generate: upscale each image with this PiD model
     ldm: str | None = None  # generate-then-decode: the latent diffusion model (name or folder); `model` decodes
+    generator_offload: bool = False  # generate-then-decode: the generator's models offloaded to CPU between uses
     limit: int | None = None  # only the first N planned inputs (None: all)
     output_name: str = ""  # SRC is one file, DST named a file: the output's name in DST without its extension
     manifest: str = ""  # a file job's manifest goes here (a local path); "" for one: none (only the file is written)
+
+    def with_(self, **changes) -> JobConfig:
+        """A copy with `changes` that keeps the workflow resolved once (`dataclasses.replace` would drop it and look
+        the preset up again): its options follow the copy's; a change to what it was resolved from resolves anew."""
+        new = replace(self, **changes)
+        if "flow" in self.__dict__ and not set(changes) & _RESOLVED_FROM:
+            flow = self.__dict__["flow"]
+            new.__dict__["flow"] = flow if new.options == flow.options else replace(flow, options=new.options)
+        return new
 
     @cached_property
     def flow(self) -> Workflow:
         """The job's workflow, resolved once (its preset looked up here, the only place a job does)."""
         return resolve_workflow(self.workflow, self.model, self.options, latent_format=self.latent_format,
-                                gen=self.gen, upscale=self.upscale, ldm=self.ldm)  # fmt: skip
+                                gen=self.gen, upscale=self.upscale, ldm=self.ldm,
+                                offload=self.generator_offload)  # fmt: skip
+
+
+_RESOLVED_FROM = {"model", "workflow", "latent_format", "gen", "upscale", "ldm"}  # what JobConfig.flow is made of
 
 
 def enters(cfg) -> str:

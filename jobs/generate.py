@@ -46,13 +46,28 @@ def add_generate_parser(sub, parents=()) -> None:
     g.add_argument("--shift", type=float, default=None, help="flow shift")
     g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (1: off)")
     g.add_argument("--negative-prompt", default=None)
+    from pipeline.generators import generators_help
+
     w = p.add_argument_group("another text-to-image model's latent, decoded by PiD (-m: the PiD preset)")
     w.add_argument(
         "--with",
         dest="with_",
         default=None,
         metavar="MODEL",
-        help="zimage-turbo, zimage, sd3, sdxl, or a local diffusers folder of one (needs pidray[generate])",
+        help=f"a generator: {generators_help()}; or a local diffusers folder of one of their classes (needs "
+        "pidray[generate]). --steps, --size, --cfg-scale override its defaults",
+    )
+    w.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="K",
+        help="hand PiD the generator's x_t after K of its steps, at that step's sigma (skips the rest)",
+    )
+    w.add_argument(
+        "--generator-offload",
+        action="store_true",
+        help="keep the generator's models in CPU memory, each on the GPU while it runs (a 24 GB card)",
     )
     u = p.add_argument_group("upscale each image with PiD in the same run")
     u.add_argument("--upscale", default=None, metavar="PRESET", help="a PiD preset (e.g. flux-2kto4k-v1.5)")
@@ -83,17 +98,19 @@ def _config(args, src: str, dst: str) -> JobConfig:
     from pipeline.stages import UpscaleOptions
 
     gen = {k: v for k, v in (("seed", args.seed), ("size", args.size), ("steps", args.steps), ("shift", args.shift),
-                             ("cfg_scale", args.cfg_scale), ("negative_prompt", args.negative_prompt))
-           if v is not None}  # fmt: skip
+                             ("cfg_scale", args.cfg_scale), ("negative_prompt", args.negative_prompt),
+                             ("stop_at", args.stop_at)) if v is not None}  # fmt: skip
+    if (args.stop_at is not None or args.generator_offload) and not args.with_:
+        raise SetupError("--stop-at and --generator-offload are for --with MODEL (generate-then-decode)")
     from pipeline.t2i import GenerateOptions
 
     GenerateOptions.from_dict(gen)  # ranges checked before anything starts
     preset = args.preset or "pixeldit-2k"
-    if args.with_ and not args.preset:  # the PiD preset for the model's latents
-        from pipeline.stages.ldm import ldm_spec
+    if args.with_:  # the generator checked (a folder's class too) before anything loads
+        from pipeline.generators import generator_spec
 
-        fmt = ldm_spec(args.with_)[0].latent_format
-        preset = {"zimage": "flux-2kto4k-v1.5", "sd3": "sd3-2kto4k", "sdxl": "sdxl-2kto4k"}[fmt]
+        spec = generator_spec(args.with_)[0]
+        preset = args.preset or spec.preset  # the PiD preset for the model's latents
     model = ModelOptions(preset, args.weights, args.text_encoder, args.allow_download, args.device, args.dtype)
     if args.with_ and args.upscale:
         raise SetupError("--with decodes the latent with PiD already; --upscale is for PixelDiT images")
@@ -108,6 +125,7 @@ def _config(args, src: str, dst: str) -> JobConfig:
     return JobConfig(src=src, dst=dst, model=model, options=options, local=args.local, progress=not args.no_progress,
                      verbose=args.verbose, resume=args.resume, overwrite=args.overwrite,
                      workflow="ldm" if args.with_ else "generate", gen=gen, upscale=up, ldm=args.with_,
+                     generator_offload=args.generator_offload,
                      s3=S3Settings(args.s3_endpoint, args.s3_region))  # fmt: skip
 
 

@@ -110,7 +110,7 @@ def _preflight_generate(cfg: JobConfig, wf: Workflow) -> None:
         if preset.task != "upscale":
             raise SetupError(f"--with decodes with a PiD preset (-m), not {preset.name!r}")
         try:
-            check_format(spec.latent_format, preset)
+            check_format(spec.family, preset)
         except ValueError as e:
             raise SetupError(str(e)) from None
         GenerateOptions.from_dict(cfg.gen).resolved(preset, spec.defaults())

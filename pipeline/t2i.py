@@ -81,9 +81,13 @@ class GenerateOptions:
     negative_prompt: str | None = None
     seed: int = 0
     max_side: int = 4096
+    stop_at: int | None = None  # generate-then-decode: the generator's x_t after this many steps goes to PiD
 
     def __post_init__(self):
         check_seed(self.seed)
+        if self.stop_at is not None and (isinstance(self.stop_at, bool) or not isinstance(self.stop_at, int)
+                                         or not 1 <= self.stop_at <= MAX_STEPS):  # fmt: skip
+            raise BadParameter(f"stop_at must be an integer in 1..{MAX_STEPS}, got {self.stop_at!r}")
         if self.negative_prompt is not None:
             if not isinstance(self.negative_prompt, str) or not _is_text(self.negative_prompt):
                 raise BadParameter(f"negative_prompt must be text, got {type(self.negative_prompt).__name__}")
@@ -115,6 +119,9 @@ class GenerateOptions:
             if self.negative_prompt is not None
             else d.get("negative_prompt") or "",
         )
+        if out.stop_at is not None and out.stop_at > out.steps:
+            raise BadParameter(f"stop_at {out.stop_at} is past the last of the generator's {out.steps} steps "
+                               f"(1..{out.steps})")  # fmt: skip
         p = preset.config.patch_size
         if out.size[0] % p or out.size[1] % p:
             raise BadParameter(f"size {out.size[1]}x{out.size[0]} must be multiples of the patch size {p}")
@@ -128,7 +135,7 @@ class GenerateOptions:
         return strict_from_dict(cls, d)
 
 
-GEN_OVERRIDES = ("seed", "steps", "shift", "cfg_scale", "size", "negative_prompt")
+GEN_OVERRIDES = ("seed", "steps", "shift", "cfg_scale", "size", "negative_prompt", "stop_at")
 
 
 def row_options(defaults: GenerateOptions, row: dict) -> GenerateOptions:

@@ -3,7 +3,7 @@
     upscale    image files -> decode -> encode (LQ encoder, captioner) -> diffuse -> merge
     decode     latent files (latents, captured x_t) -> latent -> encode (plan, caption) -> diffuse -> merge
     generate   prompts -> generate (PixelDiT) -> merge; with an upscale model: -> encode -> diffuse -> merge
-    ldm        prompts -> a latent diffusion model's latent -> encode (plan, caption) -> diffuse -> merge
+    ldm        prompts -> a generator's latent (pipeline.generators) -> encode (plan, caption) -> diffuse -> merge
 
 `resolve_workflow` is the one place a workflow name is read and, for a front end, the one place its preset is looked
 up: the CLI job, the endpoint's builder and the Python API call it once. A workflow holds the `Preset` object, the
@@ -157,15 +157,20 @@ class Ldm(Workflow):
 
     gen: GenerateOptions = field(default_factory=GenerateOptions)
     ldm: str = DEFAULT_LDM
+    offload: bool = False  # the generator's models wait in CPU memory, each on the GPU while it runs
     enters: ClassVar[str] = "prompts"
 
     def stages(self) -> list[StageSpec]:
+        from pipeline.generators import generator_spec
         from pipeline.stages.ldm import LDMStage
 
         captioned = self.preset.text_encoder != "none"
         kw = {"model": self.model, "preset": self.preset, "ldm": self.ldm, "options": self.gen,
-              "upscale": self.options}  # fmt: skip
-        ldm = StageSpec("ldm", LDMStage, kw, True, True, batch_rows=1, gpu_share=0.5)
+              "upscale": self.options, "offload": self.offload}  # fmt: skip
+        spec = generator_spec(self.ldm)[0]
+        need = spec.memory_bytes(self.offload)
+        ldm = StageSpec("ldm", LDMStage, kw, True, True, batch_rows=1, gpu_share=spec.gpu_share(self.offload),
+                        memory=lambda f: need)  # fmt: skip
         return [ldm, *pid_stages(self.model, self.preset, self.options, captioned, 0.1 if captioned else 0.0, 0.4,
                                  lq=False)]  # fmt: skip
 
@@ -190,7 +195,8 @@ def workflow_class(name: str) -> type[Workflow]:
 def resolve_workflow(name: str = DEFAULT_WORKFLOW, model: ModelOptions | None = None,
                      options: UpscaleOptions | None = None, *, latent_format: str | None = None, gen=None,
                      upscale: ModelOptions | None = None, ldm: str | None = None, emit: str | None = None,
-                     preset: Preset | None = None, upscale_preset: Preset | None = None) -> Workflow:  # fmt: skip
+                     preset: Preset | None = None, upscale_preset: Preset | None = None,
+                     offload: bool = False) -> Workflow:  # fmt: skip
     """The workflow `name` resolved once: its model's preset looked up (unless given: `preset`, `upscale_preset`,
     already resolved for another workflow of the same front end), the generator's settings typed. Front ends call
     this where a job or request enters; everything downstream takes the object."""
@@ -202,7 +208,7 @@ def resolve_workflow(name: str = DEFAULT_WORKFLOW, model: ModelOptions | None = 
     if cls is Decode:
         return Decode(model, preset, options, latent_format=latent_format)
     if cls is Ldm:
-        return Ldm(model, preset, options, gen=gen, ldm=ldm or DEFAULT_LDM)
+        return Ldm(model, preset, options, gen=gen, ldm=ldm or DEFAULT_LDM, offload=offload)
     if cls is Generate:
         up = (upscale_preset or get_preset(upscale.preset)) if upscale is not None else None
         if up is not None and up.task != "upscale":

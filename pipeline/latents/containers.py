@@ -111,8 +111,8 @@ def ids_of(names: list[str], shapes: dict[str, tuple], meta: dict) -> list[str]:
     if not names:
         raise BadInput("the file holds no tensor")
     shape = list(shapes[names[0]])
-    if len(shape) == 4 and shape[0] > 1:
-        ids = _meta_json(meta, "ids")
+    ids = _meta_json(meta, "ids")
+    if len(shape) == 4 and shape[0] > 1 and (ids is not None or shape[1] != 1):  # [C, 1, h, w]: one frame, no batch
         if ids is None:
             raise BadInput(f"a batch of {shape[0]} latents without ids: give the ids in the metadata (\"ids\": a JSON "
                            "list), or save one named tensor per latent (or one latent per file)")  # fmt: skip
@@ -232,7 +232,7 @@ def read_array(f, what: str, limit: int, kinds: str = "f", check=None) -> np.nda
 
 def load_npy(data: bytes, check=None) -> np.ndarray:
     def first(shape: tuple) -> None:  # from the header
-        if len(shape) == 4 and shape[0] > 1:
+        if len(shape) == 4 and shape[0] > 1 and shape[1] != 1:  # [C, 1, h, w] is one video latent's frame
             raise BadInput(f"a batch of {shape[0]} latents without ids: save an .npz with one named array per latent, "
                            "or one latent per file")  # fmt: skip
         if check is not None:

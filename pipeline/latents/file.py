@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -24,6 +25,7 @@ from pipeline.latents.containers import (
     st_meta,
     zip_entry_count,
 )
+from pipeline.latents.packed import Packing, unpack, unpacked_chw
 from pipeline.latents.values import (
     LATENT_EXTENSIONS,
     MAX_LATENT_BYTES,
@@ -55,6 +57,7 @@ class LatentFile:
         self.common: dict = {"caption": None, "sigma": None, "format": None}  # for every latent of the file
         self.captions: dict = {}
         self.sigmas: dict = {}
+        self.image_hw: tuple[int, int] | None = None  # the generated image's size (metadata): lays out packed latents
         if self.ext == ".safetensors":
             self._index_safetensors()
         elif self.ext == ".npy":
@@ -65,15 +68,21 @@ class LatentFile:
             raise BadInput(f"not a latent file ({', '.join(LATENT_EXTENSIONS)}): {name}")
         self.index = {i: n for n, i in enumerate(self.ids)}
 
-    def item(self, id_: str = "", limit: Callable[[tuple], None] | None = None) -> LatentItem:
+    def item(self, id_: str = "", limit: Callable[[tuple], None] | None = None,
+             packing: Packing | None = None) -> LatentItem:  # fmt: skip
         """The latent `id_` ("" when the file holds one latent without an id), validated for shape and values.
         limit: a check of the latent's [C, h, w] shape (`output_limit`), made from the file's header before its data
-        is read or inflated, like the shape's own rules."""
+        is read or inflated, like the shape's own rules. packing: the latent is a packed sequence, unpacked to
+        [C, h, w] (its image size from the file's metadata unless the packing names one)."""
         if id_ not in self.index:
             raise BadInput(f"no latent {id_!r} in the file" if id_ else "the file holds several latents: name one")
         what = f"latent {id_!r}" if id_ else "latent"
+        if packing is not None and packing.image_hw is None and self.image_hw is not None:
+            packing = replace(packing, image_hw=self.image_hw)
 
         def check(shape: tuple) -> None:
+            if packing is not None:
+                shape = unpacked_chw(shape, packing)
             check_shape(shape, what, limit)
 
         if self.ext == ".safetensors":
@@ -82,6 +91,8 @@ class LatentFile:
             latent = load_npy(self.data, check)
         else:
             latent = self._npz_array(id_, check)
+        if packing is not None:
+            latent = unpack(latent, packing)
         caption = self.captions.get(id_, self.common["caption"])
         sigma = self.sigmas[id_] if id_ in self.sigmas else self.common["sigma"]
         return LatentItem(id_ or None, as_chw(latent, id_ or None), caption, sigma, self.common["format"])
@@ -99,6 +110,11 @@ class LatentFile:
         self.captions, self.sigmas = id_captions(meta, "captions"), id_sigmas(meta)
         self.common = {"caption": text_field(meta.get("caption"), "caption"),
                        "sigma": number_field(meta.get("sigma"), "sigma"), "format": meta.get("format")}  # fmt: skip
+        if "height" in meta and "width" in meta:
+            hw = (number_field(meta["height"], "height"), number_field(meta["width"], "width"))
+            if not all(v >= 1 and v == int(v) for v in hw):
+                raise BadInput(f"metadata height and width must be whole numbers >= 1, got {hw}")
+            self.image_hw = (int(hw[0]), int(hw[1]))
 
     def _st_array(self, id_: str, check=None) -> np.ndarray:
         one = len(self.entries) == 1

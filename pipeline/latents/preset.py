@@ -10,10 +10,11 @@ from collections.abc import Callable
 import numpy as np
 
 from pipeline.errors import BadInput, BadParameter
+from pipeline.latents.packed import PACKED
 
 # --format name -> the VAE family whose presets decode it
 FORMATS = {"flux": "flux1", "zimage": "flux1", "flux1": "flux1", "sd3": "sd3", "sdxl": "sdxl", "flux2": "flux2",
-           "qwenimage": "qwenimage"}  # fmt: skip
+           "qwenimage": "qwenimage", **{k: v[0] for k, v in PACKED.items()}}  # fmt: skip
 
 
 def output_limit(preset, options, out_size=None) -> Callable[[tuple], None]:

@@ -19,8 +19,10 @@ from pipeline.latents import (
     MAX_LATENT_BYTES,
     MAX_MEMBERS,
     LatentFile,
+    Packing,
     check_format,
     check_latent,
+    is_packed,
     open_latents,
     output_limit,
     to_training_frame,
@@ -71,9 +73,12 @@ class LatentStage:
             ids = ", ".join(repr(i) for i in f.ids[:5]) + (", ..." if len(f.ids) > 5 else "")
             raise BadInput(f"the file holds {len(f.ids)} latents ({ids}): name one (id)")
         o = options_of(row, self.options)
+        fmt = row.pop("latent_format", None) or self.format or f.common["format"]  # the row's first
+        check_format(fmt, self.preset)
+        out_size = row.get("out_size")
+        packing = Packing(str(fmt).lower(), out_hw=tuple(out_size) if out_size else None) if is_packed(fmt) else None
         # an output over the size limit is refused from the latent's header, before its data is inflated
-        item = f.item(want or f.ids[0], limit=output_limit(self.preset, o, row.get("out_size")))
-        check_format(row.pop("latent_format", None) or self.format or item.format, self.preset)  # the row's first
+        item = f.item(want or f.ids[0], limit=output_limit(self.preset, o, out_size), packing=packing)
         check_latent(item.latent, self.preset)
         sigma = row.get("sigma", item.sigma)
         latent, sigma = to_training_frame(item.latent, sigma, self.preset)

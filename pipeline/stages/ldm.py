@@ -1,77 +1,81 @@
-"""LDMStage: a prompt -> a latent diffusion model's latent (diffusers, `output_type="latent"`), which PiD then decodes
-in place of the model's VAE decoder: generate-then-decode (`pidray generate --with zimage-turbo`, extra
-`pidray[generate]`).
+"""LDMStage: a prompt -> a text-to-image generator's latent (diffusers, `output_type="latent"`), which PiD then decodes
+in place of the generator's VAE decoder: generate-then-decode (`pidray generate --with NAME`, extra
+`pidray[generate]`). The generators and their settings: `pipeline.generators`.
 
-Supported are the pipelines whose latent output is already the [B, C, h, w] latent in the space PiD's LQ encoders
-produce (the generator un-normalises only right before its VAE decode): Z-Image / Z-Image-Turbo (Flux's VAE: the
-`zimage` format of the Flux presets), SD3 and SDXL. Packed-sequence outputs (Flux, Flux2, Qwen-Image) are not run
-here; their latents, unpacked, go through `pidray decode`. Defaults per model are the official from_ldm registry's
-(nv-tlabs/PiD `pipeline_registry.py`): resolution, steps, guidance.
+The latent handed on is exactly the [C, h, w] tensor PiD's LQ encoder of that VAE produces: Z-Image, SD3 and SDXL
+return it as it is; Flux and Qwen-Image return packed 2×2 patches (unpacked; Qwen-Image's one-frame time axis is not
+there to drop); FLUX.2 returns its patchified, batch-norm normalised latent as a token sequence (laid out);
+FLUX.2-klein returns the raw 32-channel latent (patchified and normalised with its VAE's batch-norm statistics).
+
+`stop_at` K: the generator's x_t after K of its N steps (a step-end callback captures it and ends the loop: the last
+steps are skipped) goes to PiD with the scheduler's sigma after those K steps, as `pidray decode --sigma` takes a
+captured x_t (SDXL's Euler frame moved to the VP frame its PiD student was trained in).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from pipeline.errors import BadInput, SetupError
-from pipeline.latents import check_format
+from pipeline.generators import Generator, generator_spec
+from pipeline.latents import Packing, check_format, flux2_normalised, is_packed, to_training_frame, unpack
 from pipeline.model.presets import Preset
 from pipeline.runtime import ModelOptions, pick_device
 from pipeline.stages.common import UpscaleOptions, options_of
 from pipeline.stages.latent import latent_source
 from pipeline.t2i import GenerateOptions, check_prompt, row_options
 
-
-@dataclass(frozen=True)
-class LDM:
-    pipeline: str  # the diffusers class
-    hub_id: str
-    latent_format: str  # pipeline.latents.FORMATS
-    size: tuple[int, int]
-    steps: int
-    guidance: float
-    extra: tuple = ()  # (name, value) keyword arguments of the call
-
-    def defaults(self) -> dict:
-        """The model's own settings as GenerateOptions defaults (what `resolved` fills unset fields from)."""
-        return {"steps": self.steps, "cfg_scale": self.guidance, "size": list(self.size)}
+ldm_spec = generator_spec  # the name the job's preflight and prompt planner use
 
 
-LDMS = {
-    "zimage-turbo": LDM("ZImagePipeline", "Tongyi-MAI/Z-Image-Turbo", "zimage", (1024, 1024), 9, 0.0,
-                        (("max_sequence_length", 512),)),
-    "zimage": LDM("ZImagePipeline", "Tongyi-MAI/Z-Image", "zimage", (1024, 1024), 50, 5.0,
-                  (("max_sequence_length", 512),)),
-    "sd3": LDM("StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3-medium-diffusers", "sd3", (1024, 1024), 28,
-               4.0),
-    "sdxl": LDM("StableDiffusionXLPipeline", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", (1024, 1024), 30,
-                7.5),
-}  # fmt: skip
-BY_CLASS = {"ZImagePipeline": "zimage", "StableDiffusion3Pipeline": "sd3", "StableDiffusionXLPipeline": "sdxl"}
+class StopAt:
+    """A step-end callback: after `k` steps it keeps the loop's latents and the scheduler's sigma at that point, and
+    asks the pipeline to skip the rest of its loop."""
+
+    def __init__(self, k: int):
+        self.k, self.latent, self.sigma = k, None, None
+
+    def __call__(self, pipe, step_index: int, timestep, kwargs: dict) -> dict:
+        if step_index == self.k - 1:
+            sigmas = pipe.scheduler.sigmas
+            self.sigma = float(sigmas[min(step_index + 1, len(sigmas) - 1)])
+            self.latent = kwargs["latents"].detach().float().cpu()
+            pipe._interrupt = True  # every pipeline's loop skips its remaining steps when interrupted
+        return kwargs
 
 
-def ldm_spec(name_or_dir: str) -> tuple[LDM, str]:
-    """(the model's settings, where to load it from): a registry name (its hub id) or a local folder laid out like a
-    diffusers repository (its class read from model_index.json)."""
-    if name_or_dir in LDMS:
-        spec = LDMS[name_or_dir]
-        return spec, spec.hub_id
-    path = Path(name_or_dir).expanduser()
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise SetupError(f"--with {name_or_dir!r}: not one of {', '.join(LDMS)} and not a diffusers folder "
-                         "(no model_index.json)")  # fmt: skip
-    cls = json.loads(index.read_text()).get("_class_name")
-    if cls not in BY_CLASS:
-        raise SetupError(f"--with {name_or_dir}: {cls} is not supported here (supported: {', '.join(BY_CLASS)}; "
-                         "decode other models' latents with pidray decode)")  # fmt: skip
-    base = next(s for s in LDMS.values() if s.pipeline == cls)
-    return base, str(path)
+def to_pid_latent(latent: torch.Tensor, fmt: str, hw: tuple[int, int], pipe=None) -> np.ndarray:
+    """A generator's latent (its first image) as the [C, h, w] PiD's LQ encoder produces. `fmt`: what it is (a
+    latent format, or "flux2-raw": FLUX.2-klein's output, normalised with `pipe`'s VAE statistics)."""
+    a = latent[0].detach().float().cpu().numpy()
+    if fmt == "flux2-raw":
+        bn = pipe.vae.bn
+        eps = float(getattr(pipe.vae.config, "batch_norm_eps", bn.eps))
+        return flux2_normalised(a, bn.running_mean.float().cpu().numpy(), bn.running_var.float().cpu().numpy(), eps)
+    if is_packed(fmt):
+        return unpack(a, Packing(fmt, image_hw=hw))
+    if a.ndim != 3:
+        raise BadInput(f"the generator gave a latent of shape {list(latent.shape)}, not [B, C, h, w]")
+    return np.ascontiguousarray(a)
+
+
+def generator_latent(pipe, spec: Generator, hw: tuple[int, int], steps: int, stop_at: int | None = None,
+                     **call) -> tuple[np.ndarray, float | None]:  # fmt: skip
+    """Run the generator (`call`: the prompt or its embeddings, guidance, seed, ...) and return (PiD's latent, None),
+    or with `stop_at` K < steps (x_t after K steps, the scheduler's sigma there)."""
+    stop = StopAt(stop_at) if stop_at is not None and stop_at < steps else None
+    if stop is not None:
+        call["callback_on_step_end"] = stop
+    with torch.inference_mode():
+        out = pipe(height=hw[0], width=hw[1], num_inference_steps=steps, output_type="latent", **call)
+    if stop is None:
+        return to_pid_latent(out.images, spec.latent_format, hw, pipe), None
+    if stop.latent is None:
+        raise BadInput(f"{spec.pipeline} did not reach step {stop_at} of {steps}")
+    return to_pid_latent(stop.latent, spec.step_format, hw, pipe), stop.sigma
 
 
 class LDMStage:
@@ -82,6 +86,7 @@ class LDMStage:
         ldm: str,
         options: GenerateOptions | None = None,
         upscale: UpscaleOptions | None = None,
+        offload: bool = False,  # the generator's models wait in CPU memory, each moved to the GPU while it runs
     ):
         try:
             import diffusers
@@ -91,19 +96,11 @@ class LDMStage:
         self.options = options or GenerateOptions()
         self.upscale = upscale or UpscaleOptions()
         self.preset = preset
-        self.spec, where = ldm_spec(ldm)
-        check_format(self.spec.latent_format, self.preset)  # the PiD preset decodes this model's latents
+        self.spec, where = generator_spec(ldm)  # a folder's class checked before anything loads
+        check_format(self.spec.family, self.preset)  # the PiD preset decodes this model's latents
         self.device = pick_device(self.model.device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-        try:
-            import transformers
-
-            transformers.logging.set_verbosity_error()
-            transformers.utils.logging.disable_progress_bar()
-        except ImportError:  # pragma: no cover - transformers is a dependency
-            pass
+        _quiet(diffusers)
         try:
             self.pipe = diffusers.DiffusionPipeline.from_pretrained(
                 where, local_files_only=not self.model.allow_download, use_safetensors=True, dtype=dtype
@@ -116,34 +113,45 @@ class LDMStage:
         if type(self.pipe).__name__ != self.spec.pipeline:
             raise SetupError(f"{where} holds a {type(self.pipe).__name__}, expected {self.spec.pipeline}")
         self.pipe.set_progress_bar_config(disable=True)
-        self.pipe.to(self.device)
+        if offload and self.device.type == "cuda":
+            self.pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            self.pipe.to(self.device)
 
     def process(self, row: dict) -> dict:
         row = dict(row)
         prompt = check_prompt(row.get("prompt"))
         o = row_options(self.options, row).resolved(self.preset, self.spec.defaults())
-        h, w = o.size
         kw = dict(self.spec.extra)
+        kw[self.spec.cfg_arg] = o.cfg_scale
         if o.negative_prompt and o.cfg_scale > 1:
             kw["negative_prompt"] = o.negative_prompt
-        with torch.inference_mode():
-            out = self.pipe(
-                prompt,
-                height=h,
-                width=w,
-                num_inference_steps=o.steps,
-                guidance_scale=o.cfg_scale,
-                output_type="latent",
-                generator=torch.Generator(self.device).manual_seed(o.seed),
-                **kw,
-            )
-        latent = out.images[0]
-        if latent.ndim != 3:
-            raise BadInput(f"{self.spec.pipeline} gave a latent of shape {list(out.images.shape)}, not [B, C, h, w]")
-        row["latent"] = np.ascontiguousarray(latent.float().cpu().numpy())
-        row["src"] = latent_source()
+        gen = torch.Generator("cpu" if self.device.type != "cuda" else self.device).manual_seed(o.seed)
+        latent, sigma = generator_latent(self.pipe, self.spec, o.size, o.steps, o.stop_at, prompt=prompt,
+                                         generator=gen, **kw)  # fmt: skip
         o_up = options_of(row, self.upscale)
-        row["opts"] = replace(o_up, caption=prompt) if not o_up.caption else o_up  # PiD's caption: the prompt
+        over = {} if o_up.caption else {"caption": prompt}  # PiD's caption: the prompt
+        if sigma is not None:  # a captured x_t, conditioned at its own sigma with no further noise
+            latent, vp_sigma = to_training_frame(latent, sigma, self.preset)
+            over["degrade_sigma"] = vp_sigma
+            row["noised"] = True
+            row["sigma"] = sigma
+            row["notes"] = [*row.get("notes", []), f"x_t after step {o.stop_at} of {o.steps}, sigma {sigma:.6g}"]
+        row["latent"] = np.ascontiguousarray(latent, dtype=np.float32)
+        row["src"] = latent_source()
+        row["opts"] = replace(o_up, **over) if over else o_up
         row["caption"] = row["opts"].caption
         row["seed"] = o.seed
         return row
+
+
+def _quiet(diffusers) -> None:
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass

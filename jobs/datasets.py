@@ -13,8 +13,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from jobs.manifest import MANIFEST_NAME, proof
-from jobs.rules import proven
 from pipeline import receipts
 from pipeline.errors import BadParameter, SetupError
 from pipeline.storage import FileInfo, display, key_problem
@@ -127,6 +125,8 @@ def _format_of(name: str) -> str | None:
 def _walk(root: Path, dst: str, hidden: bool, follow: bool):
     """SRC's files, relative, sorted folder by folder: DST (when inside SRC) and, unless `hidden`, names starting
     with '.' left out; links to files taken only when `follow`, links to folders never entered."""
+    from jobs.manifest import MANIFEST_NAME as manifest_name
+
     skip = os.path.realpath(dst)
     for folder, dirs, files in os.walk(root, followlinks=False):
         dirs[:] = sorted(d for d in dirs if (hidden or not d.startswith("."))
@@ -136,7 +136,7 @@ def _walk(root: Path, dst: str, hidden: bool, follow: bool):
             path = os.path.join(folder, name)
             if (name.startswith(".") and not hidden) or (os.path.islink(path) and not follow):
                 continue
-            if name == MANIFEST_NAME and os.path.realpath(folder) == skip:
+            if name == manifest_name and os.path.realpath(folder) == skip:
                 continue
             yield name if rel_folder == "." else f"{PurePosixPath(Path(rel_folder))}/{name}"
 
@@ -207,6 +207,9 @@ class Outputs:
     def proof(self, rel: str, found: FileInfo) -> dict | None:
         """The manifest fields that prove the file at `rel` is a pidray job's output (`written_by`, `out_bytes`)."""
         row = self.previous.rows.get(rel)
+        from jobs.manifest import proof
+        from jobs.rules import proven  # the bulk job's own proof (it loads the job's modules: not at parse time)
+
         if row is not None and proven(rel, row, found):
             return {"written_by": row.get("written_by") or "earlier", "out_bytes": found.size}
         if row is not None and proof(row):

@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 from pipeline.graph import StageGraph
+from pipeline.model.sampling import ensemble_shift
 from pipeline.quality import HOLDOUT, bicubic_up, center_crop, grid_ratio, load_photo, make_lq, psnr_y, ssim_y
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
-from pipeline.stages.common import ensemble_shift
 
 
 def _to_png(x: torch.Tensor) -> bytes:
@@ -120,8 +120,133 @@ def _print(label: str, res: dict) -> None:
           f"runs = {res['cpu_s_per_output_mpx']:.2f} s per output Mpx")  # fmt: skip
 
 
+# --- choosing the CPU defaults: the fastest settings whose output matches the model at its trained tile ----------
+
+SWEEP_MIN_DB = 45.0  # PSNR (8-bit RGB, whole image) against the reference output a candidate must keep
+SWEEP_GRID_SLACK = 0.02  # how much more visible the patch grid may be than in the reference (grid ratio)
+SWEEP_MIN_GAIN = 0.05  # a setting replaces the best so far only when this much faster (one run's noise here)
+
+
+def _psnr_rgb(a: torch.Tensor, b: torch.Tensor) -> float:
+    qa, qb = ((a.clamp(-1, 1) + 1) * 127.5).round(), ((b.clamp(-1, 1) + 1) * 127.5).round()
+    mse = float(((qa - qb) ** 2).mean())
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+class _Setting:
+    """The graph of one setting (tile, tiles per call, threads), run with its tiles per call and threads set."""
+
+    def __init__(self, weights, setting: dict):
+        self.setting = setting
+        self.graph = StageGraph(ModelOptions(weights=weights), UpscaleOptions(tile=setting["tile"]))
+        self.stages = self.graph.build_all()
+
+    def run(self, name: str, data: bytes) -> tuple[torch.Tensor, float]:
+        import pipeline.stages.diffuse as diffuse
+
+        torch.set_num_threads(self.setting["threads"])
+        before, diffuse.CPU_TILES_PER_CALL = diffuse.CPU_TILES_PER_CALL, self.setting["calls"]
+        try:
+            t0 = time.perf_counter()
+            row = next(self.graph.run_local([{"key": name, "bytes": data}], self.stages))
+            seconds = time.perf_counter() - t0
+        finally:
+            diffuse.CPU_TILES_PER_CALL = before
+        if row.get("status") != "ok":
+            raise RuntimeError(f"{name}: {row.get('error')}")
+        return _from_png(row["output"]), seconds
+
+
+def sweep(weights: str | None, tiles, calls, threads, runs: int = 3, size: int = 256, show=print) -> dict:
+    """The fastest CPU settings at equal quality, found one knob at a time: the tile side first, then tiles per
+    network call at that tile, then the thread count. The reference is the model at the tile it was trained at
+    (the preset's envelope), `calls[0]` tiles a call and `threads[0]` threads; a candidate passes when every output
+    (the held-out crops and a 256² -> 1024² photo, which needs several tiles at every tile side tried) keeps PSNR
+    >= SWEEP_MIN_DB against the reference's and its patch grid is no more visible (grid ratio within
+    SWEEP_GRID_SLACK). Speed: the 1024² upscale timed `runs` times (median), each candidate run alternating with the
+    reference (the ratio of the two medians is reported beside it); a candidate replaces the best so far only when it
+    is SWEEP_MIN_GAIN faster, so that settings within one run's noise keep the earlier choice."""
+    from pipeline.model.presets import PRESETS
+
+    trained = PRESETS["small"].envelope[1]
+    inputs = {n: _to_png(make_lq(center_crop(load_photo(n), size)[None])[0]) for n in HOLDOUT}
+    inputs["retina"] = _to_png(make_lq(center_crop(load_photo("retina"), 1024)[None])[0])
+    lqs = {n: _from_png(b) for n, b in inputs.items()}
+    mpx = 1024 * 1024 / 1e6
+    ref = _Setting(weights, {"tile": trained, "calls": calls[0], "threads": threads[0]})
+    ref_out = {n: ref.run(n, b)[0] for n, b in inputs.items()}
+    grid_ref = max(grid_ratio(ref_out[n], lqs[n], 8) for n in inputs)
+    rows = []
+
+    def measure(setting: dict) -> dict:
+        cand = _Setting(weights, setting) if setting != ref.setting else ref
+        outs = {n: cand.run(n, b)[0] for n, b in inputs.items()}
+        t_ref, t_cand = [], []
+        for _ in range(runs):
+            t_ref.append(ref.run("t", inputs["retina"])[1])
+            t_cand.append(cand.run("t", inputs["retina"])[1])
+        r = {**setting, "s_per_mpx": statistics.median(t_cand) / mpx,
+             "reference_s_per_mpx": statistics.median(t_ref) / mpx,
+             "speedup": statistics.median(t_ref) / statistics.median(t_cand),
+             "min_psnr_db": min(_psnr_rgb(outs[n], ref_out[n]) for n in inputs),
+             "grid_ratio": max(grid_ratio(outs[n], lqs[n], 8) for n in inputs)}  # fmt: skip
+        r["passes"] = r["min_psnr_db"] >= SWEEP_MIN_DB and r["grid_ratio"] <= grid_ref + SWEEP_GRID_SLACK
+        rows.append(r)
+        show(f"tile {r['tile']:5d}  calls {r['calls']:2d}  threads {r['threads']:2d}  {r['s_per_mpx']:7.2f} s/Mpx  "
+             f"(reference {r['reference_s_per_mpx']:.2f})  x{r['speedup']:.2f}  PSNR vs reference "
+             f"{r['min_psnr_db']:6.1f} dB  grid {r['grid_ratio']:.3f}  {'ok' if r['passes'] else 'fails'}")  # fmt: skip
+        return r
+
+    best = measure(dict(ref.setting))
+    for knob, values in (("tile", tiles), ("calls", calls), ("threads", threads)):
+        for v in values:
+            setting = {**{k: best[k] for k in ("tile", "calls", "threads")}, knob: v}
+            if any(all(r[k] == setting[k] for k in setting) for r in rows):
+                continue
+            r = measure(setting)
+            if r["passes"] and r["s_per_mpx"] < best["s_per_mpx"] * (1 - SWEEP_MIN_GAIN):
+                best = r
+    return {"reference": rows[0], "rows": rows, "best": best, "grid_ratio_reference": grid_ref}
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise SystemExit(f"pidray eval-small: {flag} takes positive integers separated by commas, got {text!r}")
+    return values
+
+
+def _main_sweep(args) -> int:
+    import pipeline.stages.diffuse as diffuse
+    from pipeline.model.presets import PRESETS
+
+    preset = PRESETS["small"]
+    tiles = _ints(args.tiles, "--tiles")
+    calls = [diffuse.CPU_TILES_PER_CALL] + [c for c in _ints(args.calls, "--calls") if c != diffuse.CPU_TILES_PER_CALL]
+    cores = torch.get_num_threads()
+    threads = [cores] + [t for t in _ints(args.threads, "--threads") if t != cores]
+    print(f"== sweep: reference = tile {preset.envelope[1]} (trained), {calls[0]} tiles a call, {cores} threads; "
+          f"a setting passes at PSNR >= {SWEEP_MIN_DB:g} dB against it and no more visible patch grid")  # fmt: skip
+    res = sweep(args.weights, tiles, calls, threads, runs=args.runs, size=args.size)
+    b, d = res["best"], preset.default_tile or preset.envelope[1]
+    print(f"fastest that passes: tile {b['tile']}, {b['calls']} tiles a call, {b['threads']} threads: "
+          f"{b['s_per_mpx']:.2f} s/Mpx, x{b['speedup']:.2f} the reference (today's defaults: tile {d}, "
+          f"{calls[0]} tiles a call, {cores} threads)")  # fmt: skip
+    if args.report:
+        Path(args.report).mkdir(parents=True, exist_ok=True)
+        (Path(args.report) / "sweep.json").write_text(json.dumps(res, indent=1))
+        print(f"report: {args.report}/sweep.json")
+    return 0
+
+
 def main(args) -> int:
-    """One run: the model (and, with --compare, another one: e.g. the previous bundled model), side by side."""
+    """One run: the model (and, with --compare, another one: e.g. the previous bundled model), side by side; or,
+    with --sweep, the CPU settings search."""
+    if getattr(args, "sweep", False):
+        return _main_sweep(args)
     runs = [("model " + (args.weights or "bundled"), args.weights)]
     if getattr(args, "compare", None):
         other = str(PREVIOUS) if args.compare == "previous" else args.compare

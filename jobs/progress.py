@@ -68,7 +68,7 @@ class Weigher:
             o = row.get("opts") or self.cfg.options
             hw = probe(self.plan.src.read(row.get("src_key") or row["key"], 1 << 16), max_pixels=1 << 62)
             tiles = plan_for(self.preset, o, hw).n_tiles
-            work = progress.forwards(tiles, sampler_steps(self.preset, o), self.preset.sampler == "guided")
+            work = progress.forwards(tiles, sampler_steps(self.preset, o), self.preset.sampling.guided)
         except Exception:  # unknown here: the row still counts, as one unit
             pass
         self.seen, self.sum = self.seen + 1, self.sum + work

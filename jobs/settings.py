@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import replace
 
 from jobs.config import enters
 from pipeline.errors import SetupError
@@ -31,7 +30,8 @@ def output_settings(cfg) -> dict:
     out.update(preset=cfg.model.preset, format=o.format.lower() if o.format else "keep", tile=o.tile or "auto",
                overlap=o.overlap if o.overlap is not None else "preset")  # fmt: skip
     try:
-        from pipeline.stages.common import ensemble_shift, sampler_steps
+        from pipeline.model.sampling import ensemble_shift
+        from pipeline.stages.common import sampler_steps
 
         preset = cfg.flow.preset
         out["preset"] = preset.name  # an alias and its preset are one model
@@ -110,11 +110,11 @@ def check_resume(cfg, note=None):
     if now.get("generate") != before.get("generate", now.get("generate")):
         changed.append("generate")
     if not changed:
-        return replace(cfg, resume=True)
+        return cfg.with_(resume=True)
     if cfg.resume == REDO_CHANGED:
         if note:
             note(f"pidray: note: DST's outputs were made with other settings ({', '.join(changed)}): redoing them")
-        return replace(cfg, resume=False, overwrite=True)
+        return cfg.with_(resume=False, overwrite=True)
     what = ", ".join(f"{k} {_show(before[k])} (now {_show(now[k])})" for k in changed if k != "generate")
     raise SetupError(
         f"--resume: the outputs in DST were made with {what or 'other prompt settings'}; rerun with those "

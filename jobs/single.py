@@ -76,4 +76,4 @@ def file_destination(cfg, note=_note):
         raise SetupError(f"--manifest {manifest} {what}: name a new file")
     if EXTENSIONS[fmt] != f".{ext}":
         note(f"pidray: note: {fmt} outputs are named {EXTENSIONS[fmt]}: writing {stem}{EXTENSIONS[fmt]} in {parent}")
-    return replace(cfg, dst=parent, output_name=stem, options=replace(cfg.options, format=ext.lower()))
+    return cfg.with_(dst=parent, output_name=stem, options=replace(cfg.options, format=ext.lower()))

@@ -76,7 +76,8 @@ def _options(preset, options: dict) -> tuple[ModelOptions, UpscaleOptions]:
 
 
 def _check_steps(workflow) -> None:
-    from pipeline.stages.common import ensemble_shift, sampler_steps
+    from pipeline.model.sampling import ensemble_shift
+    from pipeline.stages.common import sampler_steps
 
     preset = workflow.preset
     if preset.task != "upscale":  # as the bulk job's preflight says it

@@ -62,7 +62,7 @@ def _cmd_presets(args) -> int:
         if p.task == "t2i":
             steps = f"{p.t2i.get('steps')}x2"
         else:
-            steps = f"{p.default_steps}x2" if p.sampler == "guided" else str(p.default_steps)
+            steps = f"{p.default_steps}x2" if p.sampling.guided else str(p.default_steps)
         try:  # usable here: every file the network and its encoder need is found (never downloaded)
             resolve(p, args.weights, allow_download=False)
             here = "ready"

@@ -136,3 +136,24 @@ def test_no_module_over_450_lines():
     file/preset), not let grow."""
     over = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not over, over
+
+
+def test_no_module_compares_a_preset_sampler_by_name():
+    """How a preset samples is an object (`Preset.sampling`): outside its module and the presets' table, no code
+    compares a sampler's name."""
+    names = {"distilled", "guided"}
+    own = {"pipeline/model/sampling.py", "pipeline/model/presets.py"}
+    hits = []
+    for name, path in _modules().items():
+        rel = str(path.relative_to(ROOT))
+        if rel in own:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), rel)):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                consts = {o.value for o in operands if isinstance(o, ast.Constant)}
+                consts |= {e.value for o in operands if isinstance(o, (ast.Tuple, ast.Set, ast.List))
+                           for e in o.elts if isinstance(e, ast.Constant)}  # fmt: skip
+                if consts & names:
+                    hits.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
+    assert not hits, hits

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from pipeline.model.loading import read_state_dict
@@ -65,3 +66,48 @@ def test_grid_ratio_sees_a_patch_grid_and_nothing_else():
     assert grid_ratio(gridded.clamp(-1, 1), lq, 8) > 1.3
     assert abs(grid_ratio((up + noise).clamp(-1, 1), lq, 8) - 1.0) < 0.1
     assert abs(grid_ratio(gridded.clamp(-1, 1), lq, 6) - 1.0) < 0.15
+
+
+def test_the_default_tile_is_as_good_as_the_trained_one_and_needs_fewer_tiles():
+    """The small model's default tile (chosen for speed on a CPU) keeps every sample within 45 dB PSNR of the
+    output at the tile it was trained at, and diffuses each in fewer tiles."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.graph import StageGraph
+    from pipeline.stages import UpscaleOptions
+    from pipeline.stages.encode import plan_for
+
+    preset = get_preset("small")
+    assert preset.default_tile and preset.default_tile > preset.envelope[1]
+    trained = StageGraph(ModelOptions(), UpscaleOptions(tile=preset.envelope[1]))
+    default = StageGraph(ModelOptions(), UpscaleOptions())
+    stages = {g: g.build_all() for g in (trained, default)}
+    for name in ("chelsea.png", "coffee.jpg"):
+        data = (ROOT / "pipeline" / "assets" / "samples" / name).read_bytes()
+        outs = []
+        for g in (trained, default):
+            row = next(g.run_local([{"key": name, "bytes": data}], stages[g]))
+            assert row["status"] == "ok", row
+            outs.append(np.asarray(Image.open(io.BytesIO(row["output"])).convert("RGB"), dtype=np.float64))
+        psnr = 10 * np.log10(255.0**2 / max(np.mean((outs[0] - outs[1]) ** 2), 1e-12))
+        assert psnr >= 45.0, (name, psnr)
+        hw = Image.open(io.BytesIO(data)).size[::-1]
+        assert plan_for(preset, default.options, hw).n_tiles < plan_for(preset, trained.options, hw).n_tiles
+
+
+@pytest.mark.slow
+def test_eval_small_sweep_measures_speed_and_quality_against_the_trained_tile():
+    """`pidray eval-small --sweep`'s search, one candidate: every setting is timed and compared with the model at
+    its trained tile; the reference is itself exactly, and a faster setting replaces it only when it passes."""
+    from jobs.eval_small import SWEEP_MIN_DB, sweep
+
+    lines = []
+    res = sweep(None, tiles=[256], calls=[4], threads=[torch.get_num_threads()], runs=1, size=64, show=lines.append)
+    ref, cand = res["rows"]
+    assert ref["tile"] == get_preset("small").envelope[1] and ref["min_psnr_db"] == float("inf") and ref["passes"]
+    assert cand["tile"] == 256 and cand["s_per_mpx"] > 0 and cand["speedup"] > 0 and len(lines) == 2
+    assert cand["passes"] == (cand["min_psnr_db"] >= SWEEP_MIN_DB and cand["grid_ratio"] <= ref["grid_ratio"] + 0.02)
+    assert res["best"] in (ref, cand) and (res["best"] is ref or cand["passes"])

@@ -109,3 +109,24 @@ def test_the_endpoint_schema_lists_every_request_option_with_its_range():
 
 def test_declared_defaults_are_the_dataclass_defaults():
     assert {f.name: f.default for f in fields(UpscaleOptions)} == DEFAULTS
+
+
+def test_a_file_job_with_resume_resolves_its_preset_once(tmp_path, monkeypatch):
+    """`pidray upscale a.png out/b.png --resume`: the job's configuration is copied twice on its way in (the named
+    output, the resume check); its workflow is resolved once and kept, its options following the copy's."""
+    import pipeline.workflow as workflow
+    from jobs.settings import check_resume
+    from jobs.single import file_destination
+    from jobs.upscale import config_from_args
+    from pidray.cli import build_parser
+
+    from conftest import ROOT
+
+    looked_up = []
+    real = workflow.get_preset
+    monkeypatch.setattr(workflow, "get_preset", lambda name: looked_up.append(name) or real(name))
+    src = ROOT / "pipeline" / "assets" / "samples" / "chelsea.png"
+    args = build_parser().parse_args(["upscale", str(src), str(tmp_path / "b.jpg"), "--resume", "-q", "80"])
+    cfg = check_resume(file_destination(config_from_args(args)), note=lambda _: None)
+    assert cfg.flow.preset.name == "small" and looked_up == ["small"]
+    assert cfg.flow.options == cfg.options and cfg.options.format == "jpg" and cfg.options.quality == 80

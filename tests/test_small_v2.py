@@ -124,7 +124,8 @@ def test_previous_bundled_model_still_loads_through_the_normal_path():
 def test_ensemble_setting_per_preset_and_refused_where_it_cannot_work():
     from pipeline.errors import BadParameter
     from pipeline.model.presets import get_preset
-    from pipeline.stages.common import UpscaleOptions, ensemble_shift, work_factor
+    from pipeline.model.sampling import ensemble_shift
+    from pipeline.stages.common import UpscaleOptions, work_factor
 
     small, flux = get_preset("small"), get_preset("flux-2k")
     assert ensemble_shift(small, UpscaleOptions()) == 4 and ensemble_shift(small, UpscaleOptions(ensemble=False)) == 0

@@ -56,6 +56,9 @@ class Preset:
     # overlapping x0 estimates every step, so the seam needs no wider ramp), which keeps the pixels diffused within
     # 1.15x of the output for 2K/4K tilings (8 would be 1.20x at 2048² -> 8192²); the small model: 8 = 32 pixels.
     tile_overlap: int = 5
+    # The tile side (output pixels) used when --tile is not given; None: the envelope's maximum. Set where a larger
+    # tile is faster at equal quality (`pidray eval-small --sweep`: the bundled small model, on a CPU).
+    default_tile: int | None = None
     # Weights the encoder loads from repositories other than the network's (representation encoders).
     encoder_files: tuple[WeightFile, ...] = ()
     # "upscale": PiD (an LQ input); "t2i": PixelDiT text-to-image, with its sampler defaults in `t2i`
@@ -69,9 +72,10 @@ class Preset:
 
     def __post_init__(self):
         from pipeline.errors import is_number
+        from pipeline.model.sampling import SAMPLINGS
 
-        if self.sampler not in ("distilled", "guided"):
-            raise ValueError(f"preset {self.name}: sampler must be 'distilled' or 'guided', got {self.sampler!r}")
+        if self.sampler not in SAMPLINGS:
+            raise ValueError(f"preset {self.name}: sampler must be one of {sorted(SAMPLINGS)}, got {self.sampler!r}")
         steps = self.default_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 200:  # UpscaleOptions' bound
             raise ValueError(f"preset {self.name}: default_steps must be an integer in 1..200, got {steps!r}")
@@ -85,6 +89,13 @@ class Preset:
             if not ok:
                 raise ValueError(f"preset {self.name}: guidance {k} must be "
                                  f"{'text' if k == 'negative_prompt' else 'a positive number'}, got {v!r}")  # fmt: skip
+
+    @property
+    def sampling(self):
+        """How this preset samples (`pipeline.model.sampling`): its steps, guidance and work per step, bound to it."""
+        from pipeline.model.sampling import SAMPLINGS
+
+        return SAMPLINGS[self.sampler](self)
 
     @property
     def global_latent(self) -> bool:
@@ -266,7 +277,7 @@ PRESETS: dict[str, Preset] = {
                 input_concat_lq=True, residual_lq=True, out_conv=32,
             ),
             "pidray_small_sr4x.safetensors", "rgb", "pidray", None, text_encoder="none",
-            envelope=(128, 128), bundled=True, tile_overlap=8, default_steps=1, shift_ensemble=4,
+            envelope=(128, 128), default_tile=256, bundled=True, tile_overlap=8, default_steps=1, shift_ensemble=4,
             notes="pidray's own 4x model (v2) trained on scikit-image's bundled photos; one step; runs on a CPU",
         ),
     ]

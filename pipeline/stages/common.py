@@ -106,56 +106,15 @@ class Cancellable:
 
 
 def sampler_steps(preset, options: UpscaleOptions) -> int:
-    """The sampler steps these options ask of this preset: theirs, or the preset's default_steps. BadParameter for
-    what the preset's sampler cannot do: more steps than a distilled schedule has, or guidance settings on it."""
-    steps = options.steps or preset.default_steps
-    if preset.sampler == "guided":
-        return steps
-    from pipeline.model.sampler import DISTILLED_T
-
-    most = len(DISTILLED_T) - 1
-    if steps > most:
-        raise BadParameter(f"steps must be in 1..{most} for the distilled preset {preset.name}, got {steps}")
-    given = [k for k in ("cfg_scale", "shift") if getattr(options, k) is not None]
-    if given:
-        raise BadParameter(f"{' and '.join(given)} apply to the undistilled presets (guided sampling); "
-                           f"{preset.name} is distilled and takes neither")  # fmt: skip
-    return steps
+    """The sampler steps these options ask of this preset (its sampling's rule: `pipeline.model.sampling`)."""
+    return preset.sampling.steps(options)
 
 
 def guidance_for(preset, options: UpscaleOptions, out_hw: tuple[int, int]):
-    """A guided preset's resolved settings for an output of out_hw pixels: steps, guidance scale and flow shift
-    (the options', else the preset's; a shift of None is the official dynamic rule for that size)."""
-    from pipeline.model.guided import Guidance, dynamic_shift
-
-    g = preset.guidance
-    shift = options.shift if options.shift is not None else g.get("shift")
-    if shift is None:
-        shift = dynamic_shift(*out_hw, float(g.get("base_shift", 6.0)), int(g.get("base_size", 2048)))
-    cfg = options.cfg_scale if options.cfg_scale is not None else float(g.get("cfg_scale", 1.0))
-    return Guidance(sampler_steps(preset, options), cfg, float(shift))
-
-
-def ensemble_shift(preset, options: UpscaleOptions) -> int:
-    """The shifted-grid ensemble's shift in output pixels for these options (0: off); BadParameter when asked of a
-    model that cannot use it."""
-    from pipeline.model.network import check_shift
-
-    if options.ensemble is False or (options.ensemble is None and not preset.shift_ensemble):
-        return 0
-    shift = preset.shift_ensemble or preset.config.patch_size // 2
-    try:
-        check_shift(preset.config, shift)
-    except ValueError as e:
-        raise BadParameter(f"ensemble: {e}; preset {preset.name} runs without it (--no-ensemble)") from None
-    return shift
+    """A guided preset's resolved steps, guidance scale and flow shift for an output of out_hw pixels."""
+    return preset.sampling.guidance(options, out_hw)
 
 
 def work_factor(preset, options: UpscaleOptions, tile_hw: tuple[int, int]) -> float:
-    """Pixels the network runs on per tile and step, relative to a plain pass: the ensemble adds its shifted pass,
-    `shift` pixels larger on every side; guidance runs the network twice (with and without the caption)."""
-    if preset.sampler == "guided":
-        return float(guidance_for(preset, options, tile_hw).forwards_per_step)
-    s = ensemble_shift(preset, options)
-    h, w = tile_hw
-    return 1.0 + (h + 2 * s) * (w + 2 * s) / (h * w) if s else 1.0
+    """Network work per tile and step relative to a plain pass (the ensemble's pass, guidance's second forward)."""
+    return preset.sampling.work_factor(options, tile_hw)

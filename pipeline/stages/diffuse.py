@@ -34,12 +34,12 @@ from pipeline.memory import batch_size_for, default_budget
 from pipeline.model.guided import Guidance, guided_sample
 from pipeline.model.presets import Preset
 from pipeline.model.sampler import GeneratorNoise, degrade_latent, sample
+from pipeline.model.sampling import ensemble_shift
 from pipeline.noise import TileNoise, mix
 from pipeline.runtime import ModelOptions, load_net
 from pipeline.stages.common import (
     Cancellable,
     UpscaleOptions,
-    ensemble_shift,
     failed,
     guidance_for,
     options_of,
@@ -177,7 +177,7 @@ class DiffuseStage(Cancellable):
         cfg = self.net.cfg
         channels = 3 if self.preset.vae == "rgb" else cfg.lq_latent_channels
         y = torch.zeros(cfg.txt_max_length, cfg.txt_embed_dim)
-        g = Guidance(1, 2.0, 1.0) if self.preset.sampler == "guided" else None  # both forwards of a guided step
+        g = Guidance(1, 2.0, 1.0) if self.preset.sampling.guided else None  # both forwards of a guided step
         batches = (1, 2) if getattr(self.net, "_compiled_call_impl", None) is not None else (1,)
         out_per_lat = cfg.sr_scale * self.preset.lq_unit
         for th, tw in self.warm_shapes():
@@ -189,20 +189,20 @@ class DiffuseStage(Cancellable):
 
     def warm_shapes(self) -> list[tuple[int, int]]:
         """The tile shapes (latent pixels) warmup runs: the bucket shapes the planner chooses from under these
-        options (`--tile` included), or the envelope's square."""
+        options (`--tile` included), or the default tile's square."""
         from pipeline.stages.encode import tiling_settings
 
+        settings = tiling_settings(self.preset, self.options)
         if self.options.tile_buckets:
-            return list(planned_bucket_shapes(**tiling_settings(self.preset, self.options)))
-        cfg, hi = self.net.cfg, self.preset.envelope[1]
-        lat = hi // (cfg.sr_scale * self.preset.lq_unit)
+            return list(planned_bucket_shapes(**settings))
+        lat = settings["tile_out"] // (self.net.cfg.sr_scale * self.preset.lq_unit)
         return [(lat, lat)]
 
     def request(self, row: dict) -> DiffuseItem:
         """A row's sampler inputs; row values override the stage's options."""
         o = options_of(row, self.options)
         plan = row["plan"]
-        guided = self.preset.sampler == "guided"
+        guided = self.preset.sampling.guided
         if guided and row.get("null_emb") is None:
             raise ValueError("a guided preset's row needs the null caption embedding (null_emb) from the encode stage")
         return DiffuseItem(
@@ -272,7 +272,7 @@ class DiffuseStage(Cancellable):
         o = dataclasses.replace(self.options, steps=steps) if steps else self.options
         steps = sampler_steps(self.preset, o)
         g = None
-        if self.preset.sampler == "guided":
+        if self.preset.sampling.guided:
             if y_null is None:
                 raise ValueError(f"{self.preset.name} samples with guidance: pass the null caption embedding y_null")
             g = guidance_for(self.preset, o, plan.out_hw)

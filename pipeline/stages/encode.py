@@ -17,10 +17,9 @@ from pipeline.tiling import TilePlan, check_output_side, pad_image, plan_tiles, 
 
 def tiling_settings(preset, options: UpscaleOptions) -> dict:
     """The tile geometry of a preset under these options: the plan and the warm-up read it from here alone."""
-    cfg = preset.config
-    return dict(unit=preset.lq_unit, sr_scale=cfg.sr_scale, patch=cfg.patch_size,
-                tile_out=options.tile or preset.envelope[1],
-                tile_min_out=min(options.tile or preset.envelope[1], preset.envelope[0]),
+    cfg, tile = preset.config, options.tile or preset.default_tile or preset.envelope[1]
+    return dict(unit=preset.lq_unit, sr_scale=cfg.sr_scale, patch=cfg.patch_size, tile_out=tile,
+                tile_min_out=min(tile, preset.envelope[0]),
                 overlap=preset.tile_overlap if options.overlap is None else options.overlap)  # fmt: skip
 
 
@@ -105,7 +104,7 @@ class EncodeStage:
     def null_embedding(self) -> np.ndarray | None:
         """A guided preset's unconditional caption: its negative prompt's embedding [L, D], computed once per stage
         (None for the distilled presets, which have no unconditional branch)."""
-        if self.preset.sampler != "guided":
+        if not self.preset.sampling.guided:
             return None
         if self._null is None:
             text = self.preset.guidance.get("negative_prompt") or ""

@@ -23,7 +23,7 @@ import time
 
 from jobs.config import Summary
 from jobs.datasets import DatasetJob, Outputs, check_tables, list_shards, refuse, settle
-from jobs.lease import Fenced, Lease
+from jobs.lease import Fenced, Lease, holding
 from jobs.loop import Interrupted, Signals, on_signals
 from jobs.manifest import MANIFEST_NAME, manifest_row, set_aside
 from jobs.manifest_writer import ManifestWriter
@@ -50,13 +50,7 @@ def run_dataset_job(cfg, ds: DatasetJob, on_row=None) -> Summary:
         check_tables(root, shards, ds)
     if cfg.dry_run:
         return _dry_run(cfg, shards, other, on_row)
-    lease = Lease(Location(cfg.dst, cfg.s3))
-    lease.acquire()
-    try:
-        lease.start_heartbeat()
-        return _Run(cfg, ds, lease, root, t0).run(shards, other)
-    finally:
-        lease.release()
+    return holding(Location(cfg.dst, cfg.s3), lambda lease: _Run(cfg, ds, lease, root, t0).run(shards, other))
 
 
 def _dry_run(cfg, shards: list[str], other: list[str], on_row) -> Summary:

@@ -338,3 +338,15 @@ class Fenced:
 
 
 __all__ = ["Lease", "LeaseLost", "Fenced", "LEASE_NAME", "LEASE_TTL_S"]
+
+
+def holding(dst, work):
+    """`work(lease)` while this job holds DST's lease: taken first (a DST in use by another live job is refused),
+    kept alive by its heartbeat, released whatever happens."""
+    lease = Lease(dst)
+    lease.acquire()
+    try:
+        lease.start_heartbeat()
+        return work(lease)
+    finally:
+        lease.release()

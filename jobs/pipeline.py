@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 
 from jobs.config import KEEP_ROWS, JobConfig, Summary
-from jobs.lease import Fenced, Lease, LeaseLost
+from jobs.lease import Fenced, Lease, LeaseLost, holding
 from jobs.loop import Interrupted, Loop, Signals, on_signals, read_ahead, stop_ray, taken
 from jobs.manifest import MANIFEST_NAME, manifest_row, set_aside
 from jobs.manifest_writer import FileManifest, ManifestWriter
@@ -45,13 +45,7 @@ def run_job(cfg: JobConfig, on_row=None) -> Summary:
     preflight(cfg)
     if cfg.dry_run:
         return _run(cfg, None, on_row, t0)
-    lease = Lease(Location(cfg.dst, cfg.s3))
-    lease.acquire()
-    try:
-        lease.start_heartbeat()
-        return _run(cfg, lease, on_row, t0)
-    finally:
-        lease.release()
+    return holding(Location(cfg.dst, cfg.s3), lambda lease: _run(cfg, lease, on_row, t0))
 
 
 def _run(cfg: JobConfig, lease: Lease | None, on_row, t0: float) -> Summary:

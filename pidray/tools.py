@@ -49,7 +49,8 @@ def _cmd_presets(args) -> int:
     def latents(p) -> str:  # the --latent-format names of the generators whose latents it decodes
         if not p.decodes_latents:
             return "-"
-        names = sorted(n for n, family in FORMATS.items() if family == p.vae and n != p.vae) or [p.vae]
+        names = sorted(n for n, family in FORMATS.items()  # generators, not their packed forms (same latents)
+                       if family == p.vae and n != p.vae and not n.endswith("-packed")) or [p.vae]  # fmt: skip
         return ", ".join(names)
 
     w = max(map(len, PRESETS))

@@ -472,15 +472,6 @@ def test_a_broken_row_group_ends_the_table_with_the_rows_before_it(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ Ray Data reads what we write
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_ray_data_reads_the_output_shards_and_tables(ray_local, tmp_path):
     data, members = real_shard()

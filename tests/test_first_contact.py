@@ -203,7 +203,7 @@ def test_progress_moves_per_tile_step_on_a_terminal(tmp_path):
     src.mkdir()
     shutil.copy(SAMPLES / "astronaut.png", src / "astronaut.png")
     (src / "broken.png").write_bytes(b"\x89PNG not really")
-    cmd = f"{sys.executable} -m pidray upscale {src} {tmp_path / 'out'}"
+    cmd = f"{sys.executable} -m pidray upscale {src} {tmp_path / 'out'} -t 128"  # the trained tile: 3x3 tiles
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PIDRAY_CPU_TILES_PER_CALL": "1"}  # one tile a network call
     job = subprocess.run(["script", "-q", "-e", "-c", cmd, str(tmp_path / "ts")], env=env, cwd=ROOT, timeout=300,
                          stdout=subprocess.DEVNULL)  # fmt: skip

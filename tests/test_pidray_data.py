@@ -82,15 +82,6 @@ def _table() -> pa.Table:
                      "tags": [["a"], [], None, ["b"], ["c"], []]})  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_read_filter_upscale_write_in_a_users_pipeline(ray_local, bicubic_weights, tmp_path):
     ray = ray_local

@@ -22,7 +22,7 @@ import tempfile
 import time
 
 from jobs.config import Summary
-from jobs.datasets import DatasetJob, Outputs, check_tables, list_shards, refuse, settle
+from jobs.datasets import DatasetJob, Outputs, check_tables, list_shards, open_input, refuse, settle
 from jobs.lease import Fenced, Lease, holding
 from jobs.loop import Interrupted, Signals, on_signals
 from jobs.manifest import MANIFEST_NAME, manifest_row, set_aside
@@ -47,7 +47,7 @@ def run_dataset_job(cfg, ds: DatasetJob, on_row=None) -> Summary:
     preflight(cfg)
     root, shards, other = list_shards(cfg, ds)
     if ds.format == "parquet":
-        check_tables(root, shards, ds)
+        check_tables(root, shards, ds, cfg.follow_symlinks)
     if cfg.dry_run:
         return _dry_run(cfg, shards, other, on_row)
     return holding(Location(cfg.dst, cfg.s3), lambda lease: _Run(cfg, ds, lease, root, t0).run(shards, other))
@@ -206,7 +206,7 @@ class _Shard:
         out_folder = os.path.join(job.dst.uri, folder)
         signals = job.signals
         try:
-            with open(self.path, "rb") as f:
+            with open_input(self.path, job.cfg.follow_symlinks) as f:
                 if ds.format == "webdataset":
                     from pipeline.datasets import ShardReader, ShardWriter
 

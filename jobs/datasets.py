@@ -118,6 +118,23 @@ def detect(src: str, dst: str) -> str | None:
     return found.pop() if found else None
 
 
+def open_input(path: str, follow: bool):
+    """A shard or table of SRC, opened for reading only when it is a regular file: a named pipe, socket or device with
+    a shard's name is never opened (its open would wait for a writer forever), a link only with --follow-symlinks."""
+    import stat
+
+    from pipeline.errors import BadInput
+    from pipeline.storage import what_is
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise BadInput(f"{display(os.path.basename(path))!r} is {what_is(path, mode)}, not a regular file: not read")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def _format_of(name: str) -> str | None:
     return next((f for f, ext in EXTENSIONS.items() if name.lower().endswith(ext)), None)
 
@@ -159,7 +176,7 @@ def list_shards(cfg, ds: DatasetJob) -> tuple[str, list[str], list[str]]:
     return str(src), shards, other
 
 
-def check_tables(root: str, tables: list[str], ds: DatasetJob) -> None:
+def check_tables(root: str, tables: list[str], ds: DatasetJob, follow: bool = False) -> None:
     """Every table's columns usable and one schema for all, read from their footers: one line otherwise."""
     import pyarrow.parquet as pq
 
@@ -168,7 +185,7 @@ def check_tables(root: str, tables: list[str], ds: DatasetJob) -> None:
     schemas = []
     for rel in tables:
         try:
-            with open(os.path.join(root, rel), "rb") as f:
+            with open_input(os.path.join(root, rel), follow) as f:
                 read_footer_length(f)
                 schema = pq.ParquetFile(f).schema_arrow
         except (OSError, ValueError) as e:

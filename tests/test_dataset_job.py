@@ -226,6 +226,22 @@ def test_hostile_names_stay_inside_dst(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
+def test_fifos_and_links_named_as_shards_are_never_opened(tmp_path):
+    """A named pipe called `x.tar` (whose open would wait for a writer forever) and, without --follow-symlinks, a link
+    to a shard: neither is read; the real shard is done and the job ends."""
+    src, dst = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    (src / "00000.tar").write_bytes(make_tar([("a.jpg", photo("coffee.jpg", 16))]))
+    os.mkfifo(src / "00001.tar")
+    (src / "00002.tar").symlink_to(src / "00000.tar")
+    out = pidray("upscale", src, dst, "--device", "cpu", "--no-progress", timeout=240)
+    assert out.returncode == 3, out.stderr
+    rows = rows_by_key(dst)
+    assert rows["00000.tar#a"]["status"] == "ok" and "00002.tar" not in {k.split("#")[0] for k in rows}
+    assert rows["00001.tar"]["status"] == "failed" and "named pipe" in rows["00001.tar"]["error"], rows
+    assert sorted(p.name for p in dst.iterdir()) == ["00000.tar", "_pidray_manifest.parquet"]
+
+
 def test_sigint_mid_shard_then_resume(tmp_path):
     """Ctrl-C while a shard is being done: exit 130, the shard done before it stands, nothing of the cut-off shard
     is published (no temporary left); --resume keeps the first and does the second; every sample once, ok."""

@@ -22,7 +22,7 @@ import tempfile
 import time
 
 from jobs.config import Summary
-from jobs.datasets import DatasetJob, Outputs, check_tables, list_shards, open_input, refuse, settle
+from jobs.datasets import DatasetJob, Outputs, check_tables, list_shards, refuse, settle, source
 from jobs.lease import Fenced, Lease, holding
 from jobs.loop import Interrupted, Signals, on_signals
 from jobs.manifest import MANIFEST_NAME, manifest_row, set_aside
@@ -79,7 +79,8 @@ class _NoRows:
 
 class _Run:
     def __init__(self, cfg, ds: DatasetJob, lease: Lease, root: str, t0: float):
-        self.cfg, self.ds, self.lease, self.root, self.t0 = cfg, ds, lease, root, t0
+        self.cfg, self.ds, self.lease, self.t0 = cfg, ds, lease, t0
+        self.src = source(root, cfg.follow_symlinks)  # where its shards are read from
         self.dst = Location(cfg.dst, cfg.s3)
         self.dst.tag = lease.owner  # its temporaries carry the job's id: it removes only its own
         self.summary = Summary(runner="local loop")
@@ -193,7 +194,6 @@ class _Shard:
 
     def __init__(self, job: _Run, rel: str, replace: bool):
         self.job, self.rel, self.replace = job, rel, replace
-        self.path = os.path.join(job.root, rel)
         self.done = _Spill()  # finished sample rows, recorded once the shard is published
         self.inflight: dict[str, object] = {}  # sample id -> what its writer needs back (bounded by the stages)
         self.writer = None
@@ -206,7 +206,7 @@ class _Shard:
         out_folder = os.path.join(job.dst.uri, folder)
         signals = job.signals
         try:
-            with open_input(self.path, job.cfg.follow_symlinks) as f:
+            with job.src.open(self.rel) as f:
                 if ds.format == "webdataset":
                     from pipeline.datasets import ShardReader, ShardWriter
 

@@ -118,21 +118,12 @@ def detect(src: str, dst: str) -> str | None:
     return found.pop() if found else None
 
 
-def open_input(path: str, follow: bool):
-    """A shard or table of SRC, opened for reading only when it is a regular file: a named pipe, socket or device with
-    a shard's name is never opened (its open would wait for a writer forever), a link only with --follow-symlinks."""
-    import stat
+def source(root: str, follow: bool):
+    """SRC's folder as a location: its shards and tables are opened through it (`LocalLocation.open`: only a regular
+    file is read, never a named pipe, socket or device with a shard's name; a link only with --follow-symlinks)."""
+    from pipeline.storage import Location
 
-    from pipeline.errors import BadInput
-    from pipeline.storage import what_is
-
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise BadInput(f"{display(os.path.basename(path))!r} is {what_is(path, mode)}, not a regular file: not read")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
+    return Location(root, follow_symlinks=follow)
 
 
 def _format_of(name: str) -> str | None:
@@ -182,10 +173,10 @@ def check_tables(root: str, tables: list[str], ds: DatasetJob, follow: bool = Fa
 
     from pipeline.datasets.parquet import check_columns, check_same_schema, read_footer_length
 
-    schemas = []
+    schemas, src = [], source(root, follow)
     for rel in tables:
         try:
-            with open_input(os.path.join(root, rel), follow) as f:
+            with src.open(rel) as f:
                 read_footer_length(f)
                 schema = pq.ParquetFile(f).schema_arrow
         except (OSError, ValueError) as e:

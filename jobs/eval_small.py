@@ -22,7 +22,17 @@ from PIL import Image
 
 from pipeline.graph import StageGraph
 from pipeline.model.sampling import ensemble_shift
-from pipeline.quality import HOLDOUT, bicubic_up, center_crop, grid_ratio, load_photo, make_lq, psnr_y, ssim_y
+from pipeline.quality import (
+    HOLDOUT,
+    bicubic_up,
+    center_crop,
+    grid_ratio,
+    load_photo,
+    make_lq,
+    psnr_y,
+    quantize,
+    ssim_y,
+)
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
 
@@ -128,8 +138,8 @@ SWEEP_MIN_GAIN = 0.05  # a setting replaces the best so far only when this much 
 
 
 def _psnr_rgb(a: torch.Tensor, b: torch.Tensor) -> float:
-    qa, qb = ((a.clamp(-1, 1) + 1) * 127.5).round(), ((b.clamp(-1, 1) + 1) * 127.5).round()
-    mse = float(((qa - qb) ** 2).mean())
+    """PSNR of two images as 8-bit RGB files hold them (every channel, the whole image)."""
+    mse = float(((quantize(a) - quantize(b)) * 127.5).pow(2).mean())
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 

@@ -196,3 +196,46 @@ class Published:
             os.unlink(self.tmp)
         except FileNotFoundError:
             pass
+
+
+class OrderedWriter:
+    """What the shard and table writers share: items put by their sequence number are written in input order
+    (`Reorder`: those ahead of their turn wait on local disk in `spill_dir`) into a temporary beside the final name
+    (`Published`); `close()` publishes it whole, `abort()` (or an error leaving a `with` block) leaves nothing. A
+    subclass opens `self.inner`, its format's writer on the temporary (closed before publishing), and writes an item
+    in `_write`; `unit` and `whole` name an item and the file in messages."""
+
+    unit, whole = "item(s)", "file"
+
+    def __init__(self, folder: str, name: str, tag: str | None, spill_dir: str | None, replace: bool):
+        self.out = Published(folder, name, tag, replace)
+        self.order = Reorder(self._write, spill_dir)
+        self.inner = None
+
+    def _write(self, item) -> None:
+        raise NotImplementedError
+
+    def close(self) -> str:
+        """Publish the file; ValueError when items are still missing (given out of order, never completed)."""
+        if self.order.pending:
+            self.abort()
+            raise ValueError(f"{self.order.pending} {self.unit} of {self.out.name} came after a gap that was never "
+                             f"filled: the {self.whole} is not published")  # fmt: skip
+        self.inner.close()
+        self.order.close()
+        return self.out.publish()
+
+    def abort(self) -> None:
+        try:
+            self.inner.close()  # into the temporary, deleted below (else its buffer is flushed when collected)
+        except Exception:
+            pass
+        self.order.close()
+        self.out.discard()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is not None:
+            self.abort()

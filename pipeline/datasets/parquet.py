@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.datasets.common import Limits, Published, Reorder, Sample, check_caption, failure, sample_id
+from pipeline.datasets.common import Limits, OrderedWriter, Sample, check_caption, failure, sample_id
 from pipeline.errors import BadInput, BadParameter, TooLarge, kind_of
 
 MAX_FOOTER_BYTES = 64 << 20  # a table's metadata; parsed whole when the file is opened
@@ -280,17 +280,18 @@ def output_table(table: pa.Table, image_column: str, images: list[bytes | None],
     return table.set_column(i, table.schema.field(i), output_column(table.column(i), images, extensions))
 
 
-class TableWriter:
+class TableWriter(OrderedWriter):
     """An output table at `folder/name` with `schema`: `put(seq, table)` each output chunk (any order; those ahead
     of their turn wait on local disk in `spill_dir`), then `close()` publishes it whole, or `abort()` leaves
     nothing. Each chunk is written as one row group."""
 
+    unit, whole = "chunk(s)", "table"
+
     def __init__(self, folder: str, name: str, schema: pa.Schema, tag: str | None = None,
                  spill_dir: str | None = None, replace: bool = False):  # fmt: skip
         self.schema = schema
-        self.out = Published(folder, name, tag, replace)
-        self.writer = pq.ParquetWriter(self.out.tmp, schema)
-        self.order = Reorder(self._write, spill_dir)
+        super().__init__(folder, name, tag, spill_dir, replace)
+        self.inner = pq.ParquetWriter(self.out.tmp, schema)
         self.rows = 0
 
     def put(self, seq: int, table: pa.Table) -> None:
@@ -301,30 +302,5 @@ class TableWriter:
 
     def _write(self, table: pa.Table) -> None:
         if table.num_rows:
-            self.writer.write_table(table.replace_schema_metadata(self.schema.metadata), row_group_size=table.num_rows)
+            self.inner.write_table(table.replace_schema_metadata(self.schema.metadata), row_group_size=table.num_rows)
             self.rows += table.num_rows
-
-    def close(self) -> str:
-        """Publish the table; ValueError when chunks are still missing (given out of order, never completed)."""
-        if self.order.pending:
-            self.abort()
-            raise ValueError(f"{self.order.pending} chunk(s) of {self.out.name} came after a gap that was never "
-                             "filled: the table is not published")  # fmt: skip
-        self.writer.close()
-        self.order.close()
-        return self.out.publish()
-
-    def abort(self) -> None:
-        try:
-            self.writer.close()
-        except Exception:
-            pass
-        self.order.close()
-        self.out.discard()
-
-    def __enter__(self) -> TableWriter:
-        return self
-
-    def __exit__(self, exc_type, *_) -> None:
-        if exc_type is not None:
-            self.abort()

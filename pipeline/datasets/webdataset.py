@@ -26,8 +26,7 @@ from pipeline.datasets.common import (
     MAX_META_BYTES,
     MAX_NAME_BYTES,
     Limits,
-    Published,
-    Reorder,
+    OrderedWriter,
     Sample,
     check_caption,
     failure,
@@ -280,17 +279,18 @@ def output_members(sample: Sample, image: bytes, ext: str) -> list[tuple[str, by
     return out
 
 
-class ShardWriter:
+class ShardWriter(OrderedWriter):
     """An output shard at `folder/name`, assembled in input order: `put(seq, key, members)` each sample kept (any
     order: those ahead of their turn wait on local disk in `spill_dir`), `skip(seq)` each one left out, then
     `close()` publishes it whole (`common.Published`), or `abort()` leaves nothing. `tag`: the job's id, in the
     temporary's name."""
 
+    unit, whole = "sample(s)", "shard"
+
     def __init__(self, folder: str, name: str, tag: str | None = None, spill_dir: str | None = None,
                  replace: bool = False):  # fmt: skip
-        self.out = Published(folder, name, tag, replace)
-        self.tar = tarfile.open(fileobj=self.out.file, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8")
-        self.order = Reorder(self._write, spill_dir)
+        super().__init__(folder, name, tag, spill_dir, replace)
+        self.inner = tarfile.open(fileobj=self.out.file, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8")
         self.written = 0
 
     def put(self, seq: int, key: str, members: list[tuple[str, bytes]], mtime: int = 0) -> None:
@@ -306,30 +306,5 @@ class ShardWriter:
         for ext, data in members:
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), mtime, 0o644
-            self.tar.addfile(info, io.BytesIO(data))
+            self.inner.addfile(info, io.BytesIO(data))
         self.written += 1
-
-    def close(self) -> str:
-        """Publish the shard; ValueError when samples are still missing (given out of order, never completed)."""
-        if self.order.pending:
-            self.abort()
-            raise ValueError(f"{self.order.pending} sample(s) of {self.out.name} came after a gap that was never "
-                             "filled: the shard is not published")  # fmt: skip
-        self.tar.close()
-        self.order.close()
-        return self.out.publish()
-
-    def abort(self) -> None:
-        try:
-            self.tar.close()  # into the temporary, deleted below (else its buffer is flushed when collected)
-        except Exception:
-            pass
-        self.order.close()
-        self.out.discard()
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type, *_) -> None:
-        if exc_type is not None:
-            self.abort()

@@ -63,10 +63,11 @@ class JobConfig:
 _RESOLVED_FROM = {"model", "workflow", "latent_format", "gen", "upscale", "ldm"}  # what JobConfig.flow is made of
 
 
-def enters(cfg) -> str:
-    """What a job's rows enter as: "images" / "latents" (files in SRC) or "prompts" (lines of a prompt file)."""
+def entering(cfg):
+    """What a job's rows enter as, without resolving its workflow: the workflow (resolved already) or its class,
+    whose `reads_images`, `reads_latents`, `takes_prompts` say it."""
     flow = cfg.__dict__.get("flow") if hasattr(cfg, "__dict__") else None  # resolved already: no lookup
-    return flow.enters if flow is not None else workflow_class(getattr(cfg, "workflow", DEFAULT_WORKFLOW)).enters
+    return flow if flow is not None else workflow_class(getattr(cfg, "workflow", DEFAULT_WORKFLOW))
 
 
 KEEP_ROWS = 10_000  # a job's rows kept in its Summary (for the terminal and the Python API); beyond, only counted

@@ -23,8 +23,10 @@ def add_generate_parser(sub, parents=()) -> None:
     p = sub.add_parser("generate", parents=list(parents))  # its summary: pidray.cli.COMMANDS
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (or use --prompts)")
     p.add_argument("out", help="output file (one prompt) or folder / s3:// prefix (--prompts)")
+    from pipeline.generate_options import GEN_DEFAULTS, GEN_OPTS, GEN_OVERRIDES
+
     p.add_argument("--prompts", default=None, help="prompt file: text (a prompt a line), CSV or JSONL with "
-                   "prompt, seed, size (WxH), steps, shift, cfg_scale, negative_prompt, name")  # fmt: skip
+                   f"prompt, name, {', '.join(GEN_OVERRIDES)} (size: WxH)")  # fmt: skip
     m = p.add_argument_group("model")
     m.add_argument(
         "-m",
@@ -39,13 +41,12 @@ def add_generate_parser(sub, parents=()) -> None:
     m.add_argument("--allow-download", action="store_true", help="download released weights (NVIDIA licence)")
     m.add_argument("--device", default="auto")
     m.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    from pipeline.options import add_arguments
+
     g = p.add_argument_group("sampling (default: the preset's official settings)")
-    g.add_argument("--seed", type=seed_arg, default=0)
-    g.add_argument("--size", type=size_arg, default=None, help="WIDTHxHEIGHT, multiples of 16")
-    g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--shift", type=float, default=None, help="flow shift")
-    g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (1: off)")
-    g.add_argument("--negative-prompt", default=None)
+    parse = {"seed": seed_arg, "size": size_arg}
+    sampling = [n for n in GEN_OPTS if n != "stop_at"]
+    add_arguments(g, parse, GEN_OPTS, GEN_DEFAULTS, names=sampling)
     from pipeline.generators import generators_help
 
     w = p.add_argument_group("another text-to-image model's latent, decoded by PiD (-m: the PiD preset)")
@@ -55,15 +56,10 @@ def add_generate_parser(sub, parents=()) -> None:
         default=None,
         metavar="MODEL",
         help=f"a generator: {generators_help()}; or a local diffusers folder of one of their classes (needs "
-        "pidray[generate]). --steps, --size, --cfg-scale override its defaults",
+        "pidray[generate]; it takes the settings of its class's first name, NAME=DIR those of NAME, e.g. "
+        "zimage-turbo=DIR). --steps, --size, --cfg-scale override its defaults",
     )
-    w.add_argument(
-        "--stop-at",
-        type=int,
-        default=None,
-        metavar="K",
-        help="hand PiD the generator's x_t after K of its steps, at that step's sigma (skips the rest)",
-    )
+    add_arguments(w, parse, GEN_OPTS, GEN_DEFAULTS, names=["stop_at"])
     w.add_argument(
         "--generator-offload",
         action="store_true",
@@ -94,15 +90,15 @@ def add_generate_parser(sub, parents=()) -> None:
 
 def _config(args, src: str, dst: str) -> JobConfig:
     from jobs.pipeline import JobConfig
+    from pipeline.generate_options import GEN_OPTS
+    from pipeline.options import from_args
     from pipeline.runtime import ModelOptions
     from pipeline.stages import UpscaleOptions
 
-    gen = {k: v for k, v in (("seed", args.seed), ("size", args.size), ("steps", args.steps), ("shift", args.shift),
-                             ("cfg_scale", args.cfg_scale), ("negative_prompt", args.negative_prompt),
-                             ("stop_at", args.stop_at)) if v is not None}  # fmt: skip
+    gen = {k: v for k, v in from_args(args, GEN_OPTS).items() if v is not None}
     if (args.stop_at is not None or args.generator_offload) and not args.with_:
         raise SetupError("--stop-at and --generator-offload are for --with MODEL (generate-then-decode)")
-    from pipeline.t2i import GenerateOptions
+    from pipeline.generate_options import GenerateOptions
 
     GenerateOptions.from_dict(gen)  # ranges checked before anything starts
     preset = args.preset or "pixeldit-2k"

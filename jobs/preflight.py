@@ -27,11 +27,11 @@ def preflight(cfg: JobConfig) -> Workflow:
                          "--overwrite replaces them; choose one")  # fmt: skip
     wf = cfg.flow
     preset = wf.preset
-    decode = wf.enters == "latents"
+    decode = wf.reads_latents
     if not wf.reads_files:
         _preflight_generate(cfg, wf)
         return wf
-    if preset.task != "upscale":
+    if not preset.upscales:
         raise SetupError(f"preset {preset.name!r} is a text-to-image model: use pidray generate")
     if decode:  # latents replace the LQ encoder: the preset must take them, in the format named
         from pipeline.latents import check_decodes, check_format
@@ -88,7 +88,7 @@ def _raise_missing(missing: list[str], cfg: JobConfig, preset) -> None:
     """One SetupError naming everything missing at once (weights, and the caption encoder), each with its command."""
     from pipeline.weights import caption_encoder_missing, missing_message
 
-    if preset.text_encoder != "none" and not cfg.model.text_encoder and not cfg.model.allow_download:
+    if preset.captioned and not cfg.model.text_encoder and not cfg.model.allow_download:
         missing.append(caption_encoder_missing(preset.name))
     if missing:
         raise SetupError(missing_message(missing))
@@ -107,14 +107,14 @@ def _preflight_generate(cfg: JobConfig, wf: Workflow) -> None:
         from pipeline.stages.ldm import ldm_spec
 
         spec, _ = ldm_spec(wf.ldm)
-        if preset.task != "upscale":
+        if not preset.upscales:
             raise SetupError(f"--with decodes with a PiD preset (-m), not {preset.name!r}")
         try:
             check_format(spec.family, preset)
         except ValueError as e:
             raise SetupError(str(e)) from None
         GenerateOptions.from_dict(cfg.gen).resolved(preset, spec.defaults())
-    elif preset.task != "t2i":
+    elif not preset.generates_images:
         raise SetupError(
             f"preset {preset.name!r} does not generate images: pidray generate takes pixeldit-2k (or a "
             "preset file with task 't2i'), or --with MODEL to decode a latent diffusion model's latents"

@@ -17,11 +17,12 @@ from jobs.rules import (
     settle_taken,
 )
 from pipeline.errors import BadParameter, SetupError, is_number
+from pipeline.generate_options import GEN_OPTS, GEN_OVERRIDES, SIZE
 from pipeline.noise import file_seed
 from pipeline.stages.common import parse_size, resolve
 from pipeline.storage import display
 
-PROMPT_FIELDS = ("prompt", "seed", "size", "steps", "shift", "cfg_scale", "negative_prompt", "name")
+PROMPT_FIELDS = ("prompt", *GEN_OVERRIDES, "name")  # a line's: its prompt, the settings a row may set, its name
 MAX_PROMPTS = 1_000_000
 MAX_PROMPT_FILE_BYTES = 64 << 20
 MAX_FIELD_CHARS = 1 << 17  # a prompt, negative prompt or name longer than this fails its line
@@ -91,21 +92,19 @@ def _gen_fields(item: dict, text: bool = False) -> dict:
     magnitude: a JSON number (text: a CSV field's digits), never a bool, a fraction where a whole number is meant,
     NaN or inf. BadParameter naming the field otherwise."""
     gen = {}
-    for k in ("seed", "steps"):
-        if k in item:
-            gen[k] = _whole(item[k], k, text)
-    for k in ("shift", "cfg_scale"):
-        if k in item:
-            gen[k] = _number(item[k], k, text)
-    if "negative_prompt" in item:
-        gen["negative_prompt"] = _text(item["negative_prompt"], "negative_prompt")
-    if "size" in item:
-        size = item["size"]
-        if isinstance(size, list) and len(size) == 2:
-            size = [_whole(v, "size", text) for v in size]
-        elif not isinstance(size, str):
-            raise BadParameter(f"size must be 'WIDTHxHEIGHT' or [width, height], got {_short(size)}")
-        gen["size"] = parse_size(size)
+    for k in GEN_OVERRIDES:
+        if k not in item:
+            continue
+        kind = GEN_OPTS[k].kind
+        if kind is SIZE:
+            size = item[k]
+            if isinstance(size, list) and len(size) == 2:
+                size = [_whole(v, k, text) for v in size]
+            elif not isinstance(size, str):
+                raise BadParameter(f"{k} must be 'WIDTHxHEIGHT' or [width, height], got {_short(size)}")
+            gen[k] = parse_size(size)
+        else:
+            gen[k] = {int: _whole, float: _number}.get(kind, lambda v, what, _: _text(v, what))(item[k], k, text)
     return gen
 
 
@@ -157,16 +156,15 @@ def _prompt_name(n: int, item: dict) -> str:
 
 def _ldm_defaults(flow) -> dict | None:
     """A latent diffusion model's own defaults (steps, size, ...) under the prompt file's settings; None for others."""
-    ldm = getattr(flow, "ldm", None)
-    if ldm is None:
+    if flow.generator is None:
         return None
-    from pipeline.stages.ldm import ldm_spec
+    from pipeline.generators import generator_spec
 
-    return ldm_spec(ldm)[0].defaults()
+    return generator_spec(flow.generator)[0].defaults()
 
 
 def _plan_prompts(cfg) -> Plan:
-    from pipeline.t2i import GenerateOptions
+    from pipeline.generate_options import GenerateOptions
 
     src, dst, single = locations(cfg)
     if single is None:
@@ -204,7 +202,10 @@ def _plan_prompts(cfg) -> Plan:
                 _text(item["name"], "name")
             gen = _gen_fields(item, text=single.key.lower().endswith(".csv"))
             gen.setdefault("seed", file_seed(base.seed, key))
-            GenerateOptions.from_dict({**base.to_dict(), **gen}).resolved(preset, _ldm_defaults(cfg.flow))
+            defaults = _ldm_defaults(cfg.flow)
+            if defaults is None and "stop_at" in gen:
+                raise BadParameter("stop_at is for a generator's latent (pidray generate --with MODEL)")
+            GenerateOptions.from_dict({**base.to_dict(), **gen}).resolved(preset, defaults)
         except (ValueError, TypeError, OverflowError) as e:
             plan.rejected.append(manifest_row({"key": key, "status": "failed", "error": f"plan: line {n}: {e}",
                                                "error_kind": "bad_parameter"}, cfg.model.preset))  # fmt: skip

@@ -11,7 +11,7 @@ import io
 import json
 import time
 
-from jobs.config import enters
+from jobs.config import entering
 from pipeline.errors import SetupError
 from pipeline.options import SHAPING_OPTIONS
 
@@ -19,7 +19,7 @@ SETTINGS_KEY, VERSION_KEY, STARTED_KEY = b"pidray.settings", b"pidray.version", 
 REDO_CHANGED = "redo-changed"
 # the settings compared by --resume, in the order they are named when they differ: the model, then every option
 # declared as shaping the output (pipeline.options)
-SHAPING = ("preset", "precision", *SHAPING_OPTIONS)
+SHAPING = ("preset", "precision", "generator", *SHAPING_OPTIONS)
 
 
 def output_settings(cfg) -> dict:
@@ -37,12 +37,14 @@ def output_settings(cfg) -> dict:
         out["preset"] = preset.name  # an alias and its preset are one model
         out["scale"] = float(o.scale or preset.scale)
         out["steps"] = sampler_steps(preset, o)
-        out["ensemble"] = bool(ensemble_shift(preset, o)) if preset.task == "upscale" else False
+        out["ensemble"] = bool(ensemble_shift(preset, o)) if preset.upscales else False
     except Exception:  # preflight refuses such a job in its own words
         out.update(scale=o.scale, steps=o.steps, ensemble=o.ensemble)
     out["precision"] = _precision(cfg.model)
-    if enters(cfg) == "prompts":
+    if entering(cfg).takes_prompts:
         out["generate"] = {k: v for k, v in sorted(cfg.gen.items())}
+        if cfg.ldm:  # another generator's latents would be other images, whatever the PiD preset
+            out["generator"] = cfg.ldm
     return out
 
 
@@ -88,7 +90,7 @@ def recorded_settings(dst) -> dict | None:
 def _show(value) -> str:
     if isinstance(value, float) and value.is_integer():
         return f"{value:g}"
-    return "the input's" if value == "keep" else str(value)
+    return "the input's" if value == "keep" else "none" if value is None else str(value)
 
 
 def check_resume(cfg, note=None):
@@ -106,7 +108,7 @@ def check_resume(cfg, note=None):
     if before is None:
         return cfg
     now = output_settings(cfg)
-    changed = [k for k in SHAPING if k in before and k in now and before[k] != now[k]]
+    changed = [k for k in SHAPING if (k in before and k in now or k == "generator") and before.get(k) != now.get(k)]
     if now.get("generate") != before.get("generate", now.get("generate")):
         changed.append("generate")
     if not changed:
@@ -115,7 +117,7 @@ def check_resume(cfg, note=None):
         if note:
             note(f"pidray: note: DST's outputs were made with other settings ({', '.join(changed)}): redoing them")
         return cfg.with_(resume=False, overwrite=True)
-    what = ", ".join(f"{k} {_show(before[k])} (now {_show(now[k])})" for k in changed if k != "generate")
+    what = ", ".join(f"{k} {_show(before.get(k))} (now {_show(now.get(k))})" for k in changed if k != "generate")
     raise SetupError(
         f"--resume: the outputs in DST were made with {what or 'other prompt settings'}; rerun with those "
         f"settings, or --resume={REDO_CHANGED} to redo them with these, or choose another DST"

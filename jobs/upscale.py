@@ -251,7 +251,7 @@ def config_from_args(args) -> JobConfig:
 
 def _note_ignored_captions(cfg) -> None:
     """--caption/--captions with a preset that has no caption encoder: said once, not ignored silently."""
-    if (cfg.options.caption or cfg.captions) and cfg.flow.preset.text_encoder == "none":
+    if (cfg.options.caption or cfg.captions) and not cfg.flow.preset.captioned:
         print(f"pidray: note: preset {cfg.model.preset} has no caption encoder: --caption/--captions are ignored",
               file=sys.stderr)  # fmt: skip
 

@@ -12,6 +12,7 @@
 dataset, lazily, and returns it with the image column holding the upscaled files' bytes and two more columns:
 `pidray_status` ("ok" or "failed") and `pidray_error` (why a row failed, else null). A row that fails keeps its
 place with a null image; every other column is kept as it was. The arguments are checked before anything runs.
+`decode` does the same for a column of latent files (`pidray decode`'s workflow).
 """
 
 from __future__ import annotations
@@ -51,7 +52,49 @@ def upscale(ds, preset: str = "small", image_column: str = "image", caption_colu
     workflow = resolve_workflow(model=model, options=opts)  # the preset looked up once, here
     _check_steps(workflow)
     layout = _check_columns(ds, image_column, caption_column, key_column)
-    return _with_graph(ds, workflow, layout, image_column, caption_column, key_column, concurrency)
+    return _with_graph(
+        ds,
+        workflow,
+        concurrency,
+        image_column,
+        {"image_column": image_column, "layout": layout, "caption_column": caption_column, "key_column": key_column},
+    )
+
+
+def decode(ds, preset: str, latent_column: str = "latent", caption_column: str | None = None, *,
+           key_column: str | None = None, sigma_column: str | None = None, latent_format: str | None = None,
+           concurrency: dict[str, int] | None = None, **options):  # fmt: skip
+    """`ds` with each row's latent decoded by PiD in place of its VAE decoder: the `latent_column` (a latent file's
+    bytes — .safetensors, .npy or .npz, as `pidray decode` reads them — binary or a struct of {bytes, path}) holds
+    the image file's bytes, with `pidray_status` and `pidray_error`; lazy.
+
+    preset: a PiD preset that decodes latents (flux-2k, sd3-2k, ...); caption_column: text PiD conditions on (else
+    the file's own caption, else the `caption` option); sigma_column: a captured x_t's scheduler sigma per row
+    (else the file's own; null: a clean latent); latent_format: what the latents are (default: each file's metadata,
+    else the preset's VAE; e.g. flux-packed); key_column, concurrency, options: as `upscale`'s."""
+    from pipeline.latents import check_decodes, check_format
+    from pipeline.workflow import resolve_workflow
+
+    model, opts = _options(preset, options)
+    workflow = resolve_workflow("decode", model, opts, latent_format=latent_format)
+    check_decodes(workflow.preset)
+    check_format(latent_format, workflow.preset)
+    _check_steps(workflow)
+    layout = _check_columns(ds, latent_column, caption_column, key_column, sigma_column)
+    return _with_graph(
+        ds,
+        workflow,
+        concurrency,
+        latent_column,
+        {
+            "image_column": latent_column,
+            "layout": layout,
+            "caption_column": caption_column,
+            "key_column": key_column,
+            "sigma_column": sigma_column,
+            "latents": True,
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------ checks before anything runs
@@ -80,13 +123,14 @@ def _check_steps(workflow) -> None:
     from pipeline.stages.common import sampler_steps
 
     preset = workflow.preset
-    if preset.task != "upscale":  # as the bulk job's preflight says it
+    if not preset.upscales:  # as the bulk job's preflight says it
         raise BadParameter(f"preset {preset.name!r} is a text-to-image model: it does not upscale")
     sampler_steps(preset, workflow.options)
     ensemble_shift(preset, workflow.options)
 
 
-def _check_columns(ds, image_column: str, caption_column: str | None, key_column: str | None) -> str:
+def _check_columns(ds, image_column: str, caption_column: str | None, key_column: str | None,
+                   sigma_column: str | None = None) -> str:  # fmt: skip
     """The image column's layout ("binary" or "struct"); BadParameter naming the columns there are for one that is
     not, BadInput for a column of the wrong type."""
     import pyarrow as pa
@@ -95,14 +139,16 @@ def _check_columns(ds, image_column: str, caption_column: str | None, key_column
 
     if not hasattr(ds, "map_batches") or not hasattr(ds, "schema"):
         raise BadParameter(f"pidray.data.upscale takes a ray.data.Dataset, got {type(ds).__name__}")
-    for what, col in (("image_column", image_column), ("caption_column", caption_column), ("key_column", key_column)):
+    named = {"image_column": image_column, "caption_column": caption_column, "key_column": key_column,
+             "sigma_column": sigma_column}  # fmt: skip
+    for what, col in named.items():
         if col is not None and (not isinstance(col, str) or not col):
             raise BadParameter(f"{what} must be a column name, got {col!r}")
     schema = ds.schema()
     if schema is None:  # an empty dataset: nothing to check, nothing will run
         return "binary"
     names = list(schema.names)
-    for col in (image_column, caption_column, key_column):
+    for col in named.values():
         if col is not None and col not in names:
             raise BadParameter(f"the dataset has no column {col!r}; its columns are: {', '.join(names) or 'none'}")
     taken = [c for c in (STATUS_COLUMN, ERROR_COLUMN) if c in names]
@@ -110,12 +156,15 @@ def _check_columns(ds, image_column: str, caption_column: str | None, key_column
         raise BadParameter(f"the dataset already has a column {taken[0]!r} (pidray adds it): drop or rename it first")
     base = getattr(schema, "base_schema", None)
     if isinstance(base, pa.Schema):  # Arrow blocks: the types are known
+        if sigma_column is not None and not (pa.types.is_floating(t := base.field(sigma_column).type)
+                                             or pa.types.is_integer(t) or pa.types.is_null(t)):  # fmt: skip
+            raise BadInput(f"sigma column {sigma_column!r} of the dataset is {t}, not a number")
         return check_columns(base, "the dataset", image_column, caption_column)
     return "binary"
 
 
 # ------------------------------------------------------------------------------------ the graph on the dataset
-def _with_graph(ds, workflow, layout: str, image_column: str, caption_column, key_column, concurrency):
+def _with_graph(ds, workflow, concurrency, image_column: str, enter: dict):
     import ray
 
     from jobs.raydata import add_stages
@@ -137,9 +186,8 @@ def _with_graph(ds, workflow, layout: str, image_column: str, caption_column, ke
     if gpus and graph.gpus_needed(actors) > gpus:
         raise SetupError(f"the actors asked for ({actors}) need {graph.gpus_needed(actors):g} GPUs; the cluster has "
                          f"{gpus}")  # fmt: skip
-    where = {"image_column": image_column, "layout": layout}
     ds = ds.map_batches(_enter, batch_format="pyarrow", batch_size=ENTER_ROWS, zero_copy_batch=True,
-                        fn_kwargs={**where, "caption_column": caption_column, "key_column": key_column})  # fmt: skip
+                        fn_kwargs=enter)  # fmt: skip
     ds = add_stages(ds, graph, actors, gpus, cpus)
     return ds.map_batches(_leave, batch_format="numpy", batch_size=ENTER_ROWS, fn_kwargs={"image_column": image_column})
 
@@ -153,9 +201,11 @@ def _ipc(table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _enter(batch, *, image_column: str, layout: str, caption_column: str | None, key_column: str | None) -> dict:
-    """A batch of the dataset's rows -> stage rows ({"i", "row": pickled}): the image's bytes, its caption and key,
-    and the rest of the row (every column, the image's bytes left out) to be put back when it leaves."""
+def _enter(batch, *, image_column: str, layout: str, caption_column: str | None, key_column: str | None,
+           sigma_column: str | None = None, latents: bool = False) -> dict:  # fmt: skip
+    """A batch of the dataset's rows -> stage rows ({"i", "row": pickled}): the image's (or latent file's) bytes, its
+    caption, sigma and key, and the rest of the row (every column, the image's bytes left out) to be put back when
+    it leaves. A latent's key takes its file's extension, from its first bytes (the latent stage reads by name)."""
     import pyarrow.compute as pc
 
     from pipeline.datasets.parquet import output_table
@@ -169,6 +219,7 @@ def _enter(batch, *, image_column: str, layout: str, caption_column: str | None,
         data = col.to_pylist()
     captions = batch.column(caption_column).to_pylist() if caption_column else [None] * n
     keys = batch.column(key_column).to_pylist() if key_column else [None] * n
+    sigmas = batch.column(sigma_column).to_pylist() if sigma_column else [None] * n
     rest = output_table(batch, image_column, [b""] * n)  # the image's bytes travel once, in the stage row
     rows = []
     for j in range(n):
@@ -177,10 +228,34 @@ def _enter(batch, *, image_column: str, layout: str, caption_column: str | None,
         row = {"key": key, "bytes": image, _REST: _ipc(rest.slice(j, 1))}
         if isinstance(captions[j], str) and captions[j]:
             row["caption"] = captions[j]
+        if sigmas[j] is not None:
+            row["sigma"] = float(sigmas[j])
         if image is None:
-            row = failed(row, "input", BadInput(f"no image: the {image_column!r} cell is null"))
+            what = "latent" if latents else "image"
+            row = failed(row, "input", BadInput(f"no {what}: the {image_column!r} cell is null"))
+        elif latents:
+            row = _latent_row(row, image)
         rows.append(pickle.dumps(row))
     return {"i": np.arange(n), "row": np.array(rows, dtype=object)}
+
+
+def _latent_row(row: dict, data: bytes) -> dict:
+    """A latent cell's row: its key named as the file its first bytes say it is, or failed when they say none; a
+    sigma that is not a finite number >= 0 fails the row."""
+    from pipeline.stages import failed
+
+    sigma = row.get("sigma")
+    if sigma is not None and not 0.0 <= sigma < 1e3:  # NaN too
+        return failed(row, "input", BadInput(f"sigma must be a number >= 0, got {sigma!r}"))
+    if data[:6] == b"\x93NUMPY":
+        ext = ".npy"
+    elif data[:4] == b"PK\x03\x04":
+        ext = ".npz"
+    elif len(data) > 9 and data[8:9] == b"{":
+        ext = ".safetensors"
+    else:
+        return failed(row, "input", BadInput("not a latent file (.safetensors, .npy or .npz bytes)"))
+    return {**row, "key": row["key"] + ext}
 
 
 def _digest(data: bytes | None) -> str:

@@ -41,26 +41,23 @@ TRAINED = {"2k": "2K", "2kto4k": "2K-4K", "2kto4k_v1pt5": "2K-4K", "t2i": "2K"}
 
 def _cmd_presets(args) -> int:
     print(PRESETS_GUIDE, flush=True)
-    from pipeline.latents import FORMATS
     from pipeline.model.presets import ALIASES, PRESETS
-    from pipeline.runtime import LQ_ENCODERS
     from pipeline.weights import WeightsNotFound, resolve
 
     def latents(p) -> str:  # the --latent-format names of the generators whose latents it decodes
         if not p.decodes_latents:
             return "-"
-        names = sorted(n for n, family in FORMATS.items()  # generators, not their packed forms (same latents)
-                       if family == p.vae and n != p.vae and not n.endswith("-packed")) or [p.vae]  # fmt: skip
+        names = sorted(set(p.family.formats) - {p.vae}) or [p.vae]  # the generators' (packed forms: same latents)
         return ", ".join(names)
 
     w = max(map(len, PRESETS))
     print(f"{'preset':{w}s}  scale  size   steps  {'latents':12s}  here")
-    order = sorted(PRESETS.values(), key=lambda p: (not p.bundled, p.task != "upscale"))  # the bundled one first
+    order = sorted(PRESETS.values(), key=lambda p: (not p.bundled, not p.upscales))  # the bundled one first
     for p in order:
         name = p.name
-        scale = f"x{p.scale}" if p.task == "upscale" else "-"
+        scale = f"x{p.scale}" if p.upscales else "-"
         size = TRAINED.get(p.variant, "any")  # the bundled model: any size, in 128-pixel tiles
-        if p.task == "t2i":
+        if p.generates_images:
             steps = f"{p.t2i.get('steps')}x2"
         else:
             steps = f"{p.default_steps}x2" if p.sampling.guided else str(p.default_steps)
@@ -69,9 +66,9 @@ def _cmd_presets(args) -> int:
             here = "ready"
         except WeightsNotFound:
             here = "weights missing"
-        if p.task == "upscale" and p.vae not in LQ_ENCODERS:
+        if p.upscales and not p.family.implemented:
             here += ", latents only"  # its image encoder is not implemented: pidray decode only
-        if p.text_encoder != "none":
+        if p.captioned:
             here += "+captioner"  # it also needs the Gemma caption encoder (--text-encoder DIR)
         print(f"{name:{w}s}  {scale:5s}  {size:5s}  {steps:5s}  {latents(p):12s}  {here}")
     print("size: the output size it was trained for (larger ones are made in tiles); steps: network passes")

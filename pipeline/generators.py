@@ -31,10 +31,18 @@ class Generator:
     extra: tuple = ()  # (name, value) keyword arguments of the call
     cfg_arg: str = "guidance_scale"  # the call argument --cfg-scale sets (Qwen-Image: its true CFG)
     params_b: tuple[float, float] = (0.0, 0.0)  # billions of parameters: (transformer, text encoders), roughly
+    multiple: int = 16  # the sides it makes: multiples of its VAE's factor 8 x its transformer's patch 2 (a UNet: 1)
 
     def defaults(self) -> dict:
-        """The model's own settings as GenerateOptions defaults (what `resolved` fills unset fields from)."""
-        return {"steps": self.steps, "cfg_scale": self.guidance, "size": list(self.size)}
+        """The model's own settings as GenerateOptions defaults (what `resolved` fills unset fields from), and the
+        multiple its sides must be."""
+        return {
+            "steps": self.steps,
+            "cfg_scale": self.guidance,
+            "size": list(self.size),
+            "multiple": self.multiple,
+            "name": self.name,
+        }
 
     @property
     def family(self) -> str:
@@ -77,7 +85,7 @@ GENERATORS: dict[str, Generator] = {g.name: g for g in [
     Generator("sd3", "StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3-medium-diffusers", "sd3", "sd3",
               "sd3-2kto4k", _1K, 28, 4.0, params_b=(2, 5.6)),
     Generator("sdxl", "StableDiffusionXLPipeline", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", "sdxl",
-              "sdxl-2kto4k", _1K, 30, 7.5, params_b=(2.6, 0.8)),
+              "sdxl-2kto4k", _1K, 30, 7.5, params_b=(2.6, 0.8), multiple=8),
 ]}  # fmt: skip
 CLASSES = sorted({g.pipeline for g in GENERATORS.values()})
 MAX_INDEX_BYTES = 1 << 20  # a model_index.json
@@ -96,10 +104,18 @@ def unknown_generator(name: str) -> str:
 def generator_spec(name_or_dir: str) -> tuple[Generator, str]:
     """(the generator's settings, where to load it from): a registry name (its hub id) or a local folder laid out like
     a diffusers repository, its class read from model_index.json and checked (with the components it names) before
-    anything loads; the folder takes the settings of the first name of its class."""
+    anything loads; the folder takes the settings of the first name of its class, or of NAME with `NAME=DIR` (a
+    folder of Z-Image-Turbo: `zimage-turbo=DIR`, which runs 9 steps without guidance, not Z-Image's 50 guided)."""
     if name_or_dir in GENERATORS:
         g = GENERATORS[name_or_dir]
         return g, g.hub_id
+    named, _, folder = str(name_or_dir).partition("=")
+    if folder and named in GENERATORS:  # NAME=DIR: the folder holds that one (zimage-turbo, klein-9b, ...)
+        g, where = generator_spec(folder)
+        if g.pipeline != GENERATORS[named].pipeline:
+            raise SetupError(f"--with {name_or_dir}: the folder holds a {g.pipeline}, not {named}'s "
+                             f"{GENERATORS[named].pipeline}")  # fmt: skip
+        return GENERATORS[named], where
     path = Path(str(name_or_dir)).expanduser()
     index = path / "model_index.json"
     if not index.is_file():

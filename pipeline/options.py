@@ -110,11 +110,19 @@ SHAPING_OPTIONS: tuple[str, ...] = tuple(name for name, o in OPTS.items() if o.s
 _KIND_NAMES = {int: "an integer", float: "a number", str: "a text", bool: "true or false"}
 
 
-def check(name: str, value):
-    """`value` as option `name` takes it (an int given for a float becomes a float), or BadParameter naming the
-    option, what it takes and what it got. None is taken where the option's default is None."""
-    o, label = OPTS[name], OPTS[name].label or name
-    if value is None and DEFAULTS.get(name) is None:
+def declared(cls) -> tuple[dict[str, Opt], dict[str, object]]:
+    """An options dataclass's declarations: ({name: Opt}, {name: default})."""
+    fs = fields(cls)
+    return {f.name: f.metadata["opt"] for f in fs}, {f.name: f.default for f in fs if f.default is not MISSING}
+
+
+def check(name: str, value, opts: dict[str, Opt] | None = None, defaults: dict | None = None):
+    """`value` as option `name` of `opts` (default: the upscale options) takes it (an int given for a float becomes a
+    float), or BadParameter naming the option, what it takes and what it got. None is taken where the option's
+    default is None."""
+    opts, defaults = (OPTS, DEFAULTS) if opts is None else (opts, defaults)
+    o, label = opts[name], opts[name].label or name
+    if value is None and defaults.get(name) is None:
         return None
     if name == "seed":
         return check_seed(value)
@@ -127,7 +135,7 @@ def check(name: str, value):
             raise BadParameter(f"{label} must be a text, got {value!r}")
         if o.choices and value not in o.choices:
             raise BadParameter(f"{label} must be {' or '.join(repr(c) for c in o.choices)}, got {value!r}")
-        if name == "background":
+        if name == "background" and opts is OPTS:
             parse_color(value)
         return value
     number = isinstance(value, int) if o.kind is int else isinstance(value, (int, float))
@@ -159,16 +167,19 @@ def parse_color(value) -> tuple[int, int, int]:
     return tuple(rgb[:3])
 
 
-def add_arguments(group, parse=None) -> None:
+def add_arguments(group, parse=None, opts: dict[str, Opt] | None = None, defaults: dict | None = None,
+                  names=None) -> None:  # fmt: skip
     """The options' command-line arguments, in their declared order, into an argparse group. `parse`: option name
-    -> the argparse `type` to use instead of the plain one (e.g. the seed's, which explains its range)."""
+    -> the argparse `type` to use instead of the plain one (e.g. the seed's, which explains its range); `opts`,
+    `defaults`: another options class's declarations (`declared`); `names`: only these."""
     import argparse
 
     parse = parse or {}
-    for name, o in OPTS.items():
-        if not o.flags:
+    opts, defaults = (OPTS, DEFAULTS) if opts is None else (opts, defaults)
+    for name, o in opts.items():
+        if not o.flags or (names is not None and name not in names):
             continue
-        default = DEFAULTS[name]
+        default = defaults[name]
         if o.cli == "negate":
             group.add_argument(*o.flags, dest=name, action="store_false", help=o.help)
         elif o.cli == "both":
@@ -181,26 +192,32 @@ def add_arguments(group, parse=None) -> None:
                                choices=list(o.choices) or None, metavar=o.metavar, help=o.help)  # fmt: skip
 
 
-def from_args(args) -> dict:
+def from_args(args, opts: dict[str, Opt] | None = None) -> dict:
     """The options an argparse namespace made by `add_arguments` holds (those it has: a parser may leave some out)."""
-    return {name: getattr(args, name) for name, o in OPTS.items() if o.flags and hasattr(args, name)}
+    return {name: getattr(args, name) for name, o in (opts or OPTS).items() if o.flags and hasattr(args, name)}
+
+
+def openapi_schema(o: Opt, default=None) -> dict:
+    """An option's OpenAPI schema: its type, range, choices and default."""
+    types = {int: "integer", float: "number", str: "string", bool: "boolean"}
+    schema = {"type": types[o.kind]}
+    if o.lo is not None:
+        schema["minimum"] = o.lo
+    if o.hi is not None and o.hi < 1e9:
+        schema["maximum"] = o.hi
+    if o.choices:
+        schema["enum"] = list(o.choices)
+    if default is not None:
+        schema["default"] = default
+    return schema
 
 
 def openapi_parameters(names=None) -> list[dict]:
     """The row options as OpenAPI query parameters (type, range, choices, default, help), for the endpoint's schema;
     `names`: those to describe (default: every row option)."""
-    types = {int: "integer", float: "number", str: "string", bool: "boolean"}
     out = []
     for name in names or OVERRIDES:
-        o, schema = OPTS[name], {"type": types[OPTS[name].kind]}
-        if o.lo is not None:
-            schema["minimum"] = o.lo
-        if o.hi is not None and o.hi < 1e9:
-            schema["maximum"] = o.hi
-        if o.choices:
-            schema["enum"] = list(o.choices)
-        if DEFAULTS.get(name) is not None:
-            schema["default"] = DEFAULTS[name]
+        o, schema = OPTS[name], openapi_schema(OPTS[name], DEFAULTS.get(name))
         out.append({"name": name, "in": "query", "required": False, "schema": schema,
                     "description": o.help.replace("%%", "%")})  # fmt: skip
     return out

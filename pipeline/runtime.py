@@ -21,15 +21,6 @@ from pipeline.weights import resolve
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-# The VAEs whose encoders are implemented: family -> module with its params class and loader (imported on use).
-_VAE_MODULES = {
-    **dict.fromkeys(("flux1", "sd3", "sdxl", "flux2"), "flux_vae"),
-    "qwenimage": "qwen_vae",
-    **dict.fromkeys(("dinov2", "siglip"), "rae"),
-}
-LQ_ENCODERS = ("rgb", *_VAE_MODULES)
-
-
 _THREADS = threading.local()  # the torch thread count set on each calling thread
 
 
@@ -75,8 +66,8 @@ def check_device(device: str | None) -> torch.device:
 
 
 def check_encoder(preset: Preset) -> None:
-    if preset.vae not in LQ_ENCODERS:
-        working = ", ".join(n for n, p in PRESETS.items() if p.vae in LQ_ENCODERS)
+    if not preset.family.implemented:
+        working = ", ".join(n for n, p in PRESETS.items() if p.family.implemented)
         raise SetupError(f"the {preset.vae!r} VAE encoder is not implemented yet (preset {preset.name}); presets "
                          f"that run end to end: {working}")  # fmt: skip
 
@@ -157,10 +148,11 @@ def vae_dtype(device: torch.device) -> torch.dtype:
 
 
 def _vae_module(preset: Preset):
+    """The module of the preset's LQ encoder (`PARAMS`, `load`), as its VAE family names it."""
     import importlib
 
     check_encoder(preset)
-    return importlib.import_module(f"pipeline.encoders.{_VAE_MODULES[preset.vae]}")
+    return importlib.import_module(preset.family.encoder_module)
 
 
 def encoder_params(preset: Preset):
@@ -170,7 +162,7 @@ def encoder_params(preset: Preset):
 
 def encode_bytes(preset: Preset, hw: tuple[int, int], device: torch.device) -> int:
     """Peak bytes of the LQ encode of an hw-pixel (padded) image."""
-    if preset.vae == "rgb":
+    if preset.family.pixels:
         return hw[0] * hw[1] * 3 * 4 * 2
     params = encoder_params(preset)
     if hasattr(params, "encode_bytes"):  # a fixed-size encoder
@@ -181,7 +173,7 @@ def encode_bytes(preset: Preset, hw: tuple[int, int], device: torch.device) -> i
 
 
 def load_lq_encoder(opts: ModelOptions, preset: Preset, gpu_share: float = 1.0) -> LatentEncoder:
-    if preset.vae == "rgb":
+    if preset.family.pixels:
         return RGBEncoder()
     module = _vae_module(preset)
     paths = resolve(preset, opts.weights, allow_download=opts.allow_download)
@@ -202,7 +194,7 @@ def _gemma(path: str, allow_download: bool, device: str, max_length: int = 300):
 
 def load_caption_encoder(opts: ModelOptions, preset: Preset):
     cfg = preset.config
-    if preset.text_encoder == "none":
+    if not preset.captioned:
         return NullCaptionEncoder(cfg.txt_max_length, cfg.txt_embed_dim)
     from pipeline.encoders.text import HUB_ID
 

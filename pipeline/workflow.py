@@ -79,12 +79,15 @@ class Workflow:
     model: ModelOptions
     preset: Preset
     options: UpscaleOptions
-    enters: ClassVar[str] = "images"  # what its rows are: "images" / "latents" (files in SRC), "prompts" (lines)
+    enters: ClassVar[str] = "images"  # what its rows are, in words: "images" / "latents" (files), "prompts" (lines)
+    reads_images: ClassVar[bool] = True  # its rows are image files (their headers probed, one output each)
+    reads_latents: ClassVar[bool] = False  # its rows are latent files (a batch file is one row per latent)
+    takes_prompts: ClassVar[bool] = False  # its rows are the lines of one prompt file
 
     @property
     def reads_files(self) -> bool:
         """Its rows are files read from SRC (prompts enter as rows: nothing to read)."""
-        return self.enters != "prompts"
+        return not self.takes_prompts
 
     def stages(self) -> list[StageSpec]:
         raise NotImplementedError
@@ -97,11 +100,16 @@ class Workflow:
         """The models whose weights this workflow loads (what its preflight looks for)."""
         return [(self.model, self.preset)]
 
+    @property
+    def generator(self) -> str | None:
+        """The generator (name or folder) whose latents this workflow hands PiD; None for the others."""
+        return None
+
 
 @dataclass(frozen=True)
 class Upscale(Workflow):
     def stages(self) -> list[StageSpec]:
-        vae = self.preset.vae != "rgb"
+        vae = not self.preset.family.pixels  # an encoder model to place
         share = 0.25 if vae else 0.0  # on a GPU cluster the shares of one GPU add up to 1
         decode = StageSpec("decode", DecodeStage, {"max_pixels": self.options.max_pixels}, False, False,
                            memory=_decode_bytes)  # fmt: skip
@@ -114,9 +122,11 @@ class Decode(Workflow):
 
     latent_format: str | None = None  # what the files hold; None: the preset's (or the file's own)
     enters: ClassVar[str] = "latents"
+    reads_images: ClassVar[bool] = False
+    reads_latents: ClassVar[bool] = True
 
     def stages(self) -> list[StageSpec]:
-        captioned = self.preset.text_encoder != "none"
+        captioned = self.preset.captioned
         share = 0.1 if captioned else 0.0
         kw = {"preset": self.preset, "latent_format": self.latent_format, "options": self.options}
         latent = StageSpec("latent", LatentStage, kw, False, False)
@@ -133,6 +143,8 @@ class Generate(Workflow):
     upscale_preset: Preset | None = None
     emit: str | None = None  # what the generate stage hands on; None: the image to upscale, else the pixels to write
     enters: ClassVar[str] = "prompts"
+    reads_images: ClassVar[bool] = False
+    takes_prompts: ClassVar[bool] = True
 
     def generate_stage(self, gpu_share: float) -> StageSpec:
         emit = self.emit or ("image" if self.upscale else "pixels")
@@ -142,7 +154,7 @@ class Generate(Workflow):
     def stages(self) -> list[StageSpec]:
         if self.upscale is None:
             return [self.generate_stage(1.0), StageSpec("merge", MergeStage, {"options": self.options}, False, False)]
-        vae = self.upscale_preset.vae != "rgb"
+        vae = not self.upscale_preset.family.pixels
         pid = pid_stages(self.upscale, self.upscale_preset, self.options, vae, 0.1 if vae else 0.0, 0.4)
         return [self.generate_stage(0.5), *pid]
 
@@ -159,12 +171,18 @@ class Ldm(Workflow):
     ldm: str = DEFAULT_LDM
     offload: bool = False  # the generator's models wait in CPU memory, each on the GPU while it runs
     enters: ClassVar[str] = "prompts"
+    reads_images: ClassVar[bool] = False
+    takes_prompts: ClassVar[bool] = True
+
+    @property
+    def generator(self) -> str | None:
+        return self.ldm
 
     def stages(self) -> list[StageSpec]:
         from pipeline.generators import generator_spec
         from pipeline.stages.ldm import LDMStage
 
-        captioned = self.preset.text_encoder != "none"
+        captioned = self.preset.captioned
         kw = {"model": self.model, "preset": self.preset, "ldm": self.ldm, "options": self.gen,
               "upscale": self.options, "offload": self.offload}  # fmt: skip
         spec = generator_spec(self.ldm)[0]
@@ -211,7 +229,7 @@ def resolve_workflow(name: str = DEFAULT_WORKFLOW, model: ModelOptions | None = 
         return Ldm(model, preset, options, gen=gen, ldm=ldm or DEFAULT_LDM, offload=offload)
     if cls is Generate:
         up = (upscale_preset or get_preset(upscale.preset)) if upscale is not None else None
-        if up is not None and up.task != "upscale":
+        if up is not None and not up.upscales:
             raise ValueError(f"--upscale takes a PiD preset, not {up.name!r}")
         return Generate(model, preset, options, gen=gen, upscale=upscale, upscale_preset=up, emit=emit)
     return cls(model, preset, options)

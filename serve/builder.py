@@ -132,13 +132,27 @@ class AppArgs(BaseModel):
         check_drain(self.deployments, self.timeout_s)
         return self
 
+    def generate_with(self) -> str | None:
+        """The generator whose latents the served PiD preset decodes (generate={"with": NAME or DIR, ...}), or None."""
+        g = self.generate or {}
+        if "with" not in g:
+            return None
+        unknown = sorted(set(g) - {"with", "options", "offload"})
+        if unknown or not isinstance(g["with"], str) or not isinstance(g.get("offload", False), bool):
+            raise ValueError(f"generate with a generator takes with (a name or a diffusers folder), options and "
+                             f"offload (true/false); got {sorted(g)}")  # fmt: skip
+        return g["with"]
+
     def generate_model(self) -> ModelOptions | None:
-        if not self.generate:
+        if not self.generate or "with" in self.generate:
             return None
         g = self.generate
         unknown = sorted(set(g) - {"preset", "weights", "text_encoder", "options"})
         if unknown or "preset" not in g:
-            raise ValueError(f"generate needs a preset and takes weights, text_encoder, options; got {sorted(g)}")
+            raise ValueError(
+                f"generate needs a preset (text-to-image) or with (a generator whose latents the served "
+                f"PiD preset decodes); it takes weights, text_encoder, options; got {sorted(g)}"
+            )
         return ModelOptions(g["preset"], g.get("weights"), g.get("text_encoder") or self.text_encoder,
                             self.allow_download, self.device, self.dtype, self.kernels)  # fmt: skip
 
@@ -153,16 +167,27 @@ def served_workflows(a: AppArgs) -> Chains:
     model, options = a.model_options(), UpscaleOptions.from_dict(a.options)
     up = resolve_workflow("upscale", model, options)
     dec = resolve_workflow("decode", model, options, preset=up.preset) if up.preset.decodes_latents else None
+    gen_opts = GenerateOptions.from_dict((a.generate or {}).get("options", {}))
+    ldm = a.generate_with()
+    if ldm is not None:  # generate-then-decode: the generator's latent, decoded by the served PiD preset
+        from pipeline.generators import generator_spec
+        from pipeline.latents import check_format
+
+        spec = generator_spec(ldm)[0]  # a name, or a folder whose model_index.json is checked
+        check_format(spec.family, up.preset)
+        gen_opts.resolved(up.preset, spec.defaults())  # refused here, not in a replica
+        offload = bool((a.generate or {}).get("offload", False))
+        return Chains(up, dec, resolve_workflow("ldm", model, options, gen=gen_opts, ldm=ldm, preset=up.preset,
+                                                offload=offload))  # fmt: skip
     gen_model = a.generate_model()
     if gen_model is None:
         return Chains(up, dec)
-    gen_opts = GenerateOptions.from_dict((a.generate or {}).get("options", {}))
     gen = resolve_workflow("generate", gen_model, options, gen=gen_opts, emit="both")  # one deployment, both routes
-    if gen.preset.task != "t2i":
+    if not gen.preset.generates_images:
         raise ValueError(f"generate.preset {gen_model.preset!r} is not a text-to-image preset")
     gen_opts.resolved(gen.preset)  # refused here, not in a replica
     gen_up = None
-    if up.preset.task == "upscale":  # then PiD: the upscale from its encode stage on
+    if up.preset.upscales:  # then PiD: the upscale from its encode stage on
         gen_up = resolve_workflow("generate", gen_model, options, gen=gen_opts, upscale=model, emit="both",
                                   preset=gen.preset, upscale_preset=up.preset)  # fmt: skip
     return Chains(up, dec, gen, gen_up)

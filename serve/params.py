@@ -8,13 +8,14 @@ A row's overrides are the job's own (`pipeline.stages.common.OVERRIDES`), valida
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from pipeline.errors import BadParameter, Refused, TooLarge
+from pipeline.generate_options import GEN_DEFAULTS, GEN_OPTS, GEN_OVERRIDES, MAX_PROMPT_CHARS, SIZE
 from pipeline.imageio import output_format
 from pipeline.model.presets import ALIASES
 from pipeline.stages.common import OVERRIDES, UpscaleOptions, parse_size, resolve, sampler_steps, work_factor
 from pipeline.stages.encode import plan_for
-from pipeline.t2i import MAX_PROMPT_CHARS
 from pipeline.tiling import TilePlan, check_output_side, target_size
 
 ROW_PARAMS = OVERRIDES  # a request's row parameters are the job's row overrides, with their types
@@ -53,11 +54,18 @@ def openapi_doc(fields: dict, body_field: str) -> dict:
 
 def openapi_generate() -> dict:
     """/v1/generate's JSON body as OpenAPI (its fields and their types, as `check_json_fields` takes them)."""
+    from pipeline.options import openapi_schema
+
     names = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array"}
     props = {}
     for name, types in JSON_FIELDS.items():
-        kinds = [{"type": names[t], **({"items": {"type": "integer"}} if t is list else {})} for t in types]
-        props[name] = kinds[0] if len(kinds) == 1 else {"oneOf": kinds}
+        o = GEN_OPTS.get(name) if name in GEN_OVERRIDES else None
+        if o is not None and o.kind is not SIZE:
+            props[name] = openapi_schema(o, GEN_DEFAULTS.get(name))
+        else:
+            kinds = [{"type": names[t], **({"items": {"type": "integer"}} if t is list else {})} for t in types]
+            props[name] = kinds[0] if len(kinds) == 1 else {"oneOf": kinds}
+        props[name]["description"] = JSON_HELP[name]
     schema = {"type": "object", "required": ["prompt"], "properties": props}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
@@ -113,10 +121,17 @@ def request_row(params: dict, preset, options: UpscaleOptions, s3_configured: bo
 
 
 MAX_JSON_BYTES = 256 << 10  # a /v1/generate body: two prompts of MAX_PROMPT_CHARS, even \u-escaped, fit many times
-# /v1/generate's fields: the JSON types each may have (bool is never a number here)
-JSON_FIELDS = {"prompt": (str,), "negative_prompt": (str,), "seed": (int,), "steps": (int,), "quality": (int,),
-               "shift": (int, float), "cfg_scale": (int, float), "timeout": (int, float), "size": (str, list),
-               "upscale": (bool,), "format": (str,)}  # fmt: skip
+# /v1/generate's fields: the JSON types each may have (bool is never a number here): the prompt, the settings a
+# request may set (as declared: pipeline.generate_options), and the endpoint's own
+_JSON_KINDS = {int: (int,), float: (int, float), str: (str,), SIZE: (str, list)}
+JSON_FIELDS = {"prompt": (str,), **{name: _JSON_KINDS[GEN_OPTS[name].kind] for name in GEN_OVERRIDES},
+               "upscale": (bool,), "format": (str,), "quality": (int,), "timeout": (int, float),
+               "with": (str,)}  # fmt: skip
+JSON_HELP = {"prompt": "the prompt", "upscale": "then upscale the image with the served PiD preset (PixelDiT)",
+             "format": "png, jpeg, webp, tiff", "quality": "JPEG/WebP quality, 1-100",
+             "timeout": "seconds this request may take, at most the endpoint's own limit",
+             "with": "the generator (an endpoint started with generate={with: NAME} serves one)",
+             **{name: GEN_OPTS[name].help for name in GEN_OVERRIDES}}  # fmt: skip
 JSON_TYPE_NAMES = {
     str: "a string",
     int: "an integer",
@@ -149,7 +164,7 @@ def check_json_fields(req: dict) -> dict:
             raise BadParameter(f"{name} must be {want}, got {type(value).__name__} {str(value)[:40]}")
         if isinstance(value, float) and not math.isfinite(value):
             raise BadParameter(f"{name} must be a finite number, got {value}")
-        if isinstance(value, str) and name in ("prompt", "negative_prompt", "format"):
+        if isinstance(value, str) and name in ("prompt", "negative_prompt", "format", "with"):
             check_text(value, name)
         if name == "size" and isinstance(value, list):
             if len(value) != 2 or not all(type(v) is int for v in value):
@@ -186,11 +201,44 @@ def upscale_plan(preset, opts: UpscaleOptions, in_hw: tuple[int, int], max_cost:
     return plan
 
 
-def check_generate_cost(o, max_cost: float) -> None:
-    """A text-to-image request's sampling work (pixels × steps, × 2 with guidance), TooLarge over the limit."""
-    cost = o.size[0] * o.size[1] * o.steps * (2 if o.cfg_scale != 1.0 else 1) / 1e6
+def check_generate_cost(o, max_cost: float, guided: bool | None = None) -> None:
+    """A text-to-image request's sampling work (pixels × steps run, × 2 when `guided`: by default a CFG scale other
+    than 1), TooLarge over the limit."""
+    steps = o.stop_at or o.steps  # generate-then-decode's early exit skips the rest
+    guided = o.cfg_scale != 1.0 if guided is None else guided
+    cost = o.size[0] * o.size[1] * steps * (2 if guided else 1) / 1e6
     if cost > max_cost:
         raise TooLarge(
             f"this request needs {cost:.1f} Mpx·steps of sampling, over this endpoint's limit of "
             f"{max_cost:g}; ask for a smaller size or fewer steps, or use pidray generate --prompts"
         )
+
+
+@dataclass(frozen=True)
+class ServedGenerator:
+    """What /v1/generate generates with: a generator (its name and the name or folder the endpoint was started with,
+    its defaults) whose latent the served PiD preset decodes, or the text-to-image preset (`spec` None)."""
+
+    spec: object = None
+    started_as: str | None = None
+
+    def check(self, asked, stop_at) -> dict | None:
+        """A request's `with` and `stop_at` against what is served (BadParameter); the defaults its settings fill from
+        (the generator's, or None: the text-to-image preset's)."""
+        if self.spec is None:
+            if asked is not None or stop_at is not None:
+                raise BadParameter("this endpoint generates with its text-to-image preset: `with` and `stop_at` are "
+                                   "for an endpoint started with generate={\"with\": NAME}")  # fmt: skip
+            return None
+        if asked is not None and asked not in (self.spec.name, self.started_as):
+            raise BadParameter(f"this endpoint generates with {self.spec.name!r}, not {asked[:60]!r} (each endpoint "
+                               "serves one generator)")  # fmt: skip
+        return self.spec.defaults()
+
+
+def served_generator(wf) -> ServedGenerator:
+    if wf.generator is None:
+        return ServedGenerator()
+    from pipeline.generators import generator_spec
+
+    return ServedGenerator(generator_spec(wf.generator)[0], wf.generator)

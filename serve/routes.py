@@ -32,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pipeline import safejson
 from pipeline.errors import HTTP_STATUS, BadParameter, Refused, kind_of
+from pipeline.generate_options import GEN_OVERRIDES
 from pipeline.graph import StageGraph
 from pipeline.imageio import output_format, probe
 from pipeline.model.presets import PRESETS
@@ -46,6 +47,7 @@ from serve.metrics import ServeMetrics
 from serve.params import (
     DECODE_FIELDS,
     DECODE_PARAMS,
+    JSON_FIELDS,
     LATENT_INFLATE_FACTOR,
     MAX_JSON_BYTES,
     MAX_LATENT_MEMBERS,
@@ -55,6 +57,7 @@ from serve.params import (
     openapi_doc,
     openapi_generate,
     request_row,
+    served_generator,
     upscale_plan,
 )
 
@@ -116,6 +119,7 @@ class Ingress:
             )
         if workflows.generate is not None:
             self.gen_preset, self.gen_defaults = workflows.generate.preset, workflows.generate.gen
+            self.gen_with = served_generator(workflows.generate)
         model_links = [(s, t) for s, t in self.chains.upscale if isinstance(t, DeploymentHandle)]
         self.probe_name, self.probe_handle = model_links[-1][0].name, model_links[-1][1]  # /healthz: the last loaded
         self.model_links = model_links
@@ -219,26 +223,28 @@ class Ingress:
         req = safejson.loads(bytes(body), "the body", MAX_JSON_BYTES, max_depth=4)
         if not isinstance(req, dict):
             return _error("bad_input", "the body must be a JSON object with a prompt")
-        known = {"prompt", "seed", "size", "steps", "shift", "cfg_scale", "negative_prompt", "upscale", "format",
-                 "quality", "timeout"}  # fmt: skip
-        unknown = sorted(set(req) - known)
+        unknown = sorted(set(req) - set(JSON_FIELDS))
         if unknown:
             raise BadParameter(f"unknown field(s): {[str(u)[:40] for u in unknown][:10]}")
         req = check_json_fields(req)
         prompt = req.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise BadParameter("prompt must be a non-empty string")
-        gen = {k: req[k] for k in ("steps", "shift", "cfg_scale", "negative_prompt") if req.get(k) is not None}
-        if req.get("size") is not None:
-            gen["size"] = parse_size(req["size"])
+        fill = self.gen_with.check(req.get("with"), req.get("stop_at"))  # the generator's defaults, or None
+        gen = {k: req[k] for k in GEN_OVERRIDES if k != "seed" and req.get(k) is not None}
+        if "size" in gen:
+            gen["size"] = parse_size(gen["size"])
         try:
             seed = check_seed(req.get("seed", self.options.seed))
-            o = replace(self.gen_defaults, **gen, seed=seed).resolved(self.gen_preset)
+            o = replace(self.gen_defaults, **gen, seed=seed).resolved(self.gen_preset, fill)
         except (TypeError, ValueError) as e:
             raise BadParameter(str(e)) from None
         upscale = req.get("upscale", False)
         if not isinstance(upscale, bool):
             raise BadParameter(f"upscale must be true or false, got {upscale!r}")
+        if upscale and self.gen_with.spec is not None:
+            raise BadParameter("upscale is for a text-to-image preset's image; this endpoint's generator's latent is "
+                               f"decoded by {self.preset.name!r} already")  # fmt: skip
         if upscale and self.chains.generate_upscale is None:
             raise BadParameter(f"this endpoint's preset {self.preset.name!r} cannot upscale the result")
         over = {k: req[k] for k in ("format", "quality") if req.get(k) is not None}
@@ -246,7 +252,7 @@ class Ingress:
         row["opts"] = resolve(self.options, {"seed": seed, **over})
         if "format" in over:
             output_format(None, over["format"])
-        check_generate_cost(o, self.max_cost)
+        check_generate_cost(o, self.max_cost, None if fill is None else o.cfg_scale > 1)  # diffusers: CFG over 1
         if upscale:
             row["planned"] = upscale_plan(self.preset, row["opts"], tuple(o.size), self.max_cost)
         timeout = self.gate.timeout({"timeout": req.get("timeout")})

@@ -40,7 +40,7 @@ def preflight(preset_name: str, weights: str | None, text_encoder: str | None, a
     from pipeline.weights import WeightsNotFound, caption_encoder_missing, missing_message, resolve
 
     preset = get_preset(preset_name)
-    if preset.task != "upscale":
+    if not preset.upscales:
         raise SetupError(f"preset {preset.name!r} is a text-to-image model; the endpoint upscales with a PiD preset "
                          "(pidray presets)")  # fmt: skip
     check_encoder(preset)
@@ -53,7 +53,7 @@ def preflight(preset_name: str, weights: str | None, text_encoder: str | None, a
             missing.append(f"checkpoint not found: {path}")
     except WeightsNotFound as e:
         missing.append(str(e))
-    if preset.text_encoder != "none" and not text_encoder and not allow_download:
+    if preset.captioned and not text_encoder and not allow_download:
         missing.append(caption_encoder_missing(preset.name))
     if missing:
         raise SetupError(missing_message(missing))
@@ -149,6 +149,9 @@ def add_serve_parser(sub, parents=()) -> None:
     p.add_argument("--token", help=argparse.SUPPRESS)  # refused with a message: see cmd_serve
     p.add_argument("--allowed-origin", action="append", default=[], help="a web origin allowed to call the API")
     p.add_argument("--allowed-host", action="append", default=[], help="an extra Host header value to accept")
+    p.add_argument("--with", dest="with_", default=None, metavar="MODEL",
+                   help="also POST /v1/generate: this generator's latents (a name of pidray generate --with, or a "
+                   "diffusers folder) decoded by the served PiD preset (needs pidray[generate])")  # fmt: skip
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take before it fails")
     p.add_argument("--allow-download", action="store_true", help="download released weights (NVIDIA licence)")
     p.add_argument("--verbose", action="store_true", help=f"let Ray's own messages through (default: into {RAY_LOG})")
@@ -170,6 +173,13 @@ def cmd_serve(args) -> int:
     conf = {"preset": args.preset, "weights": args.weights, "text_encoder": args.text_encoder,
             "timeout_s": args.timeout, "allowed_origins": args.allowed_origin,
             "allowed_hosts": args.allowed_host, "allow_download": args.allow_download}  # fmt: skip
+    if args.with_:  # the generator checked (a folder's class too) before Ray starts
+        from pipeline.generators import generator_spec
+        from pipeline.latents import check_format
+        from pipeline.model.presets import get_preset
+
+        check_format(generator_spec(args.with_)[0].family, get_preset(args.preset))
+        conf["generate"] = {"with": args.with_}
     if token:
         conf["token"] = token
     old = signal.getsignal(signal.SIGTERM)
@@ -177,7 +187,8 @@ def cmd_serve(args) -> int:
         with ray_notices_to_log(not args.verbose):
             url = start(conf, args.host, args.port)
             signal.signal(signal.SIGTERM, _stop)  # after Ray's start-up, which installs handlers of its own
-            print(f"pidray endpoint on {url}  (POST /v1/upscale, GET /v1/models, /healthz, page at /); Ctrl-C stops",
+            routes = "POST /v1/upscale" + (", /v1/generate" if args.with_ else "")
+            print(f"pidray endpoint on {url}  ({routes}, GET /v1/models, /healthz, page at /); Ctrl-C stops",
                   flush=True)  # fmt: skip
             try:
                 while True:

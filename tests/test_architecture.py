@@ -157,3 +157,51 @@ def test_no_module_compares_a_preset_sampler_by_name():
                 if consts & names:
                     hits.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
     assert not hits, hits
+
+
+TAG_FIELDS = {"vae", "task", "text_encoder", "sampler", "latent_noise"}  # a preset's words for what it is
+TAG_OWNERS = {"pipeline/families.py", "pipeline/model/presets.py"}  # the registry, and the properties that read them
+
+
+def _tag_comparisons(source: str, where: str = "<source>") -> list[str]:
+    """Comparisons of a tag field (`x.vae`, `x.task`, ... of anything) with a word or a tuple/set/list of words."""
+
+    def words(node) -> bool:
+        if isinstance(node, ast.Constant):
+            return isinstance(node.value, str)
+        return isinstance(node, (ast.Tuple, ast.Set, ast.List)) and any(words(e) for e in node.elts)
+
+    hits = []
+    for node in ast.walk(ast.parse(source, where)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            tags = [o for o in operands if isinstance(o, ast.Attribute) and o.attr in TAG_FIELDS]
+            if tags and any(words(o) for o in operands):
+                hits.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+    return hits
+
+
+def test_the_tag_check_sees_a_word_compared():
+    """The check below fails on the comparisons it exists to keep out, and passes the object-based forms."""
+    bad = ['preset.vae == "rgb"', 'self.preset.vae != "rgb"', 'p.task in ("upscale", "t2i")',
+           'cfg.flow.preset.text_encoder == "none"', '"guided" == preset.sampler', 'p.latent_noise != "vp"',
+           'x.vae not in {"dinov2", "siglip"}', 'a < p.task == "t2i"']  # fmt: skip
+    for src in bad:
+        assert _tag_comparisons(src), src
+    good = ["preset.family.pixels", "preset.vae == other.vae", "fam.name != preset.vae", "p.upscales",
+            "preset.sampler not in SAMPLINGS", "preset.noise.variance_preserving", 'p.name == "rgb"']  # fmt: skip
+    for src in good:
+        assert not _tag_comparisons(src), src
+
+
+def test_no_module_compares_a_preset_tag_with_a_word():
+    """What a preset is comes as objects: its VAE family record (`preset.family`, `pipeline/families.py`), its noise
+    frame, its sampling, and properties for its task and captioner (`upscales`, `generates_images`, `captioned`).
+    Outside the registry and the preset's own properties, no module compares `.vae`, `.task`, `.text_encoder`,
+    `.sampler` or `.latent_noise` with a word, so a new family or sampler is one record, not a hunt for sites."""
+    hits = []
+    for path in _modules().values():
+        rel = str(path.relative_to(ROOT))
+        if rel not in TAG_OWNERS:
+            hits += _tag_comparisons(path.read_text(), rel)
+    assert not hits, hits

@@ -28,7 +28,9 @@ def test_registry_names_the_ten_with_a_preset_that_decodes_each():
         assert g.step_format in FORMATS and preset.task == "upscale"
     assert GENERATORS["flux2-klein-4b"].preset == GENERATORS["flux2-klein-9b"].preset == GENERATORS["flux2"].preset
     assert GENERATORS["qwenimage-2512"].preset == GENERATORS["qwenimage"].preset
-    assert GENERATORS["zimage-turbo"].defaults() == {"steps": 9, "cfg_scale": 0.0, "size": [1024, 1024]}
+    assert GENERATORS["zimage-turbo"].defaults() == {"steps": 9, "cfg_scale": 0.0, "size": [1024, 1024],
+                                                     "multiple": 16, "name": "zimage-turbo"}  # fmt: skip
+    assert GENERATORS["sdxl"].multiple == 8
     assert dict(GENERATORS["qwenimage"].extra)["negative_prompt"] == " "
     assert GENERATORS["qwenimage"].cfg_arg == "true_cfg_scale"
 
@@ -148,3 +150,52 @@ def test_stop_at_hands_on_the_x_t_the_loop_held_after_k_steps(name, spec):
     assert sigma == pytest.approx(sigma_k) and 0 < sigma < 1
     fmt = GENERATORS[spec].step_format
     np.testing.assert_array_equal(ours, unpack(held[0].float().numpy(), Packing(fmt, image_hw=(64, 48))))
+
+
+def test_the_generator_is_a_setting_resume_compares():
+    """Another generator's latents are other images, whatever the PiD preset: --resume's settings name it."""
+    from jobs.config import JobConfig
+    from jobs.settings import SHAPING, output_settings
+    from pipeline.runtime import ModelOptions
+
+    def settings(ldm):
+        cfg = JobConfig(src="p.txt", dst="out", model=ModelOptions("flux-2kto4k-v1.5"), workflow="ldm", ldm=ldm)
+        return output_settings(cfg)
+
+    assert "generator" in SHAPING
+    assert settings("zimage-turbo")["generator"] == "zimage-turbo"
+    assert settings("zimage-turbo") != settings("flux")
+
+
+@pytest.mark.parametrize("name,size,ok", [("flux", (1024, 1040), True), ("flux", (1024, 1032), False),
+                                          ("sdxl", (1024, 1032), True), ("sdxl", (1024, 1036), False)])  # fmt: skip
+def test_a_size_the_generator_cannot_make_is_refused_with_its_multiple(name, size, ok):
+    from pipeline.errors import BadParameter
+    from pipeline.generate_options import GenerateOptions
+    from pipeline.model.presets import get_preset
+
+    spec = GENERATORS[name]
+    o = GenerateOptions(size=size)
+    if ok:
+        assert o.resolved(get_preset(spec.preset), spec.defaults()).size == size
+    else:
+        with pytest.raises(BadParameter, match=f"multiples of {spec.multiple} \\(the sides {name} makes\\)"):
+            o.resolved(get_preset(spec.preset), spec.defaults())
+
+
+def test_name_equals_folder_gives_the_folder_that_names_settings(tmp_path):
+    """A Z-Image-Turbo folder is a ZImagePipeline like Z-Image's: `zimage-turbo=DIR` runs it with turbo's 9 unguided
+    steps; a NAME whose class the folder does not hold is one line."""
+    import json
+
+    from pipeline.errors import SetupError
+    from pipeline.generators import generator_spec
+
+    d = tmp_path / "turbo"
+    d.mkdir()
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
+    assert generator_spec(str(d))[0].name == "zimage"
+    spec, where = generator_spec(f"zimage-turbo={d}")
+    assert (spec.name, spec.steps, spec.guidance, where) == ("zimage-turbo", 9, 0.0, str(d))
+    with pytest.raises(SetupError, match="holds a ZImagePipeline, not flux's FluxPipeline"):
+        generator_spec(f"flux={d}")

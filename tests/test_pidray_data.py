@@ -112,3 +112,75 @@ def test_read_filter_upscale_write_in_a_users_pipeline(ray_local, bicubic_weight
     assert out.schema.names == ["id", "image", "text", "width", "tags", "pidray_status", "pidray_error"]
     assert out.schema.field("image").type == IMAGE
     print(f"read -> filter -> upscale -> write of 5 rows: {seconds:.1f} s")
+
+
+# ------------------------------------------------------------------ pidray.data.decode: a column of latent files
+LATENTS = pa.schema([("id", pa.string()), ("latent", pa.binary()), ("text", pa.string()), ("sigma", pa.float64())])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"latent_column": "z"}, BadParameter, "no column 'z'; its columns are: id, latent, text, sigma"),
+        ({"sigma_column": "text"}, BadInput, "sigma column 'text' of the dataset is string, not a number"),
+        ({"sigma_column": "s"}, BadParameter, "no column 's'"),
+        ({"latent_format": "sdxl"}, Exception, "does not fit preset"),
+        ({"latent_format": "nope"}, BadParameter, "unknown latent format 'nope'"),
+        ({"preset": "small"}, BadParameter, "has no latent decoder"),
+        ({"steps": 9}, BadParameter, "steps"),
+    ],
+)  # fmt: skip
+def test_decode_arguments_are_checked_before_anything_runs(kwargs, error, match):
+    kwargs = {"preset": "flux-2k", **kwargs}
+    with pytest.raises(error, match=match) as e:
+        pidray.data.decode(FakeDataset(LATENTS), **kwargs)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_decode_a_latent_column_in_a_users_pipeline(ray_local, golden_dir, tmp_path):
+    """Latent files (safetensors, npy, a captured x_t with its sigma, garbage, a null) in a Parquet table through
+    read_parquet -> pidray.data.decode -> write_parquet: each decoded image is the one `pidray decode`'s graph makes
+    of that file (same key, caption and sigma); bad cells fail alone with their reason."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save as st_save
+    from test_encoders import build_stand_in
+
+    from pipeline.graph import StageGraph
+    from pipeline.runtime import ModelOptions
+    from pipeline.stages import UpscaleOptions
+
+    ray = ray_local
+    build_stand_in("flux-2k", golden_dir, tmp_path / "flux")
+    model = ModelOptions(str(tmp_path / "flux" / "preset.json"), weights=str(tmp_path / "flux"))
+    z = [torch.randn(16, 4, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    npy = io.BytesIO()
+    np.save(npy, z[1].numpy())
+    cells = {"a": st_save({"z": z[0]}), "b": npy.getvalue(), "c": st_save({"z": z[2]}), "junk": b"not a latent",
+             "null": None}  # fmt: skip
+    table = pa.table({"id": list(cells), "latent": pa.array(list(cells.values()), pa.binary()),
+                      "text": ["a cat", None, "a dog", "x", "y"], "sigma": [None, None, 0.5, None, None]})  # fmt: skip
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=2)
+    ds = pidray.data.decode(ray.data.read_parquet(str(tmp_path / "in.parquet")), str(model.preset),
+                            caption_column="text", key_column="id", sigma_column="sigma", weights=model.weights,
+                            device="cpu", seed=3, overlap=1)  # fmt: skip
+    ds.write_parquet(str(tmp_path / "out"))
+    rows = {r["id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    assert set(rows) == set(cells)
+    local = StageGraph(model, UpscaleOptions(seed=3, overlap=1), "decode")
+    ext = {"a": ".safetensors", "b": ".npy", "c": ".safetensors"}
+    for key in ("a", "b", "c"):
+        r = rows[key]
+        assert (r["pidray_status"], r["pidray_error"]) == ("ok", None), r["pidray_error"]
+        src = {"key": key + ext[key], "bytes": cells[key]}
+        src.update({"caption": t} if (t := table["text"][list(cells).index(key)].as_py()) else {})
+        src.update({"sigma": 0.5} if key == "c" else {})
+        (ref,) = local.run_local([src])
+        assert ref["status"] == "ok", ref.get("error")
+        got = np.asarray(Image.open(io.BytesIO(r["latent"])).convert("RGB"))
+        assert got.shape == (128, 96, 3)
+        assert np.array_equal(got, np.asarray(Image.open(io.BytesIO(ref["output"])).convert("RGB")))
+    assert rows["junk"]["pidray_status"] == "failed" and "not a latent file" in rows["junk"]["pidray_error"]
+    assert rows["null"]["pidray_status"] == "failed" and "no latent" in rows["null"]["pidray_error"]
+    assert rows["a"]["text"] == "a cat" and rows["c"]["sigma"] == 0.5

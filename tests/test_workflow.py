@@ -100,6 +100,32 @@ def _stages_of(name: str):
     return wf.stages()
 
 
+def test_every_stage_of_every_workflow_has_its_timing_column_in_the_manifest():
+    """A stage added to a workflow without its manifest column would lose its timings silently: not silently."""
+    from jobs.manifest import SCHEMA, STAGES
+
+    for name in WORKFLOWS:
+        for spec in _stages_of(name):
+            assert spec.name in STAGES and f"t_{spec.name}" in SCHEMA.names, (name, spec.name)
+    assert {"read", "write"} <= set(STAGES)
+
+
+def test_no_module_outside_the_workflows_compares_what_rows_enter_as():
+    """What a workflow's rows are (images, latents, prompt lines) is asked of its class (`reads_images`,
+    `reads_latents`, `takes_prompts`), never compared as a word."""
+    words = {"images", "latents", "prompts"}
+    hits = []
+    for path, tree in _sources(m for m in _all_modules() if m != "pipeline/workflow.py"):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                if any(isinstance(o, ast.Constant) and o.value in words for o in operands) and any(
+                    "enter" in ast.unparse(o) for o in operands
+                ):
+                    hits.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+    assert not hits, hits
+
+
 def test_the_default_names_are_written_once():
     """The default workflow and generate-then-decode's default model: one constant each, in pipeline/workflow.py."""
     for value in (workflow_module.DEFAULT_WORKFLOW, workflow_module.DEFAULT_LDM):

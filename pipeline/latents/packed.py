@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import BadInput
+from pipeline.families import FAMILIES
 
-# packed format -> (its VAE family, the side of the patch folded into each token)
-PACKED = {"flux-packed": ("flux1", 2), "qwenimage-packed": ("qwenimage", 2), "flux2-packed": ("flux2", 1)}
+# packed format -> (its VAE family, the side of the patch folded into each token): the families' `packed`
+PACKED = {n: (f.name, patch) for f in FAMILIES.values() for n, patch in f.packed.items()}
 TOKEN_PIXELS = 16  # pixels on the side of one token of every packed format (VAE ×8, 2×2 patches)
 
 

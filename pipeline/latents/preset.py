@@ -1,6 +1,6 @@
-"""Latents against a preset: the latent formats each VAE family decodes (`FORMATS`), whether a preset takes latents
-at all, a latent's channels and a captured x_t's sigma for it, and the output-size limit checked from a file's
-header (`output_limit`)."""
+"""Latents against a preset: the latent formats each VAE family decodes (`FORMATS`, from `pipeline.families`),
+whether a preset takes latents at all, a latent's channels and a captured x_t's sigma for it, and the output-size
+limit checked from a file's header (`output_limit`)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pipeline.errors import BadInput, BadParameter
-from pipeline.latents.packed import PACKED
-
-# --format name -> the VAE family whose presets decode it
-FORMATS = {"flux": "flux1", "zimage": "flux1", "flux1": "flux1", "sd3": "sd3", "sdxl": "sdxl", "flux2": "flux2",
-           "qwenimage": "qwenimage", **{k: v[0] for k, v in PACKED.items()}}  # fmt: skip
+from pipeline.families import FORMATS, format_family
 
 
 def output_limit(preset, options, out_size=None) -> Callable[[tuple], None]:
@@ -40,13 +36,14 @@ def check_format(fmt: str | None, preset) -> None:
     """A latent format named by the file or the user must be the preset's VAE family."""
     if fmt is None:
         return
-    family = FORMATS.get(str(fmt).lower())
+    family = format_family(fmt)
     if family is None:
         raise BadParameter(f"unknown latent format {fmt!r}: one of {', '.join(sorted(FORMATS))}")
-    if family != preset.vae:
-        fits = sorted({n for n, f in FORMATS.items() if f == preset.vae})
-        raise BadInput(f"latent format {fmt!r} ({family} VAE) does not fit preset {preset.name!r}, which decodes "
-                       f"{preset.vae} latents ({', '.join(fits) or 'none'}); choose a preset for {family}")  # fmt: skip
+    if family.name != preset.family.name:
+        fits = sorted(preset.family.latent_formats)
+        raise BadInput(f"latent format {fmt!r} ({family.name} VAE) does not fit preset {preset.name!r}, which "
+                       f"decodes {preset.vae} latents ({', '.join(fits) or 'none'}); choose a preset for "
+                       f"{family.name}")  # fmt: skip
 
 
 def check_decodes(preset) -> None:
@@ -62,7 +59,7 @@ def check_latent(latent: np.ndarray, preset) -> None:
     want = preset.latent_channels
     check_decodes(preset)
     if latent.shape[0] != want:
-        hint = " (Flux2: the 128-channel patchified, batch-norm normalised latent)" if preset.vae == "flux2" else ""
+        hint = f" ({preset.family.hint})" if preset.family.hint else ""
         raise BadInput(f"latent has {latent.shape[0]} channels; preset {preset.name!r} ({preset.vae}) takes "
                        f"{want}{hint}")  # fmt: skip
 
@@ -72,7 +69,7 @@ def check_sigma(sigma, preset, what: str = "sigma") -> float:
     presets (SDXL's Euler sigma has no upper bound). BadParameter naming `what` (a flag, a field) otherwise."""
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
         raise BadParameter(f"{what} must be a finite number >= 0, got {sigma!r}")
-    if preset.latent_noise != "vp" and sigma > 1.0:
+    if not preset.noise.variance_preserving and sigma > 1.0:
         raise BadParameter(f"{what} {sigma} is outside [0, 1], the flow-matching range of preset {preset.name!r}")
     return float(sigma)
 
@@ -82,7 +79,7 @@ def to_training_frame(latent: np.ndarray, sigma: float | None, preset) -> tuple[
     if sigma is None:
         return latent, None
     sigma = check_sigma(sigma, preset)
-    if preset.latent_noise == "vp":  # SDXL: Euler's x0 + σε -> VP sqrt(ᾱ)x0 + sqrt(1-ᾱ)ε
+    if preset.noise.variance_preserving:  # SDXL: Euler's x0 + σε -> VP sqrt(ᾱ)x0 + sqrt(1-ᾱ)ε
         d = math.sqrt(sigma * sigma + 1.0)
         return (latent / d).astype(np.float32), sigma / d
     return latent, sigma

@@ -10,28 +10,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.families import FAMILIES, Family, NoiseFrame, WeightFile, get_family, noise_frame
+from pipeline.families import HUB_REPO as HUB_REPO
 from pipeline.model.config import PidConfig
 
-HUB_REPO = "nvidia/PiD"
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets"
-GLOBAL_ENCODERS = ("dinov2", "siglip")  # one latent grid for the whole image (pipeline/encoders/rae.py)
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    """One thing a preset loads besides its network, and where it comes from.
-
-    role: "vae" (the LQ encoder's weights), "encoder" (a transformers model folder), "stats" (latent statistics);
-    local: its path under the weights directory; repo: the hub repository it is downloaded from; files: for a
-    folder, the files to fetch into it (else `local` is also the file's path in `repo`, unless `remote` says
-    otherwise); licence: what the user accepts by downloading it."""
-
-    role: str
-    local: str
-    repo: str = HUB_REPO
-    files: tuple[str, ...] = ()
-    remote: str | None = None
-    licence: str = "NVIDIA non-commercial licence (https://huggingface.co/nvidia/PiD)"
 
 
 @dataclass(frozen=True)
@@ -39,11 +22,11 @@ class Preset:
     name: str
     config: PidConfig
     checkpoint: str  # path inside the hub repo, or a bundled file name for local presets
-    vae: str  # "flux1" | "sd3" | "flux2" | "sdxl" | "qwenimage" | "dinov2" | "siglip" | "rgb"
+    vae: str  # its VAE family's name (`pipeline.families.FAMILIES`; `family` is the record)
     variant: str  # "2k" | "2kto4k" | "2kto4k_v1pt5" | "pidray"
     vae_checkpoint: str | None = None  # path inside the hub repo (as the official code lays it out)
-    latent_noise: str = "flow"  # how degrade_sigma noises the latent: "flow" or "vp" (SDXL)
-    text_encoder: str = "gemma-2-2b-it"  # or "none": a zero caption embedding
+    latent_noise: str = "flow"  # how degrade_sigma noises the latent: "flow" or "vp" (SDXL); `noise` is the frame
+    text_encoder: str = "gemma-2-2b-it"  # or "none": a zero caption embedding (`captioned`)
     envelope: tuple[int, int] = (2048, 2048)  # output sizes (min, max long side) the checkpoint was trained on
     bundled: bool = False
     notes: str = ""
@@ -61,7 +44,8 @@ class Preset:
     default_tile: int | None = None
     # Weights the encoder loads from repositories other than the network's (representation encoders).
     encoder_files: tuple[WeightFile, ...] = ()
-    # "upscale": PiD (an LQ input); "t2i": PixelDiT text-to-image, with its sampler defaults in `t2i`
+    # "upscale": PiD (an LQ input; `upscales`); "t2i": PixelDiT text-to-image (`generates_images`), with its sampler
+    # defaults in `t2i`
     task: str = "upscale"
     t2i: dict = field(default_factory=dict)
     # "distilled": the few-step sampler (DISTILLED_T); "guided": the undistilled checkpoints' DPM-Solver++ with
@@ -98,20 +82,45 @@ class Preset:
         return SAMPLINGS[self.sampler](self)
 
     @property
+    def family(self) -> Family:
+        """What conditions it (`pipeline.families`): its LQ encoder, latent formats, noise frame, kind."""
+        return get_family(self.vae)
+
+    @property
+    def noise(self) -> NoiseFrame:
+        """The frame its latent is noised in (flow matching, or variance preserving)."""
+        return noise_frame(self.latent_noise)
+
+    @property
+    def upscales(self) -> bool:
+        """A PiD model: it takes an LQ input (an image, or a latent in place of its encoder's)."""
+        return self.task == "upscale"
+
+    @property
+    def generates_images(self) -> bool:
+        """A text-to-image model (PixelDiT): it takes a prompt only."""
+        return self.task == "t2i"
+
+    @property
+    def captioned(self) -> bool:
+        """It conditions on a caption embedding from its text encoder (else a zero embedding, no encoder)."""
+        return self.text_encoder != "none"
+
+    @property
     def global_latent(self) -> bool:
         """The LQ encoder gives one fixed grid for the whole image (DINOv2/SigLIP), not a latent per pixel block."""
-        return self.vae in GLOBAL_ENCODERS
+        return self.family.global_grid
 
     @property
     def decodes_latents(self) -> bool:
         """It can take a generator's latent in place of its LQ encoder (`pidray decode`): a VAE-latent preset."""
-        return self.task == "upscale" and self.vae != "rgb" and not self.global_latent
+        return self.upscales and self.family.latent
 
     @property
     def lq_unit(self) -> int:
         """Input pixels per latent pixel of the tile plan: 1 for RGB, the VAE factor, or for a global encoder one
         latent pixel per network patch (its grid is spread over the patch grid, as the network aligns it)."""
-        if self.vae == "rgb":
+        if self.family.pixels:
             return 1
         if self.global_latent:
             return self.config.patch_size // self.config.sr_scale
@@ -155,30 +164,6 @@ def _ckpt(exp: str) -> str:
     return f"checkpoints/{exp}/model_ema_bf16.pth"
 
 
-# Each VAE family's encoder parameters (the fields of its params dataclass), as the official tokenizers give them:
-# Flux-style latent = scale · (mean − shift) (Flux2: batch-norm statistics instead); Qwen-Image: per-channel
-# latent mean and std (the values of diffusers' AutoencoderKLQwenImage config).
-_VAE_ENCODERS = {
-    "flux1": {"scale_factor": 0.3611, "shift_factor": 0.1159},
-    "sd3": {"scale_factor": 1.5305, "shift_factor": 0.0609},
-    "sdxl": {"z_channels": 4, "scale_factor": 0.13025, "shift_factor": 0.0, "quant_conv": True},
-    "flux2": {"z_channels": 32, "quant_conv": True, "patch": 2, "batch_norm": True},
-    "qwenimage": {
-        "dim": 96, "z_channels": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
-        "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
-                         0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
-        "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
-                        1.5579, 1.6382, 1.1253, 2.8251, 1.9160],
-    },
-    # Representation encoders (pipeline/encoders/rae.py): DINOv2-with-registers-base at 448 with RAE statistics,
-    # SigLIP-2 So400M/14 at 224 with an affine-free token LayerNorm.
-    "dinov2": {"family": "dinov2", "latent_channels": 768, "resize": 448, "antialias": False,
-               "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "latent_stats": True},
-    "siglip": {"family": "siglip", "latent_channels": 1152, "resize": 224, "antialias": True,
-               "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "latent_stats": False, "token_norm_eps": 1e-6},
-}  # fmt: skip
-
-_APACHE = "Apache-2.0 (see the model card of {})"
 # PixelDiT's official inference defaults (`PixelDiTModelConfig`, the 2K fine-tune experiment's overrides)
 T2I_DEFAULTS = {
     "steps": 50, "shift": 6.0, "cfg_scale": 2.75, "size": [2048, 2048],
@@ -193,39 +178,26 @@ GUIDED_DEFAULTS = {
     "steps": 25, "cfg_scale": 5.0, "shift": None, "base_shift": 6.0, "base_size": 2048,
     "negative_prompt": T2I_DEFAULTS["negative_prompt"],
 }  # fmt: skip
-# Where the official tokenizers load them from: the encoders from their hub ids, the RAE statistics from the RAE
-# release (`hf download nyu-visionx/RAE-collections`, kept at the official `checkpoints/rae/...` path).
-_RAE_FILES = {
-    "dinov2": (
-        WeightFile("encoder", "encoders/dinov2-with-registers-base", "facebook/dinov2-with-registers-base",
-                   ("config.json", "model.safetensors"), licence=_APACHE.format("facebook/dinov2-with-registers-base")),
-        WeightFile("stats", "checkpoints/rae/stats/dinov2/wReg_base/imagenet1k_512/stat.pt",
-                   "nyu-visionx/RAE-collections", remote="stats/dinov2/wReg_base/imagenet1k_512/stat.pt",
-                   licence="see the model card of nyu-visionx/RAE-collections"),
-    ),
-    "siglip": (
-        WeightFile("encoder", "encoders/siglip2-so400m-patch14-224", "google/siglip2-so400m-patch14-224",
-                   ("config.json", "model.safetensors"), licence=_APACHE.format("google/siglip2-so400m-patch14-224")),
-    ),
-}  # fmt: skip
 
 
-def _released(name, cfg, exp, vae, variant, vae_ckpt, envelope, **kw) -> Preset:
-    return Preset(name, cfg, _ckpt(exp), vae, variant, vae_ckpt, envelope=envelope,
-                  encoder=dict(_VAE_ENCODERS.get(vae, {})), encoder_files=_RAE_FILES.get(vae, ()), **kw)  # fmt: skip
+def _released(name, cfg, exp, vae, variant, envelope, **kw) -> Preset:
+    """A released PiD checkpoint on VAE family `vae`: the family's latent channels, down factor, noise frame,
+    encoder parameters and weight files (`pipeline.families`) over the network config `cfg`."""
+    fam = FAMILIES[vae]
+    cfg = _R(cfg, lq_latent_channels=fam.channels, latent_spatial_down_factor=fam.down)
+    return Preset(name, cfg, _ckpt(exp), vae, variant, fam.checkpoint, envelope=envelope, latent_noise=fam.noise.name,
+                  encoder=dict(fam.encoder), encoder_files=fam.files, **kw)  # fmt: skip
 
 
 _R = dataclasses.replace
 _2K, _4K = (1536, 2688), (2048, 3840)
 _V1PT5_DISTILLED = [
     _released("flux-2kto4k-v1.5", _V1PT5, "PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step", "flux1",
-              "2kto4k_v1pt5", "checkpoints/ae.safetensors", _4K),
-    _released("flux2-2kto4k-v1.5",
-              _R(_V1PT5, lq_latent_channels=128, latent_spatial_down_factor=16, lq_latent_unpatchify_factor=2),
-              "PiD_v1pt5_res2kto4k_sr4x_official_flux2_distill_4step", "flux2", "2kto4k_v1pt5",
-              "checkpoints/flux2_ae.safetensors", _4K),
+              "2kto4k_v1pt5", _4K),
+    _released("flux2-2kto4k-v1.5", _R(_V1PT5, lq_latent_unpatchify_factor=2),
+              "PiD_v1pt5_res2kto4k_sr4x_official_flux2_distill_4step", "flux2", "2kto4k_v1pt5", _4K),
     _released("qwenimage-2kto4k-v1.5", _V1PT5, "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_distill_4step",
-              "qwenimage", "2kto4k_v1pt5", "checkpoints/QwenImage_VAE_2d.pth", _4K),
+              "qwenimage", "2kto4k_v1pt5", _4K),
 ]  # fmt: skip
 # The undistilled v1.5 checkpoints, the teachers of the 4-step students above: the same network and files beside
 # them (`..._undistilled/model_ema_bf16.pth`), sampled by guided DPM-Solver++ — the reference for quality.
@@ -239,21 +211,15 @@ _V1PT5_UNDISTILLED = [
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        _released("flux-2k", _V1, "PiD_res2k_sr4x_official_flux_distill_4step", "flux1", "2k",
-                  "checkpoints/ae.safetensors", _2K),
-        _released("flux2-2k", _R(_V1, lq_latent_channels=128, latent_spatial_down_factor=16),
-                  "PiD_res2k_sr4x_official_flux2_distill_4step", "flux2", "2k",
-                  "checkpoints/flux2_ae.safetensors", _2K),
-        _released("sd3-2k", _V1, "PiD_res2k_sr4x_official_sd3_distill_4step", "sd3", "2k",
-                  "checkpoints/sd3_vae/vae/diffusion_pytorch_model.safetensors", _2K),
-        _released("dinov2-2k", _R(_V1, lq_latent_channels=768, latent_spatial_down_factor=16),
-                  "PiD_res2k_sr4x_official_dinov2_distill_4step", "dinov2", "2k", None, _2K, tile_overlap=10),
-        _released("siglip-sr8x-2k", _R(_V1, lq_latent_channels=1152, latent_spatial_down_factor=16, sr_scale=8),
-                  "PiD_res2k_sr8x_official_siglip_distill_4step", "siglip", "2k", None, _2K, tile_overlap=10),
-        _released("sd3-2kto4k", _V1, "PiD_res2kto4k_sr4x_official_sd3_distill_4step", "sd3", "2kto4k",
-                  "checkpoints/sd3_vae/vae/diffusion_pytorch_model.safetensors", _4K),
-        _released("sdxl-2kto4k", _R(_V1, lq_latent_channels=4), "PiD_res2kto4k_sr4x_official_sdxl_distill_4step",
-                  "sdxl", "2kto4k", "checkpoints/sdxl_vae.safetensors", _4K, latent_noise="vp"),
+        _released("flux-2k", _V1, "PiD_res2k_sr4x_official_flux_distill_4step", "flux1", "2k", _2K),
+        _released("flux2-2k", _V1, "PiD_res2k_sr4x_official_flux2_distill_4step", "flux2", "2k", _2K),
+        _released("sd3-2k", _V1, "PiD_res2k_sr4x_official_sd3_distill_4step", "sd3", "2k", _2K),
+        _released("dinov2-2k", _V1, "PiD_res2k_sr4x_official_dinov2_distill_4step", "dinov2", "2k", _2K,
+                  tile_overlap=10),
+        _released("siglip-sr8x-2k", _R(_V1, sr_scale=8), "PiD_res2k_sr8x_official_siglip_distill_4step", "siglip",
+                  "2k", _2K, tile_overlap=10),
+        _released("sd3-2kto4k", _V1, "PiD_res2kto4k_sr4x_official_sd3_distill_4step", "sd3", "2kto4k", _4K),
+        _released("sdxl-2kto4k", _V1, "PiD_res2kto4k_sr4x_official_sdxl_distill_4step", "sdxl", "2kto4k", _4K),
         *_V1PT5_DISTILLED,
         *_V1PT5_UNDISTILLED,
         # PixelDiT text-to-image, the 2K fine-tune released with PiD (PixDiT_T2I, `pixeldit_h1536_d14p2` with
@@ -358,8 +324,8 @@ def unknown_preset(name: str) -> str:
     """One line for a preset name that is not one: the nearest name, the upscaling presets, the aliases."""
     import difflib
 
-    upscalers = sorted(n for n, p in PRESETS.items() if p.task == "upscale")
-    others = sorted(n for n, p in PRESETS.items() if p.task != "upscale")
+    upscalers = sorted(n for n, p in PRESETS.items() if p.upscales)
+    others = sorted(n for n, p in PRESETS.items() if not p.upscales)
     near = difflib.get_close_matches(str(name), [*PRESETS, *ALIASES], n=1, cutoff=0.6)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
     aliases = ", ".join(f"{a}={b}" for a, b in ALIASES.items())

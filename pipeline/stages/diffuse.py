@@ -175,7 +175,7 @@ class DiffuseStage(Cancellable):
         if self.device.type == "cpu" and not force:
             return False
         cfg = self.net.cfg
-        channels = 3 if self.preset.vae == "rgb" else cfg.lq_latent_channels
+        channels = 3 if self.preset.family.pixels else cfg.lq_latent_channels
         y = torch.zeros(cfg.txt_max_length, cfg.txt_embed_dim)
         g = Guidance(1, 2.0, 1.0) if self.preset.sampling.guided else None  # both forwards of a guided step
         batches = (1, 2) if getattr(self.net, "_compiled_call_impl", None) is not None else (1,)
@@ -226,7 +226,7 @@ class DiffuseStage(Cancellable):
         if noised:  # a captured x_t: PiD conditions on it at its sigma as it is (the official from_ldm path)
             sigma = 0.0
         aligned = tuple(latent.shape[1:]) == plan.lat_hw
-        if not aligned and self.preset.vae == "rgb":
+        if not aligned and self.preset.family.pixels:
             raise ValueError(f"LQ image {tuple(latent.shape[1:])} does not match the tile plan {plan.lat_hw}")
         if not aligned and not self.preset.global_latent:
             # a latent decoded to an explicit output size: onto the plan's latent grid with the network's own rule
@@ -244,8 +244,8 @@ class DiffuseStage(Cancellable):
             latent = F.interpolate(latent[None], size=plan.lat_hw, mode="nearest")[0]
             return torch.stack([latent[:, y : y + th, x : x + tw] for y, x in plan.origins()])
         crops = torch.stack([latent[:, y : y + th, x : x + tw] for y, x in plan.origins()])
-        if sigma > 0 and self.preset.vae != "rgb":
-            vp = self.preset.latent_noise == "vp"
+        if sigma > 0 and not self.preset.family.pixels:
+            vp = self.preset.noise.variance_preserving
             if plan.n_tiles == 1:  # official: randn(latent.shape) from a generator seeded with the seed
                 eps = torch.randn(crops.shape, generator=torch.Generator().manual_seed(seed))
             else:  # keyed to latent canvas coordinates, like the sampler's noise
@@ -315,7 +315,7 @@ class DiffuseStage(Cancellable):
         b = batch_size_for(cfg, out_hw, self.dtype, self.budget, n_tiles=N)
         if dev.type == "cpu":  # measured: on a CPU larger calls only thrash the caches (batching pays on a GPU)
             b = min(b, CPU_TILES_PER_CALL)
-        rgb = self.preset.vae == "rgb"
+        rgb = self.preset.family.pixels
         shift = ensemble_shift(self.preset, self.options)
 
         def features(c):

@@ -29,7 +29,7 @@ class GenerateStage(Cancellable):  # a batch whose callers are all gone stops at
         self.model = model
         self.options = options or GenerateOptions()
         self.preset, self.net = load_net(self.model, preset)
-        if self.preset.task != "t2i" or self.net.cfg.has_lq:
+        if not self.preset.generates_images or self.net.cfg.has_lq:
             raise ValueError(f"preset {self.preset.name!r} is not a text-to-image model (pidray generate takes "
                              "pixeldit-2k or a preset file with task 't2i')")  # fmt: skip
         self.captioner = load_caption_encoder(self.model, self.preset)

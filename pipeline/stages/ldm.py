@@ -5,7 +5,9 @@ in place of the generator's VAE decoder: generate-then-decode (`pidray generate 
 The latent handed on is exactly the [C, h, w] tensor PiD's LQ encoder of that VAE produces: Z-Image, SD3 and SDXL
 return it as it is; Flux and Qwen-Image return packed 2×2 patches (unpacked; Qwen-Image's one-frame time axis is not
 there to drop); FLUX.2 returns its patchified, batch-norm normalised latent as a token sequence (laid out);
-FLUX.2-klein returns the raw 32-channel latent (patchified and normalised with its VAE's batch-norm statistics).
+FLUX.2-klein un-normalises that latent (in its own dtype) into the raw 32-channel one it returns, so the latent its
+loop held after its last step (the same token sequence, captured by a step-end callback) is handed on instead of a
+re-normalised copy of its output (the fallback: patchified and normalised with its VAE's batch-norm statistics).
 
 `stop_at` K: the generator's x_t after K of its N steps (a step-end callback captures it and ends the loop: the last
 steps are skipped) goes to PiD with the scheduler's sigma after those K steps, as `pidray decode --sigma` takes a
@@ -33,17 +35,18 @@ ldm_spec = generator_spec  # the name the job's preflight and prompt planner use
 
 class StopAt:
     """A step-end callback: after `k` steps it keeps the loop's latents and the scheduler's sigma at that point, and
-    asks the pipeline to skip the rest of its loop."""
+    (with `interrupt`) asks the pipeline to skip the rest of its loop."""
 
-    def __init__(self, k: int):
-        self.k, self.latent, self.sigma = k, None, None
+    def __init__(self, k: int, interrupt: bool = True):
+        self.k, self.interrupt, self.latent, self.sigma = k, interrupt, None, None
 
     def __call__(self, pipe, step_index: int, timestep, kwargs: dict) -> dict:
         if step_index == self.k - 1:
             sigmas = pipe.scheduler.sigmas
             self.sigma = float(sigmas[min(step_index + 1, len(sigmas) - 1)])
-            self.latent = kwargs["latents"].detach().float().cpu()
-            pipe._interrupt = True  # every pipeline's loop skips its remaining steps when interrupted
+            self.latent = kwargs["latents"].detach().to("cpu", torch.float32, copy=True)  # never the loop's tensor
+            if self.interrupt:
+                pipe._interrupt = True  # every pipeline's loop skips its remaining steps when interrupted
         return kwargs
 
 
@@ -67,15 +70,18 @@ def generator_latent(pipe, spec: Generator, hw: tuple[int, int], steps: int, sto
     """Run the generator (`call`: the prompt or its embeddings, guidance, seed, ...) and return (PiD's latent, None),
     or with `stop_at` K < steps (x_t after K steps, the scheduler's sigma there)."""
     stop = StopAt(stop_at) if stop_at is not None and stop_at < steps else None
+    last = stop is None and spec.latent_format == "flux2-raw"  # klein returns it un-normalised: keep the loop's own
+    if last:
+        stop = StopAt(steps, interrupt=False)
     if stop is not None:
         call["callback_on_step_end"] = stop
     with torch.inference_mode():
         out = pipe(height=hw[0], width=hw[1], num_inference_steps=steps, output_type="latent", **call)
-    if stop is None:
+    if stop is None or (last and stop.latent is None):
         return to_pid_latent(out.images, spec.latent_format, hw, pipe), None
     if stop.latent is None:
         raise BadInput(f"{spec.pipeline} did not reach step {stop_at} of {steps}")
-    return to_pid_latent(stop.latent, spec.step_format, hw, pipe), stop.sigma
+    return to_pid_latent(stop.latent, spec.step_format, hw, pipe), None if last else stop.sigma
 
 
 class LDMStage:

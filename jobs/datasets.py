@@ -1,10 +1,10 @@
 """A bulk job over a dataset: `pidray upscale SRC DST --dataset webdataset|parquet`, before anything runs.
 
 SRC is a WebDataset shard (`.tar`) or a Parquet table, or a folder of them; without `--dataset` a SRC that holds only
-`.tar` or only `.parquet` files is taken as one (said in one line). Here: the flags, what is refused up front (S3,
-`--ray`, options that name files), the listing of SRC's shards, the check of every table's columns and schema, and
-what becomes of each shard whose output name is taken in DST (`settle`): the shard, not the sample, is the unit of
-output and of resume. Running it: `jobs.dataset_run`.
+`.tar` or only `.parquet` files (a local folder or an S3 prefix) is taken as one (said in one line). Here: the
+flags, what is refused up front (options that name files), the listing of SRC's shards (a local folder or an S3
+prefix), the check of every table's columns and schema, and what becomes of each shard whose output name is taken in
+DST (`settle`): the shard, not the sample, is the unit of output and of resume. Running it: `jobs.dataset_run`.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def dataset_of(args, note=None) -> DatasetJob | None:
     or None for a job over files."""
     fmt = getattr(args, "dataset", None)
     if fmt is None and not getattr(args, "in_place", False):
-        fmt = detect(args.src, args.dst)
+        fmt = detect(args.src, args.dst, _s3_of(args))
         if fmt and note:
             note(f"pidray: {args.src} holds only {EXTENSIONS[fmt]} files: reading them as {FORMAT_NAMES[fmt]} "
                  f"(--dataset {fmt})")  # fmt: skip
@@ -83,13 +83,6 @@ def dataset_of(args, note=None) -> DatasetJob | None:
 
 def refuse(cfg) -> None:
     """What a dataset job does not do, each in one line, before anything runs."""
-    if str(cfg.src).startswith("s3://") or str(cfg.dst).startswith("s3://"):
-        raise SetupError("--dataset reads and writes local folders: an s3:// SRC or DST is not supported with it "
-                         "(copy the shards or tables to a local disk, or use pidray.data.upscale in a Ray Data "
-                         "pipeline)")  # fmt: skip
-    if cfg.local is False:
-        raise SetupError("--dataset runs in this process (--local): --ray is not supported with it; for a cluster, "
-                         "use pidray.data.upscale in a Ray Data pipeline (docs/datasets.md)")  # fmt: skip
     for flag, value in (("--in-place", cfg.in_place), ("--suffix", cfg.suffix), ("--captions", cfg.captions),
                         ("--manifest", cfg.manifest)):  # fmt: skip
         if value:
@@ -97,9 +90,11 @@ def refuse(cfg) -> None:
                              "same names into DST, with each sample's own caption")  # fmt: skip
 
 
-def detect(src: str, dst: str) -> str | None:
-    """The format a local SRC holds when it is a .tar/.parquet file or a folder of only such files (hidden files and
-    DST aside; the first other file ends the look); None otherwise."""
+def detect(src: str, dst: str, s3=None) -> str | None:
+    """The format SRC holds when it is a .tar/.parquet file (or S3 object) or a folder (prefix) of only such files
+    (hidden files and DST aside; the first other file ends the look); None otherwise."""
+    if src.startswith("s3://"):
+        return _detect_s3(src, dst, s3)
     if "://" in src:
         return None
     p = Path(src)
@@ -118,12 +113,46 @@ def detect(src: str, dst: str) -> str | None:
     return found.pop() if found else None
 
 
-def source(root: str, follow: bool):
-    """SRC's folder as a location: its shards and tables are opened through it (`LocalLocation.open`: only a regular
-    file is read, never a named pipe, socket or device with a shard's name; a link only with --follow-symlinks)."""
-    from pipeline.storage import Location
+def _detect_s3(src: str, dst: str, s3) -> str | None:
+    from pipeline.storage import Location, S3Settings
 
-    return Location(root, follow_symlinks=follow)
+    s3 = s3 or S3Settings()
+    found = set()
+    try:
+        loc = Location(src, s3)
+        single = loc.single()
+        if single is not None:
+            return _format_of(single[1].key)
+        for _, entries in loc.folders(images_only=False, exclude=Location(dst, s3)):
+            for e in entries:
+                if e.skip or e.folder:
+                    continue
+                found.add(_format_of(e.key))
+                if None in found or len(found) > 1:
+                    return None
+    except Exception:  # SRC cannot be listed: the job's own checks say why, in one line
+        return None
+    return found.pop() if found else None
+
+
+def _s3_of(args):
+    from pipeline.storage import S3Settings
+
+    if not str(getattr(args, "src", "")).startswith("s3://"):
+        return None
+    a = {k: getattr(args, f"s3_{k}", None) for k in ("endpoint", "region", "profile", "retry_mode")}
+    return S3Settings(a["endpoint"], a["region"], a["profile"], a["retry_mode"] or "standard")
+
+
+def source(root: str, follow: bool, s3=None):
+    """SRC's folder or S3 prefix as a location: its shards and tables are opened through it (`LocalLocation.open`:
+    only a regular file is read, never a named pipe, socket or device with a shard's name; a link only with
+    --follow-symlinks; on S3 a GET). A local folder is made absolute: Ray's workers open it too."""
+    from pipeline.storage import Location, S3Settings
+
+    if not root.startswith("s3://"):
+        root = os.path.abspath(root)
+    return Location(root, s3 or S3Settings(), follow_symlinks=follow)
 
 
 def _format_of(name: str) -> str | None:
@@ -150,11 +179,13 @@ def _walk(root: Path, dst: str, hidden: bool, follow: bool):
 
 
 def list_shards(cfg, ds: DatasetJob) -> tuple[str, list[str], list[str]]:
-    """(SRC's folder, the shards or tables in it as relative keys, the other files); refuses DST = SRC."""
+    """(SRC's folder or prefix, the shards or tables in it as relative keys, the other files); refuses DST = SRC."""
+    if str(cfg.src).startswith("s3://"):
+        return _list_s3(cfg, ds)
     src = Path(cfg.src)
-    if os.path.realpath(cfg.dst) == os.path.realpath(src if src.is_dir() else src.parent):
-        raise SetupError(f"DST {cfg.dst} is SRC's folder: a dataset job writes shards or tables of the same names, "
-                         "which would be the inputs; choose another DST")  # fmt: skip
+    if not str(cfg.dst).startswith("s3://") and \
+            os.path.realpath(cfg.dst) == os.path.realpath(src if src.is_dir() else src.parent):  # fmt: skip
+        raise SetupError(_SAME.format(dst=cfg.dst))
     if src.is_file():
         if _format_of(src.name) != ds.format:
             raise SetupError(f"{cfg.src} is not a {EXTENSIONS[ds.format]} file (--dataset {ds.format})")
@@ -167,13 +198,45 @@ def list_shards(cfg, ds: DatasetJob) -> tuple[str, list[str], list[str]]:
     return str(src), shards, other
 
 
-def check_tables(root: str, tables: list[str], ds: DatasetJob, follow: bool = False) -> None:
-    """Every table's columns usable and one schema for all, read from their footers: one line otherwise."""
+_SAME = ("DST {dst} is SRC's folder: a dataset job writes shards or tables of the same names, which would be the "
+         "inputs; choose another DST")  # fmt: skip
+
+
+def _list_s3(cfg, ds: DatasetJob) -> tuple[str, list[str], list[str]]:
+    """An S3 SRC: one object, or every object below the prefix (DST left out when it lies inside; names starting
+    with '.' left out unless --include-hidden), listed a prefix at a time."""
+    from pipeline.storage import Location
+
+    src, dst = Location(cfg.src, cfg.s3), Location(cfg.dst, cfg.s3)
+    single = src.single()
+    if single is not None:
+        folder, entry = single
+        if _format_of(entry.key) != ds.format:
+            raise SetupError(f"{cfg.src} is not a {EXTENSIONS[ds.format]} object (--dataset {ds.format})")
+        src, keys = folder, [entry.key]
+    if dst.is_s3 and dst.real == src.real:
+        raise SetupError(_SAME.format(dst=cfg.dst))
+    if single is not None:
+        return src.uri, keys, []
+    shards, other = [], []
+    for _, entries in src.folders(images_only=False, exclude=dst, hidden=cfg.include_hidden):
+        for e in entries:
+            if e.skip or e.folder:
+                continue
+            (shards if _format_of(e.key) == ds.format else other).append(e.key)
+    if not shards:
+        raise SetupError(f"no {EXTENSIONS[ds.format]} objects found under {cfg.src} (--dataset {ds.format})")
+    return src.uri, shards, other
+
+
+def check_tables(root: str, tables: list[str], ds: DatasetJob, follow: bool = False, s3=None) -> None:
+    """Every table's columns usable and one schema for all, read from their footers (on S3 by ranged GETs): one line
+    otherwise."""
     import pyarrow.parquet as pq
 
     from pipeline.datasets.parquet import check_columns, check_same_schema, read_footer_length
 
-    schemas, src = [], source(root, follow)
+    schemas, src = [], source(root, follow, s3)
     for rel in tables:
         try:
             with src.open(rel) as f:
@@ -222,6 +285,9 @@ class Outputs:
             return {"written_by": row.get("written_by") or "earlier", "out_bytes": found.size}
         if row is not None and proof(row):
             return None  # the row that names it says otherwise (changed since, not a regular file)
+        if self.dst.is_s3:  # the object's own metadata: the id of the job that wrote it, and its key here
+            job = receipts.s3_job(self.dst, rel)
+            return {"written_by": job, "out_bytes": found.size} if job else None
         if self._receipts is None:
             self._receipts = receipts.read(self.dst)
         job, size = self._receipts.get(rel, ("", -1))

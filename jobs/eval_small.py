@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 from pipeline.graph import StageGraph
-from pipeline.model.sampling import ensemble_shift
 from pipeline.quality import (
     HOLDOUT,
     bicubic_up,
@@ -72,7 +71,7 @@ def evaluate(
     shipped_steps, shipped_ensemble = shipped_settings(weights)
     steps = steps or shipped_steps
     graph = StageGraph(ModelOptions(weights=weights), UpscaleOptions(steps=steps, ensemble=shipped_ensemble))
-    ensemble = ensemble_shift(graph.preset, graph.options) > 0
+    ensemble = graph.workflow.resolved.ensemble > 0
     stages = graph.build_all()
     rows, panels = [], []
     p = graph.preset.config.patch_size

@@ -96,6 +96,8 @@ def _config(args, src: str, dst: str) -> JobConfig:
     from pipeline.stages import UpscaleOptions
 
     gen = {k: v for k, v in from_args(args, GEN_OPTS).items() if v is not None}
+    if args.with_ is not None and not args.with_.strip():  # `--with=` or `--with "$UNSET"`: never PixelDiT instead
+        raise SetupError("--with needs a generator name or a folder")
     if (args.stop_at is not None or args.generator_offload) and not args.with_:
         raise SetupError("--stop-at and --generator-offload are for --with MODEL (generate-then-decode)")
     from pipeline.generate_options import GenerateOptions

@@ -39,7 +39,6 @@ from pipeline.errors import SetupError
 from pipeline.imageio import FORMATS, probe
 from pipeline.latents import LATENT_EXTENSIONS, is_latent_key
 from pipeline.noise import file_seed
-from pipeline.stages.common import resolve
 from pipeline.storage import Entry, FileInfo, Location, display, is_image_key
 
 __all__ = ["MANIFEST_NAME", "NOT_AN_IMAGE", "OUTPUT_EXTENSIONS", "Plan", "latent_key", "locations",
@@ -138,7 +137,6 @@ def _plan_folder(cfg, plan: Plan, folder: str, listed: list[Entry], protected: I
             row["notes"] = [e.note]
         if key in cfg.captions:
             row["caption"] = cfg.captions[key]
-        row["opts"] = resolve(cfg.options, row)  # the row's options, once, where it enters the job
         reason = _refusal(e, stem, cfg, dst, protected)
         if reason:
             out.append(("rejected", _row(e, "failed", cfg, key=key, error=f"plan: {reason[1]}",

@@ -60,15 +60,14 @@ class Weigher:
         if self.seen >= HEADER_ROWS:
             return max(1, round(self.sum / self.seen))
         from pipeline.imageio import probe
-        from pipeline.stages.common import sampler_steps
         from pipeline.stages.encode import plan_for
 
         work = 1
         try:
-            o = row.get("opts") or self.cfg.options
+            o = self.cfg.flow.enter(row)["opts"]  # the options it will run with (the driver enters it so too)
             hw = probe(self.plan.src.read(row.get("src_key") or row["key"], 1 << 16), max_pixels=1 << 62)
             tiles = plan_for(self.preset, o, hw).n_tiles
-            work = progress.forwards(tiles, sampler_steps(self.preset, o), self.preset.sampling.guided)
+            work = progress.forwards(tiles, o.steps, self.preset.sampling.guided)
         except Exception:  # unknown here: the row still counts, as one unit
             pass
         self.seen, self.sum = self.seen + 1, self.sum + work

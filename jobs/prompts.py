@@ -19,7 +19,7 @@ from jobs.rules import (
 from pipeline.errors import BadParameter, SetupError, is_number
 from pipeline.generate_options import GEN_OPTS, GEN_OVERRIDES, SIZE
 from pipeline.noise import file_seed
-from pipeline.stages.common import parse_size, resolve
+from pipeline.stages.common import parse_size
 from pipeline.storage import display
 
 PROMPT_FIELDS = ("prompt", *GEN_OVERRIDES, "name")  # a line's: its prompt, the settings a row may set, its name
@@ -114,7 +114,7 @@ def _short(value) -> str:
 
 
 def _whole(value, what: str, text: bool = False) -> int:
-    if text and isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,19}\s*", value):
+    if text and isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,19}\s*", value):  # ASCII digits only
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -122,7 +122,7 @@ def _whole(value, what: str, text: bool = False) -> int:
 
 
 def _number(value, what: str, text: bool = False) -> float:
-    if text and isinstance(value, str) and len(value) <= 40:
+    if text and isinstance(value, str) and len(value) <= 40 and value.isascii() and "_" not in value:  # not 1_0
         try:
             value = float(value)
         except ValueError:
@@ -222,7 +222,6 @@ def _plan_prompts(cfg) -> Plan:
                                                         "overwrite the prompt file"}, cfg.model.preset))  # fmt: skip
             continue
         row = {"key": key, "prompt": prompt, "gen": gen, "seed": gen["seed"], "output_stem": stem, "in_bytes": 0}
-        row["opts"] = resolve(cfg.options, {"seed": gen["seed"]})
         hits = [c for c in output_candidates(stem, cfg.options.format) if c in existing]
         if hits:
             failed = manifest_row({"key": key, "status": "failed", "seed": gen["seed"]}, cfg.model.preset)

@@ -155,6 +155,7 @@ def _iter_ray(cfg: JobConfig, plan: Plan, rows: Iterable[dict], feed_out: list |
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     graph = _graph(cfg, plan)
+    enter = graph.workflow.enter  # where rows enter: options resolved once, here in the driver
     actors = graph.actors(gpus, cfg.concurrency)
     if gpus and graph.gpus_needed(actors) > gpus:
         raise SetupError(f"the actors asked for ({actors}) need {graph.gpus_needed(actors):g} GPUs; the cluster has "
@@ -163,7 +164,7 @@ def _iter_ray(cfg: JobConfig, plan: Plan, rows: Iterable[dict], feed_out: list |
     # diffuse actor yields goes on to merge and write while it runs the next; the driver, its progress and the
     # manifest hear of each row soon after its output lands); a large row is a block.
     ctx.target_max_block_size = TARGET_BLOCK_BYTES
-    rows = iter(rows)
+    rows = (enter(r) for r in rows)
     first = list(itertools.islice(rows, SMALL_JOB_ROWS + 1))
     feed = None
     if len(first) <= SMALL_JOB_ROWS:  # the whole job is planned already: its rows enter at once

@@ -30,14 +30,16 @@ def output_settings(cfg) -> dict:
     out.update(preset=cfg.model.preset, format=o.format.lower() if o.format else "keep", tile=o.tile or "auto",
                overlap=o.overlap if o.overlap is not None else "preset")  # fmt: skip
     try:
-        from pipeline.model.sampling import ensemble_shift
-        from pipeline.stages.common import sampler_steps
+        from pipeline.options import Resolved
 
         preset = cfg.flow.preset
         out["preset"] = preset.name  # an alias and its preset are one model
-        out["scale"] = float(o.scale or preset.scale)
-        out["steps"] = sampler_steps(preset, o)
-        out["ensemble"] = bool(ensemble_shift(preset, o)) if preset.upscales else False
+        # against the workflow's own preset, as rows enter an upscale or decode job (a generate job's are recorded
+        # against its text-to-image preset, as they always were: earlier manifests compare equal)
+        r = Resolved.of(o, preset)
+        out["scale"] = r.scale
+        out["steps"] = r.steps
+        out["ensemble"] = bool(r.ensemble) if preset.upscales else False
     except Exception:  # preflight refuses such a job in its own words
         out.update(scale=o.scale, steps=o.steps, ensemble=o.ensemble)
     out["precision"] = _precision(cfg.model)

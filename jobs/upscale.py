@@ -239,13 +239,9 @@ def config_from_args(args) -> JobConfig:
         latent_format=getattr(args, "latent_format", None), out_size=getattr(args, "size", None),
         sigma=getattr(args, "sigma", None), limit=getattr(args, "limit", None), manifest=getattr(args, "manifest", ""),
     )  # fmt: skip
-    from pipeline.model.sampling import ensemble_shift
-    from pipeline.stages.common import sampler_steps
-
-    preset = cfg.flow.preset  # the job's workflow, resolved here where the job enters
-    sampler_steps(preset, options)  # steps, --cfg-scale and --shift refused up front where the sampler cannot
-    if options.ensemble:
-        ensemble_shift(preset, options)  # refused up front for a model that cannot shift
+    # the job's workflow and options resolved here, where the job enters: steps, --cfg-scale, --shift and --ensemble
+    # refused up front where the preset's sampler or network cannot take them
+    cfg.flow.resolved
     return cfg
 
 

@@ -23,7 +23,7 @@ from dataclasses import fields
 
 import numpy as np
 
-from pipeline.errors import BadInput, BadParameter, SetupError
+from pipeline.errors import BadInput, BadParameter, SetupError, is_number
 from pipeline.runtime import ModelOptions
 from pipeline.stages.common import UpscaleOptions
 
@@ -119,14 +119,10 @@ def _options(preset, options: dict) -> tuple[ModelOptions, UpscaleOptions]:
 
 
 def _check_steps(workflow) -> None:
-    from pipeline.model.sampling import ensemble_shift
-    from pipeline.stages.common import sampler_steps
-
     preset = workflow.preset
     if not preset.upscales:  # as the bulk job's preflight says it
         raise BadParameter(f"preset {preset.name!r} is a text-to-image model: it does not upscale")
-    sampler_steps(preset, workflow.options)
-    ensemble_shift(preset, workflow.options)
+    workflow.resolved  # the options against the preset (steps, guidance, ensemble): refused before anything runs
 
 
 def _check_columns(ds, image_column: str, caption_column: str | None, key_column: str | None,
@@ -187,7 +183,7 @@ def _with_graph(ds, workflow, concurrency, image_column: str, enter: dict):
         raise SetupError(f"the actors asked for ({actors}) need {graph.gpus_needed(actors):g} GPUs; the cluster has "
                          f"{gpus}")  # fmt: skip
     ds = ds.map_batches(_enter, batch_format="pyarrow", batch_size=ENTER_ROWS, zero_copy_batch=True,
-                        fn_kwargs=enter)  # fmt: skip
+                        fn_kwargs={**enter, "workflow": workflow})  # fmt: skip
     ds = add_stages(ds, graph, actors, gpus, cpus)
     return ds.map_batches(_leave, batch_format="numpy", batch_size=ENTER_ROWS, fn_kwargs={"image_column": image_column})
 
@@ -201,11 +197,13 @@ def _ipc(table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _enter(batch, *, image_column: str, layout: str, caption_column: str | None, key_column: str | None,
+def _enter(batch, *, workflow, image_column: str, layout: str, caption_column: str | None, key_column: str | None,
            sigma_column: str | None = None, latents: bool = False) -> dict:  # fmt: skip
-    """A batch of the dataset's rows -> stage rows ({"i", "row": pickled}): the image's (or latent file's) bytes, its
-    caption, sigma and key, and the rest of the row (every column, the image's bytes left out) to be put back when
-    it leaves. A latent's key takes its file's extension, from its first bytes (the latent stage reads by name)."""
+    """A batch of the dataset's rows -> stage rows ({"i", "row": pickled}) entered into `workflow` (its options
+    resolved, `Workflow.enter`): the image's (or latent file's) bytes, its caption, sigma and key, and the rest of
+    the row (every column, the image's bytes left out) to be put back when it leaves. A latent's key takes its file's
+    extension, from its first bytes (the latent stage reads by name)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     from pipeline.datasets.parquet import output_table
@@ -213,7 +211,7 @@ def _enter(batch, *, image_column: str, layout: str, caption_column: str | None,
 
     col = batch.column(image_column)
     n = batch.num_rows
-    if layout == "struct":
+    if pa.types.is_struct(col.type) and col.type.get_field_index("bytes") >= 0:  # whatever `layout` guessed
         data = pc.struct_field(col, "bytes").to_pylist()
     else:
         data = col.to_pylist()
@@ -224,18 +222,21 @@ def _enter(batch, *, image_column: str, layout: str, caption_column: str | None,
     rows = []
     for j in range(n):
         image = data[j]
-        key = str(keys[j]) if keys[j] is not None else _digest(image)
+        cell = isinstance(image, (bytes, bytearray, memoryview))
+        key = str(keys[j]) if keys[j] is not None else _digest(image if cell else None)
         row = {"key": key, "bytes": image, _REST: _ipc(rest.slice(j, 1))}
         if isinstance(captions[j], str) and captions[j]:
             row["caption"] = captions[j]
         if sigmas[j] is not None:
-            row["sigma"] = float(sigmas[j])
+            row["sigma"] = sigmas[j]  # checked with the latent (`_latent_row`): a number, else the row fails
+        what = "latent" if latents else "image"
         if image is None:
-            what = "latent" if latents else "image"
             row = failed(row, "input", BadInput(f"no {what}: the {image_column!r} cell is null"))
+        elif not cell:  # a dataset of pandas blocks: its column's type was not checked up front
+            row = failed(row, "input", BadInput(f"the {image_column!r} cell is {type(image).__name__}, not bytes"))
         elif latents:
             row = _latent_row(row, image)
-        rows.append(pickle.dumps(row))
+        rows.append(pickle.dumps(workflow.enter(row)))
     return {"i": np.arange(n), "row": np.array(rows, dtype=object)}
 
 
@@ -245,8 +246,8 @@ def _latent_row(row: dict, data: bytes) -> dict:
     from pipeline.stages import failed
 
     sigma = row.get("sigma")
-    if sigma is not None and not 0.0 <= sigma < 1e3:  # NaN too
-        return failed(row, "input", BadInput(f"sigma must be a number >= 0, got {sigma!r}"))
+    if sigma is not None and not (is_number(sigma) and 0.0 <= sigma < 1e3):  # NaN, text, a list too
+        return failed(row, "input", BadInput(f"sigma must be a number >= 0, got {str(sigma)[:40]!r}"))
     if data[:6] == b"\x93NUMPY":
         ext = ".npy"
     elif data[:4] == b"PK\x03\x04":
@@ -255,7 +256,8 @@ def _latent_row(row: dict, data: bytes) -> dict:
         ext = ".safetensors"
     else:
         return failed(row, "input", BadInput("not a latent file (.safetensors, .npy or .npz bytes)"))
-    return {**row, "key": row["key"] + ext}
+    sigma = {} if sigma is None else {"sigma": float(sigma)}
+    return {**row, **sigma, "key": row["key"] + ext, "src_key": "latent" + ext}  # read by its bytes' name, not the key
 
 
 def _digest(data: bytes | None) -> str:

@@ -9,6 +9,7 @@ Imports nothing heavy (no torch): `pidray generate --help` builds its parser fro
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 
 from pipeline.errors import BadParameter
@@ -48,8 +49,9 @@ class GenerateOptions:
         if self.negative_prompt is not None:
             check_text(self.negative_prompt, "negative_prompt")
         if self.size is not None:
-            if not isinstance(self.size, (tuple, list)) or len(self.size) != 2:
-                raise BadParameter(f"size must be (height, width), got {self.size!r}")
+            whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
+            if not isinstance(self.size, (tuple, list)) or len(self.size) != 2 or not all(map(whole, self.size)):
+                raise BadParameter(f"size must be (height, width) whole numbers, got {str(self.size)[:60]}")
             h, w = (int(v) for v in self.size)
             if min(h, w) < 16 or max(h, w) > self.max_side:
                 raise BadParameter(f"size {w}x{h} must be between 16 and {self.max_side} pixels a side")
@@ -58,6 +60,9 @@ class GenerateOptions:
     def resolved(self, preset, defaults: dict | None = None) -> GenerateOptions:
         """Every unset field from the preset's defaults (or `defaults`: a generator's, with the multiple its sides
         must be); the size checked against it (else the network's patch size)."""
+        if defaults is None and self.stop_at is not None:  # a text-to-image preset runs all its steps
+            raise BadParameter("stop_at is for a generator's latent (pidray generate --with MODEL; an endpoint's "
+                               'generate={"with": ...}), not a text-to-image preset')  # fmt: skip
         d = defaults if defaults is not None else preset.t2i
         out = replace(
             self,

@@ -91,56 +91,114 @@ CLASSES = sorted({g.pipeline for g in GENERATORS.values()})
 MAX_INDEX_BYTES = 1 << 20  # a model_index.json
 
 
+def _shown(text: str) -> str:
+    """A name or path as a message shows it: at most 200 characters, quoted when it holds what a line cannot."""
+    text = str(text)
+    return text if len(text) <= 200 and text.isprintable() else repr(text[:200]) + ("..." if len(text) > 200 else "")
+
+
 def unknown_generator(name: str) -> str:
     """One line for a name that is no generator (and no folder): the nearest name, the known ones."""
     import difflib
 
-    near = difflib.get_close_matches(str(name), list(GENERATORS), n=1, cutoff=0.5)
+    near = difflib.get_close_matches(str(name)[:200], list(GENERATORS), n=1, cutoff=0.5)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
-    return (f"--with {name!r}: not a generator{hint} and not a diffusers folder (no model_index.json); known: "
-            f"{', '.join(GENERATORS)}")  # fmt: skip
+    return (f"--with {str(name)[:200]!r}: not a generator{hint} and not a diffusers folder (no model_index.json); "
+            f"known: {', '.join(GENERATORS)}")  # fmt: skip
 
 
 def generator_spec(name_or_dir: str) -> tuple[Generator, str]:
     """(the generator's settings, where to load it from): a registry name (its hub id) or a local folder laid out like
     a diffusers repository, its class read from model_index.json and checked (with the components it names) before
     anything loads; the folder takes the settings of the first name of its class, or of NAME with `NAME=DIR` (a
-    folder of Z-Image-Turbo: `zimage-turbo=DIR`, which runs 9 steps without guidance, not Z-Image's 50 guided)."""
+    folder of Z-Image-Turbo: `zimage-turbo=DIR`, which runs 9 steps without guidance, not Z-Image's 50 guided). DIR
+    is a folder, whatever it holds ('=' included); anything else is a SetupError in one line."""
     if name_or_dir in GENERATORS:
         g = GENERATORS[name_or_dir]
         return g, g.hub_id
-    named, _, folder = str(name_or_dir).partition("=")
-    if folder and named in GENERATORS:  # NAME=DIR: the folder holds that one (zimage-turbo, klein-9b, ...)
-        g, where = generator_spec(folder)
+    text = str(name_or_dir)
+    named, eq, folder = text.partition("=")
+    if eq and named in GENERATORS:  # NAME=DIR: the folder holds that one (zimage-turbo, klein-9b, ...)
+        if not folder.strip() or folder in GENERATORS:
+            raise SetupError(
+                f"--with {_shown(text)}: NAME=DIR needs a folder after '='"
+                + (f", not a generator's name (--with {folder})" if folder in GENERATORS else "")
+            )
+        g, where = _folder_spec(folder, f"--with {_shown(text)}")
         if g.pipeline != GENERATORS[named].pipeline:
-            raise SetupError(f"--with {name_or_dir}: the folder holds a {g.pipeline}, not {named}'s "
+            raise SetupError(f"--with {_shown(text)}: the folder holds a {g.pipeline}, not {named}'s "
                              f"{GENERATORS[named].pipeline}")  # fmt: skip
         return GENERATORS[named], where
-    path = Path(str(name_or_dir)).expanduser()
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise SetupError(unknown_generator(name_or_dir))
-    what = f"--with {name_or_dir}"
+    if eq and not named and not _is_dir(text):
+        raise SetupError(f"--with {_shown(text)}: NAME=DIR needs a generator name before '=' "
+                         f"({', '.join(GENERATORS)})")  # fmt: skip
+    return _folder_spec(text, f"--with {_shown(text)}")
+
+
+def _is_dir(text: str) -> bool:
     try:
-        if index.stat().st_size > MAX_INDEX_BYTES:
-            raise ValueError(f"over {MAX_INDEX_BYTES:,} bytes")
-        meta = json.loads(index.read_text("utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise SetupError(f"{what}: model_index.json is not readable ({e})") from None
+        return Path(text).expanduser().is_dir()
+    except (OSError, ValueError, RuntimeError):  # a name too long, a NUL, ~user without a home
+        return False
+
+
+def _folder_spec(text: str, what: str) -> tuple[Generator, str]:
+    """A diffusers folder's generator: its model_index.json (a regular file of at most MAX_INDEX_BYTES, read once
+    and bounded) names a class pidray runs and components the folder holds."""
+    import stat
+
+    try:
+        path = Path(text).expanduser()
+        if not path.is_dir():
+            if path.is_file():
+                raise SetupError(f"{what}: a file, not a diffusers folder (give the folder of its model_index.json)")
+            raise SetupError(unknown_generator(text))
+        mode = (path / "model_index.json").stat().st_mode  # through a link: what it points at
+    except (OSError, ValueError, RuntimeError):  # none there, a name too long, a NUL, ~user without a home
+        raise SetupError(unknown_generator(text)) from None
+    if not stat.S_ISREG(mode):
+        raise SetupError(f"{what}: its model_index.json is not a regular file (a FIFO, a device or a folder)")
+    meta = _read_index(path / "model_index.json", what)
     cls = meta.get("_class_name")
-    if cls not in CLASSES:
+    if not isinstance(cls, str) or cls not in CLASSES:
         raise SetupError(f"{what}: its model_index.json names {str(cls)[:80]!r}, not a generator pidray runs "
                          f"({', '.join(CLASSES)})")  # fmt: skip
     for comp, spec in meta.items():  # each component it names must be a folder of the repository
         if comp.startswith("_") or not isinstance(spec, list) or spec[:1] == [None] or spec == [None, None]:
             continue
-        if not (path / comp).is_dir():
-            raise SetupError(f"{what}: model_index.json names a component {comp!r} ({spec[-1]}) that the folder "
-                             "does not hold")  # fmt: skip
+        try:
+            held = (path / comp).is_dir()
+        except (OSError, ValueError):  # a name too long, a NUL
+            held = False
+        if not held:
+            raise SetupError(f"{what}: model_index.json names a component {comp[:60]!r} "
+                             f"({str(spec[-1] if spec else spec)[:60]!r}) that the folder does not hold")  # fmt: skip
     base = next(g for g in GENERATORS.values() if g.pipeline == cls)
     return base, str(path)
+
+
+def _read_index(index: Path, what: str) -> dict:
+    """model_index.json as a JSON object, read without blocking (a FIFO swapped in) and at most MAX_INDEX_BYTES + 1
+    bytes of it (a file that says it is empty, as /proc's do, may hold more)."""
+    import os
+    import stat
+
+    try:
+        fd = os.open(index, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError("not a regular file")
+            data = f.read(MAX_INDEX_BYTES + 1)
+        if len(data) > MAX_INDEX_BYTES:
+            raise ValueError(f"over {MAX_INDEX_BYTES:,} bytes")
+        meta = json.loads(data.decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except RecursionError:
+        raise SetupError(f"{what}: model_index.json is not readable (JSON nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SetupError(f"{what}: model_index.json is not readable ({str(e)[:120]})") from None
+    return meta
 
 
 def generators_help() -> str:

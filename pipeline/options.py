@@ -11,7 +11,7 @@ Imports nothing heavy (no torch, no PIL at module level): `pidray --help` builds
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from pipeline.errors import BadParameter
 from pipeline.values import SEED_LIMIT, check_seed, strict_from_dict
@@ -99,6 +99,12 @@ class UpscaleOptions:
     def from_dict(cls, d: dict) -> UpscaleOptions:
         return strict_from_dict(cls, d)
 
+    def overridden(self, row: dict) -> UpscaleOptions:
+        """These options with a row's (or request's) overrides (`OVERRIDES`: those it sets), each checked as declared
+        (BadParameter otherwise); these very options when it sets none."""
+        over = {k: row[k] for k in OVERRIDES if row.get(k) is not None}
+        return replace(self, **over) if over else self
+
 
 OPTS: dict[str, Opt] = {f.name: f.metadata["opt"] for f in fields(UpscaleOptions)}
 DEFAULTS: dict[str, object] = {f.name: f.default for f in fields(UpscaleOptions) if f.default is not MISSING}
@@ -108,6 +114,69 @@ OVERRIDES: dict[str, type] = {name: o.kind for name, o in OPTS.items() if o.row}
 SHAPING_OPTIONS: tuple[str, ...] = tuple(name for name, o in OPTS.items() if o.shapes)
 
 _KIND_NAMES = {int: "an integer", float: "a number", str: "a text", bool: "true or false"}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A row's options as it enters (`pipeline.workflow.Workflow.enter`, the one way a row comes in): the row's
+    overrides over the job's (or endpoint's) options, and every value the workflow's PiD preset decides filled in
+    and checked against its sampler (`preset.sampling.settle`). No field is None-meaning-"the preset's"; two stay
+    open because the input decides them: `format` (None: the input's own; the merge stage, from the decoded source)
+    and, for a guided preset, `shift` (None: the dynamic shift of the output's size; the diffuse stage, from the tile
+    plan: `preset.sampling.guidance`). A workflow without a PiD model (generate without an upscale) writes its image
+    at its own size: scale 1 unless asked, and 0 for the PiD sampler's steps, ensemble, tile and overlap.
+
+    The fields are `UpscaleOptions`' in its order; stages read them as they are."""
+
+    scale: float  # the output scale: the asked one, else the preset's native one
+    steps: int  # the sampler's steps (the asked ones or the preset's), within what the sampler can do
+    cfg_scale: float | None  # the guidance scale of a guided preset; None: the preset samples without guidance
+    shift: float | None  # a guided preset's flow shift; None: dynamic, from the output's size (or not guided)
+    seed: int
+    caption: str
+    degrade_sigma: float
+    sampler: str
+    ensemble: int  # the shifted-grid ensemble's shift in output pixels; 0: off
+    tile: int  # the tile side in output pixels
+    overlap: int  # the tile overlap in latent pixels
+    fusion: bool
+    tile_buckets: bool
+    format: str | None  # None: the input's own format
+    quality: int
+    background: str
+    max_pixels: int
+    max_output_side: int
+
+    def __post_init__(self):
+        # what a stage may set after entry (a latent file's caption and sigma, replace()) is checked as declared
+        for name in _FREE:
+            object.__setattr__(self, name, check(name, getattr(self, name)))
+
+    @classmethod
+    def of(cls, options: UpscaleOptions | Resolved, preset) -> Resolved:
+        """`options` resolved against `preset`, the PiD model that samples (None: a workflow without one); options
+        resolved already are returned as they are. BadParameter for what the preset's sampler or network cannot do
+        (more steps than a distilled schedule has, guidance settings for a distilled preset, an ensemble the model
+        cannot shift). `Workflow.enter` resolves each row with it; stages built without a workflow, and the callers
+        that plan without a row, resolve their options with it too."""
+        if isinstance(options, Resolved):
+            return options
+        values = asdict(options)
+        if preset is None:
+            values.update(scale=1.0 if options.scale is None else options.scale, steps=0, cfg_scale=None, shift=None,
+                          ensemble=0, tile=0, overlap=0)  # fmt: skip
+            return cls(**values)
+        values.update(preset.sampling.settle(options))  # steps, cfg_scale, shift, ensemble
+        values.update(scale=float(preset.scale) if options.scale is None else options.scale,
+                      tile=options.tile or preset.default_tile or preset.envelope[1],
+                      overlap=preset.tile_overlap if options.overlap is None else options.overlap)  # fmt: skip
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_FREE = ("seed", "caption", "degrade_sigma", "format", "quality", "background")  # Resolved's fields as declared
 
 
 def declared(cls) -> tuple[dict[str, Opt], dict[str, object]]:

@@ -10,19 +10,25 @@ up: the CLI job, the endpoint's builder and the Python API call it once. A workf
 options, the latent format and the generator's settings, and owns what differs between workflows: its stages (the
 `StageSpec`s every driver iterates), what its rows enter as (`enters`), and the models whose weights its preflight
 checks (`models`). Adding a workflow is a class here and its entry in `WORKFLOWS`; no driver changes.
+
+`Workflow.enter` is the one way a row comes in, in every driver (the local loop, Ray Data, the endpoint, the Python
+API): it resolves the row's options once (`pipeline.options.Resolved`: its overrides over the workflow's, every value
+the PiD preset decides filled in and checked), and the stages read them as they are.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar
 
 from pipeline.memory import tile_bytes, weight_bytes
 from pipeline.model.presets import Preset, get_preset
+from pipeline.options import Resolved
 from pipeline.runtime import ModelOptions, encode_bytes
 from pipeline.spec import Footprint, StageSpec
 from pipeline.stages import DecodeStage, DiffuseStage, EncodeStage, MergeStage, ReadStage, WriteStage
-from pipeline.stages.common import UpscaleOptions, resolve
+from pipeline.stages.common import UpscaleOptions
 from pipeline.stages.latent import LatentStage
 from pipeline.t2i import GenerateOptions
 
@@ -50,10 +56,11 @@ def _merge_bytes(f: Footprint) -> int:
     return f.plan.out_hw[0] * f.plan.out_hw[1] * 3 * 2 * 2
 
 
-def pid_stages(model: ModelOptions, preset: Preset, options: UpscaleOptions, holds_encode: bool, encode_share: float,
+def pid_stages(model: ModelOptions, preset: Preset, options: Resolved, holds_encode: bool, encode_share: float,
                diffuse_share: float, lq: bool = True) -> list[StageSpec]:  # fmt: skip
     """PiD's stages, the same in every workflow: encode (the LQ encoder and the captioner; `lq=False`: the rows
-    bring their latent, only the plan and caption are made), diffuse, merge — with their shares of a GPU."""
+    bring their latent, only the plan and caption are made), diffuse, merge — with their shares of a GPU. `options`:
+    the workflow's, resolved (the job-wide settings those stages read; each row brings its own)."""
     encode_kw = {"model": model, "preset": preset, "options": options, "gpu_share": encode_share or 1.0, "lq": lq}
     diffuse_kw = {"model": model, "preset": preset, "options": options, "gpu_share": diffuse_share}
     return [
@@ -61,7 +68,7 @@ def pid_stages(model: ModelOptions, preset: Preset, options: UpscaleOptions, hol
                   memory=_encode_bytes if lq else None),
         StageSpec("diffuse", DiffuseStage, diffuse_kw, True, True, batch_rows=16, gpu_share=diffuse_share,
                   memory=_diffuse_bytes, records_node=True, serve_ongoing=16, serve_cpus=0.5),
-        StageSpec("merge", MergeStage, {"options": options}, False, False, memory=_merge_bytes),
+        StageSpec("merge", MergeStage, {}, False, False, memory=_merge_bytes),
     ]  # fmt: skip
 
 
@@ -92,9 +99,27 @@ class Workflow:
     def stages(self) -> list[StageSpec]:
         raise NotImplementedError
 
+    @property
+    def samples_with(self) -> Preset | None:
+        """The PiD preset whose sampler the options are resolved against (None: no PiD stage runs)."""
+        return self.preset
+
+    @cached_property
+    def resolved(self) -> Resolved:
+        """The workflow's own options resolved against its PiD preset (`Resolved`): what a row that sets nothing
+        enters with, and the job-wide settings its stages read. BadParameter for what the preset cannot do."""
+        return Resolved.of(self.options, self.samples_with)
+
     def enter(self, row: dict) -> dict:
-        """A row as it enters: its options resolved once over the workflow's (kept when already resolved)."""
-        return row if "opts" in row else {**row, "opts": resolve(self.options, row)}
+        """A row as it enters, the one way a row comes in (every driver calls it): `opts`, its options resolved once
+        (`Resolved`: the row's overrides over the workflow's options, everything the preset decides filled in and
+        checked); kept when the row has entered already. BadParameter for an override or a value the preset cannot
+        take."""
+        if isinstance(row.get("opts"), Resolved):
+            return row
+        options = self.options.overridden(row)
+        opts = self.resolved if options is self.options else Resolved.of(options, self.samples_with)
+        return {**row, "opts": opts}
 
     def models(self) -> list[tuple[ModelOptions, Preset]]:
         """The models whose weights this workflow loads (what its preflight looks for)."""
@@ -113,7 +138,7 @@ class Upscale(Workflow):
         share = 0.25 if vae else 0.0  # on a GPU cluster the shares of one GPU add up to 1
         decode = StageSpec("decode", DecodeStage, {"max_pixels": self.options.max_pixels}, False, False,
                            memory=_decode_bytes)  # fmt: skip
-        return [decode, *pid_stages(self.model, self.preset, self.options, vae, share, 1.0 - share)]
+        return [decode, *pid_stages(self.model, self.preset, self.resolved, vae, share, 1.0 - share)]
 
 
 @dataclass(frozen=True)
@@ -128,9 +153,9 @@ class Decode(Workflow):
     def stages(self) -> list[StageSpec]:
         captioned = self.preset.captioned
         share = 0.1 if captioned else 0.0
-        kw = {"preset": self.preset, "latent_format": self.latent_format, "options": self.options}
+        kw = {"preset": self.preset, "latent_format": self.latent_format}
         latent = StageSpec("latent", LatentStage, kw, False, False)
-        return [latent, *pid_stages(self.model, self.preset, self.options, captioned, share, 1.0 - share, lq=False)]
+        return [latent, *pid_stages(self.model, self.preset, self.resolved, captioned, share, 1.0 - share, lq=False)]
 
 
 @dataclass(frozen=True)
@@ -146,6 +171,10 @@ class Generate(Workflow):
     reads_images: ClassVar[bool] = False
     takes_prompts: ClassVar[bool] = True
 
+    @property
+    def samples_with(self) -> Preset | None:
+        return self.upscale_preset  # PixelDiT's image is written as it is unless a PiD preset upscales it
+
     def generate_stage(self, gpu_share: float) -> StageSpec:
         emit = self.emit or ("image" if self.upscale else "pixels")
         kw = {"model": self.model, "preset": self.preset, "options": self.gen, "emit": emit}
@@ -153,9 +182,9 @@ class Generate(Workflow):
 
     def stages(self) -> list[StageSpec]:
         if self.upscale is None:
-            return [self.generate_stage(1.0), StageSpec("merge", MergeStage, {"options": self.options}, False, False)]
+            return [self.generate_stage(1.0), StageSpec("merge", MergeStage, {}, False, False)]
         vae = not self.upscale_preset.family.pixels
-        pid = pid_stages(self.upscale, self.upscale_preset, self.options, vae, 0.1 if vae else 0.0, 0.4)
+        pid = pid_stages(self.upscale, self.upscale_preset, self.resolved, vae, 0.1 if vae else 0.0, 0.4)
         return [self.generate_stage(0.5), *pid]
 
     def models(self) -> list[tuple[ModelOptions, Preset]]:
@@ -184,12 +213,12 @@ class Ldm(Workflow):
 
         captioned = self.preset.captioned
         kw = {"model": self.model, "preset": self.preset, "ldm": self.ldm, "options": self.gen,
-              "upscale": self.options, "offload": self.offload}  # fmt: skip
+              "offload": self.offload}  # fmt: skip
         spec = generator_spec(self.ldm)[0]
         need = spec.memory_bytes(self.offload)
         ldm = StageSpec("ldm", LDMStage, kw, True, True, batch_rows=1, gpu_share=spec.gpu_share(self.offload),
                         memory=lambda f: need)  # fmt: skip
-        return [ldm, *pid_stages(self.model, self.preset, self.options, captioned, 0.1 if captioned else 0.0, 0.4,
+        return [ldm, *pid_stages(self.model, self.preset, self.resolved, captioned, 0.1 if captioned else 0.0, 0.4,
                                  lq=False)]  # fmt: skip
 
 

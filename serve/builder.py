@@ -166,8 +166,13 @@ def served_workflows(a: AppArgs) -> Chains:
     latents), and with `generate`, the text-to-image preset's generation, alone and followed by the upscale."""
     model, options = a.model_options(), UpscaleOptions.from_dict(a.options)
     up = resolve_workflow("upscale", model, options)
+    up.resolved  # the endpoint's options against its preset (steps, guidance, ensemble): refused here, not in a replica
     dec = resolve_workflow("decode", model, options, preset=up.preset) if up.preset.decodes_latents else None
-    gen_opts = GenerateOptions.from_dict((a.generate or {}).get("options", {}))
+    given = (a.generate or {}).get("options")
+    given = {} if given is None else given  # `options:` with nothing under it in YAML
+    if not isinstance(given, dict):
+        raise ValueError(f"generate.options must be a mapping of generate settings, got {type(given).__name__}")
+    gen_opts = GenerateOptions.from_dict(given)
     ldm = a.generate_with()
     if ldm is not None:  # generate-then-decode: the generator's latent, decoded by the served PiD preset
         from pipeline.generators import generator_spec

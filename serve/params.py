@@ -14,7 +14,8 @@ from pipeline.errors import BadParameter, Refused, TooLarge
 from pipeline.generate_options import GEN_DEFAULTS, GEN_OPTS, GEN_OVERRIDES, MAX_PROMPT_CHARS, SIZE
 from pipeline.imageio import output_format
 from pipeline.model.presets import ALIASES
-from pipeline.stages.common import OVERRIDES, UpscaleOptions, parse_size, resolve, sampler_steps, work_factor
+from pipeline.options import Resolved
+from pipeline.stages.common import OVERRIDES, UpscaleOptions, parse_size
 from pipeline.stages.encode import plan_for
 from pipeline.tiling import TilePlan, check_output_side, target_size
 
@@ -71,13 +72,9 @@ def openapi_generate() -> dict:
 
 
 def parse_params(params: dict, preset, options: UpscaleOptions, s3_configured: bool, extra: tuple = ()) -> dict:
-    """A request's parameters -> row overrides, validated by the job's own rules; BadParameter (422) otherwise."""
-    return request_row(params, preset, options, s3_configured, extra)[0]
-
-
-def request_row(params: dict, preset, options: UpscaleOptions, s3_configured: bool,
-                extra: tuple = ()) -> tuple[dict, UpscaleOptions]:  # fmt: skip
-    """A request's parameters -> (row overrides, the request's options resolved once over the endpoint's)."""
+    """A request's parameters -> its row (the overrides, and `extra`'s fields), validated by the job's own rules
+    before any work; BadParameter (422) otherwise. The route then enters the row into its workflow
+    (`Workflow.enter`), which resolves its options."""
     unknown = sorted(set(params) - set(ROW_PARAMS) - {"preset", "store", "timeout"} - set(extra))
     if unknown:
         raise BadParameter(f"unknown parameter(s): {unknown}")
@@ -98,7 +95,7 @@ def request_row(params: dict, preset, options: UpscaleOptions, s3_configured: bo
                 raise BadParameter(f"{name} must be {kind.__name__}, got {params[name]!r}") from None
     if "caption" in row:
         check_text(row["caption"], "caption")
-    opts = resolve(options, row)  # validated by the same rules as the job (the seed's range included), before any work
+    options.overridden(row)  # checked by the same rules as the job (the seed's range included), before any work
     if "format" in row:
         output_format(None, row["format"])
     if params.get("id"):
@@ -117,7 +114,7 @@ def request_row(params: dict, preset, options: UpscaleOptions, s3_configured: bo
 
         check_format(params["latent_format"], preset)
         row["latent_format"] = params["latent_format"]
-    return row, opts
+    return row
 
 
 MAX_JSON_BYTES = 256 << 10  # a /v1/generate body: two prompts of MAX_PROMPT_CHARS, even \u-escaped, fit many times
@@ -183,14 +180,15 @@ def latent_name(data: bytes) -> str:
     raise Refused("bad_input", "the body is not a latent file (.safetensors, .npy or .npz)")
 
 
-def upscale_plan(preset, opts: UpscaleOptions, in_hw: tuple[int, int], max_cost: float) -> TilePlan:
-    """The tile plan of a request (planned once: the encode stage takes it), or TooLarge when its output side or its
-    work (pixels diffused × steps, × 2 for the ensemble's pass or guidance's second forward) is over the limits."""
+def upscale_plan(preset, opts: Resolved, in_hw: tuple[int, int], max_cost: float) -> TilePlan:
+    """The tile plan of a request (planned once: the encode stage takes it) from its options as it entered, or
+    TooLarge when its output side or its work (pixels diffused × steps, × 2 for the ensemble's pass or guidance's
+    second forward) is over the limits."""
     plan = plan_for(preset, opts, in_hw)
     check_output_side(target_size(plan.in_hw, plan.sr_scale, opts.scale), opts.max_output_side)
     th, tw = plan.tile_out
-    steps = sampler_steps(preset, opts)
-    factor = work_factor(preset, opts, (th, tw))  # the ensemble's pass, or guidance's second forward
+    steps = opts.steps
+    factor = preset.sampling.work_factor(opts, (th, tw))  # the ensemble's pass, or guidance's second forward
     cost = plan.n_tiles * th * tw * steps * factor / 1e6
     if cost > max_cost:
         raise TooLarge(

@@ -38,7 +38,7 @@ from pipeline.imageio import output_format, probe
 from pipeline.model.presets import PRESETS
 from pipeline.spec import StageSpec
 from pipeline.stages import run_stage
-from pipeline.stages.common import parse_size, resolve
+from pipeline.stages.common import parse_size
 from pipeline.stages.encode import given_latent_in_hw
 from pipeline.values import check_seed
 from pipeline.workflow import Workflow
@@ -56,7 +56,7 @@ from serve.params import (
     latent_name,
     openapi_doc,
     openapi_generate,
-    request_row,
+    parse_params,
     served_generator,
     upscale_plan,
 )
@@ -109,6 +109,7 @@ class Ingress:
         self._local: dict[str, object] = {}  # the stages that run here, one instance per stage
         served = [getattr(workflows, f.name) for f in dataclasses.fields(workflows)]
         self.chains = Chains(*(self._links(w, handles) if w is not None else None for w in served))
+        self.flows = workflows  # each route's workflow: its `enter` is where a request's row comes in
         up = workflows.upscale
         if workflows.decode is not None:  # the latent is read here, with the endpoint's bounds on one body
             spec = self.chains.decode[0][0]
@@ -248,8 +249,8 @@ class Ingress:
         if upscale and self.chains.generate_upscale is None:
             raise BadParameter(f"this endpoint's preset {self.preset.name!r} cannot upscale the result")
         over = {k: req[k] for k in ("format", "quality") if req.get(k) is not None}
-        row = {"key": "prompt", "prompt": prompt, "gen": {**gen, "seed": seed}, "seed": seed, **over}
-        row["opts"] = resolve(self.options, {"seed": seed, **over})
+        flow = self.flows.generate_upscale if upscale else self.flows.generate
+        row = flow.enter({"key": "prompt", "prompt": prompt, "gen": {**gen, "seed": seed}, "seed": seed, **over})
         if "format" in over:
             output_format(None, over["format"])
         check_generate_cost(o, self.max_cost, None if fill is None else o.cfg_scale > 1)  # diffusers: CFG over 1
@@ -297,11 +298,11 @@ class Ingress:
         data, fields = await self.gate.within_body_timeout(self.gate.read_image(request), request)
         self._take_slot(request)
         params = {**dict(request.query_params), **fields}
-        over, opts = request_row(params, self.preset, self.options, s3_configured=bool(self.output_s3))
-        row = {"key": "request", "bytes": data, **over, "opts": opts}  # options resolved once, where it enters
+        over = parse_params(params, self.preset, self.options, s3_configured=bool(self.output_s3))
+        row = self.flows.upscale.enter({"key": "request", "bytes": data, **over})  # its options resolved, once
         timeout = self.gate.timeout(params)
         in_hw = await asyncio.to_thread(probe, data, max_pixels=self.options.max_pixels)  # header only
-        row["planned"] = upscale_plan(self.preset, opts, in_hw, self.max_cost)  # planned once: encode takes it
+        row["planned"] = upscale_plan(self.preset, row["opts"], in_hw, self.max_cost)  # planned once: encode takes it
         row.update(request_id=uuid.uuid4().hex, deadline=arrived + timeout)  # from arrival, the body's time included
         try:
             row = await asyncio.wait_for(self._pipeline(row, self.chains.upscale),
@@ -322,8 +323,8 @@ class Ingress:
         data, fields = await self.gate.within_body_timeout(self.gate.read_image(request, "latent"), request)
         self._take_slot(request)
         params = {**dict(request.query_params), **fields}
-        over, opts = request_row(params, self.preset, self.options, bool(self.output_s3), DECODE_PARAMS)
-        row = {"key": latent_name(bytes(data[:16])), "bytes": bytes(data), **over, "opts": opts}
+        over = parse_params(params, self.preset, self.options, bool(self.output_s3), DECODE_PARAMS)
+        row = self.flows.decode.enter({"key": latent_name(bytes(data[:16])), "bytes": bytes(data), **over})
         timeout = self.gate.timeout(params)
         deadline = arrived + timeout  # from arrival: the body and the latent's parsing count too
         (spec, stage), rest = self.chains.decode[0], self.chains.decode[1:]

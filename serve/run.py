@@ -164,6 +164,8 @@ def cmd_serve(args) -> int:
     if args.token:
         raise SetupError(f"--token would show the token to every user of `ps`; put it in a file (--token-file) or "
                          f"${TOKEN_ENV}")  # fmt: skip
+    if args.with_ is not None and not args.with_.strip():  # `--with=`: never an endpoint without the generator
+        raise SetupError("--with needs a generator name or a folder")
     token = read_token(args.token_file)
     if not token and not is_loopback(args.host):
         print(f"warning: no API token and listening on {args.host}: anyone who can reach this port can use the "

@@ -163,10 +163,11 @@ def test_refused_in_one_line_before_anything_runs(tmp_path):
     src.mkdir()
     make_table(src / "t.parquet")
     pq.write_table(pa.table({"image": pa.array([b"x"]), "n": [1]}), src / "u.parquet")
+    (tmp_path / "c.csv").write_text("key,caption\nt.parquet#0,a cup\n")
     cases = [
         ([], "the tables do not share one schema: in u.parquet"),
         (["--caption-column", "caption"], "no column 'caption'; its columns are: id, image, text, tags"),
-        (["--ray"], "--ray is not supported with it"),
+        (["--captions", tmp_path / "c.csv"], "--captions is for a job over image files"),
         (["--suffix", "_x"], "--suffix is for a job over image files"),
     ]
     for flags, message in cases:
@@ -175,8 +176,6 @@ def test_refused_in_one_line_before_anything_runs(tmp_path):
         out = pidray("upscale", src, tmp_path / "out", "--device", "cpu", *flags)
         assert out.returncode == 2 and message in out.stderr, (flags, out.stderr)
         assert len([line for line in out.stderr.splitlines() if "error" in line]) == 1, out.stderr
-    out = pidray("upscale", "s3://bucket/shards/", tmp_path / "o", "--dataset", "webdataset", "--device", "cpu")
-    assert out.returncode == 2 and "s3:// SRC or DST is not supported" in out.stderr, out.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

@@ -36,7 +36,7 @@ def test_decoding_our_own_latent_equals_upscaling_the_image(stand_in, name, hw):
     (want,) = list(up.run_local([{"key": "img.png", "bytes": data}]))
     assert want["status"] == "ok", want.get("error")
     enc = up["encode"].build()
-    rows = enc.process_batch([up["decode"].build().process({"key": "img.png", "bytes": data})])
+    rows = enc.process_batch([up["decode"].build().process(up.workflow.enter({"key": "img.png", "bytes": data}))])
     latent = torch.from_numpy(rows[0]["latent"])
     assert tuple(latent.shape[1:]) == tuple(rows[0]["plan"].tile) or rows[0]["plan"].grid != (1, 1)
     file = st_save({"latent": latent}, metadata={"format": "sdxl" if name.startswith("sdxl") else "flux"})

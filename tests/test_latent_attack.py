@@ -21,9 +21,11 @@ from PIL import Image
 from pipeline.errors import BadInput, TooLarge
 from pipeline.latents import open_latents, output_limit
 from pipeline.model.presets import get_preset
+from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions, run_stage
 from pipeline.stages.latent import LatentStage
 from pipeline.storage import Entry, Location
+from pipeline.workflow import resolve_workflow
 
 from conftest import ROOT
 
@@ -77,8 +79,9 @@ def test_npz_whose_header_claims_a_huge_array_fails_its_row_from_the_header():
     data = _zip({"a.npy": body})
     assert len(data) < 2 * MB
     stage = LatentStage(get_preset("flux-2k"))
-    rows, peak = _peak(lambda: run_stage(stage, "latent", [{"key": "x.npz#a", "src_key": "x.npz", "latent_id": "a",
-                                                            "bytes": data}]))  # fmt: skip
+    row = resolve_workflow("decode", ModelOptions("flux-2k")).enter({"key": "x.npz#a", "src_key": "x.npz",
+                                                                     "latent_id": "a", "bytes": data})  # fmt: skip
+    rows, peak = _peak(lambda: run_stage(stage, "latent", [row]))
     (row,) = rows
     assert row["status"] == "failed" and row["error_kind"] == "too_large", row
     assert "[131040, 131072]" in row["error"], row["error"]

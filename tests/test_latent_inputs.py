@@ -15,11 +15,14 @@ from safetensors.torch import save as st_save
 from pipeline.errors import BadInput, TooLarge
 from pipeline.latents import read_latents
 from pipeline.model.presets import get_preset
+from pipeline.runtime import ModelOptions
 from pipeline.stages import run_stage
 from pipeline.stages.io import ReadStage
 from pipeline.stages.latent import LatentStage
 from pipeline.storage import LocalLocation, Location
+from pipeline.workflow import resolve_workflow
 
+ENTER = resolve_workflow("decode", ModelOptions("flux-2k")).enter  # rows come in through their workflow
 # what a message must never hold: Python's own words for a failure, or a trace
 PYTHON_SPEAK = re.compile(r"object has no attribute|unhashable|not iterable|can't multiply|can only convert|"
                           r"Error\b|Traceback|NoneType|<class|TextEncodeInput|\^\[")  # fmt: skip
@@ -86,8 +89,8 @@ def test_real_npz_bomb_and_member_count_are_bounded():
     assert len(bomb) < 100_000
     stage = LatentStage(get_preset("flux-2k"), max_bytes=8 << 20, max_members=8)
     many = _npz({f"m{i}": np.zeros((16, 2, 2), np.float32) for i in range(9)})
-    rows = run_stage(stage, "latent", [{"key": "b.npz", "bytes": bomb, "latent_id": "m0"},
-                                       {"key": "n.npz", "bytes": many, "latent_id": "m0"}])  # fmt: skip
+    rows = run_stage(stage, "latent", [ENTER({"key": "b.npz", "bytes": bomb, "latent_id": "m0"}),
+                                       ENTER({"key": "n.npz", "bytes": many, "latent_id": "m0"})])  # fmt: skip
     assert [r["error_kind"] for r in rows] == ["too_large", "too_large"]
     assert "would inflate to 16,7" in rows[0]["error"] and "9 members, over the limit of 8" in rows[1]["error"]
 
@@ -128,14 +131,14 @@ def test_batch_file_is_read_and_indexed_once_for_all_its_rows(tmp_path, monkeypa
     read, stage = ReadStage(Location(str(tmp_path))), LatentStage(get_preset("flux-2k"))
     for name in ("b.npz", "b.safetensors"):
         rows = [{"key": f"{name}#{i}", "src_key": name, "latent_id": i} for i in sorted(arrays)]
-        rows = run_stage(stage, "latent", run_stage(read, "read", rows))
+        rows = run_stage(stage, "latent", run_stage(read, "read", [ENTER(r) for r in rows]))
         assert all(r.get("status") != "failed" for r in rows), rows[0].get("error")
         assert all(np.array_equal(r["latent"], arrays[r["latent_id"]]) for r in rows)
     assert (len(zips), len(headers), reads) == (1, 1, ["b.npz", "b.safetensors"])
     data = (tmp_path / "b.npz").read_bytes()
     for version in ((1,), (1,), (2,)):
-        stage.process({"key": "b.npz#id000", "src_key": "b.npz", "latent_id": "id000", "bytes": data,
-                       "src_version": version})  # fmt: skip
+        stage.process(ENTER({"key": "b.npz#id000", "src_key": "b.npz", "latent_id": "id000", "bytes": data,
+                             "src_version": version}))  # fmt: skip
     assert len(zips) == 3  # (1,) once, then (2,) anew
 
 
@@ -219,7 +222,7 @@ MALFORMED = [
 def test_malformed_safetensors_fail_their_row_with_a_sentence(data, message):
     """Headers of the wrong type, shape, dtype, offsets, depth or size: the row fails as bad input with a sentence
     naming the tensor or field, never Python's own words."""
-    (row,) = run_stage(LatentStage(get_preset("flux-2k")), "latent", [{"key": "x.safetensors", "bytes": data}])
+    (row,) = run_stage(LatentStage(get_preset("flux-2k")), "latent", [ENTER({"key": "x.safetensors", "bytes": data})])
     assert row["status"] == "failed" and row["error_kind"] in ("bad_input", "too_large"), row
     assert message in row["error"], row["error"]
     assert not PYTHON_SPEAK.search(row["error"]), row["error"]
@@ -237,7 +240,7 @@ def test_malformed_safetensors_fail_their_row_with_a_sentence(data, message):
 )  # fmt: skip
 def test_npz_special_and_typed_members_fail_with_a_sentence(arrays, message):
     stage = LatentStage(get_preset("flux-2k"))
-    (row,) = run_stage(stage, "latent", [{"key": "x.npz", "bytes": _npz(arrays), "latent_id": "a"}])
+    (row,) = run_stage(stage, "latent", [ENTER({"key": "x.npz", "bytes": _npz(arrays), "latent_id": "a"})])
     assert row["status"] == "failed" and message in row["error"] and not PYTHON_SPEAK.search(row["error"]), row
 
 

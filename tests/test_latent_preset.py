@@ -77,7 +77,7 @@ def test_bytes_between_diffuse_and_merge_for_a_4k_output(tiny_flux_preset, monke
     rng = np.random.default_rng(0)
     data = png_bytes(Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)))
     t0 = time.perf_counter()
-    rows = run_stage(encode, "encode", run_stage(decode, "decode", [{"key": "a", "bytes": data}]))
+    rows = run_stage(encode, "encode", run_stage(decode, "decode", [graph.workflow.enter({"key": "a", "bytes": data})]))
     (row,) = run_stage(diffuse, "diffuse", rows)
     assert row.get("status") != "failed", row.get("error")
     after = len(pickle.dumps(row))

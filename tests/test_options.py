@@ -69,15 +69,54 @@ def test_the_command_line_is_made_from_the_declaration():
 
 
 def test_row_overrides_and_typed_rows_are_the_declared_ones():
-    from pipeline.stages.common import resolve
     from pipeline.stages.rows import Overrides
 
     assert set(Overrides.__annotations__) == set(OVERRIDES) == {n for n, o in OPTS.items() if o.row}
     row = {name: CASES[name][0] for name in OVERRIDES}
-    resolved = resolve(UpscaleOptions(), row)
-    assert all(getattr(resolved, n) == row[n] for n in OVERRIDES)
+    overridden = UpscaleOptions().overridden(row)
+    assert all(getattr(overridden, n) == row[n] for n in OVERRIDES)
     with pytest.raises(BadParameter, match="quality"):
-        resolve(UpscaleOptions(), {"quality": 101})
+        UpscaleOptions().overridden({"quality": 101})
+    base = UpscaleOptions(seed=3)
+    assert base.overridden({"key": "a", "seed": None}) is base  # a row that sets nothing: the options themselves
+
+
+def test_entering_resolves_every_option_the_preset_decides():
+    """`Workflow.enter` gives each row its options resolved (`Resolved`, the fields of `UpscaleOptions`): the preset's
+    scale, steps, tile, overlap and ensemble filled in, a guided preset's guidance scale and fixed shift; only what
+    the input decides stays open (the format: the input's; a guided preset's dynamic shift: the output's size)."""
+    from pipeline.model.presets import get_preset
+    from pipeline.options import Resolved
+    from pipeline.runtime import ModelOptions
+    from pipeline.workflow import resolve_workflow
+
+    assert [f.name for f in fields(Resolved)] == [f.name for f in fields(UpscaleOptions)]
+    small = resolve_workflow("upscale", ModelOptions("small"))
+    row = small.enter({"key": "a", "seed": 5})
+    o = row["opts"]
+    assert isinstance(o, Resolved) and small.enter(row) is row  # entered once
+    assert (o.scale, o.steps, o.tile, o.overlap, o.ensemble, o.seed) == (4.0, 1, 256, 8, 4, 5)
+    assert (o.cfg_scale, o.shift, o.format) == (None, None, None)  # distilled: no guidance; format: the input's
+    assert small.enter({"key": "b"})["opts"] is small.resolved  # no override: the workflow's own, resolved once
+    o = small.enter({"key": "c", "scale": 2, "format": "jpeg"})["opts"]
+    assert (o.scale, o.format) == (2.0, "jpeg")
+    flux = resolve_workflow("upscale", ModelOptions("flux-2k"), UpscaleOptions(tile=1024, overlap=3, steps=2))
+    o = flux.resolved
+    assert (o.scale, o.steps, o.tile, o.overlap, o.ensemble) == (4.0, 2, 1024, 3, 0)
+    assert flux.enter({"key": "a"})["opts"].tile == 1024 and resolve_workflow("upscale", ModelOptions(
+        "flux-2k")).resolved.tile == get_preset("flux-2k").envelope[1]  # fmt: skip
+    guided = resolve_workflow("upscale", ModelOptions("flux-2kto4k-v1.5-undistilled"))
+    o = guided.enter({"key": "a", "cfg_scale": 2})["opts"]
+    assert (o.steps, o.cfg_scale, o.shift) == (25, 2.0, None)  # the shift: dynamic, from the output's size
+    assert guided.enter({"key": "a", "shift": 3})["opts"].shift == 3.0 and guided.resolved.cfg_scale == 5.0
+    g = get_preset("flux-2kto4k-v1.5-undistilled").sampling.guidance(o, (4096, 4096))
+    assert (g.steps, g.cfg_scale) == (25, 2.0) and g.shift == pytest.approx(6.0 * 2**0.5)
+    for bad, message in [({"steps": 9}, "steps must be in 1..4"), ({"shift": 2.0}, "distilled and takes neither"),
+                         ({"quality": 0}, "quality")]:  # fmt: skip
+        with pytest.raises(BadParameter, match=message):
+            small.enter({"key": "a", **bad})
+    with pytest.raises(BadParameter, match="degrade_sigma"):  # what a stage sets after entry is checked too
+        replace(small.resolved, degrade_sigma=2.0)
 
 
 def test_every_shaping_option_changes_the_settings_resume_compares():

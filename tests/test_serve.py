@@ -107,7 +107,8 @@ def test_openapi_schema_lists_every_parameter(endpoint):
     assert set(OVERRIDES) | {"timeout", "store"} <= set(up) and set(DECODE_PARAMS) <= dec
     assert up["steps"] == {"type": "integer", "minimum": 1, "maximum": 200} and up["quality"]["default"] == 95
     gen = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert gen["required"] == ["prompt"] and gen["properties"]["seed"] == {"type": "integer"}
+    seed = gen["properties"]["seed"]
+    assert gen["required"] == ["prompt"] and (seed["type"], seed["minimum"], seed["default"]) == ("integer", 0, 0)
     page = requests.get(endpoint + "/docs", timeout=30)
     assert page.status_code == 200 and "/openapi.json" in page.text
 
@@ -352,7 +353,7 @@ def test_f10_failure_inside_a_batch_is_isolated(endpoint):
 
     graph = StageGraph()
     decode, encode, diffuse, _ = graph.build_all()
-    rows = [{"key": f"r{seed}", "bytes": _img(16, 16, seed), "seed": seed} for seed in (1, 2, 3)]
+    rows = [graph.workflow.enter({"key": f"r{seed}", "bytes": _img(16, 16, seed), "seed": seed}) for seed in (1, 2, 3)]
     rows = run_stage(encode, "encode", run_stage(decode, "decode", rows))
     rows[1]["latent"] = rows[1]["latent"][:, :5, :5]  # does not match its tile plan
     out = run_stage(diffuse, "diffuse", rows)

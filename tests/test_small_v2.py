@@ -125,7 +125,8 @@ def test_ensemble_setting_per_preset_and_refused_where_it_cannot_work():
     from pipeline.errors import BadParameter
     from pipeline.model.presets import get_preset
     from pipeline.model.sampling import ensemble_shift
-    from pipeline.stages.common import UpscaleOptions, work_factor
+    from pipeline.options import Resolved
+    from pipeline.stages.common import UpscaleOptions
 
     small, flux = get_preset("small"), get_preset("flux-2k")
     assert ensemble_shift(small, UpscaleOptions()) == 4 and ensemble_shift(small, UpscaleOptions(ensemble=False)) == 0
@@ -134,8 +135,9 @@ def test_ensemble_setting_per_preset_and_refused_where_it_cannot_work():
         ensemble_shift(flux, UpscaleOptions(ensemble=True))
     with pytest.raises(BadParameter, match="RGB-conditioned"):  # a preset file's default is checked the same way
         ensemble_shift(dataclasses.replace(flux, shift_ensemble=4), UpscaleOptions())
-    assert work_factor(small, UpscaleOptions(), (128, 128)) == pytest.approx(1 + (136 / 128) ** 2)
-    assert work_factor(small, UpscaleOptions(ensemble=False), (128, 128)) == 1.0
+    work = lambda **o: small.sampling.work_factor(Resolved.of(UpscaleOptions(**o), small), (128, 128))  # noqa: E731
+    assert Resolved.of(UpscaleOptions(), small).ensemble == 4  # entering resolves it: the shift in output pixels
+    assert work() == pytest.approx(1 + (136 / 128) ** 2) and work(ensemble=False) == 1.0
 
 
 def test_learning_rate_decays_by_steps_or_by_the_time_guard_whichever_is_first():

@@ -128,6 +128,7 @@ def test_warmup_covers_every_bucketed_tile_shape(preset):
     from types import SimpleNamespace
 
     from pipeline.model.presets import get_preset
+    from pipeline.options import Resolved
     from pipeline.stages import DiffuseStage, UpscaleOptions
     from pipeline.stages.encode import plan_for
     from pipeline.tiling import COMMON_SIZES
@@ -135,6 +136,6 @@ def test_warmup_covers_every_bucketed_tile_shape(preset):
     p = get_preset(preset)
     sizes = [(h, w) for w, h in COMMON_SIZES] + [(1, 1), (333, 4001), (2999, 17), (1500, 1500)]
     for tile in (None, 2048):  # --tile changes the shapes: the warm-up follows
-        o = UpscaleOptions(tile_buckets=True, max_output_side=1 << 20, tile=tile)
+        o = Resolved.of(UpscaleOptions(tile_buckets=True, max_output_side=1 << 20, tile=tile), p)  # as the stage's
         warm = DiffuseStage.warm_shapes(SimpleNamespace(net=SimpleNamespace(cfg=p.config), preset=p, options=o))
         assert len(set(warm)) <= 6 and {plan_for(p, o, hw).tile for hw in sizes} <= set(warm), tile

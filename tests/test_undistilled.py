@@ -20,9 +20,9 @@ from test_encoders import build_stand_in
 from pipeline.errors import BadParameter, Cancelled
 from pipeline.graph import StageGraph
 from pipeline.model.presets import PRESETS, get_preset
+from pipeline.options import Resolved
 from pipeline.runtime import ModelOptions
 from pipeline.stages import DiffuseStage, UpscaleOptions
-from pipeline.stages.common import guidance_for, sampler_steps, work_factor
 from pipeline.tiling import TilePlan
 
 from conftest import make_tiny_gemma, png_bytes
@@ -45,26 +45,32 @@ def test_the_three_undistilled_presets_are_the_v15_teachers():
         assert p.guidance["negative_prompt"] == get_preset("pixeldit-2k").t2i["negative_prompt"]
 
 
+def _resolved(preset, **opts) -> Resolved:
+    return Resolved.of(UpscaleOptions(**opts), preset)  # as a row entering a workflow of this preset resolves them
+
+
 def test_options_are_checked_against_the_preset_sampler():
     teacher, student = get_preset("flux-2kto4k-v1.5-undistilled"), get_preset("flux-2kto4k-v1.5")
-    assert sampler_steps(teacher, UpscaleOptions()) == 25 and sampler_steps(teacher, UpscaleOptions(steps=60)) == 60
+    assert _resolved(teacher).steps == 25 and _resolved(teacher, steps=60).steps == 60
     with pytest.raises(BadParameter, match="steps must be in 1..4 for the distilled preset"):
-        sampler_steps(student, UpscaleOptions(steps=25))
+        _resolved(student, steps=25)
     with pytest.raises(BadParameter, match="cfg_scale and shift apply to the undistilled presets"):
-        sampler_steps(student, UpscaleOptions(cfg_scale=5.0, shift=3.0))
+        _resolved(student, cfg_scale=5.0, shift=3.0)
     for bad in ({"cfg_scale": float("inf")}, {"cfg_scale": "5"}, {"shift": 0.0}, {"shift": True}, {"steps": 201},
                 {"steps": True}):  # fmt: skip
         with pytest.raises(BadParameter):
             UpscaleOptions(**bad)
     # the official dynamic shift: 6 at 2048², 6·sqrt(2) at 4096², unless given
-    assert guidance_for(teacher, UpscaleOptions(), (2048, 2048)).shift == pytest.approx(6.0)
-    assert guidance_for(teacher, UpscaleOptions(), (4096, 4096)).shift == pytest.approx(6.0 * 2**0.5)
-    g = guidance_for(teacher, UpscaleOptions(shift=3.0, cfg_scale=2.0, steps=7), (4096, 4096))
+    guidance = teacher.sampling.guidance
+    assert _resolved(teacher).shift is None  # dynamic: the output's size decides it
+    assert guidance(_resolved(teacher), (2048, 2048)).shift == pytest.approx(6.0)
+    assert guidance(_resolved(teacher), (4096, 4096)).shift == pytest.approx(6.0 * 2**0.5)
+    g = guidance(_resolved(teacher, shift=3.0, cfg_scale=2.0, steps=7), (4096, 4096))
     assert (g.steps, g.cfg_scale, g.shift) == (7, 2.0, 3.0)
     # cost: two forwards a step with guidance, one without
-    assert work_factor(teacher, UpscaleOptions(), (64, 64)) == 2.0
-    assert work_factor(teacher, UpscaleOptions(cfg_scale=1.0), (64, 64)) == 1.0
-    assert work_factor(student, UpscaleOptions(), (64, 64)) == 1.0
+    assert teacher.sampling.work_factor(_resolved(teacher), (64, 64)) == 2.0
+    assert teacher.sampling.work_factor(_resolved(teacher, cfg_scale=1.0), (64, 64)) == 1.0
+    assert student.sampling.work_factor(_resolved(student), (64, 64)) == 1.0
 
 
 def _teacher_stage(golden_dir, **opts):
@@ -111,7 +117,7 @@ def test_cancelled_between_solver_steps(golden_dir):
     plan = TilePlan((32, 24), 8, 32, 4, (4, 3), (4, 3), (1, 1))
     from pipeline.stages.diffuse import DiffuseItem
 
-    item = DiffuseItem(lat, y, plan, 1, 0.0, 5, guidance=guidance_for(stage.preset, stage.options, plan.out_hw),
+    item = DiffuseItem(lat, y, plan, 1, 0.0, 5, guidance=stage.preset.sampling.guidance(stage.options, plan.out_hw),
                        y_null=tensors["input.y_null"][0])  # fmt: skip
     with pytest.raises(Cancelled):
         stage.diffuse_many([item], steps=5, should_stop=lambda: len(calls) >= 2)

@@ -182,11 +182,13 @@ def test_stages_never_look_a_preset_up(lookups):
     assert lookups == ["small"]
     stages = graph.build_all()
     decode, encode = stages[0], stages[1]
-    (mid,) = encode.process_batch([decode.process({"key": "a", "bytes": _png()})])
+    (mid,) = encode.process_batch([decode.process(graph.workflow.enter({"key": "a", "bytes": _png()}))])
+    from pipeline.options import Resolved
     from pipeline.tiling import TilePlan
 
-    assert isinstance(mid["plan"], TilePlan) and isinstance(mid["opts"] if "opts" in mid else graph.options,
-                                                             UpscaleOptions)  # fmt: skip
+    assert isinstance(mid["plan"], TilePlan) and isinstance(mid["opts"], Resolved)
+    with pytest.raises(TypeError, match="did not enter through its workflow"):  # no stage resolves options itself
+        encode.process_batch([decode.process({"key": "x", "bytes": _png()})])
     rows = list(graph.run_local([{"key": "b", "bytes": _png()}, {"key": "c", "bytes": _png((9, 40))}], stages))
     assert [r["status"] for r in rows] == ["ok", "ok"], [r.get("error") for r in rows]
     assert isinstance(rows[0]["plan"], dict) and rows[1]["plan"]["in_hw"] in ([9, 40], (9, 40))

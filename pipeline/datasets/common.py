@@ -172,6 +172,7 @@ class Published:
         f = self.file
         f.flush()
         os.fsync(f.fileno())
+        self.size = os.fstat(f.fileno()).st_size  # what was published (the proof of origin records it)
         f.close()
         os.chmod(self.tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
         if self.replace and os.path.lexists(self.path):
@@ -203,12 +204,14 @@ class OrderedWriter:
     (`Reorder`: those ahead of their turn wait on local disk in `spill_dir`) into a temporary beside the final name
     (`Published`); `close()` publishes it whole, `abort()` (or an error leaving a `with` block) leaves nothing. A
     subclass opens `self.inner`, its format's writer on the temporary (closed before publishing), and writes an item
-    in `_write`; `unit` and `whole` name an item and the file in messages."""
+    in `_write`; `unit` and `whole` name an item and the file in messages. `out`: where it is published instead of
+    a local folder (`pipeline.datasets.storage.S3Published`: a temporary on local disk, published as one S3 object)."""
 
     unit, whole = "item(s)", "file"
 
-    def __init__(self, folder: str, name: str, tag: str | None, spill_dir: str | None, replace: bool):
-        self.out = Published(folder, name, tag, replace)
+    def __init__(self, folder: str | None, name: str, tag: str | None, spill_dir: str | None, replace: bool,
+                 out=None):  # fmt: skip
+        self.out = out if out is not None else Published(folder, name, tag, replace)
         self.order = Reorder(self._write, spill_dir)
         self.inner = None
 

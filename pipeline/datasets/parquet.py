@@ -287,10 +287,10 @@ class TableWriter(OrderedWriter):
 
     unit, whole = "chunk(s)", "table"
 
-    def __init__(self, folder: str, name: str, schema: pa.Schema, tag: str | None = None,
-                 spill_dir: str | None = None, replace: bool = False):  # fmt: skip
+    def __init__(self, folder: str | None, name: str, schema: pa.Schema, tag: str | None = None,
+                 spill_dir: str | None = None, replace: bool = False, out=None):  # fmt: skip
         self.schema = schema
-        super().__init__(folder, name, tag, spill_dir, replace)
+        super().__init__(folder, name, tag, spill_dir, replace, out)
         self.inner = pq.ParquetWriter(self.out.tmp, schema)
         self.rows = 0
 

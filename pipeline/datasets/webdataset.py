@@ -287,9 +287,9 @@ class ShardWriter(OrderedWriter):
 
     unit, whole = "sample(s)", "shard"
 
-    def __init__(self, folder: str, name: str, tag: str | None = None, spill_dir: str | None = None,
-                 replace: bool = False):  # fmt: skip
-        super().__init__(folder, name, tag, spill_dir, replace)
+    def __init__(self, folder: str | None, name: str, tag: str | None = None, spill_dir: str | None = None,
+                 replace: bool = False, out=None):  # fmt: skip
+        super().__init__(folder, name, tag, spill_dir, replace, out)
         self.inner = tarfile.open(fileobj=self.out.file, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8")
         self.written = 0
 

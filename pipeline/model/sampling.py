@@ -3,8 +3,9 @@ network work a step costs. A preset names its sampling by a word in its data (`P
 "guided"); everything that depends on it asks this object, so a new sampler is one class and one `SAMPLINGS` entry.
 `preset.sampling` is the preset's sampling bound to it.
 
-`options` is anything with the fields of `pipeline.options.UpscaleOptions` that sampling reads (steps, cfg_scale,
-shift, ensemble).
+`settle` resolves options (anything with the fields of `pipeline.options.UpscaleOptions` that sampling reads: steps,
+cfg_scale, shift, ensemble) where a row enters (`pipeline.options.Resolved`); `guidance` and `work_factor` read the
+resolved ones.
 """
 
 from __future__ import annotations
@@ -37,14 +38,21 @@ class Sampling:
                                f"{preset.name} is distilled and takes neither")  # fmt: skip
         return steps
 
+    def settle(self, options) -> dict:
+        """What these options resolve to on this preset where a row enters (`pipeline.options.Resolved`): the steps,
+        the guidance scale and flow shift (None: not guided), the ensemble's shift in output pixels (0: off).
+        BadParameter for what the sampler or the network cannot do."""
+        return {"steps": self.steps(options), "cfg_scale": None, "shift": None,
+                "ensemble": ensemble_shift(self.preset, options)}  # fmt: skip
+
     def guidance(self, options, out_hw: tuple[int, int]):
-        """The resolved guidance of an output of out_hw pixels (None: not guided)."""
+        """The guidance of an output of out_hw pixels, from resolved options (None: not guided)."""
         return None
 
     def work_factor(self, options, tile_hw: tuple[int, int]) -> float:
-        """Pixels the network runs on per tile and step, relative to a plain pass: the shifted-grid ensemble adds
-        its pass, `shift` pixels larger on every side."""
-        s = ensemble_shift(self.preset, options)
+        """Pixels the network runs on per tile and step, relative to a plain pass, from resolved options: the
+        shifted-grid ensemble adds its pass, `options.ensemble` pixels larger on every side."""
+        s = options.ensemble
         h, w = tile_hw
         return 1.0 + (h + 2 * s) * (w + 2 * s) / (h * w) if s else 1.0
 
@@ -58,17 +66,25 @@ class GuidedSampling(Sampling):
     def steps(self, options) -> int:
         return options.steps or self.preset.default_steps
 
-    def guidance(self, options, out_hw: tuple[int, int]):
-        """Steps, guidance scale and flow shift for an output of out_hw pixels: the options', else the preset's (a
-        shift of None is the official dynamic rule for that size)."""
-        from pipeline.model.guided import Guidance, dynamic_shift
-
+    def settle(self, options) -> dict:
+        """The steps, guidance scale and flow shift: the options', else the preset's; a shift still None is the
+        official dynamic rule, which the output's size decides (`guidance`)."""
         g = self.preset.guidance
         shift = options.shift if options.shift is not None else g.get("shift")
-        if shift is None:
-            shift = dynamic_shift(*out_hw, float(g.get("base_shift", 6.0)), int(g.get("base_size", 2048)))
         cfg = options.cfg_scale if options.cfg_scale is not None else float(g.get("cfg_scale", 1.0))
-        return Guidance(self.steps(options), cfg, float(shift))
+        return {"steps": self.steps(options), "cfg_scale": cfg, "shift": None if shift is None else float(shift),
+                "ensemble": ensemble_shift(self.preset, options)}  # fmt: skip
+
+    def guidance(self, options, out_hw: tuple[int, int]):
+        """Steps, guidance scale and flow shift for an output of out_hw pixels, from resolved options: a shift of
+        None is resolved here, by the official dynamic rule for that size."""
+        from pipeline.model.guided import Guidance, dynamic_shift
+
+        shift = options.shift
+        if shift is None:
+            g = self.preset.guidance
+            shift = dynamic_shift(*out_hw, float(g.get("base_shift", 6.0)), int(g.get("base_size", 2048)))
+        return Guidance(options.steps, options.cfg_scale, float(shift))
 
     def work_factor(self, options, tile_hw: tuple[int, int]) -> float:
         """Network calls per step: the conditional one and, with guidance, the unconditional one."""

@@ -1,12 +1,11 @@
-"""What every stage shares: the per-request options, failure marking, timing."""
+"""What every stage shares: the row's resolved options, failure marking, timing."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 from pipeline.errors import BadParameter, kind_of
-from pipeline.options import OVERRIDES, UpscaleOptions
+from pipeline.options import OVERRIDES, Resolved, UpscaleOptions  # noqa: F401  (the stages' options, re-exported)
 
 
 def parse_size(value) -> tuple[int, int]:
@@ -20,18 +19,13 @@ def parse_size(value) -> tuple[int, int]:
     return h, w
 
 
-ROW_OVERRIDES = tuple(OVERRIDES)
-
-
-def resolve(defaults: UpscaleOptions, row: dict) -> UpscaleOptions:
-    """The row's options: the defaults with the row's overrides, validated once, where the row enters."""
-    over = {k: row[k] for k in ROW_OVERRIDES if row.get(k) is not None}
-    return replace(defaults, **over) if over else defaults
-
-
-def options_of(row: dict, defaults: UpscaleOptions) -> UpscaleOptions:
-    """What a stage reads: the options resolved where the row entered (`opts`), else resolved now."""
-    return row.get("opts") or resolve(defaults, row)
+def entered(row: dict) -> Resolved:
+    """A row's options, resolved where it entered (`Workflow.enter`, which every driver calls): what a stage reads.
+    A row that did not enter is its driver's bug, said as such."""
+    opts = row.get("opts")
+    if not isinstance(opts, Resolved):
+        raise TypeError("the row did not enter through its workflow (Workflow.enter): its options are not resolved")
+    return opts
 
 
 def failed(row: dict, stage: str, err: BaseException, kind: str | None = None) -> dict:
@@ -103,18 +97,3 @@ class Cancellable:
 
     def _gone(self, row: dict) -> bool:
         return row.get("request_id") in self.cancelled or time.time() > row.get("deadline", float("inf"))
-
-
-def sampler_steps(preset, options: UpscaleOptions) -> int:
-    """The sampler steps these options ask of this preset (its sampling's rule: `pipeline.model.sampling`)."""
-    return preset.sampling.steps(options)
-
-
-def guidance_for(preset, options: UpscaleOptions, out_hw: tuple[int, int]):
-    """A guided preset's resolved steps, guidance scale and flow shift for an output of out_hw pixels."""
-    return preset.sampling.guidance(options, out_hw)
-
-
-def work_factor(preset, options: UpscaleOptions, tile_hw: tuple[int, int]) -> float:
-    """Network work per tile and step relative to a plain pass (the ensemble's pass, guidance's second forward)."""
-    return preset.sampling.work_factor(options, tile_hw)

@@ -34,17 +34,10 @@ from pipeline.memory import batch_size_for, default_budget
 from pipeline.model.guided import Guidance, guided_sample
 from pipeline.model.presets import Preset
 from pipeline.model.sampler import GeneratorNoise, degrade_latent, sample
-from pipeline.model.sampling import ensemble_shift
 from pipeline.noise import TileNoise, mix
+from pipeline.options import Resolved
 from pipeline.runtime import ModelOptions, load_net
-from pipeline.stages.common import (
-    Cancellable,
-    UpscaleOptions,
-    failed,
-    guidance_for,
-    options_of,
-    sampler_steps,
-)
+from pipeline.stages.common import Cancellable, UpscaleOptions, entered, failed
 from pipeline.stages.rows import DiffusedRow, EncodedRow
 from pipeline.tiling import TilePlan, blend, crop_tiles, planned_bucket_shapes, tile_origins, tile_weights
 
@@ -88,17 +81,17 @@ class DiffuseStage(Cancellable):
     def __init__(
         self,
         model: ModelOptions | None = None,
-        options: UpscaleOptions | None = None,
+        options: Resolved | UpscaleOptions | None = None,  # the workflow's, resolved (plain ones are resolved here)
         memory_budget: int | None = None,
         loaded=None,  # (Preset, PidNet) already loaded, e.g. from a fixture
         gpu_share: float = 1.0,  # the fraction of its GPU the graph gives this stage (its memory budget)
         preset: Preset | None = None,  # resolved where the job or request entered; needed unless `loaded`
     ):
         self.model = model or ModelOptions()
-        self.options = options or UpscaleOptions()
         if loaded is None and preset is None:
             raise TypeError("DiffuseStage needs the resolved preset (preset=) or a loaded (preset, net)")
         self.preset, self.net = loaded if loaded is not None else load_net(self.model, preset)
+        self.options = Resolved.of(options or UpscaleOptions(), self.preset)  # the job-wide settings it reads
         p = next(self.net.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.budget = memory_budget or default_budget(self.device, gpu_share)
@@ -199,8 +192,9 @@ class DiffuseStage(Cancellable):
         return [(lat, lat)]
 
     def request(self, row: dict) -> DiffuseItem:
-        """A row's sampler inputs; row values override the stage's options."""
-        o = options_of(row, self.options)
+        """A row's sampler inputs, from its options resolved where it entered (a guided preset's dynamic shift is
+        resolved here, from the plan's output size)."""
+        o = entered(row)
         plan = row["plan"]
         guided = self.preset.sampling.guided
         if guided and row.get("null_emb") is None:
@@ -211,9 +205,9 @@ class DiffuseStage(Cancellable):
             plan=plan,
             seed=o.seed,
             sigma=float(o.degrade_sigma),
-            steps=sampler_steps(self.preset, o),
+            steps=o.steps,
             noised=bool(row.get("noised")),
-            guidance=guidance_for(self.preset, o, plan.out_hw) if guided else None,
+            guidance=self.preset.sampling.guidance(o, plan.out_hw) if guided else None,
             y_null=torch.from_numpy(row["null_emb"]) if guided else None,
             key=str(row.get("key", "")),
         )
@@ -266,16 +260,15 @@ class DiffuseStage(Cancellable):
         return TileNoise(seed, origins, plan.tile_out, device=dev)
 
     def diffuse(self, latent: torch.Tensor, y: torch.Tensor, plan: TilePlan, seed: int, sigma: float,
-                steps: int | None = None, y_null: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                y_null: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """latent [C, h, w] covering plan.lat_hw; y [L, D] (and for a guided preset the null caption y_null) -> the
-        output canvas [3, H, W] in [-1, 1] (model device)."""
-        o = dataclasses.replace(self.options, steps=steps) if steps else self.options
-        steps = sampler_steps(self.preset, o)
-        g = None
+        output canvas [3, H, W] in [-1, 1] (model device), under the stage's options."""
+        o, g = self.options, None
+        steps = o.steps
         if self.preset.sampling.guided:
             if y_null is None:
                 raise ValueError(f"{self.preset.name} samples with guidance: pass the null caption embedding y_null")
-            g = guidance_for(self.preset, o, plan.out_hw)
+            g = self.preset.sampling.guidance(o, plan.out_hw)
         return self.diffuse_many([DiffuseItem(latent, y, plan, seed, sigma, steps, guidance=g, y_null=y_null)],
                                  steps=steps)[0]  # fmt: skip
 
@@ -316,7 +309,7 @@ class DiffuseStage(Cancellable):
         if dev.type == "cpu":  # measured: on a CPU larger calls only thrash the caches (batching pays on a GPU)
             b = min(b, CPU_TILES_PER_CALL)
         rgb = self.preset.family.pixels
-        shift = ensemble_shift(self.preset, self.options)
+        shift = self.options.ensemble
 
         def features(c):
             part = lq[c].to(dev, self.dtype)

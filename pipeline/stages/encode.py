@@ -9,22 +9,24 @@ import torch
 
 from pipeline.errors import BadParameter
 from pipeline.model.presets import Preset
+from pipeline.options import Resolved
 from pipeline.runtime import ModelOptions, load_caption_encoder, load_lq_encoder, pick_device
-from pipeline.stages.common import UpscaleOptions, options_of
+from pipeline.stages.common import UpscaleOptions, entered
 from pipeline.stages.rows import DecodedRow, EncodedRow
 from pipeline.tiling import TilePlan, check_output_side, pad_image, plan_tiles, target_size
 
 
-def tiling_settings(preset, options: UpscaleOptions) -> dict:
-    """The tile geometry of a preset under these options: the plan and the warm-up read it from here alone."""
-    cfg, tile = preset.config, options.tile or preset.default_tile or preset.envelope[1]
+def tiling_settings(preset, options: Resolved) -> dict:
+    """The tile geometry of a preset under these (resolved) options: the plan and the warm-up read it from here."""
+    cfg, tile = preset.config, options.tile
     return dict(unit=preset.lq_unit, sr_scale=cfg.sr_scale, patch=cfg.patch_size, tile_out=tile,
-                tile_min_out=min(tile, preset.envelope[0]),
-                overlap=preset.tile_overlap if options.overlap is None else options.overlap)  # fmt: skip
+                tile_min_out=min(tile, preset.envelope[0]), overlap=options.overlap)  # fmt: skip
 
 
-def plan_for(preset, options: UpscaleOptions, in_hw) -> TilePlan:
-    """The tile plan of an input of in_hw pixels; needs no model (drivers use it for memory estimates)."""
+def plan_for(preset, options: Resolved | UpscaleOptions, in_hw) -> TilePlan:
+    """The tile plan of an input of in_hw pixels; needs no model (drivers use it for memory estimates). `options`: a
+    row's (`Resolved`), or plain options resolved here against the preset (`Resolved.of`: callers with no row)."""
+    options = Resolved.of(options, preset)
     return plan_tiles(tuple(in_hw), **tiling_settings(preset, options), max_output_side=options.max_output_side,
                       buckets=bool(options.tile_buckets))  # fmt: skip
 
@@ -47,8 +49,9 @@ class EncodeStage:
 
     def __init__(self, model: ModelOptions, preset: Preset, options: UpscaleOptions, gpu_share: float = 1.0,
                  lq: bool = True):  # fmt: skip
-        """model, preset, options: resolved where the job or request entered (the workflow)."""
-        self.model, self.preset, self.options = model, preset, options
+        """model, preset, options: resolved where the job or request entered (the workflow); each row brings its
+        own options (`opts`, from `Workflow.enter`)."""
+        self.model, self.preset, self.options = model, preset, Resolved.of(options, preset)
         # its memory budget: the graph's share of a GPU
         self.encoder = load_lq_encoder(self.model, preset, gpu_share) if lq else None
         self.captioner = load_caption_encoder(self.model, preset)
@@ -58,7 +61,7 @@ class EncodeStage:
     def plan(self, in_hw):
         return plan_for(self.preset, self.options, in_hw)
 
-    def _plan(self, row: dict, o: UpscaleOptions, in_hw) -> TilePlan:
+    def _plan(self, row: dict, o: Resolved, in_hw) -> TilePlan:
         """The row's tile plan: the one made where it entered (`planned`, the endpoint's admission) when it is for
         this very size, else planned here."""
         planned = row.pop("planned", None)
@@ -82,7 +85,7 @@ class EncodeStage:
                 out.append(self._given_latent(row))
                 continue
             img = row.pop("image")
-            o = options_of(row, self.options)
+            o = entered(row)
             plan = self._plan(row, o, img.size)
             check_output_side(target_size(plan.in_hw, plan.sr_scale, o.scale), o.max_output_side)  # -s 16 too
             pixels = torch.from_numpy(pad_image(img.to_float(), plan.pad_hw))[None].to(self.device)
@@ -91,7 +94,7 @@ class EncodeStage:
             # metadata (mode, ICC, EXIF) and alpha for the merge; the pixels are not shipped further
             row["src"] = dataclasses.replace(img, rgb=img.rgb[:0, :0])
             out.append(row)
-        captions = [options_of(r, self.options).caption for r in out]
+        captions = [entered(r).caption for r in out]
         if not captions:
             return out
         null = self.null_embedding()
@@ -116,7 +119,7 @@ class EncodeStage:
         `out_size`; the latent padded (reflected) to the plan's canvas like an image, or, for an explicit size, left
         as it is for the diffuse stage to align with the network's rule."""
         lat = row["latent"]
-        o = options_of(row, self.options)
+        o = entered(row)
         size = row.get("out_size")
         plan = self._plan(row, o, given_latent_in_hw(self.preset, lat.shape[1:], size))
         check_output_side(target_size(plan.in_hw, plan.sr_scale, o.scale), o.max_output_side)

@@ -28,7 +28,7 @@ from pipeline.latents import (
     to_training_frame,
 )
 from pipeline.model.presets import Preset
-from pipeline.stages.common import UpscaleOptions, options_of
+from pipeline.stages.common import entered
 
 
 def latent_source() -> Decoded:
@@ -40,13 +40,12 @@ def latent_source() -> Decoded:
 class LatentStage:
     CACHED_FILES = 2  # indexes kept (each holds its file's bytes)
 
-    def __init__(self, preset: Preset, latent_format: str | None = None, options: UpscaleOptions | None = None,
-                 max_bytes: int = MAX_LATENT_BYTES, max_members: int = MAX_MEMBERS):  # fmt: skip
+    def __init__(self, preset: Preset, latent_format: str | None = None, max_bytes: int = MAX_LATENT_BYTES,
+                 max_members: int = MAX_MEMBERS):  # fmt: skip
         """preset: resolved where the job or request entered; max_bytes, max_members: what one file may inflate to
         and hold (the endpoint sets tighter bounds)."""
         self.preset = preset
         self.format = latent_format
-        self.options = options or UpscaleOptions()
         self.max_bytes, self.max_members = max_bytes, max_members
         check_format(latent_format, self.preset)  # a --format that does not fit the preset: refused up front
         self._files: OrderedDict[tuple, tuple[bytes, LatentFile]] = OrderedDict()
@@ -72,7 +71,7 @@ class LatentStage:
         if not want and len(f.ids) > 1:
             ids = ", ".join(repr(i) for i in f.ids[:5]) + (", ..." if len(f.ids) > 5 else "")
             raise BadInput(f"the file holds {len(f.ids)} latents ({ids}): name one (id)")
-        o = options_of(row, self.options)
+        o = entered(row)
         fmt = row.pop("latent_format", None) or self.format or f.common["format"]  # the row's first
         check_format(fmt, self.preset)
         out_size = row.get("out_size")

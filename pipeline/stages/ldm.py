@@ -26,7 +26,7 @@ from pipeline.generators import Generator, generator_spec
 from pipeline.latents import Packing, check_format, flux2_normalised, is_packed, to_training_frame, unpack
 from pipeline.model.presets import Preset
 from pipeline.runtime import ModelOptions, pick_device
-from pipeline.stages.common import UpscaleOptions, options_of
+from pipeline.stages.common import entered
 from pipeline.stages.latent import latent_source
 from pipeline.t2i import GenerateOptions, check_prompt, row_options
 
@@ -91,7 +91,6 @@ class LDMStage:
         preset: Preset,  # the PiD preset that decodes the latent, resolved where the job entered
         ldm: str,
         options: GenerateOptions | None = None,
-        upscale: UpscaleOptions | None = None,
         offload: bool = False,  # the generator's models wait in CPU memory, each moved to the GPU while it runs
     ):
         try:
@@ -100,7 +99,6 @@ class LDMStage:
             raise SetupError("generate-then-decode needs diffusers: pip install 'pidray[generate]'") from None
         self.model = model
         self.options = options or GenerateOptions()
-        self.upscale = upscale or UpscaleOptions()
         self.preset = preset
         self.spec, where = generator_spec(ldm)  # a folder's class checked before anything loads
         check_format(self.spec.family, self.preset)  # the PiD preset decodes this model's latents
@@ -135,7 +133,7 @@ class LDMStage:
         gen = torch.Generator("cpu" if self.device.type != "cuda" else self.device).manual_seed(o.seed)
         latent, sigma = generator_latent(self.pipe, self.spec, o.size, o.steps, o.stop_at, prompt=prompt,
                                          generator=gen, **kw)  # fmt: skip
-        o_up = options_of(row, self.upscale)
+        o_up = entered(row)
         over = {} if o_up.caption else {"caption": prompt}  # PiD's caption: the prompt
         if sigma is not None:  # a captured x_t, conditioned at its own sigma with no further noise
             latent, vp_sigma = to_training_frame(latent, sigma, self.preset)

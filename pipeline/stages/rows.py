@@ -35,6 +35,7 @@ class ReadRow(Overrides, FailedRow, total=False):
     request_id: str  # Serve: who to stop when the caller goes away
     deadline: float  # Serve: time.time() after which the work is not worth doing
     planned: Any  # Serve: the TilePlan admission made (the encode stage takes it when it fits the image)
+    opts: Any  # pipeline.options.Resolved: the row's options, resolved where it entered (Workflow.enter)
 
 
 class DecodedRow(ReadRow, total=False):

@@ -102,13 +102,7 @@ class S3Published:
             self.discard()
         return self.path
 
-    def discard(self) -> None:
-        if not self.file.closed:
-            self.file.close()
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
+    discard = Published.discard  # the local temporary closed and removed, as a local output's
 
     def _upload(self, f) -> None:
         from pipeline.storage.s3 import _precondition_failed

@@ -10,9 +10,10 @@ driver (it asks for what the last stage asks, so Ray Data runs it in the same ta
 from __future__ import annotations
 
 import pickle
-import time
 
 import numpy as np
+
+from jobs.feed import taken_chunks
 
 FEED_TASKS = 2  # Ray Data tasks taking chunks of samples from the feed actor
 
@@ -21,16 +22,7 @@ def feed_task(batch: dict, *, feed):
     """Ray Data task function: the samples of one feed task, chunk by chunk, as the shards hand them on."""
     import ray
 
-    task, n = int(batch["task"][0]), 0
-    while True:
-        got = ray.get(feed.take.remote(task, n))
-        if got is None:
-            return
-        if isinstance(got, str):
-            time.sleep(0.02)
-            continue
-        chunk_id, refs = got
-        n += 1
+    for chunk_id, refs in taken_chunks(feed, int(batch["task"][0]), 0.02):
         try:
             rows = ray.get(refs[0]) if refs else []
         except Exception:  # the worker that read them is gone (its shard is recorded as failed)

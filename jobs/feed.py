@@ -61,21 +61,26 @@ class Feed:
         return None if self.closed else "wait"
 
 
-def feed_task(batch: dict, *, feed) -> Iterator[dict]:
-    """Ray Data task function: the rows of one feed task, chunk by chunk, as the driver plans them."""
+def taken_chunks(feed, task: int, wait_s: float) -> Iterator[tuple[int, object]]:
+    """The chunks (chunk id, what was put) the feed actor hands feed task `task`, in order, until it is closed and
+    drained; polled every `wait_s` while it has none ready."""
     import ray
 
-    task = int(batch["task"][0])
     n = 0
     while True:
         got = ray.get(feed.take.remote(task, n))
         if got is None:
             return
         if isinstance(got, str):
-            time.sleep(0.05)
+            time.sleep(wait_s)
             continue
-        chunk_id, rows = got
         n += 1
+        yield got
+
+
+def feed_task(batch: dict, *, feed) -> Iterator[dict]:
+    """Ray Data task function: the rows of one feed task, chunk by chunk, as the driver plans them."""
+    for chunk_id, rows in taken_chunks(feed, int(batch["task"][0]), 0.05):
         yield {"i": np.full(len(rows), chunk_id, dtype=np.int64), "row": np.array(rows, dtype=object)}
 
 

@@ -248,13 +248,10 @@ def _latent_row(row: dict, data: bytes) -> dict:
     sigma = row.get("sigma")
     if sigma is not None and not (is_number(sigma) and 0.0 <= sigma < 1e3):  # NaN, text, a list too
         return failed(row, "input", BadInput(f"sigma must be a number >= 0, got {str(sigma)[:40]!r}"))
-    if data[:6] == b"\x93NUMPY":
-        ext = ".npy"
-    elif data[:4] == b"PK\x03\x04":
-        ext = ".npz"
-    elif len(data) > 9 and data[8:9] == b"{":
-        ext = ".safetensors"
-    else:
+    from pipeline.latents import latent_extension
+
+    ext = latent_extension(data)
+    if ext is None:
         return failed(row, "input", BadInput("not a latent file (.safetensors, .npy or .npz bytes)"))
     sigma = {} if sigma is None else {"sigma": float(sigma)}
     return {**row, **sigma, "key": row["key"] + ext, "src_key": "latent" + ext}  # read by its bytes' name, not the key

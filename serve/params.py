@@ -171,12 +171,11 @@ def check_json_fields(req: dict) -> dict:
 
 def latent_name(data: bytes) -> str:
     """A file name for a latent body from its first bytes (safetensors, .npy, .npz), else a 400."""
-    if data[:6] == b"\x93NUMPY":
-        return "request.npy"
-    if data[:4] == b"PK\x03\x04":
-        return "request.npz"
-    if len(data) > 9 and data[8:9] == b"{":
-        return "request.safetensors"
+    from pipeline.latents import latent_extension
+
+    ext = latent_extension(data)
+    if ext is not None:
+        return "request" + ext
     raise Refused("bad_input", "the body is not a latent file (.safetensors, .npy or .npz)")
 
 

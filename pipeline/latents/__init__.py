@@ -27,7 +27,7 @@ once: `LatentFile`, `open_latents`, `read_latents`), `packed` (packed sequences 
 against a preset: formats, channels, sigma, the output-size limit). The names below are what other modules import.
 """
 
-from pipeline.latents.containers import header_ids, st_header_bytes
+from pipeline.latents.containers import header_ids, latent_extension, st_header_bytes
 from pipeline.latents.file import LatentFile, npz_ids, open_latents, read_latents
 from pipeline.latents.packed import PACKED, Packing, flux2_normalised, is_packed, unpack
 from pipeline.latents.preset import (
@@ -49,6 +49,7 @@ from pipeline.latents.values import (
 )
 
 __all__ = [
+    "latent_extension",
     "FORMATS",
     "PACKED",
     "Packing",

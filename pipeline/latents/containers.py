@@ -239,3 +239,15 @@ def load_npy(data: bytes, check=None) -> np.ndarray:
             check(shape)
 
     return read_array(io.BytesIO(data), ".npy file", len(data), check=first)
+
+
+def latent_extension(data: bytes) -> str | None:
+    """What a latent file is from its first bytes, as the extension its readers go by (".npy", ".npz",
+    ".safetensors": a header length then its JSON), or None for none of them."""
+    if data[:6] == b"\x93NUMPY":
+        return ".npy"
+    if data[:4] == b"PK\x03\x04":
+        return ".npz"
+    if len(data) > 9 and data[8:9] == b"{":
+        return ".safetensors"
+    return None

@@ -200,7 +200,8 @@ class _Run(Context):
         self.summary.already += 1
         self._say(f"skipped {display(rel)}: done by an earlier run (kept by --resume)")
         if self.previous is None or self.previous.rows.get(rel) is None:  # proven by its receipt only
-            self._record({"key": rel, "status": "ok", "output_key": rel, "notes": ["done by an earlier run"],
+            lost = "DST's manifest had no row for it (its run was cut off): its samples' rows are not in the manifest"
+            self._record({"key": rel, "status": "ok", "output_key": rel, "notes": ["done by an earlier run", lost],
                           **got}, count=False)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ in this process

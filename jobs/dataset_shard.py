@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager
 
 from pipeline import receipts
 from pipeline.errors import BadInput, kind_of
+from pipeline.latents import latent_extension
 from pipeline.noise import file_seed
 from pipeline.storage import check_lease, display
 
@@ -71,12 +72,12 @@ class Shard:
         try:
             with open_input(ctx.src, self.rel, seekable=ds.format == "parquet") as f:
                 if ds.format == "webdataset":
-                    reader = ShardReader(f, self.rel, ds.image_key, ds.caption_key)
+                    reader = ShardReader(f, self.rel, ds.image_key, ds.caption_key, keys=ds.reader_keys(), what=ds.what)
                     out = publisher(ctx.dst, self.rel, ctx.dst.tag, self.replace, self.etag)
                     self.writer = ShardWriter(None, name, out=out)
                     rows = self._samples(reader)
                 else:
-                    reader = TableReader(f, self.rel, ds.image_column, ds.caption_column)
+                    reader = TableReader(f, self.rel, ds.image_column, ds.caption_column, what=ds.what)
                     out = publisher(ctx.dst, self.rel, ctx.dst.tag, self.replace, self.etag)
                     self.writer = TableWriter(None, name, reader.schema, out=out)
                     self.chunks: dict[int, list] = {}
@@ -100,6 +101,9 @@ class Shard:
         caption = s.caption if s.caption else cfg.options.caption
         if s.caption:
             row["caption"] = s.caption  # the sample's own, over --caption
+        if self.ctx.ds.latents:  # read as the latent file its bytes say it is (a name the latent stage reads by)
+            row.update({k: v for k, v in (("out_size", cfg.out_size), ("sigma", cfg.sigma)) if v is not None})
+            row["src_key"] = "latent" + (latent_extension(s.image) or "")
         return {**row, "used_caption": caption or ""}
 
     def _failed_sample(self, s) -> None:

@@ -1,4 +1,4 @@
-"""A bulk job over a dataset: `pidray upscale SRC DST --dataset webdataset|parquet`, before anything runs.
+"""A bulk job over a dataset: `pidray upscale|decode SRC DST --dataset webdataset|parquet`, before anything runs.
 
 SRC is a WebDataset shard (`.tar`) or a Parquet table, or a folder of them; without `--dataset` a SRC that holds only
 `.tar` or only `.parquet` files (a local folder or an S3 prefix) is taken as one (said in one line). Here: the
@@ -30,32 +30,39 @@ class DatasetJob:
     caption_key: str | None = "txt"  # WebDataset: `txt`, `json:FIELD`
     image_column: str = "image"  # Parquet
     caption_column: str | None = None  # Parquet
+    latents: bool = False  # `pidray decode`: the member/column holds a latent file (.safetensors, .npy, .npz bytes)
+
+    @property
+    def what(self) -> str:
+        return "latent" if self.latents else "image"
+
+    def reader_keys(self) -> tuple[str, ...]:
+        """WebDataset: the member extensions looked for when none is named, in order."""
+        from pipeline.datasets.webdataset import IMAGE_KEYS, LATENT_KEYS
+
+        return LATENT_KEYS if self.latents else IMAGE_KEYS
 
 
-def add_dataset_arguments(p) -> None:
+def add_dataset_arguments(p, latents: bool = False) -> None:
+    """The dataset flags of `pidray upscale` (an image member or column), or with `latents` of `pidray decode` (a
+    latent member or column: --latent-key, --latent-column)."""
     d = p.add_argument_group("datasets")
     d.add_argument("--dataset", default=None, choices=sorted(EXTENSIONS),
                    help="SRC holds WebDataset .tar shards or Parquet tables: DST gets shards/tables of the same names "
                         "(default: recognised when SRC holds only .tar or only .parquet files)")  # fmt: skip
-    d.add_argument(
-        "--image-key",
-        default=None,
-        metavar="EXT",
-        help="WebDataset: the image member's extension (default: the first of jpg, jpeg, png, webp)",
-    )
+    what, exts = ("latent", "safetensors, npy, npz") if latents else ("image", "jpg, jpeg, png, webp")
+    d.add_argument(f"--{what}-key", dest="image_key", default=None, metavar="EXT",
+                   help=f"WebDataset: the {what} member's extension (default: the first of {exts})")  # fmt: skip
     d.add_argument(
         "--caption-key",
         default="txt",
         metavar="KEY",
         help="WebDataset: the caption member, txt or json:FIELD (json:a.b for a nested field)",
     )
-    d.add_argument(
-        "--image-column",
-        default="image",
-        metavar="NAME",
-        help="Parquet: the image column (binary, or a struct of bytes and path)",
-    )
+    d.add_argument(f"--{what}-column", dest="image_column", default=what, metavar="NAME",
+                   help=f"Parquet: the {what} column (binary, or a struct of bytes and path)")  # fmt: skip
     d.add_argument("--caption-column", default=None, metavar="NAME", help="Parquet: the caption column (text)")
+    p.set_defaults(dataset_latents=latents)
 
 
 def dataset_of(args, note=None) -> DatasetJob | None:
@@ -67,10 +74,12 @@ def dataset_of(args, note=None) -> DatasetJob | None:
         if fmt and note:
             note(f"pidray: {args.src} holds only {EXTENSIONS[fmt]} files: reading them as {FORMAT_NAMES[fmt]} "
                  f"(--dataset {fmt})")  # fmt: skip
+    latents = bool(getattr(args, "dataset_latents", False))
+    what = "latent" if latents else "image"
     if fmt is None:
-        named = [f for f, v in (("--image-key", args.image_key), ("--caption-column", args.caption_column)) if v]
-        if named or args.caption_key != "txt" or args.image_column != "image":
-            raise BadParameter(f"{(named or ['--caption-key/--image-column'])[0]} is for a dataset job: SRC holds "
+        named = [f for f, v in ((f"--{what}-key", args.image_key), ("--caption-column", args.caption_column)) if v]
+        if named or args.caption_key != "txt" or args.image_column != what:
+            raise BadParameter(f"{(named or [f'--caption-key/--{what}-column'])[0]} is for a dataset job: SRC holds "
                                "other files than .tar or .parquet ones; name the format with --dataset")  # fmt: skip
         return None
     caption_key = None if args.caption_key in ("", "none") else args.caption_key
@@ -78,7 +87,7 @@ def dataset_of(args, note=None) -> DatasetJob | None:
         from pipeline.datasets.webdataset import parse_caption_key
 
         parse_caption_key(caption_key)  # a malformed key is refused here, before anything runs
-    return DatasetJob(fmt, args.image_key, caption_key, args.image_column, args.caption_column)
+    return DatasetJob(fmt, args.image_key, caption_key, args.image_column, args.caption_column, latents)
 
 
 def refuse(cfg) -> None:
@@ -247,7 +256,7 @@ def check_tables(root: str, tables: list[str], ds: DatasetJob, follow: bool = Fa
         except Exception as e:
             raise SetupError(f"{display(rel)}: not a readable Parquet file ({e})") from None
         try:
-            check_columns(schema, display(rel), ds.image_column, ds.caption_column)
+            check_columns(schema, display(rel), ds.image_column, ds.caption_column, ds.what)
         except ValueError as e:
             raise SetupError(str(e)) from None
         schemas.append((display(rel), schema))

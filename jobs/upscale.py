@@ -125,6 +125,9 @@ def add_decode_parser(sub, parents=()) -> None:
         help="the latents are x_t captured at this scheduler sigma (default: the file's, else clean)",
     )
     _job_arguments(p, default_preset="flux-2k")
+    from jobs.datasets import add_dataset_arguments
+
+    add_dataset_arguments(p, latents=True)  # WebDataset shards, Parquet tables of latent files
     p.set_defaults(fn=cmd_upscale, workflow="decode")  # fmt: skip
 
 
@@ -262,7 +265,7 @@ def cmd_upscale(args) -> int:
     from jobs.settings import check_resume
     from jobs.single import file_destination
 
-    if hasattr(args, "dataset"):  # pidray upscale has the dataset flags; `decode` none
+    if hasattr(args, "dataset"):  # pidray upscale and decode have the dataset flags
         from jobs.datasets import dataset_of
 
         ds = dataset_of(args, note=lambda text: print(text, file=sys.stderr))

@@ -350,3 +350,46 @@ def test_ray_data_reads_the_outputs(tmp_path):
         assert [r["id"] for r in table] == [1, 2, 3, 4] and table[1]["image"] is None
     finally:
         ray.shutdown()
+
+
+def test_sigkill_mid_shard_then_resume(tmp_path):
+    """SIGKILL (no handler runs) while a shard is half done: the shard published before it stands whole, nothing is
+    at the cut-off shard's name (its temporary at most); --resume keeps the first (proven by its receipt, not
+    rewritten; its row says its samples' rows may be lost), does the second, and clears the killed job's temporary:
+    every sample once, ok."""
+    src, dst = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    (src / "00000.tar").write_bytes(make_tar([("a.jpg", photo("coffee.jpg", 16))]))
+    (src / "00001.tar").write_bytes(make_tar([(f"{k}.png", photo("chelsea.png", 96)) for k in "bcdef"]))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "pidray", "upscale", str(src), str(dst), "--device", "cpu", "-t", "1024"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        lines = []
+        while line := proc.stderr.readline():
+            lines.append(line)
+            if line.startswith("done    00000.tar"):
+                break
+        deadline = time.monotonic() + 60  # the cut-off shard's temporary is there: it is being written
+        while not list(dst.glob(".pidray-*.part")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "".join(lines)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert [s.key for s in ShardReader(open(dst / "00000.tar", "rb"), "x")] == ["a"]
+    assert not (dst / "00001.tar").exists() and leftovers(dst), sorted(p.name for p in dst.iterdir())
+    inode = (dst / "00000.tar").stat().st_ino
+    out = pidray("upscale", src, dst, "--device", "cpu", "-t", "1024", "--resume", "--no-progress", timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert (dst / "00000.tar").stat().st_ino == inode
+    assert [s.key for s in ShardReader(open(dst / "00001.tar", "rb"), "x")] == list("bcdef")
+    rows = rows_by_key(dst)
+    assert {k: r["status"] for k, r in rows.items() if k.startswith("00001.tar")} == {
+        "00001.tar": "ok", **{f"00001.tar#{k}": "ok" for k in "bcdef"}}  # fmt: skip
+    kept = rows["00000.tar"]  # its samples' rows may have died with the killed job: the shard's row says so
+    assert kept["status"] == "ok" and "done by an earlier run" in kept["notes"]
+    assert rows.get("00000.tar#a", {"status": "ok"})["status"] == "ok" and leftovers(dst) == []

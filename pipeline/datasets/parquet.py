@@ -55,9 +55,11 @@ def image_layout(schema: pa.Schema, column: str) -> str:
                    "path (text), as Hugging Face's Image stores it")  # fmt: skip
 
 
-def check_columns(schema: pa.Schema, name: str, image_column: str, caption_column: str | None = None) -> str:
-    """The one-line refusal of a table whose columns cannot be used (before any model loads); the image layout."""
-    for what, col in (("image", image_column), ("caption", caption_column)):
+def check_columns(schema: pa.Schema, name: str, image_column: str, caption_column: str | None = None,
+                  input_is: str = "image") -> str:  # fmt: skip
+    """The one-line refusal of a table whose columns cannot be used (before any model loads); the image layout.
+    input_is: what the image column holds, for the messages ("image", "latent")."""
+    for what, col in ((input_is, image_column), ("caption", caption_column)):
         if col is None and what == "caption":
             continue
         if not isinstance(col, str) or not col:
@@ -70,7 +72,7 @@ def check_columns(schema: pa.Schema, name: str, image_column: str, caption_colum
     layout = image_layout(schema, image_column)
     if not schema.field(image_column).nullable:
         raise BadInput(f"column {image_column!r} of {name} is declared non-null: a row that fails could not be kept "
-                       "with a null image")  # fmt: skip
+                       f"with a null {input_is}")  # fmt: skip
     if caption_column is not None:
         t = schema.field(caption_column).type
         if not (_is_text(t) or pa.types.is_null(t)):
@@ -143,8 +145,8 @@ class TableReader:
 
     def __init__(self, source, name: str, image_column: str = "image", caption_column: str | None = None,
                  limits: Limits | None = None, max_row_group_bytes: int = MAX_ROW_GROUP_BYTES,
-                 chunk_rows: int = CHUNK_ROWS, chunk_bytes: int = CHUNK_BYTES):  # fmt: skip
-        self.name, self.image_column, self.caption_column = name, image_column, caption_column
+                 chunk_rows: int = CHUNK_ROWS, chunk_bytes: int = CHUNK_BYTES, what: str = "image"):  # fmt: skip
+        self.name, self.image_column, self.caption_column, self.what = name, image_column, caption_column, what
         self.limits = limits or Limits()
         self.chunk_rows, self.chunk_bytes = chunk_rows, chunk_bytes
         self._own = isinstance(source, (str, os.PathLike))
@@ -156,7 +158,7 @@ class TableReader:
             except Exception as e:  # ArrowInvalid / OSError with a position: one line
                 raise BadInput(f"not a readable Parquet file ({e})") from None
             self.schema = self.pf.schema_arrow
-            self.layout = check_columns(self.schema, name, image_column, caption_column)
+            self.layout = check_columns(self.schema, name, image_column, caption_column, what)
             md = self.pf.metadata
             self.sizes = [(md.row_group(i).num_rows, md.row_group(i).total_byte_size) for i in range(md.num_row_groups)]
             for i, (_, size) in enumerate(self.sizes):
@@ -218,9 +220,10 @@ class TableReader:
             sid = sample_id(self.name, row)
             try:
                 if not ok or image is None:
-                    raise BadInput(f"no image: the {self.image_column!r} cell is null" + ("" if ok else " (struct)"))
+                    null = "null" if ok else "null (struct)"
+                    raise BadInput(f"no {self.what}: the {self.image_column!r} cell is {null}")
                 if len(image) > self.limits.member_bytes:
-                    raise TooLarge(f"the image cell is {len(image):,} bytes, over the limit of "
+                    raise TooLarge(f"the {self.what} cell is {len(image):,} bytes, over the limit of "
                                    f"{self.limits.member_bytes:,}")  # fmt: skip
                 caption = check_caption(caption, f"the caption of row {row}", self.limits.caption_bytes)
             except Exception as e:

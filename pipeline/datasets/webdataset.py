@@ -35,6 +35,7 @@ from pipeline.datasets.common import (
 from pipeline.errors import BadInput, BadParameter, TooLarge, kind_of
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # the image member when none is named: the first of these a sample has
+LATENT_KEYS = ("safetensors", "npy", "npz")  # the latent member (`pidray decode`) when none is named
 DEFAULT_CAPTION_KEY = "txt"
 _META_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
                tarfile.GNUTYPE_LONGLINK)  # fmt: skip
@@ -118,15 +119,16 @@ def parse_caption_key(caption_key: str | None) -> tuple[str, list[str]] | None:
 
 class ShardReader:
     """The samples of one tar shard, streamed: `for sample in ShardReader(f, "00000.tar")`. `name` is the shard's
-    name in the manifest's ids (`00000.tar#key`); `image_key` the image member's extension (None: the first of
-    jpg/jpeg/png/webp the sample has); `caption_key` `txt` or `json:FIELD` (None: no caption)."""
+    name in the manifest's ids (`00000.tar#key`); `image_key` the input member's extension (None: the first of
+    `keys` the sample has: jpg/jpeg/png/webp, or for latents LATENT_KEYS); `caption_key` `txt` or `json:FIELD` (None:
+    no caption); `what` names the input member in errors ("image", "latent")."""
 
     def __init__(self, fileobj, name: str, image_key: str | None = None, caption_key: str | None = DEFAULT_CAPTION_KEY,
-                 limits: Limits | None = None):  # fmt: skip
+                 limits: Limits | None = None, keys: tuple[str, ...] = IMAGE_KEYS, what: str = "image"):  # fmt: skip
         if image_key is not None and (not isinstance(image_key, str) or not image_key or "/" in image_key):
-            raise BadParameter(f"image key must be an extension such as jpg, got {image_key!r}")
-        self.fileobj, self.name = fileobj, name
-        self.image_keys = (image_key.lower(),) if image_key else IMAGE_KEYS
+            raise BadParameter(f"{what} key must be an extension such as {keys[0]}, got {image_key!r}")
+        self.fileobj, self.name, self.what = fileobj, name, what
+        self.image_keys = (image_key.lower(),) if image_key else keys
         self.caption = parse_caption_key(caption_key)
         self.limits = limits or Limits()
 
@@ -232,7 +234,7 @@ class ShardReader:
         image = next((by_ext[k] for k in self.image_keys if k in by_ext), None)
         if image is None:
             have = ", ".join(ext for ext, _ in members[:8]) or "none"
-            raise BadInput(f"no image member (looked for {'/'.join(self.image_keys)}; the sample has {have})")
+            raise BadInput(f"no {self.what} member (looked for {'/'.join(self.image_keys)}; the sample has {have})")
         return Sample(id=sid, key=key, seq=seq, image=image[1], caption=self._caption(key, members), mtime=mtime,
                       image_ext=image[0], members=members)  # fmt: skip
 

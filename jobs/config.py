@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 
 from pipeline.runtime import ModelOptions
 from pipeline.stages import UpscaleOptions
@@ -12,8 +11,17 @@ from pipeline.storage import S3Settings
 from pipeline.workflow import DEFAULT_WORKFLOW, Workflow, resolve_workflow, workflow_class
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobConfig:
+    """What a bulk job is asked to do: frozen, with its workflow (`flow`) resolved once, as the config is built.
+
+    Building one looks the preset up (the only place a job does) and types the generator's settings: a preset,
+    workflow or setting that cannot be resolved raises there (ValueError, BadParameter). A copy (`with_`,
+    `dataclasses.replace`) keeps the original's `flow`: the same object while the options are the same, else one
+    with the copy's options and the same Preset object; a copy with another model, workflow, latent format,
+    generator setting or upscale model resolves its own. `flow` is carried over from the config a copy is made of:
+    leave it out when building one."""
+
     src: str
     dst: str
     model: ModelOptions = field(default_factory=ModelOptions)
@@ -24,7 +32,7 @@ class JobConfig:
     follow_symlinks: bool = False  # follow symbolic links inside SRC (noted in the manifest)
     include_hidden: bool = False  # process files whose path has a segment starting with '.'
     captions: dict[str, str] = field(default_factory=dict)  # key -> caption (from a manifest CSV/JSONL)
-    resume: bool = False
+    resume: bool | str = False  # True, or "redo-changed" (jobs/settings.py)
     overwrite: bool = False  # replace outputs already in DST -- only those DST's manifest records as pidray's own
     dry_run: bool = False
     local: bool | None = None  # True: the in-process loop; False: Ray Data; None: the loop for small jobs, no cluster
@@ -42,32 +50,28 @@ class JobConfig:
     limit: int | None = None  # only the first N planned inputs (None: all)
     output_name: str = ""  # SRC is one file, DST named a file: the output's name in DST without its extension
     manifest: str = ""  # a file job's manifest goes here (a local path); "" for one: none (only the file is written)
+    flow: Workflow = field(default=None, kw_only=True, compare=False, repr=False)  # the job's workflow, resolved
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "flow", self._resolved(self.flow))
 
     def with_(self, **changes) -> JobConfig:
-        """A copy with `changes` that keeps the workflow resolved once (`dataclasses.replace` would drop it and look
-        the preset up again): its options follow the copy's; a change to what it was resolved from resolves anew."""
-        new = replace(self, **changes)
-        if "flow" in self.__dict__ and not set(changes) & _RESOLVED_FROM:
-            flow = self.__dict__["flow"]
-            new.__dict__["flow"] = flow if new.options == flow.options else replace(flow, options=new.options)
-        return new
+        """A copy with `changes` (as `dataclasses.replace`): the workflow resolved once is kept, its options
+        following the copy's; a change to what it was resolved from resolves the copy's own."""
+        return replace(self, **changes)
 
-    @cached_property
-    def flow(self) -> Workflow:
-        """The job's workflow, resolved once (its preset looked up here, the only place a job does)."""
-        return resolve_workflow(self.workflow, self.model, self.options, latent_format=self.latent_format,
-                                gen=self.gen, upscale=self.upscale, ldm=self.ldm,
-                                offload=self.generator_offload)  # fmt: skip
-
-
-_RESOLVED_FROM = {"model", "workflow", "latent_format", "gen", "upscale", "ldm"}  # what JobConfig.flow is made of
-
-
-def entering(cfg):
-    """What a job's rows enter as, without resolving its workflow: the workflow (resolved already) or its class,
-    whose `reads_images`, `reads_latents`, `takes_prompts` say it."""
-    flow = cfg.__dict__.get("flow") if hasattr(cfg, "__dict__") else None  # resolved already: no lookup
-    return flow if flow is not None else workflow_class(getattr(cfg, "workflow", DEFAULT_WORKFLOW))
+    def _resolved(self, before: Workflow | None) -> Workflow:
+        """The workflow of these fields: `before` (the flow of the config this one is a copy of) when it was
+        resolved from the same ones, its presets reused where only its options or settings differ; else resolved,
+        the preset looked up."""
+        kw = {"latent_format": self.latent_format, "gen": self.gen, "ldm": self.ldm, "offload": self.generator_offload}
+        name, model, options = self.workflow, self.model, self.options
+        if (before is None or type(before) is not workflow_class(name) or before.model != model
+                or getattr(before, "upscale", self.upscale) != self.upscale):  # fmt: skip
+            return resolve_workflow(name, model, options, upscale=self.upscale, **kw)
+        again = resolve_workflow(name, model, options, upscale=self.upscale, preset=before.preset,
+                                 upscale_preset=getattr(before, "upscale_preset", None), **kw)  # fmt: skip
+        return before if again == before else again
 
 
 KEEP_ROWS = 10_000  # a job's rows kept in its Summary (for the terminal and the Python API); beyond, only counted

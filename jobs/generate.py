@@ -88,8 +88,9 @@ def add_generate_parser(sub, parents=()) -> None:
     p.set_defaults(fn=cmd_generate)
 
 
-def _config(args, src: str, dst: str) -> JobConfig:
-    from jobs.pipeline import JobConfig
+def _fields(args, src: str, dst: str) -> dict:
+    """The job's `JobConfig` fields from the command line, each checked that can be before its workflow is
+    resolved (building the config resolves it)."""
     from pipeline.generate_options import GEN_OPTS
     from pipeline.options import from_args
     from pipeline.runtime import ModelOptions
@@ -120,11 +121,20 @@ def _config(args, src: str, dst: str) -> JobConfig:
     from pipeline.imageio import output_format
 
     output_format(None, args.format)
-    return JobConfig(src=src, dst=dst, model=model, options=options, local=args.local, progress=not args.no_progress,
-                     verbose=args.verbose, resume=args.resume, overwrite=args.overwrite,
-                     workflow="ldm" if args.with_ else "generate", gen=gen, upscale=up, ldm=args.with_,
-                     generator_offload=args.generator_offload,
-                     s3=S3Settings(args.s3_endpoint, args.s3_region))  # fmt: skip
+    return dict(src=src, dst=dst, model=model, options=options, local=args.local, progress=not args.no_progress,
+                verbose=args.verbose, resume=args.resume, overwrite=args.overwrite,
+                workflow="ldm" if args.with_ else "generate", gen=gen, upscale=up, ldm=args.with_,
+                generator_offload=args.generator_offload, s3=S3Settings(args.s3_endpoint, args.s3_region))  # fmt: skip
+
+
+def _config(args, src: str, dst: str) -> JobConfig:
+    """A --prompts job's config; its flags checked first, its workflow resolved as it is built."""
+    from jobs.pipeline import JobConfig
+    from jobs.preflight import refuse_resume_with_overwrite
+
+    fields = _fields(args, src, dst)
+    refuse_resume_with_overwrite(args.resume, args.overwrite)
+    return JobConfig(**fields)
 
 
 def cmd_generate(args) -> int:
@@ -149,13 +159,13 @@ def _one(args) -> int:
     ext = os.path.splitext(out)[1].lower().lstrip(".")
     if ext:
         args.format = {"jpg": "jpeg", "tif": "tiff"}.get(ext, ext)
-    cfg = _config(args, "-", out)
+    fields = _fields(args, "-", out)
     parent = os.path.dirname(out) or "."
     if not os.path.isdir(parent):
         raise SetupError(f"folder {parent} does not exist")
-    from jobs.pipeline import preflight
+    from jobs.pipeline import JobConfig, preflight
 
-    cfg.dry_run = True  # preflight without the DST probe (OUT is a file)
+    cfg = JobConfig(**fields, dry_run=True)  # preflight without the DST probe (OUT is a file)
     graph = StageGraph(workflow=preflight(cfg))
     (row,) = list(graph.run_local([{"key": "prompt", "prompt": args.prompt, "seed": args.seed}]))
     if row.get("status") != "ok":

@@ -9,7 +9,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 
-from jobs.config import entering
 from jobs.latent_plan import _latent_inputs
 from jobs.manifest import MANIFEST_NAME
 from jobs.naming import (
@@ -50,11 +49,11 @@ def plan_job(cfg) -> Plan:
     """List SRC, name every output, apply --resume; nothing is read or written beyond listings. The rows come as a
     stream (`Plan.items()`); SRC is listed up to its first file before this returns, so a SRC with nothing in it
     fails here (SetupError), before any worker starts."""
-    if entering(cfg).takes_prompts:
+    if cfg.flow.takes_prompts:
         return _plan_prompts(cfg)
     src, dst, single = locations(cfg)
     plan = Plan(src, dst, single=single)
-    decode = entering(cfg).reads_latents
+    decode = cfg.flow.reads_latents
     if cfg.resume or cfg.in_place or cfg.overwrite or has_manifest(dst):
         plan.previous = PreviousIndex.load(dst)  # kept and added to: the record of what pidray wrote in DST
     stream = _stream(cfg, plan, decode)

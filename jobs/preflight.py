@@ -22,9 +22,7 @@ def preflight(cfg: JobConfig) -> Workflow:
     from pipeline.stages.encode import plan_for
     from pipeline.weights import WeightsNotFound, resolve
 
-    if cfg.overwrite and cfg.resume:
-        raise SetupError("--overwrite and --resume contradict each other: --resume keeps the outputs already in DST, "
-                         "--overwrite replaces them; choose one")  # fmt: skip
+    refuse_resume_with_overwrite(cfg.resume, cfg.overwrite)
     wf = cfg.flow
     preset = wf.preset
     decode = wf.reads_latents
@@ -63,6 +61,13 @@ def preflight(cfg: JobConfig) -> Workflow:
         missing.append(str(e))
     _raise_missing(missing, cfg, preset)
     return wf
+
+
+def refuse_resume_with_overwrite(resume, overwrite) -> None:
+    """--resume with --overwrite: one SetupError (a front end checks it before it builds the job's config)."""
+    if overwrite and resume:
+        raise SetupError("--overwrite and --resume contradict each other: --resume keeps the outputs already in DST, "
+                         "--overwrite replaces them; choose one")  # fmt: skip
 
 
 def _check_decode_flags(cfg: JobConfig, preset) -> None:

@@ -23,7 +23,6 @@ import time
 from contextlib import contextmanager
 from functools import wraps
 
-from jobs.config import entering
 from pipeline import progress
 
 LOG_EVERY_S = 30.0  # without a terminal: a progress line at least this often (PIDRAY_LOG_EVERY_S)
@@ -45,7 +44,7 @@ class Weigher:
     row whose header cannot be read."""
 
     def __init__(self, cfg, plan, headers: bool = True):
-        self.cfg, self.plan, self.read = cfg, plan, headers and entering(cfg).reads_images
+        self.cfg, self.plan, self.read = cfg, plan, headers and cfg.flow.reads_images
         self.seen, self.sum = 0, 0
         self.preset = None
         if self.read:

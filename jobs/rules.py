@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 
-from jobs.config import entering
 from jobs.manifest import Previous, manifest_row, proof
 from jobs.naming import output_candidates, output_name_problem
 from pipeline import receipts
@@ -124,7 +123,7 @@ def locations(cfg) -> tuple[Location, Location, Entry | None]:
     entry = None
     if single is not None:
         src, entry = single
-    prompts = entering(cfg).takes_prompts  # the input is one prompt file, not images
+    prompts = cfg.flow.takes_prompts  # the input is one prompt file, not images
     renamed = entry is not None and getattr(cfg, "output_name", "")  # DST names the output file: never SRC (below)
     if dst.real == src.real and not prompts and not renamed:  # a prompt file's own folder: outputs are named anew
         if not cfg.suffix:

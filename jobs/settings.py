@@ -11,7 +11,6 @@ import io
 import json
 import time
 
-from jobs.config import entering
 from pipeline.errors import SetupError
 from pipeline.options import SHAPING_OPTIONS
 
@@ -43,7 +42,7 @@ def output_settings(cfg) -> dict:
     except Exception:  # preflight refuses such a job in its own words
         out.update(scale=o.scale, steps=o.steps, ensemble=o.ensemble)
     out["precision"] = _precision(cfg.model)
-    if entering(cfg).takes_prompts:
+    if cfg.flow.takes_prompts:
         out["generate"] = {k: v for k, v in sorted(cfg.gen.items())}
         if cfg.ldm:  # another generator's latents would be other images, whatever the PiD preset
             out["generator"] = cfg.ldm

@@ -12,7 +12,6 @@ import posixpath
 import sys
 from dataclasses import replace
 
-from jobs.config import entering
 from pipeline.errors import SetupError
 from pipeline.imageio import EXTENSIONS, FORMATS
 from pipeline.storage import Location
@@ -44,7 +43,7 @@ def _note(text: str) -> None:
 def file_destination(cfg, note=_note):
     """The job config with a file DST turned into (its folder, the output's name, the format); unchanged when DST
     is a folder. A folder SRC with a DST that looks like a file name gets a one-line note: DST is a folder."""
-    if not entering(cfg).reads_images or cfg.in_place or not names_a_file(cfg.dst):
+    if not cfg.flow.reads_images or cfg.in_place or not names_a_file(cfg.dst):
         if getattr(cfg, "manifest", ""):
             raise SetupError("--manifest is for one file to one named file; a folder job's manifest is always "
                              "DST/_pidray_manifest.parquet")  # fmt: skip

@@ -242,8 +242,8 @@ def config_from_args(args) -> JobConfig:
         latent_format=getattr(args, "latent_format", None), out_size=getattr(args, "size", None),
         sigma=getattr(args, "sigma", None), limit=getattr(args, "limit", None), manifest=getattr(args, "manifest", ""),
     )  # fmt: skip
-    # the job's workflow and options resolved here, where the job enters: steps, --cfg-scale, --shift and --ensemble
-    # refused up front where the preset's sampler or network cannot take them
+    # the job's workflow was resolved as it was built; its options resolved here, where the job enters: steps,
+    # --cfg-scale, --shift and --ensemble refused up front where the preset's sampler or network cannot take them
     cfg.flow.resolved
     return cfg
 

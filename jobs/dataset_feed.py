@@ -22,10 +22,10 @@ def feed_task(batch: dict, *, feed):
     """Ray Data task function: the samples of one feed task, chunk by chunk, as the shards hand them on."""
     import ray
 
-    for chunk_id, refs in taken_chunks(feed, int(batch["task"][0]), 0.02):
+    for chunk_id, refs in taken_chunks(feed, int(batch["task"][0])):
         try:
             rows = ray.get(refs[0]) if refs else []
-        except Exception:  # the worker that read them is gone (its shard is recorded as failed)
+        except ray.exceptions.RayError:  # the worker that read them is gone (its shard is recorded as failed)
             rows = []
         if rows:
             yield {"i": np.full(len(rows), chunk_id, dtype=np.int64), "row": np.array(rows, dtype=object)}
@@ -44,7 +44,7 @@ def deliver(batch: dict, *, workers: list) -> dict:
         if 0 <= w < len(workers):
             try:
                 ray.get(workers[w].finished.remote(some))
-            except Exception:  # the worker is gone: its shards are recorded as failed
+            except ray.exceptions.RayError:  # the worker is gone: its shards are recorded as failed
                 pass
     small = [pickle.dumps({"key": r.get("key"), "status": r.get("status")}) for r in rows]
     return {"row": np.array(small, dtype=object)}

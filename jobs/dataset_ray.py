@@ -77,7 +77,7 @@ class _Driver:
     def run(self, todo: list) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from jobs.feed import Feed
+        from jobs.feed import feed_actor
 
         ray, run = self.ray, self.run_
         graph, actors, gpus, cpus = self._graph()
@@ -85,7 +85,7 @@ class _Driver:
         at_once = min(len(todo), AT_ONCE_MAX, max(2, 2 * max(actors.values(), default=1)))
         open_max = at_once + sum(s.batch_rows - 1 for s in graph.stages) + 1
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.feed = ray.remote(num_cpus=0, scheduling_strategy=here)(Feed).remote()
+        self.feed = feed_actor(ray, here)
         spec = {"cfg": run.cfg, "ds": run.ds, "src": run.src, "dst": run.dst, "budget": budget}
         # S3 in and out: shards read and published all over the cluster; a local folder is this node's (another
         # node's folder of that name may be another disk): its shards are read and published on this node
@@ -111,7 +111,7 @@ class _Driver:
             for actor in [*self.workers, self.feed]:
                 try:
                     ray.kill(actor)
-                except Exception:
+                except ray.exceptions.RayError:  # gone already (its node with it)
                     pass
             if stopped:  # the job's tasks and actors end with it: Ray that it started, else its pipeline
                 from jobs.loop import stop_ray
@@ -217,7 +217,7 @@ class _Driver:
         run, worker = self.run_, self.workers[w]
         try:
             said = self.ray.get(ref)
-        except Exception as e:  # its worker died (the node went away): its samples are not recorded one by one
+        except self.ray.exceptions.RayError as e:  # its worker died (the node went away): no row per sample
             run._record({"key": rel, "status": "failed", "error": f"its shard failed: {_short(e)}",
                          "error_kind": "failed"})  # fmt: skip
             return

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pickle
 import threading
-import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -22,12 +21,18 @@ import numpy as np
 FEED_TASKS = 2  # feed tasks: each pulls chunks of rows from the feed actor
 CHUNK_ROWS = 4  # rows per chunk handed to Ray Data: small blocks, so results come back as they are done
 CHUNK_WAIT_S = 0.5  # a part chunk goes once no new row came for this long
+TAKE_WAIT_S = 0.5  # how long a feed task's call waits in the feed actor for a chunk
+FEED_CONCURRENCY = 8  # calls the feed actor serves at once: the feed tasks' waiting takes, and the driver's puts
 
 
 class Feed:
     """The feed actor: chunks of pickled rows from the driver, handed out by (feed task, chunk number). A chunk
     whose rows all came back is dropped (O(1) per chunk: a long job's feed keeps only what is in flight); a task that
-    asks again for a chunk number below what it was handed (Ray running it again) gets an empty chunk for it."""
+    asks again for a chunk number below what it was handed (Ray running it again) gets an empty chunk for it.
+
+    A threaded actor (`FEED_CONCURRENCY` calls at once): a feed task's `take` waits here, up to its `wait_s`, for a
+    chunk to come, so an idle feed task makes one call every `wait_s`, not a stream of polls that would take CPU time
+    (and wake-ups) from the stages on a small node."""
 
     def __init__(self):
         self.queue: deque = deque()  # (chunk id, rows) not handed out yet
@@ -35,52 +40,67 @@ class Feed:
         self.where: dict[int, tuple[int, int]] = {}  # chunk id -> (task, n), in flight
         self.handed: dict[int, int] = {}  # task -> how many chunks it was handed
         self.closed = False
+        self.ready = threading.Condition()  # held by every call: the actor runs several at once
 
     def put(self, chunk_id: int, rows: list) -> int:
-        self.queue.append((chunk_id, rows))
-        return len(self.queue)
+        with self.ready:
+            self.queue.append((chunk_id, rows))
+            self.ready.notify()
+            return len(self.queue)
 
     def close(self) -> None:
-        self.closed = True
+        with self.ready:
+            self.closed = True
+            self.ready.notify_all()
 
     def forget(self, chunk_ids: list[int]) -> None:
-        for c in chunk_ids:
-            self.given.pop(self.where.pop(c, None), None)
+        with self.ready:
+            for c in chunk_ids:
+                self.given.pop(self.where.pop(c, None), None)
 
-    def take(self, task: int, n: int):
-        """(chunk id, rows) for chunk n of feed task `task`; "wait" while nothing is queued; None at the end."""
-        if (task, n) in self.given:
-            return self.given[(task, n)]
-        if n < self.handed.get(task, 0):  # handed out before and every row came back
-            return -1, []
-        if self.queue:
-            chunk = self.given[(task, n)] = self.queue.popleft()
-            self.where[chunk[0]] = (task, n)
-            self.handed[task] = n + 1
-            return chunk
-        return None if self.closed else "wait"
+    def take(self, task: int, n: int, wait_s: float = 0.0):
+        """(chunk id, rows) for chunk n of feed task `task`; "wait" while nothing is queued (after waiting up to
+        wait_s for a chunk); None at the end."""
+        with self.ready:
+            if (task, n) in self.given:
+                return self.given[(task, n)]
+            if n < self.handed.get(task, 0):  # handed out before and every row came back
+                return -1, []
+            if not self.queue and not self.closed and wait_s > 0:
+                self.ready.wait_for(lambda: self.queue or self.closed, timeout=wait_s)
+            if self.queue:
+                chunk = self.given[(task, n)] = self.queue.popleft()
+                self.where[chunk[0]] = (task, n)
+                self.handed[task] = n + 1
+                return chunk
+            return None if self.closed else "wait"
 
 
-def taken_chunks(feed, task: int, wait_s: float) -> Iterator[tuple[int, object]]:
+def feed_actor(ray, scheduling_strategy):
+    """A Feed actor, no CPU asked, placed by `scheduling_strategy` (on the driver's node)."""
+    return ray.remote(num_cpus=0, scheduling_strategy=scheduling_strategy,
+                      max_concurrency=FEED_CONCURRENCY)(Feed).remote()  # fmt: skip
+
+
+def taken_chunks(feed, task: int, wait_s: float = TAKE_WAIT_S) -> Iterator[tuple[int, object]]:
     """The chunks (chunk id, what was put) the feed actor hands feed task `task`, in order, until it is closed and
-    drained; polled every `wait_s` while it has none ready."""
+    drained; each call waits in the actor up to `wait_s` while it has none ready."""
     import ray
 
     n = 0
     while True:
-        got = ray.get(feed.take.remote(task, n))
+        got = ray.get(feed.take.remote(task, n, wait_s))
         if got is None:
             return
         if isinstance(got, str):
-            time.sleep(wait_s)
-            continue
+            continue  # it waited in the actor already
         n += 1
         yield got
 
 
 def feed_task(batch: dict, *, feed) -> Iterator[dict]:
     """Ray Data task function: the rows of one feed task, chunk by chunk, as the driver plans them."""
-    for chunk_id, rows in taken_chunks(feed, int(batch["task"][0]), 0.05):
+    for chunk_id, rows in taken_chunks(feed, int(batch["task"][0])):
         yield {"i": np.full(len(rows), chunk_id, dtype=np.int64), "row": np.array(rows, dtype=object)}
 
 
@@ -98,7 +118,7 @@ class RayFeed:
         self.node = ray.get_runtime_context().get_node_id()
         here = NodeAffinitySchedulingStrategy(self.node, soft=False)
         self.scheduling = here
-        self.actor = ray.remote(num_cpus=0, scheduling_strategy=here)(Feed).remote()
+        self.actor = feed_actor(ray, here)
         self.ray, self.rows = ray, rows
         self.chunk_of: dict[str, int] = {}  # key -> chunk id, for rows in flight
         self.left: dict[int, int] = {}  # chunk id -> rows not heard back yet

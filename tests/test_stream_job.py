@@ -248,6 +248,25 @@ def test_the_feed_actor_keeps_only_what_is_in_flight():
     assert f.take(0, 2) is None
 
 
+def test_a_feed_task_waits_in_the_feed_actor_instead_of_polling():
+    """An idle feed task's take waits in the actor (one call per wait, not a stream of polls): it returns as soon as a
+    chunk is put or the feed is closed, and "wait" only once its time is up."""
+    import threading
+    import time
+
+    from jobs.feed import Feed
+
+    f = Feed()
+    t0 = time.monotonic()
+    assert f.take(0, 0, wait_s=0.3) == "wait" and time.monotonic() - t0 >= 0.29
+    threading.Timer(0.1, f.put, args=(7, ["row"])).start()
+    t0 = time.monotonic()
+    assert f.take(0, 0, wait_s=30) == (7, ["row"]) and time.monotonic() - t0 < 10
+    threading.Timer(0.1, f.close).start()
+    t0 = time.monotonic()
+    assert f.take(0, 1, wait_s=30) is None and time.monotonic() - t0 < 10
+
+
 def test_a_feed_that_stops_taking_rows_releases_the_planner():
     """When the driver's end of the feed fails (the actor or Ray gone), the planner thread feeding it does not block
     forever on a full queue: it stops drawing rows and ends."""

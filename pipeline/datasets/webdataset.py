@@ -144,7 +144,7 @@ class ShardReader:
         finally:
             try:
                 tar.close()  # the stream's own state; the file object is the caller's
-            except Exception:
+            except (tarfile.TarError, OSError, EOFError):
                 pass
 
     def _samples(self, tar) -> Iterator[Sample]:

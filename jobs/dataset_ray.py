@@ -102,7 +102,7 @@ class _Driver:
             self._loop(deque(todo), at_once, open_max)
             self.feed.close.remote()
             consumer.join(STOP_WAIT_S)  # the pipeline drains and Ray Data lets its actor pools go
-        except BaseException:
+        except BaseException:  # any failure, Ctrl-C included: the workers and the feed stop, the error is raised
             stopped = True
             run.signals.stopping = True  # a second Ctrl-C changes nothing from here on
             self._stop()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pipeline import receipts
-from pipeline.errors import BadParameter, SetupError
+from pipeline.errors import BadParameter, SetupError, storage_failures
 from pipeline.storage import FileInfo, display, key_problem
 
 EXTENSIONS = {"webdataset": ".tar", "parquet": ".parquet"}
@@ -139,7 +139,7 @@ def _detect_s3(src: str, dst: str, s3) -> str | None:
                 found.add(_format_of(e.key))
                 if None in found or len(found) > 1:
                     return None
-    except Exception:  # SRC cannot be listed: the job's own checks say why, in one line
+    except storage_failures():  # SRC cannot be listed: the job's own checks say why, in one line
         return None
     return found.pop() if found else None
 
@@ -253,7 +253,7 @@ def check_tables(root: str, tables: list[str], ds: DatasetJob, follow: bool = Fa
                 schema = pq.ParquetFile(f).schema_arrow
         except (OSError, ValueError) as e:
             raise SetupError(f"{display(rel)}: {e}") from None
-        except Exception as e:
+        except Exception as e:  # a footer pyarrow cannot read (it raises many types): the job does not start, in words
             raise SetupError(f"{display(rel)}: not a readable Parquet file ({e})") from None
         try:
             check_columns(schema, display(rel), ds.image_column, ds.caption_column, ds.what)
@@ -280,7 +280,7 @@ class Outputs:
         if folder not in self._listings:
             try:
                 self._listings[folder] = self.dst.files(folder)
-            except Exception:  # DST (or that folder) does not exist yet
+            except storage_failures():  # DST (or that folder) does not exist yet
                 self._listings[folder] = {}
         return self._listings[folder].get(rel)
 

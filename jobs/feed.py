@@ -183,7 +183,7 @@ class RayFeed:
                 self._put(next_id, chunk)
         except _Halted:
             pass
-        except BaseException as e:
+        except BaseException as e:  # the feed failed (an interrupt included): the driver raises it
             self.error = self.error or e
         finally:
             stopping = self.halt.is_set()

@@ -6,7 +6,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from jobs.naming import latent_key
-from pipeline.errors import TooLarge
+from pipeline.errors import BadInput, TooLarge, kind_of
 from pipeline.latents import header_ids, npz_ids, st_header_bytes
 from pipeline.storage import MAX_INPUT_BYTES, Entry, Location
 
@@ -33,8 +33,8 @@ def _latent_inputs(src: Location, entries: list[Entry]):
     def one(e: Entry):
         try:
             got = ids(e)
-        except Exception as err:
-            return e, None, ("too_large" if isinstance(err, TooLarge) else "bad_input", str(err))
+        except Exception as err:  # one file whose latents cannot be listed (zip, header, storage): refused alone
+            return e, None, (kind_of(err) if isinstance(err, BadInput) else "bad_input", str(err))
         twice = sorted(i for i, n in Counter(got).items() if n > 1)  # one pass, whatever the count of ids
         if twice:  # a crafted archive: two latents under one name would share a manifest row and an output
             return e, None, ("bad_input", f"the file holds latent id(s) {twice[:5]} more than once")

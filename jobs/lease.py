@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 
-from pipeline.errors import SetupError
+from pipeline.errors import SetupError, storage_failures
 from pipeline.receipts import valid_job
 from pipeline.storage import (
     LEASE_KEY,
@@ -298,7 +298,7 @@ class Lease:
                 check_lease(self.dst, self.owner)
             except LeaseLost as e:
                 self.lost = e.reason
-            except Exception:
+            except storage_failures():
                 if not quiet:
                     raise
         if self.lost:

@@ -271,7 +271,7 @@ class Loop:
             for stream in (sys.stdout, sys.stderr):
                 try:
                     stream.flush()
-                except Exception:
+                except Exception:  # best effort on the way out: nothing may keep the process from exiting here
                     pass
             os._exit(code)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import storage_failures
 from pipeline.storage import display
 
 MANIFEST_NAME = "_pidray_manifest.parquet"
@@ -221,7 +222,7 @@ def scan_previous(dst, add) -> Previous:
     prev, reasons, total = Previous(), [], 0
     try:
         parts = manifest_parts(dst)
-    except Exception as e:
+    except storage_failures() as e:
         return Previous(problem=f"it cannot be listed ({type(e).__name__}: {e})"[:300], set_aside=-1)
     for key in parts:
         try:
@@ -230,7 +231,7 @@ def scan_previous(dst, add) -> Previous:
                 raise _Unusable(f"it is {size:,} bytes, over the limit of {MAX_MANIFEST_BYTES:,}")
             try:
                 f = pq.ParquetFile(io.BytesIO(dst.read(key, MAX_MANIFEST_BYTES + 1)))
-            except Exception as e:
+            except Exception as e:  # not Parquet, or damaged (pyarrow raises many types): the part is set aside
                 raise _Unusable(f"it cannot be read as a pidray manifest ({type(e).__name__}: {e})"[:300]) from None
             names = f.schema_arrow.names
             missing = [c.name for c in SCHEMA if c.name not in names and c.name not in LATER_COLUMNS]
@@ -252,7 +253,7 @@ def scan_previous(dst, add) -> Previous:
                         kept = _salvage(r, str(e))
                         if kept is not None:  # what proves its output survives the damage
                             add(kept)
-        except Exception as e:
+        except Exception as e:  # one part that cannot be used: its rows are set aside, every other part's are kept
             if isinstance(e, _Unusable):
                 why = str(e)
             else:
@@ -289,7 +290,7 @@ def set_aside(dst, prev: Previous) -> str:
             try:
                 dst.copy(key, backup)
                 return backup
-            except Exception:
+            except storage_failures():  # not copied: moved below instead
                 pass
         into_place(dst, key, backup)  # over the limit (maybe sparse), or not a regular file: never copied
         return backup
@@ -300,7 +301,7 @@ def set_aside(dst, prev: Previous) -> str:
             if not dst.is_s3:
                 os.makedirs(os.path.join(dst.uri, backup), exist_ok=True)
             into_place(dst, key, f"{backup}/{key.rpartition('/')[2]}")
-        except Exception as e:
+        except storage_failures() as e:
             left.append(f"{key.rpartition('/')[2]} ({type(e).__name__})")
     if left:
         raise OSError(f"{backup} holds the bad parts but {', '.join(left)}, which could not be moved")

@@ -23,7 +23,7 @@ from jobs.manifest import (
     iter_manifest,
     manifest_parts,
 )
-from pipeline.errors import PidrayError
+from pipeline.errors import PidrayError, storage_failures
 from pipeline.storage import display, shown
 
 
@@ -54,7 +54,7 @@ def write_manifest(dst, rows: list[dict], meta: dict[bytes, bytes] | None = None
             else:
                 into_place(dst, COMPACTING, MANIFEST_NAME)
         return f"{dst.uri.rstrip('/')}/{MANIFEST_NAME}"
-    except Exception as e:
+    except Exception as e:  # whatever DST raised, the rows are not lost: they go to a file here, and why is said
         return _fallback(data, dst, e)
 
 
@@ -158,7 +158,7 @@ class ManifestWriter:
         """Before the first part: what was at DST's manifest goes (the job read it already)."""
         try:
             old = manifest_parts(self.dst)
-        except Exception:
+        except storage_failures():  # DST's manifest cannot be listed now: the part is written beside what is there
             return
         for key in old:
             self.dst.delete(key)

@@ -28,7 +28,7 @@ from jobs.raydata import StageActor, _ensure_ray, _iter_ray, stage_task
 from jobs.settings import run_metadata
 from jobs.terminal import _RayQuiet, _warn
 from pipeline import receipts
-from pipeline.errors import SetupError
+from pipeline.errors import SetupError, storage_failures
 from pipeline.storage import Location, display
 
 MAX_IN_FLIGHT = 4096  # planned rows not yet back from the stages (far above the rows a stage batches: 16)
@@ -74,7 +74,7 @@ def _run_plan(cfg: JobConfig, plan: Plan, lease: Lease | None, on_row, t0: float
         if not cfg.dry_run:
             try:
                 kept = f"it is kept as {set_aside(plan.dst, plan.previous)}"
-            except Exception as e:
+            except storage_failures() as e:
                 kept = f"it could not be kept as a backup ({type(e).__name__}: {e})"
         prev = plan.previous
         what = ("the rows of the part(s) that cannot be used were" if getattr(prev, "bad", None)
@@ -314,7 +314,7 @@ def _unfinished(cfg: JobConfig, plan: Plan, rows: list[dict], look: bool = True)
         if look and folder not in listings:
             try:
                 listings[folder] = plan.dst.files(folder)
-            except Exception:  # DST not listable now: say nothing about outputs
+            except storage_failures():  # DST not listable now: say nothing about outputs
                 listings[folder] = {}
         existing = listings.get(folder, {})
         outs = output_candidates(r["output_stem"], cfg.options.format, r.get("theirs", ()))

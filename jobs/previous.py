@@ -12,6 +12,7 @@ import weakref
 from collections.abc import Iterator
 
 from jobs.manifest import Previous, manifest_parts, proof, scan_previous
+from pipeline.errors import storage_failures
 
 
 class PreviousIndex:
@@ -115,5 +116,5 @@ class _Outputs:
 def has_manifest(dst) -> bool:
     try:
         return bool(manifest_parts(dst))
-    except Exception:
+    except storage_failures():  # DST cannot be listed now: no manifest to read
         return False

@@ -46,12 +46,7 @@ class Weigher:
     def __init__(self, cfg, plan, headers: bool = True):
         self.cfg, self.plan, self.read = cfg, plan, headers and cfg.flow.reads_images
         self.seen, self.sum = 0, 0
-        self.preset = None
-        if self.read:
-            try:
-                self.preset = cfg.flow.preset
-            except Exception:
-                self.read = False
+        self.preset = cfg.flow.preset if self.read else None
 
     def __call__(self, row: dict) -> int:
         if not self.read:

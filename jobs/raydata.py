@@ -196,5 +196,5 @@ def _iter_ray(cfg: JobConfig, plan: Plan, rows: Iterable[dict], feed_out: list |
         if ray.is_initialized():  # (after Ctrl-C the driver has shut Ray down: the actor went with it)
             try:
                 ray.kill(feed.actor)
-            except Exception:
+            except ray.exceptions.RayError:  # gone already (its node with it)
                 pass

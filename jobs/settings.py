@@ -11,7 +11,7 @@ import io
 import json
 import time
 
-from pipeline.errors import SetupError
+from pipeline.errors import SetupError, storage_failures
 from pipeline.options import SHAPING_OPTIONS
 
 SETTINGS_KEY, VERSION_KEY, STARTED_KEY = b"pidray.settings", b"pidray.version", b"pidray.started"
@@ -39,7 +39,7 @@ def output_settings(cfg) -> dict:
         out["scale"] = r.scale
         out["steps"] = r.steps
         out["ensemble"] = bool(r.ensemble) if preset.upscales else False
-    except Exception:  # preflight refuses such a job in its own words
+    except ValueError:  # options the preset cannot take (BadParameter): preflight refuses the job in its own words
         out.update(scale=o.scale, steps=o.steps, ensemble=o.ensemble)
     out["precision"] = _precision(cfg.model)
     if cfg.flow.takes_prompts:
@@ -54,7 +54,7 @@ def _precision(model) -> str:
         from pipeline.runtime import pick_device, pick_dtype
 
         return str(pick_dtype(model.dtype, pick_device(model.device))).replace("torch.", "")
-    except Exception:
+    except (SetupError, ValueError):  # an unknown device or dtype: preflight refuses the job in its own words
         return str(model.dtype)
 
 
@@ -83,7 +83,7 @@ def recorded_settings(dst) -> dict | None:
             return None
         meta = pq.ParquetFile(io.BytesIO(dst.read(parts[0], MAX_MANIFEST_BYTES + 1))).schema_arrow.metadata
         got = json.loads((meta or {}).get(SETTINGS_KEY, b"null"))
-    except Exception:
+    except Exception:  # a manifest that cannot be read (pyarrow raises many types on a damaged file): none recorded
         return None
     return got if isinstance(got, dict) else None
 
@@ -104,7 +104,7 @@ def check_resume(cfg, note=None):
 
     try:
         before = recorded_settings(Location(cfg.dst, cfg.s3))
-    except Exception:
+    except storage_failures():  # DST cannot be looked at now: preflight says why
         return cfg
     if before is None:
         return cfg

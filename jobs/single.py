@@ -12,7 +12,7 @@ import posixpath
 import sys
 from dataclasses import replace
 
-from pipeline.errors import SetupError
+from pipeline.errors import SetupError, storage_failures
 from pipeline.imageio import EXTENSIONS, FORMATS
 from pipeline.storage import Location
 
@@ -50,7 +50,7 @@ def file_destination(cfg, note=_note):
         return cfg
     try:
         single = Location(cfg.src, cfg.s3).single()
-    except Exception:  # SRC cannot be looked at now: preflight says why, in its own words
+    except storage_failures():  # SRC cannot be looked at now: preflight says why, in its own words
         return cfg
     if single is None:
         if getattr(cfg, "manifest", ""):

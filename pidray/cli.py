@@ -372,7 +372,7 @@ def main(argv=None) -> int:
             raise
         print(f"pidray {args.cmd}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
+    except Exception as e:  # the command's failure, whatever it is: one line and its kind's exit code (command_kind)
         if args.debug:
             raise
         from pipeline.errors import exit_code

@@ -7,6 +7,8 @@ table, `KINDS` — never by reading the message text.
 
 from __future__ import annotations
 
+import sys
+
 
 class PidrayError(Exception):
     """Base of pidray's own errors; `kind` names the class of failure."""
@@ -111,6 +113,18 @@ def is_storage_error(err: BaseException) -> bool:
     """A botocore error (STORAGE_ERRORS): S3 could not be used."""
     names = {f"{c.__module__}.{c.__qualname__}" for c in type(err).__mro__}
     return any(name in names for name in STORAGE_ERRORS)
+
+
+def storage_failures() -> tuple[type[BaseException], ...]:
+    """What a storage call (pipeline.storage) raises when the storage fails, not pidray: an OS error (local files,
+    the network), one of pidray's refusals or a bad value (a name, a size, a URI, SRC missing), and botocore's errors
+    (STORAGE_ERRORS; once botocore is loaded: no call raised one before). The types an `except` around storage
+    catches (`except storage_failures():`); anything else is a bug, and is raised."""
+    found: list[type[BaseException]] = [OSError, PidrayError, ValueError]
+    bx = sys.modules.get("botocore.exceptions")
+    if bx is not None:
+        found += [bx.BotoCoreError, bx.ClientError]
+    return tuple(found)
 
 
 def command_kind(err: BaseException) -> str:

@@ -110,7 +110,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         img.load()
         exif = img.getexif()
         img = ImageOps.exif_transpose(img)
-    except Exception as e:
+    except Exception as e:  # Pillow raises many types on corrupt or truncated pixel data
         raise ImageError(f"corrupt or truncated image data: {e}") from None
     icc = img.info.get("icc_profile")
     if exif is not None:

@@ -22,6 +22,8 @@ import os
 import re
 import stat
 
+from pipeline.errors import storage_failures
+
 RECEIPTS_PREFIX = ".pidray-written-"
 JOB_ID = re.compile(r"[0-9a-f]{12}")
 _NAME = re.compile(r"\.pidray-written-([0-9a-f]{12})-([0-9]{1,10})")
@@ -108,7 +110,7 @@ def s3_job(dst, key: str) -> str:
     bucket, _ = dst.bucket_prefix
     try:
         meta = dst.client.head_object(Bucket=bucket, Key=dst.object_key(key)).get("Metadata") or {}
-    except Exception:
+    except storage_failures():  # gone, not allowed, S3 not reachable: no receipt
         return ""
     job = meta.get(S3_META, "")
     return job if valid_job(job) and meta.get(S3_KEY_META) == _key_digest(key) else ""

@@ -51,6 +51,7 @@ OUTPUT_S3_KEYS = ("uri", "s3")
 
 def check_output_s3(value: dict) -> dict:
     """output_s3: {"uri": "s3://bucket/prefix", "s3": {S3Settings fields}}, nothing else; ValueError saying what."""
+    from pipeline.errors import SetupError
     from pipeline.storage import Location, S3Settings
 
     unknown = sorted(set(value) - set(OUTPUT_S3_KEYS))
@@ -62,7 +63,7 @@ def check_output_s3(value: dict) -> dict:
     try:
         Location(uri).bucket_prefix
         S3Settings(**(value.get("s3") or {}))
-    except Exception as e:  # a bad bucket name (SetupError), an unknown S3 setting (TypeError)
+    except (SetupError, TypeError) as e:  # a bad bucket name, an unknown S3 setting or one not given as fields
         raise ValueError(f"output_s3: {str(e)[:300]}") from None
     return value
 

@@ -180,7 +180,7 @@ class Ingress:
                     i += 1
                 try:
                     row = await resp
-                except BaseException:
+                except BaseException:  # the caller went away, the deadline passed, a stage failed: the run is cancelled
                     for r in pending:
                         r.cancel()
                     raise
@@ -393,7 +393,7 @@ class Ingress:
     async def healthz(self):
         try:
             await asyncio.wait_for(self.probe_handle.ready.remote(), timeout=5)
-        except Exception:
+        except Exception:  # a replica not started, gone or slow to answer: not ready yet, never a 500
             return _error("busy", "model not loaded yet", {"Retry-After": "5"})
         return {"status": "ok", "preset": self.preset.name}
 

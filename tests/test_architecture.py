@@ -205,3 +205,65 @@ def test_no_module_compares_a_preset_tag_with_a_word():
         if rel not in TAG_OWNERS:
             hits += _tag_comparisons(path.read_text(), rel)
     assert not hits, hits
+
+
+BROAD = {"Exception", "BaseException"}
+
+
+def _unsaid_broad_catches(source: str, where: str = "<source>") -> list[tuple[str, str, int]]:
+    """(where, the enclosing function's qualified name, line) of each `except:`, `except Exception` or `except
+    BaseException` (alone or in a tuple) whose `except` line carries no comment."""
+    import io
+    import tokenize
+
+    lines = tokenize.generate_tokens(io.StringIO(source).readline)
+    commented = {t.start[0] for t in lines if t.type == tokenize.COMMENT}
+
+    def broad(node) -> bool:
+        names = node.elts if isinstance(node, ast.Tuple) else [node]
+        return any(isinstance(n, ast.Name) and n.id in BROAD for n in names)
+
+    hits = []
+
+    def visit(node, scope: tuple[str, ...]):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ExceptHandler) and (child.type is None or broad(child.type)):
+                if child.lineno not in commented:
+                    hits.append((where, ".".join(scope) or "<module>", child.lineno))
+            named = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            visit(child, (*scope, child.name) if named else scope)
+
+    visit(ast.parse(source, where), ())
+    return hits
+
+
+def test_the_broad_catch_check_sees_one_unsaid():
+    """The check below finds a broad catch with nothing said on its line (a `#` in a string is not a comment), and
+    passes a narrowed one and a broad one that says what it isolates."""
+    bad = ["try:\n    f()\nexcept Exception:\n    pass", "try:\n    f()\nexcept:\n    pass",
+           "try:\n    f()\nexcept (ValueError, BaseException) as e:\n    raise",
+           "def g():\n    try:\n        f()\n    except Exception: log('# not a comment')",
+           "try:\n    f()\nexcept* Exception:\n    pass",
+           "try:\n    f()\nexcept Exception:\n    pass  # said on the wrong line"]  # fmt: skip
+    for src in bad:
+        assert _unsaid_broad_catches(src), src
+    assert _unsaid_broad_catches(bad[3], "m.py") == [("m.py", "g", 4)]
+    good = ["try:\n    f()\nexcept (OSError, ValueError):\n    pass",
+            "try:\n    f()\nexcept storage_failures():\n    pass",
+            "try:\n    f()\nexcept Exception:  # one row's failure: the others go on\n    pass",
+            "try:\n    f()\nexcept BaseException:  # an interrupt included: the temporary goes\n    raise"]  # fmt: skip
+    for src in good:
+        assert not _unsaid_broad_catches(src), src
+
+
+def test_every_broad_catch_says_what_it_isolates():
+    """A broad catch hides bugs unless it is a boundary on purpose: one item's failure (an image, a sample, a
+    request, a step of the doctor), a hostile file a third-party reader raises anything on, cleanup on the way out.
+    Every `except Exception`, `except BaseException` and bare `except:` in pipeline/, jobs/, serve/ and pidray/ says
+    on its line what it isolates; a catch that can name its types (OSError, pipeline.errors.storage_failures(), a
+    library's error base) names them instead."""
+    found = set()
+    for path in _modules().values():
+        rel = str(path.relative_to(ROOT))
+        found |= {(where, scope) for where, scope, _ in _unsaid_broad_catches(path.read_text(), rel)}
+    assert found == set(), sorted(found)

@@ -397,6 +397,22 @@ def test_f8_info_into_a_closed_pipe_is_quiet():
     assert proc.returncode in (0, 141)
 
 
+def test_storage_failures_are_what_storage_raises_and_never_a_bug():
+    """`except storage_failures():` catches an OS error, pidray's refusals, a bad value and botocore's errors (once
+    botocore is loaded), never a bug's KeyError, TypeError or AttributeError."""
+    import botocore.exceptions as bx
+
+    from pipeline.errors import storage_failures
+
+    caught = storage_failures()
+    for err in (FileNotFoundError("x"), PermissionError(13, "denied"), SetupError("x"), BadInput("x"),
+                UnicodeEncodeError("utf-8", "x", 0, 1, "surrogate"), bx.EndpointConnectionError(endpoint_url="u"),
+                bx.ClientError({"Error": {"Code": "404"}}, "HeadObject")):  # fmt: skip
+        assert isinstance(err, caught), err
+    for err in (KeyError("x"), TypeError("x"), AttributeError("x"), RuntimeError("x")):
+        assert not isinstance(err, caught), err
+
+
 def test_f8_manifest_falls_back_when_dst_cannot_take_it(tmp_path, monkeypatch):
     from jobs.manifest import manifest_row
     from jobs.manifest_writer import write_manifest

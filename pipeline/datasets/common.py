@@ -184,7 +184,7 @@ class Published:
             self.discard()
             raise OutputExists(self.name, f"{self.name!r} appeared in {self.folder} while it was written: it is "
                                           "kept, and this output is not published")  # fmt: skip
-        except BaseException:
+        except BaseException:  # any failure, an interrupt included: the temporary goes, the error is raised
             self.discard()
             raise
         os.unlink(self.tmp)
@@ -231,7 +231,7 @@ class OrderedWriter:
     def abort(self) -> None:
         try:
             self.inner.close()  # into the temporary, deleted below (else its buffer is flushed when collected)
-        except Exception:
+        except Exception:  # on the way out: whatever closing raised, the temporary is deleted below
             pass
         self.order.close()
         self.out.discard()

@@ -165,7 +165,7 @@ class TableReader:
                 if size > max_row_group_bytes:
                     raise TooLarge(f"row group {i} of {name} holds {size:,} bytes, over the limit of "
                                    f"{max_row_group_bytes:,}: write the table with smaller row groups")  # fmt: skip
-        except BaseException:
+        except BaseException:  # any failure, an interrupt included: the file opened here is closed, the error raised
             self.close()
             raise
 
@@ -192,7 +192,7 @@ class TableReader:
                 table = self.pf.read_row_groups(groups, use_threads=False)
                 if table.num_rows != n:
                     raise BadInput(f"row groups {groups[0]}..{groups[-1]} hold {table.num_rows} rows, not {n}")
-            except Exception as e:
+            except Exception as e:  # a damaged row group (pyarrow raises many types): the table ends here, not the job
                 msg = f"table broken at row {first} ({type(e).__name__}: {e}); the rows before it are kept"
                 yield Chunk(seq, first, None, [failure(sample_id(self.name, first), str(first), first,
                                                        BadInput(msg), broken=True)])  # fmt: skip
@@ -226,7 +226,7 @@ class TableReader:
                     raise TooLarge(f"the {self.what} cell is {len(image):,} bytes, over the limit of "
                                    f"{self.limits.member_bytes:,}")  # fmt: skip
                 caption = check_caption(caption, f"the caption of row {row}", self.limits.caption_bytes)
-            except Exception as e:
+            except BadInput as e:  # a null or oversized cell, an oversized caption: the row fails, the table goes on
                 out.append(failure(sid, str(row), row, e, kind_of(e), path=path))
                 continue
             out.append(Sample(id=sid, key=str(row), seq=row, image=image, caption=caption, path=path))

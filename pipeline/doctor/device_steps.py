@@ -80,7 +80,7 @@ def step_kernels(c: Check, put) -> None:
         for name, ours, eager in kernel_cases(c.cfg, odd, odd + p * 2, c.device, dtype):
             try:  # each case on its own: one kernel's error leaves the others' figures
                 err = rel_err(ours(), eager())
-            except Exception as e:
+            except Exception as e:  # one kernel case's failure is a finding: the other cases still run
                 found[name] = f"error: {type(e).__name__}: {str(e)[:300]}"
                 put(f"agreement {str(dtype)[6:]} {name} traceback", innermost(e))
                 c.report.data.setdefault("failures", []).append(f"kernel {name} {dtype}: {type(e).__name__}")

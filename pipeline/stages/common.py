@@ -63,8 +63,8 @@ def run_stage(stage, name: str, rows: list[dict]) -> list[dict]:
         t0 = time.perf_counter()
         try:
             results = batch([rows[i] for i in live])
-        except Exception:
-            results = None  # isolate below
+        except Exception:  # a batch that raises is run again below, one row at a time: each row's failure its own
+            results = None
         if results is not None:
             dt = time.perf_counter() - t0
             for i, r in zip(live, results):  # each row its share of the call: its own `work_share`, else equal

@@ -18,7 +18,7 @@ class DecodeStage:
         except Exception as e:  # the failed row keeps the size when the header tells it (too many pixels, ...)
             try:
                 e.known = {"in_hw": list(probe(data[: 1 << 20], max_pixels=1 << 62))}
-            except Exception:
+            except Exception:  # Pillow on a header it could not decode: the size stays unknown, the row's error is kept
                 pass
             raise
         row["image"] = img

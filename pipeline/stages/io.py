@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline import receipts
-from pipeline.errors import BadInput, TooLarge
+from pipeline.errors import BadInput, TooLarge, storage_failures
 from pipeline.stages.rows import MergedRow, ReadRow
 from pipeline.storage import Location, check_lease
 
@@ -27,7 +27,7 @@ class ReadStage:
                 data, version = self.src.read_versioned(key)
             except TooLarge:
                 raise
-            except Exception as e:  # missing object, permissions, a file swapped for a link, network after retries
+            except storage_failures() as e:  # missing object, permissions, a file swapped for a link, network
                 raise BadInput(f"{type(e).__name__}: {e}") from e
             self._last = (key, data, version) if row.get("src_key") else None
         return {**row, "bytes": data, "in_bytes": len(data), "src_version": version}

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from pipeline.errors import SetupError, TooLarge
+from pipeline.errors import SetupError, TooLarge, storage_failures
 from pipeline.storage.common import (
     MAX_INPUT_BYTES,
     RESERVED_PREFIX,
@@ -208,7 +208,7 @@ class Location:
             self.probe_list()
         except SetupError:
             raise
-        except Exception as e:
+        except storage_failures() as e:
             raise SetupError(explain_storage_error(e, "list", self.uri, self.s3.endpoint_url)) from e
 
     def check_writable(self) -> None:
@@ -217,5 +217,5 @@ class Location:
             self.probe_write(f"{RESERVED_PREFIX}-probe-{uuid.uuid4().hex}")
         except SetupError:
             raise
-        except Exception as e:
+        except storage_failures() as e:
             raise SetupError(explain_storage_error(e, "write to", self.uri, self.s3.endpoint_url)) from e

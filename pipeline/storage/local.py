@@ -209,7 +209,7 @@ class LocalLocation(Location):
             except FileExistsError:
                 raise OutputExists(key, exists_message(key)) from None
             os.unlink(tmp)
-        except BaseException:
+        except BaseException:  # any failure, an interrupt included: the temporary goes, the error is raised
             Path(tmp).unlink(missing_ok=True)
             raise
 

@@ -168,7 +168,7 @@ class S3Location(Location):
                     parts.append({"PartNumber": n, "ETag": got["ETag"]})
                 self.client.complete_multipart_upload(Bucket=bucket, Key=full, UploadId=upload,
                                                       MultipartUpload={"Parts": parts}, **cond)  # fmt: skip
-            except BaseException:
+            except BaseException:  # an interrupt included: S3 keeps nothing of it
                 try:
                     self.client.abort_multipart_upload(Bucket=bucket, Key=full, UploadId=upload)
                 except Exception:  # the upload expires by the bucket's lifecycle rules, if any

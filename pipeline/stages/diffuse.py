@@ -1,9 +1,10 @@
 """DiffuseStage: the preset's sampler over images' tiles, batched across images, state kept on the model's device.
 
-The sampler is the distilled few-step one, or for the undistilled presets guided DPM-Solver++ (two forwards a
-step: the caption and the null caption, with the same LQ condition; `pipeline.model.guided`). Both blend the
-overlapping tiles' x0 estimates after every step and draw their noise the same way (the guided solver draws only
-its initial noise).
+The sampler loop is the preset's sampling object's (`preset.sampling.run`, `pipeline.model.sampling`): the
+distilled few-step one, or for the undistilled presets guided DPM-Solver++ (two forwards a step: the caption and the
+null caption, with the same LQ condition). This stage hands it the network as a function of the tiles, the noise and
+a hook that blends the overlapping tiles' x0 estimates after every step; every sampler draws its noise from the same
+sources (the guided solver draws only its initial noise).
 
 Rows are grouped by (tile shape, steps); each group's tiles go through the network in memory-sized batches,
 whichever image they come from, while every image keeps its own noise and fusion. The sampler state (x, x0,
@@ -31,9 +32,9 @@ from pipeline import progress
 from pipeline.errors import Cancelled
 from pipeline.imageio import quantize
 from pipeline.memory import batch_size_for, default_budget
-from pipeline.model.guided import Guidance, guided_sample
+from pipeline.model.guided import Guidance
 from pipeline.model.presets import Preset
-from pipeline.model.sampler import GeneratorNoise, degrade_latent, sample
+from pipeline.model.sampler import GeneratorNoise, degrade_latent
 from pipeline.noise import TileNoise, mix
 from pipeline.options import Resolved
 from pipeline.runtime import ModelOptions, load_net
@@ -67,8 +68,8 @@ class DiffuseItem:
     sigma: float  # degrade_sigma
     steps: int
     noised: bool = False  # the latent is a captured x_t already at `sigma`: condition on it, add no noise
-    guidance: Guidance | None = None  # guided presets: steps, cfg scale, shift for this image
-    y_null: torch.Tensor | None = None  # guided presets: the null caption embedding [L, D]
+    guidance: Guidance | None = None  # the sampling's settings for this image (`Sampling.guidance`): guided presets'
+    y_null: torch.Tensor | None = None  # the null caption embedding [L, D], for a sampling with `null_caption`
     key: str = ""  # the row's key: progress reports name the image
 
 
@@ -153,7 +154,7 @@ class DiffuseStage(Cancellable):
         for i, r in enumerate(rows):
             try:
                 key = _group(self.request(r))
-            except Exception:
+            except Exception:  # a row whose request cannot be read is a part of its own: the envelope fails it alone
                 key = ("unreadable", i)
             groups.setdefault(key, []).append(i)
         return list(groups.values())
@@ -170,7 +171,7 @@ class DiffuseStage(Cancellable):
         cfg = self.net.cfg
         channels = 3 if self.preset.family.pixels else cfg.lq_latent_channels
         y = torch.zeros(cfg.txt_max_length, cfg.txt_embed_dim)
-        g = Guidance(1, 2.0, 1.0) if self.preset.sampling.guided else None  # both forwards of a guided step
+        g = self.preset.sampling.warm_guidance()  # every kind of network call a step makes
         batches = (1, 2) if getattr(self.net, "_compiled_call_impl", None) is not None else (1,)
         out_per_lat = cfg.sr_scale * self.preset.lq_unit
         for th, tw in self.warm_shapes():
@@ -192,13 +193,14 @@ class DiffuseStage(Cancellable):
         return [(lat, lat)]
 
     def request(self, row: dict) -> DiffuseItem:
-        """A row's sampler inputs, from its options resolved where it entered (a guided preset's dynamic shift is
-        resolved here, from the plan's output size)."""
+        """A row's sampler inputs, from its options resolved where it entered (the sampling's settings for the plan's
+        output size: a guided preset's dynamic shift is resolved here)."""
         o = entered(row)
         plan = row["plan"]
-        guided = self.preset.sampling.guided
-        if guided and row.get("null_emb") is None:
-            raise ValueError("a guided preset's row needs the null caption embedding (null_emb) from the encode stage")
+        sampling = self.preset.sampling
+        if sampling.null_caption and row.get("null_emb") is None:
+            raise ValueError(f"{self.preset.name} samples with the null caption: its row needs the null caption "
+                             f"embedding (null_emb) from the encode stage")  # fmt: skip
         return DiffuseItem(
             latent=torch.from_numpy(row["latent"]),
             y=torch.from_numpy(row["caption_emb"]),
@@ -207,8 +209,8 @@ class DiffuseStage(Cancellable):
             sigma=float(o.degrade_sigma),
             steps=o.steps,
             noised=bool(row.get("noised")),
-            guidance=self.preset.sampling.guidance(o, plan.out_hw) if guided else None,
-            y_null=torch.from_numpy(row["null_emb"]) if guided else None,
+            guidance=sampling.guidance(o, plan.out_hw),
+            y_null=torch.from_numpy(row["null_emb"]) if sampling.null_caption else None,
             key=str(row.get("key", "")),
         )
 
@@ -263,12 +265,11 @@ class DiffuseStage(Cancellable):
                 y_null: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """latent [C, h, w] covering plan.lat_hw; y [L, D] (and for a guided preset the null caption y_null) -> the
         output canvas [3, H, W] in [-1, 1] (model device), under the stage's options."""
-        o, g = self.options, None
+        o, sampling = self.options, self.preset.sampling
         steps = o.steps
-        if self.preset.sampling.guided:
-            if y_null is None:
-                raise ValueError(f"{self.preset.name} samples with guidance: pass the null caption embedding y_null")
-            g = self.preset.sampling.guidance(o, plan.out_hw)
+        if sampling.null_caption and y_null is None:
+            raise ValueError(f"{self.preset.name} samples with the null caption: pass its embedding y_null")
+        g = sampling.guidance(o, plan.out_hw)
         return self.diffuse_many([DiffuseItem(latent, y, plan, seed, sigma, steps, guidance=g, y_null=y_null)],
                                  steps=steps)[0]  # fmt: skip
 
@@ -289,13 +290,14 @@ class DiffuseStage(Cancellable):
         if len(guides) != 1:
             raise ValueError(f"diffuse_many needs one guidance setting, got {guides}")
         guidance = guides.pop()
+        sampling = self.preset.sampling
         lq, ys, ys_null, sigmas, noises, spans = [], [], [], [], [], []
         start = 0
         for it in items:
             lq.append(self._lq_tiles(it.latent.float(), it.plan, it.seed, it.sigma, it.noised))
             n = it.plan.n_tiles
             ys.append(it.y[None].expand(n, -1, -1))
-            if guidance is not None:
+            if sampling.null_caption:
                 ys_null.append(it.y_null[None].expand(n, -1, -1))
             sigmas.append(torch.full((n,), float(it.sigma)))
             noises.append(self._noise(it.plan, it.seed))
@@ -322,17 +324,17 @@ class DiffuseStage(Cancellable):
         keep = len(chunks) * sum(t.numel() * t.element_size() for t in _tensors(first)) <= self.budget // 4
         cached = [first] + [features(c) for c in chunks[1:]] if keep else None  # else recomputed per step
 
-        def predict(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor = ys) -> torch.Tensor:
+        def predict(x: torch.Tensor, t: torch.Tensor, null: bool = False) -> torch.Tensor:
+            y = ys_null if null else ys
             outs = []
             for k, c in enumerate(chunks):
                 if should_stop is not None and should_stop():
                     raise Cancelled("stopped: the request was cancelled or its deadline passed")
                 feats = cached[k] if cached is not None else features(c)
-                tc = t[c].to(self.dtype) if guidance is not None else t[c]  # guided: as the official teacher
                 if shift:
-                    pred = net.forward_shift_ensemble(x[c].to(self.dtype), tc, y[c], *feats, sig[c], shift)
+                    pred = net.forward_shift_ensemble(x[c].to(self.dtype), t[c], y[c], *feats, sig[c], shift)
                 else:
-                    pred = net(x[c].to(self.dtype), tc, y[c], feats, sig[c])
+                    pred = net(x[c].to(self.dtype), t[c], y[c], feats, sig[c])
                 outs.append(pred.float())
                 for k, (sl, _) in enumerate(spans):  # each image's tiles in this call: its tile-step progress
                     n = min(sl.stop, c.stop) - max(sl.start, c.start)
@@ -358,13 +360,9 @@ class DiffuseStage(Cancellable):
                     x0[sl] = crop_tiles(canvas, plan)
             return x0
 
-        hook = on_x0 if fused else None
-        if guidance is not None:  # two forwards a step, caption and null caption, from the initial noise alone
-            out = guided_sample(predict, lambda x, t: predict(x, t, ys_null), noise(0), guidance, on_x0=hook,
-                                should_stop=should_stop, prediction=cfg.prediction_type)  # fmt: skip
-        else:
-            out = sample(predict, noise, steps=steps, mode=self.options.sampler, prediction=cfg.prediction_type,
-                         on_x0=hook)  # fmt: skip
+        out = sampling.run(predict, noise, steps=steps, guidance=guidance, options=self.options,
+                           prediction=cfg.prediction_type, dtype=self.dtype, on_x0=on_x0 if fused else None,
+                           should_stop=should_stop)  # fmt: skip
         canvases = []
         for k, (sl, plan) in enumerate(spans):
             if k in final:

@@ -105,9 +105,9 @@ class EncodeStage:
         return out
 
     def null_embedding(self) -> np.ndarray | None:
-        """A guided preset's unconditional caption: its negative prompt's embedding [L, D], computed once per stage
-        (None for the distilled presets, which have no unconditional branch)."""
-        if not self.preset.sampling.guided:
+        """The unconditional caption of a preset whose sampling needs one (guided): its negative prompt's embedding
+        [L, D], computed once per stage (None for the distilled presets, which have no unconditional branch)."""
+        if not self.preset.sampling.null_caption:
             return None
         if self._null is None:
             text = self.preset.guidance.get("negative_prompt") or ""

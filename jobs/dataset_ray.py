@@ -93,8 +93,9 @@ class _Driver:
         cls = ray.remote(ShardWorker).options(num_cpus=0, max_concurrency=WORKER_THREADS, max_restarts=2,
                                               scheduling_strategy=where)  # fmt: skip
         self.workers = [cls.remote(spec, self.feed, i) for i in range(at_once)]
-        consumer = threading.Thread(target=self._consume, args=(self._dataset(graph, actors, gpus, cpus),),
-                                    name="pidray-dataset-results", daemon=True)  # fmt: skip
+        self.dataset = self._dataset(graph, actors, gpus, cpus)
+        consumer = threading.Thread(target=self._consume, args=(self.dataset,), name="pidray-dataset-results",
+                                    daemon=True)  # fmt: skip
         consumer.start()
         self.runs: dict = {}  # run ref -> (worker, nonce, shard)
         stopped = False
@@ -108,6 +109,8 @@ class _Driver:
             self._stop()
             raise
         finally:
+            if stopped:  # its actor pools killed now: a pipeline that fails only drops them, and one still referenced
+                _force_shutdown(self.dataset)  # (a block in flight) would hold its CPUs from the caller's next job
             for actor in [*self.workers, self.feed]:
                 try:
                     ray.kill(actor)
@@ -250,6 +253,17 @@ class _Driver:
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return (text[-1] if text else type(e).__name__)[:300]
+
+
+def _force_shutdown(ds) -> None:
+    """Stop the pipeline's streaming executor with its tasks and actors (Ray Data's own forced shutdown, as its
+    blocking calls end with)."""
+    executor = getattr(ds, "_current_executor", None)
+    if executor is not None:
+        try:
+            executor.shutdown(force=True)
+        except Exception:  # best effort on the way out: the job's own error is the one raised
+            pass
 
 
 @contextmanager

@@ -241,6 +241,17 @@ def test_fifos_and_links_named_as_shards_are_never_opened(tmp_path):
     assert sorted(p.name for p in dst.iterdir()) == ["00000.tar", "_pidray_manifest.parquet"]
 
 
+def resume_keeps_the_first_and_does_the_second(src: Path, dst: Path) -> dict[str, dict]:
+    """--resume after a run cut off in shard 00001: 00000.tar kept as it is (not rewritten), 00001.tar done whole;
+    the manifest's rows by key."""
+    inode = (dst / "00000.tar").stat().st_ino
+    out = pidray("upscale", src, dst, "--device", "cpu", "-t", "1024", "--resume", "--no-progress", timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert (dst / "00000.tar").stat().st_ino == inode
+    assert [s.key for s in ShardReader(open(dst / "00001.tar", "rb"), "x")] == list("bcdef")
+    return rows_by_key(dst)
+
+
 def test_sigint_mid_shard_then_resume(tmp_path):
     """Ctrl-C while a shard is being done: exit 130, the shard done before it stands, nothing of the cut-off shard
     is published (no temporary left); --resume keeps the first and does the second; every sample once, ok."""
@@ -277,12 +288,7 @@ def test_sigint_mid_shard_then_resume(tmp_path):
     assert rows["00000.tar#a"]["status"] == "ok"
     cut = [r["status"] for k, r in rows.items() if k.startswith("00001.tar")]
     assert cut and set(cut) == {"interrupted"}, rows  # its samples were in the stages; no row for the shard itself
-    inode = (dst / "00000.tar").stat().st_ino
-    out = pidray("upscale", src, dst, "--device", "cpu", "-t", "1024", "--resume", "--no-progress", timeout=600)
-    assert out.returncode == 0, out.stderr
-    assert (dst / "00000.tar").stat().st_ino == inode
-    assert [s.key for s in ShardReader(open(dst / "00001.tar", "rb"), "x")] == list("bcdef")
-    rows = rows_by_key(dst)
+    rows = resume_keeps_the_first_and_does_the_second(src, dst)
     assert {k: r["status"] for k, r in rows.items()} == {
         "00000.tar": "ok",
         "00000.tar#a": "ok",
@@ -382,12 +388,7 @@ def test_sigkill_mid_shard_then_resume(tmp_path):
             proc.wait(timeout=30)
     assert [s.key for s in ShardReader(open(dst / "00000.tar", "rb"), "x")] == ["a"]
     assert not (dst / "00001.tar").exists() and leftovers(dst), sorted(p.name for p in dst.iterdir())
-    inode = (dst / "00000.tar").stat().st_ino
-    out = pidray("upscale", src, dst, "--device", "cpu", "-t", "1024", "--resume", "--no-progress", timeout=600)
-    assert out.returncode == 0, out.stderr
-    assert (dst / "00000.tar").stat().st_ino == inode
-    assert [s.key for s in ShardReader(open(dst / "00001.tar", "rb"), "x")] == list("bcdef")
-    rows = rows_by_key(dst)
+    rows = resume_keeps_the_first_and_does_the_second(src, dst)
     assert {k: r["status"] for k, r in rows.items() if k.startswith("00001.tar")} == {
         "00001.tar": "ok", **{f"00001.tar#{k}": "ok" for k in "bcdef"}}  # fmt: skip
     kept = rows["00000.tar"]  # its samples' rows may have died with the killed job: the shard's row says so

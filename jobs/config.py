@@ -55,6 +55,10 @@ class JobConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "flow", self._resolved(self.flow))
 
+    def latent_fields(self) -> dict:
+        """What a decode job gives every latent it reads: the output size and sigma asked for (those asked only)."""
+        return {k: v for k, v in (("out_size", self.out_size), ("sigma", self.sigma)) if v is not None}
+
     def with_(self, **changes) -> JobConfig:
         """A copy with `changes` (as `dataclasses.replace`): the workflow resolved once is kept, its options
         following the copy's; a change to what it was resolved from resolves the copy's own."""

@@ -102,7 +102,7 @@ class Shard:
         if s.caption:
             row["caption"] = s.caption  # the sample's own, over --caption
         if self.ctx.ds.latents:  # read as the latent file its bytes say it is (a name the latent stage reads by)
-            row.update({k: v for k, v in (("out_size", cfg.out_size), ("sigma", cfg.sigma)) if v is not None})
+            row.update(cfg.latent_fields())
             row["src_key"] = "latent" + (latent_extension(s.image) or "")
         return {**row, "used_caption": caption or ""}
 

@@ -131,7 +131,7 @@ def _plan_folder(cfg, plan: Plan, folder: str, listed: list[Entry], protected: I
         if latent_id:
             row["latent_id"] = latent_id
         if decode:
-            row.update({k: v for k, v in (("out_size", cfg.out_size), ("sigma", cfg.sigma)) if v is not None})
+            row.update(cfg.latent_fields())
         if e.note:
             row["notes"] = [e.note]
         if key in cfg.captions:
